@@ -1,0 +1,223 @@
+"""The adapter contract shared by every method in this package.
+
+An :class:`AdaptedLayer` replaces a ``nn.Linear`` or ``nn.Conv2d`` in place. It keeps the
+base layer's ``weight`` and ``bias`` under their original names, so checkpoints of the
+plain model load into the adapted one unchanged, and it delegates the adaptation to a
+strategy module, an :class:`Adapter`, stored under ``adapter_branch``.
+
+An adapter answers a small contract:
+
+* ``delta_weight(layer)``: the weight update applied in the forward pass (PyTorch layout,
+  ``(out, in)`` or ``(out, in, kh, kw)``), or ``None`` when the adapter is a parallel
+  branch instead;
+* ``branch(layer, x)``: the output of a parallel branch, or ``None``;
+* ``foldable``: whether the whole adaptation is a weight update that can be baked into
+  the base weight, and ``fold_delta(layer)``, that update;
+* ``reset_from_weights(layer)``: re-derive state that depends on the base weights (partner
+  buffers, PiSSA's SVD) after a pretrained checkpoint has been loaded.
+
+Every parameter or buffer of an adapter lives under a name component starting with
+:data:`ADAPTER_PREFIX`; that prefix is the single rule for "what belongs to an adapter".
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ADAPTER_PREFIX = 'adapter_'
+
+BaseLayer = Union[nn.Linear, nn.Conv2d]
+
+
+class NotFoldableError(RuntimeError):
+    """Raised when an adapter that cannot be expressed as a weight update is merged."""
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether a parameter/buffer/module name belongs to an adapter."""
+    return any(part.startswith(ADAPTER_PREFIX) for part in name.split('.'))
+
+
+class Adapter(nn.Module):
+    """Strategy interface. Subclasses override what applies to them."""
+
+    #: A short method name, used in reports ("colora", "lora", ...).
+    method: str = 'adapter'
+
+    @property
+    def foldable(self) -> bool:
+        return False
+
+    def delta_weight(self, layer: 'AdaptedLayer') -> Optional[torch.Tensor]:
+        return None
+
+    def branch(self, layer: 'AdaptedLayer', x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def fold_delta(self, layer: 'AdaptedLayer') -> torch.Tensor:
+        """The weight update equivalent to this adapter (eval-mode semantics)."""
+        if not self.foldable:
+            raise NotFoldableError(
+                f'{type(self).__name__} on {layer.describe()} is not a weight update '
+                'and cannot be folded into the base weight; keep it as a branch.')
+        delta = self.delta_weight(layer)
+        assert delta is not None
+        return delta
+
+    def after_forward(self, layer: 'AdaptedLayer',
+                      delta: Optional[torch.Tensor]) -> None:
+        """Called after every forward pass with the delta that was applied."""
+
+    @torch.no_grad()
+    def reset_from_weights(self, layer: 'AdaptedLayer') -> None:
+        """Re-derive weight-dependent state once pretrained weights are loaded."""
+
+    @torch.no_grad()
+    def fold_independent_(self, layer: 'AdaptedLayer') -> list:
+        """Fold the layer-independent low-rank part into the base weight and
+        re-initialise it so that the output is unchanged. Returns the parameters that
+        were re-initialised (their optimiser state should be reset). Default: nothing
+        to fold."""
+        return []
+
+
+class AdaptedLayer(nn.Module):
+    """A ``nn.Linear`` or ``nn.Conv2d`` with an adapter.
+
+    Keeps ``weight`` and ``bias`` (the very same ``Parameter`` objects as the base layer)
+    and the convolution's hyper-parameters, so that ``to_plain()`` gives back an
+    upstream layer with identical state-dict keys.
+
+    Args:
+        base (nn.Linear | nn.Conv2d): The layer to adapt.
+        adapter (Adapter): The strategy.
+        name (str): The module's qualified name, for error messages. Defaults to ''.
+    """
+
+    def __init__(self, base: BaseLayer, adapter: Adapter, name: str = '') -> None:
+        super().__init__()
+        if isinstance(base, AdaptedLayer):
+            raise ValueError(f'{name or "module"} already carries an adapter '
+                             f'({base.adapter_branch.method}); inject once per layer.')
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f'{name or "module"}: adapters wrap nn.Linear or nn.Conv2d, '
+                            f'got {type(base).__name__}.')
+        self.layer_name = name
+        self.is_conv = isinstance(base, nn.Conv2d)
+        self.weight = base.weight
+        self.bias = base.bias
+        if self.is_conv:
+            self.in_channels = base.in_channels
+            self.out_channels = base.out_channels
+            self.kernel_size = base.kernel_size
+            self.stride = base.stride
+            self.padding = base.padding
+            self.dilation = base.dilation
+            self.groups = base.groups
+            self.padding_mode = base.padding_mode
+            if base.padding_mode != 'zeros':
+                raise ValueError(f'{name}: padding_mode={base.padding_mode!r} is not '
+                                 'supported; only zero padding.')
+        else:
+            self.in_channels = base.in_features
+            self.out_channels = base.out_features
+        self.merged = False
+        self.adapter_branch = adapter
+        # The delta baked in by merge(), kept so that unmerge() is exact even for
+        # adapters whose delta depends on the base weight (HiRA).
+        self._merged_delta: Optional[torch.Tensor] = None
+
+    # --------------------------------------------------------------- helpers
+    @property
+    def is_pointwise(self) -> bool:
+        return (not self.is_conv) or (tuple(self.kernel_size) == (1, 1)
+                                      and self.groups == 1)
+
+    def describe(self) -> str:
+        kind = 'Linear' if not self.is_conv else (
+            f'Conv2d k={tuple(self.kernel_size)} groups={self.groups}')
+        return (f'{self.layer_name or "<layer>"} ({kind}, '
+                f'{self.in_channels}->{self.out_channels}, weight {tuple(self.weight.shape)})')
+
+    def weight_matrix(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The PyTorch ``(out, in)`` matrix of a pointwise layer."""
+        w = self.weight if weight is None else weight
+        return w.reshape(w.shape[0], -1)
+
+    def as_weight_shape(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(self.weight.shape)
+
+    def base_forward(self, x: torch.Tensor,
+                     weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w = self.weight if weight is None else weight
+        if self.is_conv:
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation,
+                            self.groups)
+        return F.linear(x, w, self.bias)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_forward(x)
+        adapter = self.adapter_branch
+        delta = adapter.delta_weight(self)
+        if delta is None:
+            out = self.base_forward(x)
+        else:
+            out = self.base_forward(x, self.weight + delta.to(self.weight.dtype))
+        extra = adapter.branch(self, x)
+        if extra is not None:
+            out = out + extra.to(out.dtype)
+        adapter.after_forward(self, delta)
+        return out
+
+    # --------------------------------------------------------------- merge
+    @property
+    def foldable(self) -> bool:
+        return self.adapter_branch.foldable
+
+    @torch.no_grad()
+    def get_delta_weight(self) -> torch.Tensor:
+        """The update that :meth:`merge` adds to ``weight``, in eval-mode semantics."""
+        return self.adapter_branch.fold_delta(self).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Bake the adapter into ``weight``. Raises if already merged or not foldable."""
+        if self.merged:
+            raise RuntimeError(f'{self.describe()} is already merged; unmerge() first.')
+        delta = self.get_delta_weight()
+        self.weight.add_(delta)
+        self._merged_delta = delta
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError(f'{self.describe()} is not merged.')
+        self.weight.sub_(self._merged_delta)
+        self._merged_delta = None
+        self.merged = False
+
+    def to_plain(self) -> BaseLayer:
+        """The upstream layer with the current (merged) weights; adapter dropped."""
+        if not self.merged:
+            raise RuntimeError(f'{self.describe()}: merge() before to_plain(), or the '
+                               'adaptation would be lost.')
+        if self.is_conv:
+            plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
+                              self.stride, self.padding, self.dilation, self.groups,
+                              bias=self.bias is not None, device='meta')
+        else:
+            plain = nn.Linear(self.in_channels, self.out_channels,
+                              bias=self.bias is not None, device='meta')
+        plain.weight = self.weight
+        plain.bias = self.bias
+        plain.train(self.training)
+        return plain
+
+    def extra_repr(self) -> str:
+        return f'{self.describe()}, merged={self.merged}'

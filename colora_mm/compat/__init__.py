@@ -1,0 +1,1 @@
+"""Fixes for what mmengine/mmcv 2.x do wrong on current torch."""

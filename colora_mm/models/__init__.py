@@ -1,0 +1,1 @@
+"""CoLoRA backbones for mmpretrain, mmseg and mmdet."""
