@@ -21,7 +21,7 @@ Every parameter or buffer of an adapter lives under a name component starting wi
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -93,11 +93,13 @@ class AdaptedLayer(nn.Module):
 
     Args:
         base (nn.Linear | nn.Conv2d): The layer to adapt.
-        adapter (Adapter): The strategy.
+        make_adapter (callable): Builds the strategy from this (wrapped) layer, which
+            gives it the shapes, stride and a name for its error messages.
         name (str): The module's qualified name, for error messages. Defaults to ''.
     """
 
-    def __init__(self, base: BaseLayer, adapter: Adapter, name: str = '') -> None:
+    def __init__(self, base: BaseLayer, make_adapter: Callable[['AdaptedLayer'], Adapter],
+                 name: str = '') -> None:
         super().__init__()
         if isinstance(base, AdaptedLayer):
             raise ValueError(f'{name or "module"} already carries an adapter '
@@ -125,7 +127,7 @@ class AdaptedLayer(nn.Module):
             self.in_channels = base.in_features
             self.out_channels = base.out_features
         self.merged = False
-        self.adapter_branch = adapter
+        self.adapter_branch = make_adapter(self)
         # The delta baked in by merge(), kept so that unmerge() is exact even for
         # adapters whose delta depends on the base weight (HiRA).
         self._merged_delta: Optional[torch.Tensor] = None

@@ -189,13 +189,16 @@ class CoLoRAPairLayer(Adapter):
             return
         with torch.no_grad():
             effective = (layer.weight_matrix().float() + layer.weight_matrix(delta).float()).t()
+            effective = effective.to(pair.partner_w1.dtype).contiguous()
             if self.index == 0:
                 # Hold W1' until the second layer has used this step's partner W1.
                 pair._pending_w1 = effective
             else:
-                pair.partner_w2.copy_(effective)
+                # Rebind rather than copy in place: autograd saved the old partners
+                # for this step's backward pass.
+                pair.partner_w2 = effective
                 if pair._pending_w1 is not None:
-                    pair.partner_w1.copy_(pair._pending_w1)
+                    pair.partner_w1 = pair._pending_w1
                     pair._pending_w1 = None
 
     @torch.no_grad()

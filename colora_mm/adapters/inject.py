@@ -1,0 +1,320 @@
+"""Injection: which modules get which adapter, what trains, and model-level merging.
+
+Kept apart from the adapter math. Targets are explicit module names (or regular
+expressions, matched in full against ``named_modules()``); a target that matches nothing
+is an error, so a renamed upstream module can never silently disable an adapter.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .base import AdaptedLayer, is_adapter_name
+from .colora_pair import PARTNER_POLICIES, CoLoRAPair, CoLoRAPairLayer
+from .conv_adapter import ConvAdapter
+from .hira import HiRA
+from .lora import LoRA, PiSSA
+from .spatial import SpatialLowRankBranch
+
+METHODS = ('colora', 'lora', 'pissa', 'hira', 'conv_adapter', 'full')
+DEFAULT_GAMMA = {'colora': 16, 'lora': 20, 'pissa': 20, 'hira': 20, 'conv_adapter': 4}
+NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class AdapterSpec:
+    """What to inject. ``AdapterSpec.from_dict`` takes the same keys as a config's
+    ``adapter=dict(...)``.
+
+    Args:
+        method (str): ``'colora'``, ``'lora'``, ``'pissa'``, ``'hira'``,
+            ``'conv_adapter'`` or ``'full'`` (full fine-tuning). Defaults to 'colora'.
+        gamma (int, optional): Rank divisor; None takes the method's default
+            (colora 16, lora/pissa/hira 20, conv_adapter 4). Defaults to None.
+        share_ratio (float): CoLoRA's shared fraction of the rank. Defaults to 0.5.
+        use_filter (bool): CoLoRA's range filter in the spatial branch. Defaults to True.
+        filter_lambda (float): Filter weight ``lambda``. Defaults to 0.2.
+        partner_policy (str): ``'effective'`` or ``'frozen'``. Defaults to 'effective'.
+        spatial (bool): CoLoRA's spatial branch on the spatial convs. Defaults to True.
+        scaling (float): LoRA/PiSSA ``alpha / r``. Defaults to 2.0.
+        act (str): Conv-Adapter activation, ``'relu'`` or ``'gelu'``. Defaults to 'relu'.
+    """
+
+    method: str = 'colora'
+    gamma: Optional[int] = None
+    share_ratio: float = 0.5
+    use_filter: bool = True
+    filter_lambda: float = 0.2
+    partner_policy: str = 'effective'
+    spatial: bool = True
+    scaling: float = 2.0
+    act: str = 'relu'
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            self.method = 'full'
+        if self.method not in METHODS:
+            raise ValueError(f'AdapterSpec: method={self.method!r}; expected one of '
+                             f'{METHODS}.')
+        if not 0.0 <= self.share_ratio <= 1.0:
+            raise ValueError(f'AdapterSpec: share_ratio={self.share_ratio} must lie in '
+                             '[0, 1].')
+        if self.partner_policy not in PARTNER_POLICIES:
+            raise ValueError(f'AdapterSpec: partner_policy={self.partner_policy!r}; '
+                             f'expected one of {PARTNER_POLICIES}.')
+        if self.gamma is not None and self.gamma <= 0:
+            raise ValueError(f'AdapterSpec: gamma={self.gamma} must be a positive integer.')
+
+    @classmethod
+    def from_dict(cls, cfg: Union[None, dict, 'AdapterSpec']) -> 'AdapterSpec':
+        if isinstance(cfg, AdapterSpec):
+            return cfg
+        if cfg is None:
+            return cls(method='full')
+        known = {f.name for f in fields(cls)}
+        unknown = set(cfg) - known
+        if unknown:
+            raise ValueError(f'AdapterSpec: unknown keys {sorted(unknown)}; allowed: '
+                             f'{sorted(known)}.')
+        return cls(**dict(cfg))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def rank_divisor(self) -> int:
+        return self.gamma if self.gamma is not None else DEFAULT_GAMMA.get(self.method, 1)
+
+
+# ---------------------------------------------------------------------- targets
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition('.')
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def resolve_names(model: nn.Module, targets: Iterable[str], what: str) -> List[str]:
+    """Module names for explicit names or full-match regular expressions."""
+    names = [n for n, _ in model.named_modules() if n]
+    name_set = set(names)
+    out: List[str] = []
+    for target in targets:
+        if target in name_set:
+            hits = [target]
+        else:
+            pattern = re.compile(target)
+            hits = [n for n in names if pattern.fullmatch(n)]
+        if not hits:
+            sample = ', '.join(names[:6])
+            raise ValueError(f'{what}: {target!r} matches no module of '
+                             f'{type(model).__name__} (names look like: {sample}, ...). '
+                             'Give exact module names or a regular expression.')
+        out.extend(h for h in hits if h not in out)
+    return out
+
+
+def _pointwise_shapes(name: str, module: nn.Module) -> Tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+            and module.groups == 1):
+        return module.in_channels, module.out_channels
+    raise ValueError(f'{name} ({type(module).__name__}'
+                     f'{", groups=%d" % module.groups if isinstance(module, nn.Conv2d) else ""}'
+                     f'{", kernel=%s" % (tuple(module.kernel_size),) if isinstance(module, nn.Conv2d) else ""}) '
+                     'is not a pointwise layer (Linear or 1x1 conv with groups=1); only '
+                     'those can form a pair or take a pointwise adapter.')
+
+
+def _wrap(model, name, make_adapter) -> AdaptedLayer:
+    base = model.get_submodule(name)
+    layer = AdaptedLayer(base, make_adapter, name)
+    _set_module(model, name, layer)
+    return layer
+
+
+def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
+                    pairs: Sequence[Tuple[str, str]] = (),
+                    spatial: Sequence[str] = (),
+                    pointwise: Optional[Sequence[str]] = None,
+                    ) -> Dict[str, AdaptedLayer]:
+    """Wrap the targeted layers of ``model`` in place.
+
+    Args:
+        model (nn.Module): The model (or backbone) to adapt.
+        spec (AdapterSpec | dict | None): What to inject; None means full fine-tuning.
+        pairs (sequence of (str, str)): Chained pointwise layers ``(W1, W2)`` by name.
+        spatial (sequence of str): Spatial convs, by name or pattern.
+        pointwise (sequence of str, optional): Layers for LoRA/PiSSA/HiRA by name or
+            pattern; defaults to both layers of every pair.
+
+    Returns:
+        dict: Qualified name -> :class:`AdaptedLayer`, in injection order.
+    """
+    spec = AdapterSpec.from_dict(spec)
+    method, gamma = spec.method, spec.rank_divisor
+    injected: Dict[str, AdaptedLayer] = {}
+    if method == 'full':
+        return injected
+
+    if method == 'colora':
+        if not pairs:
+            raise ValueError('inject_adapters(method="colora"): no pairs given; CoLoRA '
+                             'adapts chained pointwise layers (W1, W2).')
+        for n1, n2 in pairs:
+            resolve_names(model, [n1, n2], 'CoLoRA pair')
+            d, d_mid = _pointwise_shapes(n1, model.get_submodule(n1))
+            d_mid2, d_out = _pointwise_shapes(n2, model.get_submodule(n2))
+            if d_mid != d_mid2:
+                raise ValueError(
+                    f'CoLoRA pair ({n1}, {n2}) does not chain: {n1} maps {d} -> {d_mid} '
+                    f'but {n2} expects {d_mid2} inputs. Pair W1 with the layer that '
+                    'consumes its output.')
+            pair = CoLoRAPair(d, d_mid, d_out, gamma, spec.share_ratio,
+                              spec.partner_policy, where=f'CoLoRA pair ({n1}, {n2})')
+            injected[n1] = _wrap(model, n1, lambda layer, p=pair: CoLoRAPairLayer(p, 0))
+            injected[n2] = _wrap(model, n2, lambda layer, p=pair: CoLoRAPairLayer(p, 1))
+        if spec.spatial:
+            for name in resolve_names(model, spatial, 'CoLoRA spatial branch'):
+                injected[name] = _wrap(model, name, lambda layer: SpatialLowRankBranch(
+                    layer, _spatial_rank(layer, gamma), spec.use_filter,
+                    spec.filter_lambda))
+        return injected
+
+    if method in ('lora', 'pissa', 'hira'):
+        targets = list(pointwise) if pointwise is not None else [n for p in pairs for n in p]
+        if not targets:
+            raise ValueError(f'inject_adapters(method={method!r}): no pointwise layers '
+                             'given (pass pairs or pointwise).')
+        for name in resolve_names(model, targets, f'{method} layer'):
+            _pointwise_shapes(name, model.get_submodule(name))
+            if method == 'hira':
+                make = lambda layer: HiRA(layer, gamma)  # noqa: E731
+            else:
+                cls = LoRA if method == 'lora' else PiSSA
+                make = lambda layer, cls=cls: cls(layer, gamma, spec.scaling)  # noqa: E731
+            injected[name] = _wrap(model, name, make)
+        return injected
+
+    # conv_adapter
+    if not spatial:
+        raise ValueError('inject_adapters(method="conv_adapter"): no spatial convs given.')
+    for name in resolve_names(model, spatial, 'Conv-Adapter layer'):
+        injected[name] = _wrap(model, name,
+                               lambda layer: ConvAdapter(layer, gamma, spec.act))
+    return injected
+
+
+def _spatial_rank(layer: AdaptedLayer, gamma: int) -> int:
+    r = layer.in_channels // gamma
+    if r == 0:
+        raise ValueError(f'{layer.describe()}: spatial rank r = C // gamma = '
+                         f'{layer.in_channels} // {gamma} = 0; use gamma <= '
+                         f'{layer.in_channels}.')
+    return r
+
+
+# ------------------------------------------------------------------- training set
+def iter_adapted_layers(model: nn.Module) -> Iterator[Tuple[str, AdaptedLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def norm_parameter_names(model: nn.Module) -> set:
+    out = set()
+    for mname, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            for pname, _ in module.named_parameters(recurse=False):
+                out.add(f'{mname}.{pname}' if mname else pname)
+    return out
+
+
+def is_peft_trainable(name: str, norm_names: set) -> bool:
+    """The PEFT trainable set: adapters, every bias, every normalisation layer."""
+    return is_adapter_name(name) or name.rsplit('.', 1)[-1] == 'bias' or name in norm_names
+
+
+def mark_trainable(model: nn.Module, method: str = 'colora') -> None:
+    """Set ``requires_grad``: everything for ``'full'``; otherwise adapters, every bias
+    and every normalisation layer, and nothing else (layer-scale ``gamma`` stays frozen)."""
+    if method not in METHODS and method is not None:
+        raise ValueError(f'mark_trainable: method={method!r}; expected one of {METHODS}.')
+    full = method in (None, 'full')
+    norms = norm_parameter_names(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(full or is_peft_trainable(name, norms))
+
+
+@torch.no_grad()
+def reset_adapters_from_weights(model: nn.Module) -> int:
+    """After the pretrained weights are loaded: re-seed partner buffers, run PiSSA's
+    SVD. Returns the number of adapted layers visited."""
+    count = 0
+    for _, layer in iter_adapted_layers(model):
+        layer.adapter_branch.reset_from_weights(layer)
+        count += 1
+    return count
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Only the adapter tensors (parameters and persistent buffers)."""
+    return {k: v for k, v in model.state_dict().items() if is_adapter_name(k)}
+
+
+# ------------------------------------------------------------------------- merge
+@torch.no_grad()
+def merge_adapters(model: nn.Module, replace: bool = True) -> List[str]:
+    """Fold every foldable adapter into its base weight.
+
+    Folded wrappers are swapped for plain ``nn.Linear``/``nn.Conv2d`` layers when
+    ``replace`` is True (the default), so the result has the upstream structure.
+
+    Returns:
+        list[str]: Names of the layers whose adapter could not fold (they keep it).
+    """
+    layers = list(iter_adapted_layers(model))
+    unfolded = []
+    for name, layer in layers:
+        if layer.merged:
+            continue
+        if layer.foldable:
+            layer.merge()
+        else:
+            unfolded.append(name)
+    if replace:
+        for name, layer in layers:
+            if layer.merged:
+                _set_module(model, name, layer.to_plain())
+    return unfolded
+
+
+@torch.no_grad()
+def unmerge_adapters(model: nn.Module) -> int:
+    """Undo :func:`merge_adapters(replace=False)`. Returns the number of layers restored."""
+    count = 0
+    for _, layer in iter_adapted_layers(model):
+        if layer.merged:
+            layer.unmerge()
+            count += 1
+    return count
+
+
+def trainable_report(model: nn.Module) -> Dict[str, int]:
+    """Parameter counts: total, trainable, adapter, and trainable non-adapter."""
+    total = trainable = adapter = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if is_adapter_name(name):
+            adapter += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    base = total - adapter
+    return dict(total=total, base=base, trainable=trainable, adapter=adapter,
+                trainable_other=trainable - adapter)
