@@ -1,0 +1,37 @@
+# The README's two commands:
+#   make demo   set up .venv if needed, then run the embedded CPU demo (tools/demo.py)
+#   make test   set up .venv if needed, then run the test suite
+# `make setup` always re-runs tools/setup_env.sh (idempotent; seconds once done).
+
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+PYTEST_ARGS ?=
+DEMO_ARGS   ?=
+
+.PHONY: setup test demo clean distclean
+
+# Re-run the set-up when the venv is missing or what defines it has changed.
+$(STAMP): tools/setup_env.sh setup.py requirements/runtime.txt requirements/tests.txt
+	COLORA_VENV="$(abspath $(VENV))" bash tools/setup_env.sh
+	touch $@
+
+setup:
+	COLORA_VENV="$(abspath $(VENV))" bash tools/setup_env.sh
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	@test -f tools/demo.py || { echo "tools/demo.py is not in this checkout yet" >&2; exit 1; }
+	$(PY) tools/demo.py $(DEMO_ARGS)
+
+# Generated outputs; keeps .venv (use `make distclean` to remove it too).
+clean:
+	rm -rf build dist *.egg-info .pytest_cache work_dirs demo_out
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
