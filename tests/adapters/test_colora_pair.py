@@ -1,0 +1,296 @@
+"""The correlated pair (Eqs. 14-15): deltas, ranks, gradients and partner buffers."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from colora_mm.adapters import (AdapterSpec, CoLoRAPair, CoLoRAPairLayer, inject_adapters,
+                                reset_adapters_from_weights)
+
+from adapter_nets import (ConvPairNet, LinearPairNet, MixedPairNet, colora_deltas64,
+                          expected_ranks, max_abs_diff, net_input, randomize_adapters)
+
+# (d, d', d'', gamma, share_ratio): the usual case, rs = 0, rl = 0, floor cases.
+SHAPES = [
+    (12, 20, 8, 2, 0.5),     # n=8  r=4 rs=2 rl=2
+    (16, 8, 12, 1, 0.25),    # n=8  r=8 rs=2 rl=6
+    (10, 15, 20, 2, 0.4),    # n=10 r=5 rs=2 rl=3
+    (9, 14, 7, 2, 0.5),      # n=7  r=3 rs=1 rl=2
+    (12, 20, 8, 2, 0.0),     # rs = 0: no shared part
+    (12, 20, 8, 2, 1.0),     # rl = 0: shared part only
+    (12, 20, 8, 8, 0.5),     # r=1: rs = floor(0.5) = 0
+    (12, 20, 8, 4, 0.9),     # r=2: rs = floor(1.8) = 1
+]
+
+
+def _pair_of(model, first):
+    return getattr(model, first).adapter_branch.pair
+
+
+def _paper(layer_weight):
+    """PyTorch ``(out, in[, 1, 1])`` -> paper ``(in x out)``."""
+    return layer_weight.reshape(layer_weight.shape[0], -1).T
+
+
+def _build(cls, d, d_mid, d_out, gamma, share, policy='effective', seed=0):
+    torch.manual_seed(seed)
+    model = cls(d, d_mid, d_out)
+    spec = AdapterSpec(method='colora', gamma=gamma, share_ratio=share,
+                       partner_policy=policy)
+    layers = inject_adapters(model, spec, pairs=model.pairs)
+    reset_adapters_from_weights(model)
+    return model, layers
+
+
+def _set_random_partners(pair, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pair.partner_w1.copy_(torch.randn(pair.partner_w1.shape, generator=g) * 0.3)
+        pair.partner_w2.copy_(torch.randn(pair.partner_w2.shape, generator=g) * 0.3)
+
+
+def _ref(pair):
+    n = min(pair.partner_w1.shape[0], pair.partner_w1.shape[1], pair.partner_w2.shape[1])
+    return colora_deltas64(pair.A1, pair.B1, pair.A2, pair.B2, pair.As, pair.Bs,
+                           pair.partner_w1, pair.partner_w2, n)
+
+
+@pytest.mark.parametrize('d,d_mid,d_out,gamma,share', SHAPES)
+def test_ranks_and_shapes(d, d_mid, d_out, gamma, share):
+    model, _ = _build(LinearPairNet, d, d_mid, d_out, gamma, share)
+    pair = _pair_of(model, 'fc1')
+    n, r, rs, rl = expected_ranks(d, d_mid, d_out, gamma, share)
+    assert (pair.r, pair.rs, pair.rl) == (r, rs, rl)
+    assert pair.A1.shape == (d, rl) and pair.B1.shape == (rl, d_mid)
+    assert pair.A2.shape == (d_mid, rl) and pair.B2.shape == (rl, d_out)
+    assert pair.As.shape == (d, rs) and pair.Bs.shape == (rs, d_out)
+    assert pair.partner_w1.shape == (d, d_mid) and pair.partner_w2.shape == (d_mid, d_out)
+
+
+@pytest.mark.parametrize('cls', [LinearPairNet, ConvPairNet, MixedPairNet])
+@pytest.mark.parametrize('d,d_mid,d_out,gamma,share', SHAPES)
+def test_deltas_equal_float64_eqs_14_15(cls, d, d_mid, d_out, gamma, share):
+    model, layers = _build(cls, d, d_mid, d_out, gamma, share)
+    first, second = cls.pairs[0]
+    pair = _pair_of(model, first)
+    randomize_adapters(model, std=0.3)
+    _set_random_partners(pair)             # the partners, not the live weights, enter
+    dW1, dW2 = _ref(pair)
+    l1, l2 = layers[first], layers[second]
+    got1, got2 = l1.get_delta_weight(), l2.get_delta_weight()
+    assert got1.shape == l1.weight.shape and got2.shape == l2.weight.shape
+    tol = 1e-5 * max(dW1.abs().max().item(), dW2.abs().max().item(), 1.0)
+    assert max_abs_diff(_paper(got1), dW1) < tol
+    assert max_abs_diff(_paper(got2), dW2) < tol
+    assert pair.delta(0).dtype == torch.float32
+    # the training-mode delta is the same function of the parameters
+    model.train()
+    assert max_abs_diff(_paper(l1.adapter_branch.delta_weight(l1)), dW1) < tol
+    model.eval()
+
+
+def test_linear_pair_forward_equals_float64_reference():
+    model, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5)
+    randomize_adapters(model, std=0.3)
+    pair = _pair_of(model, 'fc1')
+    _set_random_partners(pair)
+    x = net_input(model)
+    dW1, dW2 = _ref(pair)
+    W1 = model.fc1.weight.double().T + dW1
+    W2 = model.fc2.weight.double().T + dW2
+    ref = F.gelu(x.double() @ W1 + model.fc1.bias.double()) @ W2 + model.fc2.bias.double()
+    assert max_abs_diff(model(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize('share', [0.5, 0.0, 1.0])
+def test_gradients_equal_float64_reference(share):
+    """Gradients of every adapter tensor, through the std terms of the scalings."""
+    model, _ = _build(LinearPairNet, 12, 20, 8, 2, share, policy='frozen')
+    randomize_adapters(model, std=0.3)
+    pair = _pair_of(model, 'fc1')
+    _set_random_partners(pair)
+    x = net_input(model)
+    model.train()
+    v = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    (model(x) * v).sum().backward()
+
+    names = ['A1', 'B1', 'A2', 'B2', 'As', 'Bs']
+    leaves = {k: getattr(pair, k).detach().double().requires_grad_(True) for k in names}
+    dW1, dW2 = colora_deltas64(*(leaves[k] for k in names), pair.partner_w1,
+                               pair.partner_w2, 8)
+    W1 = model.fc1.weight.detach().double().T + dW1
+    W2 = model.fc2.weight.detach().double().T + dW2
+    out = F.gelu(x.double() @ W1 + model.fc1.bias.detach().double()) @ W2 \
+        + model.fc2.bias.detach().double()
+    (out * v.double()).sum().backward()
+    for k in names:
+        got, want = getattr(pair, k).grad, leaves[k].grad
+        if leaves[k].numel() == 0:        # an empty part (rs = 0 or rl = 0)
+            continue
+        assert got is not None, k
+        scale = max(want.abs().max().item(), 1e-3)
+        assert max_abs_diff(got, want) < 1e-4 * scale, k
+    # A's gradient goes through the std term too: with B fixed it is not A-independent
+    if pair.rl:
+        assert pair.A1.grad.abs().max() > 0
+
+
+def test_scaling_uses_unbiased_std_and_fourth_root():
+    """Sensitivity: a biased std or a square root instead of the fourth root moves the
+    delta by more than the tolerance used above."""
+    model, layers = _build(LinearPairNet, 12, 20, 8, 2, 0.5)
+    randomize_adapters(model, std=0.3)
+    pair = _pair_of(model, 'fc1')
+    got = _paper(layers['fc1'].get_delta_weight()).double()
+    A1, B1, As, Bs = (t.detach().double() for t in (pair.A1, pair.B1, pair.As, pair.Bs))
+    C = Bs @ pair.partner_w2.double().T
+    biased = (A1 @ B1) / (math.sqrt(2) * (A1.std(unbiased=False) + B1.std(unbiased=False))) \
+        + (As @ C) / ((2 * 8) ** 0.25 * (C.std(unbiased=False) + As.std(unbiased=False)))
+    assert max_abs_diff(got, biased) > 1e-4
+
+
+# ------------------------------------------------------------------- partners
+def _train_step(model, x, lr=0.1):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+
+
+def test_partners_start_at_the_pretrained_weights_in_paper_orientation():
+    for cls in (LinearPairNet, ConvPairNet, MixedPairNet):
+        model, _ = _build(cls, 12, 20, 8, 2, 0.5)
+        first, second = cls.pairs[0]
+        pair = _pair_of(model, first)
+        assert torch.equal(pair.partner_w1, _paper(getattr(model, first).weight))
+        assert torch.equal(pair.partner_w2, _paper(getattr(model, second).weight))
+
+
+@pytest.mark.parametrize('cls', [LinearPairNet, ConvPairNet])
+def test_effective_policy_takes_detached_effective_weights(cls):
+    model, layers = _build(cls, 12, 20, 8, 2, 0.5, policy='effective')
+    first, second = cls.pairs[0]
+    randomize_adapters(model, std=0.3)
+    pair = _pair_of(model, first)
+    x = net_input(model)
+    model.train()
+    for step in range(2):
+        # both layers of this forward use the partners from before it
+        dW1, dW2 = _ref(pair)
+        W1 = _paper(layers[first].weight).double()
+        W2 = _paper(layers[second].weight).double()
+        out = model(x)
+        assert max_abs_diff(pair.partner_w1, W1 + dW1) < 1e-5
+        assert max_abs_diff(pair.partner_w2, W2 + dW2) < 1e-5
+        assert not pair.partner_w1.requires_grad and not pair.partner_w2.requires_grad
+        assert pair.partner_w1.grad_fn is None and pair.partner_w2.grad_fn is None
+        assert pair.partner_w1.shape == (12, 20)          # (d x d'): weight1.T
+        out.square().mean().backward()                    # the update broke no graph
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+                    p.grad = None
+    assert f'{first}.adapter_branch.pair.partner_w1' in model.state_dict()
+
+
+def test_frozen_policy_never_changes_partners():
+    model, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5, policy='frozen')
+    randomize_adapters(model, std=0.3)
+    pair = _pair_of(model, 'fc1')
+    w1, w2 = pair.partner_w1.clone(), pair.partner_w2.clone()
+    x = net_input(model)
+    model.train()
+    for _ in range(3):
+        _train_step(model, x)
+    assert not torch.equal(model.fc1.adapter_branch.pair.B1, torch.zeros_like(pair.B1))
+    assert torch.equal(pair.partner_w1, w1) and torch.equal(pair.partner_w2, w2)
+
+
+@pytest.mark.parametrize('policy', ['effective', 'frozen'])
+def test_eval_forward_never_changes_a_buffer(policy):
+    model, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5, policy=policy)
+    randomize_adapters(model, std=0.3)
+    x = net_input(model)
+    model.train()
+    model(x)                       # partners now differ from the base weights
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out1 = model(x)
+    with torch.no_grad():
+        out2 = model(x)
+    assert torch.equal(out1, out2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_partners_are_persistent_and_state_dict_round_trip_reproduces_outputs():
+    model, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5, policy='effective')
+    randomize_adapters(model, std=0.3)
+    x = net_input(model)
+    model.train()
+    for _ in range(3):
+        _train_step(model, x)
+    model.eval()
+    pair = _pair_of(model, 'fc1')
+    sd = model.state_dict()
+    assert 'fc1.adapter_branch.pair.partner_w1' in sd
+    assert 'fc1.adapter_branch.pair.partner_w2' in sd
+    assert not any('fc2.adapter_branch.pair' in k for k in sd)   # stored once
+    assert max_abs_diff(pair.partner_w1, model.fc1.weight.T) > 1e-3  # trained partners
+    want = model(x)
+
+    other, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5, policy='effective', seed=42)
+    other.load_state_dict(sd, strict=True)
+    other.eval()
+    assert torch.equal(other(x), want)
+    # the partners matter: re-seeding them from the weights changes the output
+    reset_adapters_from_weights(other)
+    assert max_abs_diff(other(x), want) > 1e-5
+
+
+@pytest.mark.parametrize('cls', [LinearPairNet, ConvPairNet])
+def test_reset_reseeds_partners_from_current_base_weights(cls):
+    model, layers = _build(cls, 12, 20, 8, 2, 0.5, policy='effective')
+    first, second = cls.pairs[0]
+    randomize_adapters(model, std=0.3)
+    x = net_input(model)
+    model.train()
+    _train_step(model, x)
+    with torch.no_grad():         # "load a pretrained checkpoint"
+        layers[first].weight.normal_()
+        layers[second].weight.normal_()
+    count = reset_adapters_from_weights(model)
+    assert count == 2
+    pair = _pair_of(model, first)
+    assert torch.equal(pair.partner_w1, _paper(layers[first].weight))
+    assert torch.equal(pair.partner_w2, _paper(layers[second].weight))
+    # and the next training forward starts from them, not from a stale pending W1
+    dW1, dW2 = _ref(pair)
+    W1 = _paper(layers[first].weight).double()
+    model(x)
+    assert max_abs_diff(pair.partner_w1, W1 + dW1) < 1e-5
+
+
+def test_deepcopy_keeps_one_shared_pair():
+    model, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5)
+    clone = copy.deepcopy(model)
+    p0 = clone.fc1.adapter_branch.get_pair()
+    assert clone.fc2.adapter_branch.get_pair() is p0
+    assert p0 is not model.fc1.adapter_branch.get_pair()
+    randomize_adapters(clone)
+    x = net_input(model)
+    assert not torch.equal(clone(x), model(x))
+
+
+def test_pair_module_directly():
+    pair = CoLoRAPair(12, 20, 8, gamma=2, share_ratio=0.5)
+    assert (pair.r, pair.rs, pair.rl) == (4, 2, 2)
+    assert pair.num_trainable() == 4 * (12 + 8) + 2 * 2 * 20
+    assert sum(p.numel() for p in pair.parameters()) == pair.num_trainable()
+    with pytest.raises(ValueError, match='partner_policy'):
+        CoLoRAPair(12, 20, 8, partner_policy='ema')
+    assert CoLoRAPairLayer(pair, 0).foldable
