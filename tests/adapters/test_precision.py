@@ -1,0 +1,93 @@
+"""The first backward pass from B = 0 is finite; deltas stay float32 under bf16 autocast."""
+import pytest
+import torch
+
+from colora_mm.adapters import (AdapterSpec, inject_adapters, is_adapter_name,
+                                iter_adapted_layers, mark_trainable,
+                                reset_adapters_from_weights)
+
+from adapter_nets import build, max_abs_diff, net_input, randomize_adapters
+
+CASES = [
+    ('linear_pair', dict(method='colora', gamma=2)),
+    ('conv_pair', dict(method='colora', gamma=2, share_ratio=1.0)),
+    ('mixed_pair', dict(method='colora', gamma=2, share_ratio=0.0)),
+    ('convnext', dict(method='colora', gamma=4)),
+    ('bottleneck', dict(method='colora', gamma=4)),
+    ('bottleneck', dict(method='colora', gamma=4, use_filter=False)),
+    ('convnext', dict(method='lora', gamma=4)),
+    ('convnext', dict(method='pissa', gamma=4)),
+    ('convnext', dict(method='hira', gamma=4)),
+    ('convnext', dict(method='conv_adapter', act='gelu')),
+    ('bottleneck', dict(method='conv_adapter')),
+]
+
+
+def _model(net, spec_kw, seed=0):
+    model = build(net, seed)
+    inject_adapters(model, AdapterSpec(**spec_kw), pairs=model.pairs, spatial=model.spatial)
+    reset_adapters_from_weights(model)
+    mark_trainable(model, spec_kw['method'])
+    return model.train()
+
+
+@pytest.mark.parametrize('net,spec_kw', CASES, ids=lambda v: str(v))
+def test_first_backward_from_zero_b_is_finite(net, spec_kw):
+    model = _model(net, spec_kw)
+    x = net_input(model)
+    model(x).square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for name, g in grads.items():
+        if g is not None:
+            assert torch.isfinite(g).all(), name
+    # the zero-initialised factors do receive a gradient, or training could not start
+    zero_init = [n for n in grads if is_adapter_name(n) and
+                 (n.endswith(('.B1', '.B2', '.Bs', '.B', 'up.weight')))]
+    assert zero_init
+    for name in zero_init:
+        if grads[name] is not None and grads[name].numel():
+            assert grads[name].abs().max() > 0, name
+    # and a second step from there stays finite
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.01 * p.grad
+                p.grad = None
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize('net,spec_kw', CASES, ids=lambda v: str(v))
+def test_deltas_are_float32_under_bf16_autocast(net, spec_kw):
+    model = _model(net, spec_kw)
+    randomize_adapters(model, std=0.2)
+    layers = dict(iter_adapted_layers(model))
+    plain = {n: l.adapter_branch.delta_weight(l) for n, l in layers.items()}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        for name, layer in layers.items():
+            delta = layer.adapter_branch.delta_weight(layer)
+            if delta is None:
+                assert plain[name] is None
+                continue
+            assert delta.dtype == torch.float32, name
+            assert torch.equal(delta, plain[name]), name
+            if layer.foldable:
+                assert layer.adapter_branch.fold_delta(layer).dtype == torch.float32
+        x = net_input(model)
+        out = model(x)                       # a training-mode forward under autocast
+    out.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+    for name, buf in model.named_buffers():
+        if 'partner' in name:
+            assert buf.dtype == torch.float32, name
+    # autocast changes the big matmuls only: close to the fp32 output
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(x)
+    assert max_abs_diff(low, ref) < 0.1 * max(ref.abs().max().item(), 1.0)
