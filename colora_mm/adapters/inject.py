@@ -177,7 +177,9 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
                     f'but {n2} expects {d_mid2} inputs. Pair W1 with the layer that '
                     'consumes its output.')
             pair = CoLoRAPair(d, d_mid, d_out, gamma, spec.share_ratio,
-                              spec.partner_policy, where=f'CoLoRA pair ({n1}, {n2})')
+                              spec.partner_policy,
+                              where=f'CoLoRA pair ({n1}: {d} -> {d_mid}, '
+                                    f'{n2}: {d_mid} -> {d_out})')
             injected[n1] = _wrap(model, n1, lambda layer, p=pair: CoLoRAPairLayer(p, 0))
             injected[n2] = _wrap(model, n2, lambda layer, p=pair: CoLoRAPairLayer(p, 1))
         if spec.spatial:

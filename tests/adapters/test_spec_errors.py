@@ -1,0 +1,134 @@
+"""Bad specifications raise, and the message names the module, the numbers and the fix."""
+import pytest
+import torch.nn as nn
+
+from colora_mm.adapters import (AdaptedLayer, AdapterSpec, CoLoRAPair,
+                                SpatialLowRankBranch, inject_adapters, iter_adapted_layers)
+
+from adapter_nets import Bottleneck, ConvNeXtBlock, LinearPairNet
+
+
+def _raises(fn, *fragments, exc=ValueError):
+    with pytest.raises(exc) as info:
+        fn()
+    msg = str(info.value)
+    for fragment in fragments:
+        assert fragment in msg, f'{fragment!r} not in: {msg}'
+    return msg
+
+
+class Odd(nn.Module):
+    """Layers that cannot take the adapters they are offered."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_a = nn.Linear(12, 20)
+        self.fc_b = nn.Linear(24, 8)                               # does not chain
+        self.grouped_1x1 = nn.Conv2d(16, 16, 1, groups=4)
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.spatial_3x3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.grouped_3x3 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.multiplier_3x3 = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.valid_3x3 = nn.Conv2d(16, 16, 3, padding=0)          # not "same"
+
+
+def test_rank_zero_from_gamma_pair():
+    model = LinearPairNet(12, 40, 28)
+    msg = _raises(lambda: inject_adapters(model, AdapterSpec(method='colora', gamma=16),
+                                          pairs=model.pairs),
+                  'fc1', 'fc2', '12 // 16', 'gamma <= 12')
+    # the shapes of the pair: 12 -> 40 -> 28
+    assert '40' in msg and '28' in msg, msg
+    assert not list(iter_adapted_layers(model))
+
+
+def test_rank_zero_from_gamma_pointwise_and_conv_adapter():
+    model = LinearPairNet(12, 40, 28)
+    _raises(lambda: inject_adapters(model, AdapterSpec(method='lora', gamma=20),
+                                    pairs=model.pairs),
+            'fc1', '12->40', '12 // 20', 'gamma <= 12')
+    block = ConvNeXtBlock(16)
+    _raises(lambda: inject_adapters(block, AdapterSpec(method='conv_adapter', gamma=32),
+                                    spatial=block.spatial),
+            'dwconv', '16->16', '16 // 32', 'change gamma')
+    res = Bottleneck(16, 8)
+    _raises(lambda: AdaptedLayer(res.conv2, lambda l: SpatialLowRankBranch(l, 0), 'conv2'),
+            'conv2', '8->8', 'r=0', 'gamma')
+
+
+@pytest.mark.parametrize('share', [-0.1, 1.5])
+def test_share_ratio_outside_unit_interval(share):
+    _raises(lambda: AdapterSpec(method='colora', share_ratio=share),
+            f'share_ratio={share}', '[0, 1]')
+    model = LinearPairNet()
+    _raises(lambda: inject_adapters(model, dict(method='colora', share_ratio=share),
+                                    pairs=model.pairs), f'share_ratio={share}')
+    _raises(lambda: CoLoRAPair(12, 20, 8, gamma=2, share_ratio=share,
+                               where='CoLoRA pair (blk.fc1, blk.fc2)'),
+            'blk.fc1', 'blk.fc2', f'share_ratio={share}', '[0, 1]')
+
+
+def test_depthwise_width_not_divisible_by_rank():
+    block = ConvNeXtBlock(20)                       # r = 20 // 3 = 6 does not divide 20
+    _raises(lambda: inject_adapters(block, AdapterSpec(method='colora', gamma=3),
+                                    pairs=block.pairs, spatial=block.spatial),
+            'dwconv', 'C=20', 'r=6', 'groups=r', 'gamma')
+
+
+@pytest.mark.parametrize('kwargs,fragments', [
+    (dict(spec=dict(method='colora', gamma=2), pairs=[('fc1', 'fc9')]), ['fc9']),
+    (dict(spec=dict(method='colora', gamma=2), pairs=[('fc1', 'fc2')],
+          spatial=['blocks\\..*\\.dw']), ['blocks\\\\..*\\\\.dw']),
+    (dict(spec=dict(method='lora', gamma=2), pointwise=['head']), ['head']),
+    (dict(spec=dict(method='conv_adapter'), spatial=['conv7']), ['conv7']),
+])
+def test_names_that_match_nothing(kwargs, fragments):
+    model = LinearPairNet()
+    spec = kwargs.pop('spec')
+    msg = _raises(lambda: inject_adapters(model, spec, **kwargs),
+                  'matches no module', 'LinearPairNet', *fragments)
+    assert 'fc1' in msg and 'fc2' in msg                       # what names look like
+
+
+def test_pair_whose_shapes_do_not_chain():
+    _raises(lambda: inject_adapters(Odd(), AdapterSpec(method='colora', gamma=2),
+                                    pairs=[('fc_a', 'fc_b')]),
+            'fc_a', 'fc_b', '12 -> 20', '24', 'does not chain', 'consumes its output')
+
+
+@pytest.mark.parametrize('method', ['colora', 'lora', 'hira', 'pissa'])
+def test_grouped_or_spatial_conv_as_pointwise_layer(method):
+    def pair_with(name):
+        return lambda: inject_adapters(Odd(), AdapterSpec(method=method, gamma=2),
+                                       pairs=[(name, 'pw')])
+    _raises(pair_with('grouped_1x1'), 'grouped_1x1', 'groups=4', 'pointwise')
+    _raises(pair_with('spatial_3x3'), 'spatial_3x3', 'kernel=(3, 3)', 'pointwise')
+
+
+@pytest.mark.parametrize('name,fragments', [
+    ('grouped_3x3', ['groups=4', 'neither dense', 'Leave this layer out']),
+    ('multiplier_3x3', ['groups=8', '8->16']),
+    ('pw', ['k x k', 'pointwise']),
+    ('valid_3x3', ['padding=(0, 0)', 'same'])])
+def test_conv_the_spatial_branch_cannot_handle(name, fragments):
+    model = Odd()
+    model.pw_a, model.pw_b = nn.Conv2d(16, 32, 1), nn.Conv2d(32, 16, 1)
+    _raises(lambda: inject_adapters(model, AdapterSpec(method='colora', gamma=2),
+                                    pairs=[('pw_a', 'pw_b')], spatial=[name]),
+            name, *fragments)
+
+
+def test_other_bad_specs():
+    _raises(lambda: AdapterSpec(method='adapterfusion'), 'adapterfusion', 'colora')
+    _raises(lambda: AdapterSpec.from_dict(dict(method='colora', rank=4)), 'rank', 'gamma')
+    _raises(lambda: AdapterSpec(method='colora', gamma=0), 'gamma=0')
+    _raises(lambda: AdapterSpec(method='colora', partner_policy='ema'), 'ema', 'frozen')
+    model = LinearPairNet()
+    _raises(lambda: inject_adapters(model, AdapterSpec(method='colora', gamma=2)),
+            'no pairs')
+    inject_adapters(model, AdapterSpec(method='colora', gamma=2), pairs=model.pairs)
+    _raises(lambda: inject_adapters(model, AdapterSpec(method='lora', gamma=2),
+                                    pointwise=['fc1']), 'fc1')
+    _raises(lambda: AdaptedLayer(model.fc1, lambda l: None, 'fc1'), 'fc1', 'already')
+    _raises(lambda: AdaptedLayer(nn.Conv1d(3, 3, 1), lambda l: None, 'c1'), 'c1',
+            'Conv1d', exc=TypeError)
