@@ -1,0 +1,161 @@
+"""Training hooks: a report of what trains and what it costs, and periodic merge-and-reinit.
+
+Both are registered in mmengine's root ``HOOKS`` registry, so mmseg and mmdet configs use
+them as ``custom_hooks=[dict(type='CoLoRAReportHook'), dict(type='MergeReinitHook',
+interval=1000)]``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from colora_mm.adapters import iter_adapted_layers
+
+from .complexity import measure_flops, parameter_parts
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if is_model_wrapper(model) else model
+
+
+def _human(n: float) -> str:
+    for unit, scale in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
+        if abs(n) >= scale:
+            return f'{n / scale:.3f}{unit}'
+    return f'{n:.0f}'
+
+
+def format_report(parts: dict, flops: Optional[dict], input_size: Sequence[int]) -> str:
+    """The report as a fixed-width table."""
+    rows = [('part', 'trainable', 'total', 'trainable %')]
+    trainable = total = 0
+    for part, c in parts.items():
+        trainable += c['trainable']
+        total += c['total']
+        pct = f"{100.0 * c['trainable'] / c['total']:.2f}" if c['total'] else '-'
+        rows.append((part, f"{c['trainable']:,}", f"{c['total']:,}", pct))
+    rows.append(('all', f'{trainable:,}', f'{total:,}',
+                 f'{100.0 * trainable / total:.2f}' if total else '-'))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ['  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, '-' * len(lines[0]))
+    lines.insert(len(lines) - 1, '-' * len(lines[0]))
+    if flops is not None:
+        base = flops['backbone']
+        h, w = input_size
+
+        def pct(x):
+            return f' ({100.0 * x / base:.2f}% of the backbone)' if base else ''
+
+        lines += [
+            f'FLOPs (multiply-accumulates, appendix Table 1), one {h}x{w} image:',
+            f"  backbone forward                        {_human(base)}",
+            f"  adapter branches, per image             {_human(flops['branches'])}"
+            + pct(flops['branches']),
+            f"  adapter weight updates, per train step  {_human(flops['weight_updates'])}"
+            + pct(flops['weight_updates']),
+        ]
+    return '\n'.join(lines)
+
+
+@HOOKS.register_module()
+class CoLoRAReportHook(Hook):
+    """At the start of training, print and log trainable vs total parameters per part
+    (backbone adapters, backbone biases/norms, other backbone weights, neck, heads) and
+    the adapters' FLOPs overhead (appendix Table 1) measured on one image.
+
+    Args:
+        input_size (tuple[int, int]): ``(H, W)`` of the image the FLOPs are counted on.
+            Defaults to (512, 512).
+        in_channels (int): Image channels. Defaults to 3.
+        count_flops (bool): Run the one-image forward pass for the FLOPs part.
+            Defaults to True.
+    """
+
+    priority = 'VERY_LOW'
+
+    def __init__(self, input_size: Sequence[int] = (512, 512), in_channels: int = 3,
+                 count_flops: bool = True) -> None:
+        self.input_size = tuple(input_size)
+        self.in_channels = in_channels
+        self.count_flops = count_flops
+        self.report: Optional[dict] = None
+
+    def before_train(self, runner) -> None:
+        model = _unwrap(runner.model)
+        parts = parameter_parts(model)
+        flops = None
+        if self.count_flops:
+            backbone = getattr(model, 'backbone', model)
+            flops = measure_flops(backbone, self.input_size, self.in_channels)
+        table = format_report(parts, flops, self.input_size)
+        self.report = dict(parts=parts, flops=flops, table=table)
+        print_log('CoLoRA report\n' + table, logger='current')
+        trainable = sum(c['trainable'] for c in parts.values())
+        runner.message_hub.update_info('colora/trainable_params', trainable)
+        if flops is not None:
+            runner.message_hub.update_info('colora/adapter_branch_flops',
+                                           flops['branches'])
+            runner.message_hub.update_info('colora/adapter_update_flops',
+                                           flops['weight_updates'])
+
+
+@torch.no_grad()
+def fold_independent_parts(model: nn.Module) -> List[nn.Parameter]:
+    """Fold every adapter's independent low-rank part into its base weight and
+    re-initialise it (``Adapter.fold_independent_``); returns the re-initialised
+    parameters."""
+    params: List[nn.Parameter] = []
+    for _, layer in iter_adapted_layers(model):
+        params.extend(layer.adapter_branch.fold_independent_(layer))
+    return params
+
+
+def reset_optimizer_state(optim_wrapper, params: Sequence[nn.Parameter]) -> int:
+    """Drop the optimizer state (moments, step) of ``params`` in every optimizer of an
+    ``OptimWrapper`` or ``OptimWrapperDict``; returns how many states were dropped."""
+    wrappers = (optim_wrapper.values() if hasattr(optim_wrapper, 'values')
+                else [optim_wrapper])
+    dropped = 0
+    for wrapper in wrappers:
+        state = wrapper.optimizer.state
+        for p in params:
+            if p in state:
+                del state[p]
+                dropped += 1
+    return dropped
+
+
+@HOOKS.register_module()
+class MergeReinitHook(Hook):
+    """Every ``interval`` training iterations, fold the adapters' independent low-rank
+    parts into the base weights, re-initialise them (B = 0, so the model's output does
+    not change) and reset their optimizer state.
+
+    Args:
+        interval (int): Iterations between merges. Defaults to 1000.
+    """
+
+    priority = 'LOW'
+
+    def __init__(self, interval: int = 1000) -> None:
+        if interval <= 0:
+            raise ValueError(f'MergeReinitHook: interval={interval} must be positive.')
+        self.interval = interval
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None,
+                         outputs=None) -> None:
+        if not self.every_n_train_iters(runner, self.interval):
+            return
+        params = fold_independent_parts(_unwrap(runner.model))
+        dropped = reset_optimizer_state(runner.optim_wrapper, params)
+        print_log(f'MergeReinitHook: iter {runner.iter + 1}: folded and re-initialised '
+                  f'{len(params)} adapter tensors, reset {dropped} optimizer states.',
+                  logger='current')

@@ -1,0 +1,137 @@
+"""What every adapted backbone adds to its upstream class.
+
+The upstream backbone (mmpretrain's ConvNeXt, mmseg's or mmdet's ResNet) is built as it
+is; then, still inside ``__init__`` (before a DDP wrapper sees the parameters), adapters
+are injected into the layers the subclass names, the trainable set is marked, and the
+backbone's own freezing (``frozen_stages``...) is applied again on top, so adapters in a
+frozen stage stay frozen. ``init_weights()`` runs the upstream initialisation, loads the
+pretrained checkpoint in whichever layout it comes (:mod:`.pretrained`), and finally
+re-derives the adapter state that depends on the loaded weights (partner buffers,
+PiSSA's SVD).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from colora_mm.adapters import (AdaptedLayer, AdapterSpec, inject_adapters,
+                                is_adapter_name, iter_adapted_layers, mark_trainable,
+                                reset_adapters_from_weights)
+
+from .pretrained import PretrainedLoadReport, load_pretrained
+
+
+def _base_view(layer: AdaptedLayer) -> nn.Module:
+    """A plain ``nn.Linear``/``nn.Conv2d`` sharing the adapted layer's ``weight`` and
+    ``bias``, so that upstream ``init_cfg`` rules keyed on the layer type
+    (``layer=['Conv2d', 'Linear']``) reach base layers that now sit in a wrapper."""
+    if layer.is_conv:
+        view = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                         layer.stride, layer.padding, layer.dilation, layer.groups,
+                         bias=layer.bias is not None, device='meta')
+    else:
+        view = nn.Linear(layer.in_channels, layer.out_channels,
+                         bias=layer.bias is not None, device='meta')
+    view.weight = layer.weight
+    view.bias = layer.bias
+    return view
+
+
+class AdaptedBackboneMixin:
+    """Adapter injection, freezing and pretrained loading for an upstream backbone.
+
+    Put it first in the bases (``class X(AdaptedBackboneMixin, UpstreamBackbone)``),
+    call :meth:`_setup_adapters` at the end of ``__init__``, and implement
+    :meth:`adapter_targets`, :meth:`_refreeze` and :meth:`convert_pretrained`.
+    """
+
+    adapter_spec: AdapterSpec
+    #: Filled by ``init_weights()`` when a pretrained checkpoint was loaded.
+    pretrained_report: Optional[PretrainedLoadReport] = None
+
+    # ------------------------------------------------------------ to implement
+    def adapter_targets(self) -> Tuple[List[Tuple[str, str]], List[str]]:
+        """``(pairs, spatial)``: chained pointwise layers and spatial convs, by name."""
+        raise NotImplementedError
+
+    def _refreeze(self) -> None:
+        """Re-apply the upstream backbone's own freezing (``frozen_stages``...)."""
+        raise NotImplementedError
+
+    def convert_pretrained(self, state_dict: Dict[str, torch.Tensor], layout: str,
+                           dropped: Dict[str, str]) -> Tuple[Dict, Dict]:
+        """``(state_dict, renamed)`` in this backbone's names (see :mod:`.pretrained`)."""
+        raise NotImplementedError
+
+    def expected_missing(self, name: str) -> Optional[str]:
+        """Reason a pretrained checkpoint never carries tensor ``name``, or None."""
+        return None
+
+    # ------------------------------------------------------------ construction
+    def _setup_adapters(self, adapter: Optional[dict]) -> None:
+        self.adapter_spec = AdapterSpec.from_dict(adapter)
+        self.adapted_layer_names: List[str] = []
+        if self.adapter_spec.method != 'full':
+            pairs, spatial = self.adapter_targets()
+            self.adapted_layer_names = list(inject_adapters(
+                self, self.adapter_spec, pairs=pairs, spatial=spatial))
+        mark_trainable(self, self.adapter_spec.method)
+        self._refreeze()
+
+    # ------------------------------------------------------------ initialisation
+    def init_weights(self) -> None:
+        """Upstream initialisation, then the pretrained checkpoint (any supported
+        layout), then the adapter state that depends on the loaded weights."""
+        if getattr(self, '_is_init', False):
+            return super().init_weights()   # upstream warns about the second call
+        cfgs = self.init_cfg
+        cfgs = [] if cfgs is None else ([cfgs] if isinstance(cfgs, dict) else list(cfgs))
+        pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
+        others = [c for c in cfgs if c.get('type') != 'Pretrained']
+
+        # Adapters keep their own initialisation (B = 0: a fresh adapter changes
+        # nothing); upstream rules such as Kaiming on every Conv2d must not touch them.
+        adapter_state = {k: v.detach().clone() for k, v in self.state_dict().items()
+                         if is_adapter_name(k)}
+        original_cfg = self.init_cfg
+        self.init_cfg = others or None
+        try:
+            super().init_weights()
+        finally:
+            self.init_cfg = original_cfg
+        if others:
+            from mmengine.model.weight_init import initialize
+            layered = [{k: v for k, v in c.items() if k != 'override'}
+                       for c in others if 'layer' in c]
+            if layered:
+                for _, layer in iter_adapted_layers(self):
+                    initialize(_base_view(layer), copy.deepcopy(layered))
+        self.load_state_dict(adapter_state, strict=False)
+
+        for cfg in pretrained:
+            self.pretrained_report = load_pretrained(
+                self, cfg['checkpoint'], self.convert_pretrained,
+                prefix=cfg.get('prefix'), map_location=cfg.get('map_location', 'cpu'),
+                expected_missing=self.expected_missing)
+        reset_adapters_from_weights(self)
+
+    def extra_repr(self) -> str:
+        spec = self.adapter_spec
+        return (f'adapter={spec.method}, rank divisor={spec.rank_divisor}, '
+                f'{len(self.adapted_layer_names)} adapted layers')
+
+
+def freeze_norms_if_configured(module: nn.Module, norm_cfg: Optional[dict]) -> None:
+    """Honour ``norm_cfg=dict(..., requires_grad=False)`` after the trainable set was
+    marked (PEFT methods train every norm unless the config says otherwise)."""
+    if norm_cfg is None or norm_cfg.get('requires_grad', True):
+        return
+    from torch.nn.modules.batchnorm import _BatchNorm
+    for m in module.modules():
+        if isinstance(m, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+

@@ -1,0 +1,267 @@
+"""Pretrained checkpoints for the adapted backbones, in the layouts they are published in.
+
+A config points ``init_cfg=dict(type='Pretrained', checkpoint=...)`` at a checkpoint as it
+stands; the layout is recognised from its keys and converted to the backbone's names:
+
+* ``'convnext_original'``: the original ConvNeXt release (the CoLoRA paper's ConvNeXt-S/B
+  URLs), ``{'model': sd}`` with ``stages.i.j.dwconv|norm|pwconv1|pwconv2|gamma``,
+  ``downsample_layers.i.j``, a final ``norm`` and a classifier ``head``. mmpretrain names
+  the same tensors ``depthwise_conv``/``pointwise_conv1``/``pointwise_conv2`` and calls
+  the final norm ``norm{last stage}``; the classifier is dropped.
+* ``'torchvision'``: torchvision's ResNet (``conv1``, ``bn1``, ``layer{s}.{b}.*``,
+  ``fc``); the names already match mmseg/mmdet's ResNet, the classifier ``fc`` is dropped.
+* ``'openmmlab'``: mmpretrain/mmseg/mmdet checkpoints, the backbone's own names, possibly
+  inside ``{'state_dict': ...}`` and behind a ``backbone.`` prefix (a classifier's
+  ``head.*`` or a detector's ``neck.*`` are then dropped).
+
+Loading is non-strict, because adapter tensors are never in a pretrained checkpoint, but
+never silent: every checkpoint tensor is either loaded, dropped for a stated reason, or
+reported as unexpected, and every backbone tensor the checkpoint does not provide is
+reported as missing. A shape mismatch is an error.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from colora_mm.adapters import is_adapter_name
+
+LAYOUTS = ('convnext_original', 'torchvision', 'openmmlab')
+
+_CONVNEXT_ORIGINAL = re.compile(r'^stages\.\d+\.\d+\.(dwconv|pwconv1|pwconv2)\.')
+_CONVNEXT_RENAMES = (('.dwconv.', '.depthwise_conv.'), ('.pwconv1.', '.pointwise_conv1.'),
+                     ('.pwconv2.', '.pointwise_conv2.'))
+
+
+@dataclass
+class PretrainedLoadReport:
+    """What happened to every tensor when a pretrained checkpoint was loaded."""
+
+    checkpoint: str
+    layout: str
+    loaded: List[str] = field(default_factory=list)
+    renamed: Dict[str, str] = field(default_factory=dict)    # checkpoint -> model name
+    dropped: Dict[str, str] = field(default_factory=dict)    # checkpoint name -> reason
+    unexpected: List[str] = field(default_factory=list)      # in checkpoint, not in model
+    missing_adapter: List[str] = field(default_factory=list)
+    missing_expected: Dict[str, str] = field(default_factory=dict)  # name -> reason
+    missing_other: List[str] = field(default_factory=list)   # model tensors not provided
+
+    def summary(self, owner: str) -> str:
+        lines = [f'{owner}: loaded {len(self.loaded)} tensors from {self.checkpoint} '
+                 f'(layout {self.layout!r}, {len(self.renamed)} renamed).']
+        if self.dropped:
+            reasons: Dict[str, List[str]] = {}
+            for key, why in self.dropped.items():
+                reasons.setdefault(why, []).append(key)
+            for why, keys in reasons.items():
+                lines.append(f'  dropped {len(keys)} ({why}): {_abbrev(keys)}')
+        if self.missing_adapter:
+            lines.append(f'  not in the checkpoint, as expected: {len(self.missing_adapter)}'
+                         ' adapter tensors (they keep their initialisation)')
+        if self.missing_expected:
+            reasons = {}
+            for key, why in self.missing_expected.items():
+                reasons.setdefault(why, []).append(key)
+            for why, keys in reasons.items():
+                lines.append(f'  not in the checkpoint, as expected ({why}): {_abbrev(keys)}')
+        if self.missing_other:
+            lines.append(f'  MISSING from the checkpoint, keep their initialisation: '
+                         f'{len(self.missing_other)}: {_abbrev(self.missing_other)}')
+        if self.unexpected:
+            lines.append(f'  UNEXPECTED in the checkpoint, not loaded: '
+                         f'{len(self.unexpected)}: {_abbrev(self.unexpected)}')
+        return '\n'.join(lines)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing_other or self.unexpected)
+
+
+def _abbrev(keys: List[str], limit: int = 12) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+# --------------------------------------------------------------------- unwrapping
+def unwrap_state_dict(checkpoint) -> 'OrderedDict[str, torch.Tensor]':
+    """The tensor dict inside a checkpoint (``state_dict``, ``model`` or the dict itself),
+    without a DistributedDataParallel ``module.`` prefix."""
+    sd = checkpoint
+    if isinstance(sd, dict):
+        for key in ('state_dict', 'model'):
+            inner = sd.get(key)
+            if isinstance(inner, dict) and inner and all(
+                    torch.is_tensor(v) for v in inner.values()):
+                sd = inner
+                break
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        found = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint)
+        raise ValueError('Pretrained checkpoint: no state dict found (looked for a dict '
+                         f"of tensors, or one under 'state_dict' or 'model'); top-level "
+                         f'entries: {found}.')
+    if all(k.startswith('module.') for k in sd):
+        sd = OrderedDict((k[len('module.'):], v) for k, v in sd.items())
+    return OrderedDict(sd)
+
+
+def select_prefix(sd: Dict[str, torch.Tensor], prefix: Optional[str],
+                  dropped: Dict[str, str]) -> 'OrderedDict[str, torch.Tensor]':
+    """Keep the tensors under ``prefix`` (stripped). With no prefix given, a checkpoint of
+    a whole model (keys ``backbone.*``) gives its backbone; the rest is recorded as
+    dropped."""
+    if prefix is None:
+        if not any(k.startswith('backbone.') for k in sd):
+            return OrderedDict(sd)
+        prefix = 'backbone.'
+    if not prefix.endswith('.'):
+        prefix = prefix + '.'
+    out = OrderedDict()
+    for k, v in sd.items():
+        if k.startswith(prefix):
+            out[k[len(prefix):]] = v
+        else:
+            dropped[k] = f'outside the {prefix!r} prefix'
+    if not out:
+        raise ValueError(f'Pretrained checkpoint: no key starts with prefix {prefix!r} '
+                         f'(keys look like {list(sd)[:5]}); fix init_cfg.prefix.')
+    return out
+
+
+def detect_layout(keys) -> str:
+    """``'convnext_original'``, ``'torchvision'`` or ``'openmmlab'`` from the key names."""
+    keys = list(keys)
+    if any(_CONVNEXT_ORIGINAL.match(k) for k in keys):
+        return 'convnext_original'
+    if 'fc.weight' in keys and any(k.startswith('layer1.0.conv1.') for k in keys):
+        return 'torchvision'
+    return 'openmmlab'
+
+
+# --------------------------------------------------------------------- converters
+def convert_convnext_original(sd: Dict[str, torch.Tensor], final_norm: Optional[str],
+                              dropped: Dict[str, str]) -> Tuple[Dict, Dict]:
+    """Original ConvNeXt names -> mmpretrain ConvNeXt names.
+
+    Args:
+        sd (dict): The original state dict.
+        final_norm (str, optional): Where the final ``norm`` goes (``'norm3'`` for four
+            stages); None if the model has no such module (the tensors are dropped).
+        dropped (dict): Filled with the keys left out and why.
+
+    Returns:
+        tuple: ``(converted, renamed)`` with ``renamed`` mapping old -> new names.
+    """
+    out, renamed = OrderedDict(), {}
+    for key, value in sd.items():
+        new = key
+        if key.startswith('head.'):
+            dropped[key] = 'classifier head'
+            continue
+        if key.startswith('norm.'):
+            if final_norm is None:
+                dropped[key] = 'final norm: the model has no last-stage norm (out_indices)'
+                continue
+            new = final_norm + key[len('norm'):]
+        elif key.startswith('stages.'):
+            for old, rep in _CONVNEXT_RENAMES:
+                new = new.replace(old, rep)
+        if new != key:
+            renamed[key] = new
+        out[new] = value
+    return out, renamed
+
+
+def drop_classifier(sd: Dict[str, torch.Tensor], prefixes: Tuple[str, ...],
+                    dropped: Dict[str, str]) -> Dict[str, torch.Tensor]:
+    out = OrderedDict()
+    for key, value in sd.items():
+        if key.startswith(prefixes):
+            dropped[key] = 'classifier head'
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------- loading
+Converter = Callable[[Dict[str, torch.Tensor], str, Dict[str, str]], Tuple[Dict, Dict]]
+
+
+def load_pretrained(module: nn.Module, checkpoint: str, converter: Converter,
+                    prefix: Optional[str] = None, map_location='cpu',
+                    logger='current',
+                    expected_missing: Optional[Callable[[str], Optional[str]]] = None,
+                    ) -> PretrainedLoadReport:
+    """Load a pretrained checkpoint into an adapted backbone.
+
+    Args:
+        module (nn.Module): The backbone.
+        checkpoint (str): A path, URL, ``torchvision://``/``open-mmlab://`` name (anything
+            mmengine's ``CheckpointLoader`` accepts), or an already loaded dict.
+        converter (callable): ``(state_dict, layout, dropped) -> (state_dict, renamed)``,
+            the backbone's conversion to its own names.
+        prefix (str, optional): Keep only the keys under this prefix (stripped).
+            Defaults to None: a ``backbone.`` prefix is detected.
+        map_location: Passed to the loader. Defaults to 'cpu'.
+        logger: mmengine logger for the summary. Defaults to 'current'.
+        expected_missing (callable, optional): ``name -> reason or None`` for backbone
+            tensors no pretrained checkpoint of this kind carries (e.g. the extra output
+            norms of a dense-prediction ConvNeXt). Defaults to None.
+
+    Returns:
+        PretrainedLoadReport: Also logged (as a warning when anything is missing or
+        unexpected beyond adapter tensors).
+    """
+    from mmengine.logging import print_log
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    owner = type(module).__name__
+    if isinstance(checkpoint, dict):
+        raw, source = checkpoint, '<dict>'
+    else:
+        raw = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location,
+                                               logger=logger)
+        source = str(checkpoint)
+    dropped: Dict[str, str] = {}
+    sd = select_prefix(unwrap_state_dict(raw), prefix, dropped)
+    layout = detect_layout(sd)
+    sd, renamed = converter(sd, layout, dropped)
+
+    own = module.state_dict()
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                  for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(
+            f'{owner}: the pretrained checkpoint {source} (layout {layout!r}) does not fit '
+            f'this backbone; {len(mismatched)} tensors differ in shape: '
+            f'{_abbrev(mismatched, 6)}. The checkpoint is for another architecture: '
+            'set arch/depth to match it, or pick the matching checkpoint.')
+    report = PretrainedLoadReport(checkpoint=source, layout=layout, renamed=renamed,
+                                  dropped=dropped)
+    report.loaded = [k for k in sd if k in own]
+    report.unexpected = [k for k in sd if k not in own]
+    for k in own:
+        if k in sd or k.endswith('num_batches_tracked'):
+            continue
+        if is_adapter_name(k):
+            report.missing_adapter.append(k)
+        elif expected_missing is not None and expected_missing(k):
+            report.missing_expected[k] = expected_missing(k)
+        else:
+            report.missing_other.append(k)
+    if not report.loaded:
+        raise ValueError(f'{owner}: nothing of the pretrained checkpoint {source} matches '
+                         f'this backbone (layout {layout!r}; checkpoint keys look like '
+                         f'{list(sd)[:5]}, the backbone\'s like {list(own)[:5]}). Set '
+                         "init_cfg.prefix, or convert the checkpoint.")
+    # strict=False for the adapter tensors only; everything else is accounted for above.
+    module.load_state_dict({k: sd[k] for k in report.loaded}, strict=False)
+    print_log(report.summary(owner), logger=logger,
+              level=logging.INFO if report.clean else logging.WARNING)
+    return report

@@ -1,0 +1,68 @@
+"""The adapter logic shared by the CoLoRA ResNets of mmseg and mmdet.
+
+Every Bottleneck contributes one correlated pair ``(conv1, conv3)`` (1x1 ``in -> w`` and
+1x1 ``w -> 4w``; the 3x3 ``conv2`` between them keeps the widths chained) and one spatial
+branch parallel to ``conv2``, added before ``bn2``. Freezing follows the upstream ResNet:
+stages up to ``frozen_stages`` (stem included) are frozen whole, adapters included, and
+stay so across ``train()``; ``norm_eval`` keeps BatchNorm statistics fixed; a
+``norm_cfg`` with ``requires_grad=False`` keeps the norms' affine parameters frozen.
+
+Each codebase gets its own class (mmseg's ``ResNet`` and mmdet's differ in defaults and
+options), both registered as ``CoLoRAResNet``: see :mod:`.resnet_mmseg` and
+:mod:`.resnet_mmdet`.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .adapted_backbone import AdaptedBackboneMixin, freeze_norms_if_configured
+from .pretrained import drop_classifier
+
+
+class ResNetAdapterMixin(AdaptedBackboneMixin):
+    """Adapters on an upstream (mmseg or mmdet) Bottleneck ResNet.
+
+    Args:
+        adapter (dict, optional): The adapter spec (see
+            :class:`colora_mm.adapters.AdapterSpec`); None or ``method='full'`` is full
+            fine-tuning. Defaults to None.
+        **kwargs: The upstream ``ResNet``'s arguments (``depth``, ``frozen_stages``,
+            ``norm_eval``, ``norm_cfg``, ``init_cfg``...). ``init_cfg=dict(
+            type='Pretrained', checkpoint=...)`` accepts torchvision checkpoints
+            (``torchvision://resnet50`` or the file of any torchvision ResNet weights)
+            and OpenMMLab checkpoints.
+    """
+
+    def __init__(self, *args, adapter: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._setup_adapters(adapter)
+
+    def adapter_targets(self) -> Tuple[List[Tuple[str, str]], List[str]]:
+        pairs, spatial = [], []
+        for layer_name in self.res_layers:
+            for j, block in enumerate(getattr(self, layer_name)):
+                name = f'{layer_name}.{j}'
+                if not hasattr(block, 'conv3'):
+                    raise ValueError(
+                        f'{type(self).__name__}(depth={self.depth}): {name} is a '
+                        f'{type(block).__name__} without the 1x1-3x3-1x1 layout the '
+                        'pairs (conv1, conv3) need; use depth 50, 101 or 152, or '
+                        "adapter=dict(method='full').")
+                pairs.append((f'{name}.conv1', f'{name}.conv3'))
+                spatial.append(f'{name}.conv2')
+        return pairs, spatial
+
+    def _refreeze(self) -> None:
+        freeze_norms_if_configured(self, self.norm_cfg)
+        self._freeze_stages()
+
+    def convert_pretrained(self, state_dict: Dict[str, torch.Tensor], layout: str,
+                           dropped: Dict[str, str]) -> Tuple[Dict, Dict]:
+        if layout == 'torchvision':
+            return drop_classifier(state_dict, ('fc.',), dropped), {}
+        if layout == 'openmmlab':
+            return drop_classifier(state_dict, ('head.', 'fc.'), dropped), {}
+        raise ValueError(f'{type(self).__name__}: a {layout!r} checkpoint is not a ResNet; '
+                         'use torchvision or OpenMMLab ResNet weights.')

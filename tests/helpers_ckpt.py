@@ -1,0 +1,196 @@
+"""Synthetic pretrained checkpoints in the layouts colora_mm loads: the real models' key
+names and shapes, random values (seeded), so that tests can check that every tensor
+lands where it belongs without downloading anything.
+
+* :func:`convnext_original_checkpoint`: the original ConvNeXt release, ``{'model': sd}``
+  (``downsample_layers.i.j``, ``stages.i.j.dwconv|norm|pwconv1|pwconv2|gamma``, ``norm``,
+  ``head``): the files at the CoLoRA paper's ConvNeXt-S/B URLs.
+* :func:`torchvision_resnet_state_dict`: torchvision's ResNet (``conv1``, ``bn1``,
+  ``layer{s}.{b}.conv1..bn3``, ``downsample.0/1``, ``fc``): ResNet-50 v2 by default.
+* :func:`mmpretrain_convnext_checkpoint`, :func:`openmmlab_resnet_checkpoint`:
+  OpenMMLab checkpoints (``{'meta', 'state_dict'}``, keys behind ``backbone.``, a
+  classifier ``head.fc``), built from the upstream modules themselves.
+
+Architectures: ``'tiny'``, ``'small'``, ``'base'`` (ConvNeXt's real ones) and
+:data:`REDUCED_CONVNEXT`, a few-block narrow variant for fast tests.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+
+CONVNEXT_ARCHS = {
+    'tiny': dict(depths=[3, 3, 9, 3], channels=[96, 192, 384, 768]),
+    'small': dict(depths=[3, 3, 27, 3], channels=[96, 192, 384, 768]),
+    'base': dict(depths=[3, 3, 27, 3], channels=[128, 256, 512, 1024]),
+}
+#: Few blocks, narrow: gamma=16 still gives every layer a rank >= 2.
+REDUCED_CONVNEXT = dict(depths=[1, 1, 3, 1], channels=[32, 64, 128, 256])
+#: ResNet-50, and a narrow ResNet-50 (same 16 blocks, a quarter of the width) for fast
+#: tests: ``ResNet(depth=50, base_channels=16, stem_channels=16)`` upstream.
+RESNET50 = dict(stage_blocks=(3, 4, 6, 3), base_channels=64)
+REDUCED_RESNET = dict(stage_blocks=(3, 4, 6, 3), base_channels=16)
+
+ArchLike = Union[str, Dict]
+
+
+def convnext_arch(arch: ArchLike) -> Dict:
+    if isinstance(arch, str):
+        return CONVNEXT_ARCHS[arch]
+    return dict(arch)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randomize(shapes: Dict[str, Sequence[int]], seed: int = 0) -> 'OrderedDict':
+    """Random tensors of the given shapes; BatchNorm statistics stay valid (positive
+    variance, integer counters)."""
+    g = _generator(seed)
+    out = OrderedDict()
+    for key, shape in shapes.items():
+        if key.endswith('num_batches_tracked'):
+            out[key] = torch.tensor(1000, dtype=torch.long)
+        elif key.endswith('running_var'):
+            out[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            out[key] = torch.randn(shape, generator=g) * 0.1
+    return out
+
+
+def randomize_like(state_dict: Dict[str, torch.Tensor], seed: int = 0) -> 'OrderedDict':
+    return randomize({k: tuple(v.shape) for k, v in state_dict.items()}, seed)
+
+
+# ---------------------------------------------------------------- ConvNeXt
+def convnext_original_shapes(arch: ArchLike = 'small', num_classes: int = 1000,
+                             in_channels: int = 3) -> 'OrderedDict':
+    """Key -> shape of the original ConvNeXt release (facebookresearch/ConvNeXt)."""
+    a = convnext_arch(arch)
+    depths, dims = a['depths'], a['channels']
+    s = OrderedDict()
+    s['downsample_layers.0.0.weight'] = (dims[0], in_channels, 4, 4)
+    s['downsample_layers.0.0.bias'] = (dims[0],)
+    s['downsample_layers.0.1.weight'] = (dims[0],)
+    s['downsample_layers.0.1.bias'] = (dims[0],)
+    for i in range(1, len(dims)):
+        s[f'downsample_layers.{i}.0.weight'] = (dims[i - 1],)
+        s[f'downsample_layers.{i}.0.bias'] = (dims[i - 1],)
+        s[f'downsample_layers.{i}.1.weight'] = (dims[i], dims[i - 1], 2, 2)
+        s[f'downsample_layers.{i}.1.bias'] = (dims[i],)
+    for i, (depth, c) in enumerate(zip(depths, dims)):
+        for j in range(depth):
+            p = f'stages.{i}.{j}'
+            s[f'{p}.gamma'] = (c,)
+            s[f'{p}.dwconv.weight'] = (c, 1, 7, 7)
+            s[f'{p}.dwconv.bias'] = (c,)
+            s[f'{p}.norm.weight'] = (c,)
+            s[f'{p}.norm.bias'] = (c,)
+            s[f'{p}.pwconv1.weight'] = (4 * c, c)
+            s[f'{p}.pwconv1.bias'] = (4 * c,)
+            s[f'{p}.pwconv2.weight'] = (c, 4 * c)
+            s[f'{p}.pwconv2.bias'] = (c,)
+    s['norm.weight'] = (dims[-1],)
+    s['norm.bias'] = (dims[-1],)
+    s['head.weight'] = (num_classes, dims[-1])
+    s['head.bias'] = (num_classes,)
+    return s
+
+
+def convnext_original_checkpoint(arch: ArchLike = 'small', num_classes: int = 1000,
+                                 seed: int = 0) -> Dict:
+    """``{'model': state_dict}`` as in ``convnext_small_22k_1k_384.pth`` (1000 classes)
+    or ``convnext_base_22k_224.pth`` (``num_classes=21841``)."""
+    return {'model': randomize(convnext_original_shapes(arch, num_classes), seed)}
+
+
+def mmpretrain_convnext_checkpoint(arch: ArchLike = 'small', num_classes: int = 1000,
+                                   seed: int = 0, prefix: str = 'backbone.',
+                                   wrap: bool = True) -> Dict:
+    """An mmpretrain ImageClassifier checkpoint: ``{'meta', 'state_dict'}`` with the
+    backbone under ``prefix`` (``norm3`` as the final norm) and ``head.fc``."""
+    from mmpretrain.models.backbones import ConvNeXt
+    backbone = ConvNeXt(arch=convnext_arch(arch) if not isinstance(arch, str) else arch)
+    sd = randomize_like(backbone.state_dict(), seed)
+    out = OrderedDict((prefix + k, v) for k, v in sd.items())
+    c = convnext_arch(arch)['channels'][-1]
+    head = randomize({'head.fc.weight': (num_classes, c), 'head.fc.bias': (num_classes,)},
+                     seed + 1)
+    out.update(head)
+    if not wrap:
+        return out
+    return {'meta': dict(mmpretrain_version='1.2.0', epoch=300), 'state_dict': out}
+
+
+# ---------------------------------------------------------------- ResNet
+def torchvision_resnet_shapes(stage_blocks: Sequence[int] = (3, 4, 6, 3),
+                              base_channels: int = 64, num_classes: int = 1000,
+                              in_channels: int = 3,
+                              with_num_batches_tracked: bool = False) -> 'OrderedDict':
+    """Key -> shape of torchvision's Bottleneck ResNet (ResNet-50 by default)."""
+    s = OrderedDict()
+
+    def bn(name, c):
+        s[f'{name}.weight'] = (c,)
+        s[f'{name}.bias'] = (c,)
+        s[f'{name}.running_mean'] = (c,)
+        s[f'{name}.running_var'] = (c,)
+        if with_num_batches_tracked:
+            s[f'{name}.num_batches_tracked'] = ()
+
+    s['conv1.weight'] = (base_channels, in_channels, 7, 7)
+    bn('bn1', base_channels)
+    inplanes = base_channels
+    for i, blocks in enumerate(stage_blocks):
+        planes = base_channels * 2 ** i
+        for b in range(blocks):
+            p = f'layer{i + 1}.{b}'
+            s[f'{p}.conv1.weight'] = (planes, inplanes, 1, 1)
+            bn(f'{p}.bn1', planes)
+            s[f'{p}.conv2.weight'] = (planes, planes, 3, 3)
+            bn(f'{p}.bn2', planes)
+            s[f'{p}.conv3.weight'] = (planes * 4, planes, 1, 1)
+            bn(f'{p}.bn3', planes * 4)
+            if b == 0:
+                s[f'{p}.downsample.0.weight'] = (planes * 4, inplanes, 1, 1)
+                bn(f'{p}.downsample.1', planes * 4)
+            inplanes = planes * 4
+    s['fc.weight'] = (num_classes, inplanes)
+    s['fc.bias'] = (num_classes,)
+    return s
+
+
+def torchvision_resnet_state_dict(stage_blocks: Sequence[int] = (3, 4, 6, 3),
+                                  base_channels: int = 64, num_classes: int = 1000,
+                                  seed: int = 0,
+                                  with_num_batches_tracked: bool = False) -> 'OrderedDict':
+    """A plain state dict, as ``resnet50-11ad3fa6.pth`` (IMAGENET1K_V2) is saved."""
+    return randomize(torchvision_resnet_shapes(
+        stage_blocks, base_channels, num_classes,
+        with_num_batches_tracked=with_num_batches_tracked), seed)
+
+
+def openmmlab_resnet_checkpoint(codebase: str = 'mmseg', seed: int = 0,
+                                prefix: Optional[str] = 'backbone.', wrap: bool = True,
+                                **resnet_kwargs) -> Dict:
+    """A checkpoint of mmseg's or mmdet's ResNet (``depth=50`` unless given), keys
+    behind ``prefix``, wrapped in ``{'meta', 'state_dict'}``."""
+    if codebase == 'mmseg':
+        from mmseg.models.backbones import ResNet
+    else:
+        from mmdet.models.backbones import ResNet
+    resnet_kwargs.setdefault('depth', 50)
+    sd = randomize_like(ResNet(**resnet_kwargs).state_dict(), seed)
+    out = OrderedDict(((prefix or '') + k, v) for k, v in sd.items())
+    if not wrap:
+        return out
+    return {'meta': dict(mmengine_version='0.10.7'), 'state_dict': out}
+
+
+def save(obj, path) -> str:
+    """``torch.save`` and return the path as a string (for ``init_cfg``)."""
+    torch.save(obj, str(path))
+    return str(path)

@@ -1,0 +1,210 @@
+"""CoLoRAReportHook (counts against closed forms) and MergeReinitHook (outputs unchanged
+at the moment of merging, optimizer state reset)."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip('mmseg')
+pytest.importorskip('mmdet')
+
+import colora_mm  # noqa: E402,F401
+from colora_mm.adapters import (CoLoRAPairLayer, is_adapter_name,  # noqa: E402
+                                iter_adapted_layers)
+from colora_mm.engine import (CoLoRAReportHook, MergeReinitHook,  # noqa: E402
+                              measure_flops, parameter_parts)
+from colora_mm.models import CoLoRAConvNeXt, SegCoLoRAResNet  # noqa: E402
+from helpers_ckpt import REDUCED_CONVNEXT, convnext_original_checkpoint  # noqa: E402
+
+
+class Segmentor(nn.Module):
+    def __init__(self, backbone, channels):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = nn.Conv2d(channels, 16, 1)
+        self.decode_head = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.decode_head(self.neck(self.backbone(x)[-1]))
+
+
+def convnext(method='colora', **adapter):
+    backbone = CoLoRAConvNeXt(arch=REDUCED_CONVNEXT, out_indices=[0, 1, 2, 3],
+                              gap_before_final_norm=False, layer_scale_init_value=1.0,
+                              adapter=dict(method=method, **adapter))
+    backbone.init_cfg = dict(type='Pretrained', checkpoint=convnext_original_checkpoint(
+        REDUCED_CONVNEXT, seed=0))
+    backbone.init_weights()
+    return Segmentor(backbone, REDUCED_CONVNEXT['channels'][-1])
+
+
+def fake_runner(model, optim_wrapper=None, iteration=0):
+    from mmengine.logging import MessageHub
+    return SimpleNamespace(model=model, optim_wrapper=optim_wrapper, iter=iteration,
+                           message_hub=MessageHub.get_instance('colora_test_hooks'))
+
+
+# ----------------------------------------------------------------- report
+def test_parameter_parts_add_up():
+    model = convnext()
+    parts = parameter_parts(model)
+    assert sum(c['total'] for c in parts.values()) == \
+        sum(p.numel() for p in model.parameters())
+    adapters = sum(p.numel() for n, p in model.named_parameters()
+                   if is_adapter_name(n))
+    assert parts['backbone adapters'] == dict(trainable=adapters, total=adapters)
+    assert parts['backbone other']['trainable'] == 0
+    neck = sum(p.numel() for p in model.neck.parameters())
+    heads = sum(p.numel() for p in model.decode_head.parameters())
+    assert parts['neck'] == dict(trainable=neck, total=neck)
+    assert parts['heads'] == dict(trainable=heads, total=heads)
+    # the closed form of appendix Table 1 for the pairs: r (d + d'') + 2 rl d'
+    pairs = 0
+    for c, depth in zip(REDUCED_CONVNEXT['channels'], REDUCED_CONVNEXT['depths']):
+        r = c // 16
+        rl = r - int(math.floor(r * 0.5))
+        pairs += depth * (r * (c + c) + 2 * rl * 4 * c)
+    spatial = sum(depth * (c * (c // 16) + 9 * c) for c, depth in
+                  zip(REDUCED_CONVNEXT['channels'], REDUCED_CONVNEXT['depths']))
+    assert adapters == pairs + spatial
+
+
+def convnext_closed_form(size=64, gamma=16, share_ratio=0.5, window=11):
+    """Backbone MACs, branch MACs per image and weight-update MACs per step, from the
+    architecture alone."""
+    channels, depths = REDUCED_CONVNEXT['channels'], REDUCED_CONVNEXT['depths']
+    backbone = branches = updates = 0
+    prev = 3
+    for i, (c, depth) in enumerate(zip(channels, depths)):
+        hw = (size // 4 // 2 ** i) ** 2
+        backbone += hw * c * prev * (16 if i == 0 else 4)          # stem 4x4 / down 2x2
+        prev = c
+        r = c // gamma
+        rs = int(math.floor(r * share_ratio))
+        for _ in range(depth):
+            backbone += hw * c * 49 + 2 * hw * c * 4 * c             # dw 7x7, pw1, pw2
+            branches += hw * c * r + 4 * r * hw * 2 * window + hw * c * 9
+            updates += (r + rs + 2) * 4 * c * (c + c)               # Table 1, CoLoRA
+    return backbone, branches, updates
+
+
+def test_flops_match_closed_form():
+    model = convnext()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flops = measure_flops(model.backbone, (64, 64))
+    backbone, branches, updates = convnext_closed_form()
+    assert flops['backbone'] == backbone
+    assert flops['branches'] == branches
+    assert flops['weight_updates'] == updates
+    # measuring changed nothing: no partner update, modes restored
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.backbone.training
+
+
+def test_lora_and_hira_weight_updates_per_table1():
+    for method, extra in (('lora', 1), ('hira', 2)):
+        flops = measure_flops(convnext(method).backbone, (32, 32))
+        want = 0
+        for c, depth in zip(REDUCED_CONVNEXT['channels'], REDUCED_CONVNEXT['depths']):
+            r = c // 20
+            want += depth * 2 * (r + extra) * c * 4 * c
+        assert flops['weight_updates'] == want, method
+        assert flops['branches'] == 0
+
+
+def test_report_hook_logs_a_table():
+    model = convnext()
+    hook = CoLoRAReportHook(input_size=(64, 64))
+    runner = fake_runner(model)
+    hook.before_train(runner)
+    assert hook.report['parts'] == parameter_parts(model)
+    out = hook.report['table']
+    for part in ('backbone adapters', 'backbone biases/norms', 'backbone other', 'neck',
+                 'heads', 'adapter branches', 'weight updates'):
+        assert part in out
+    assert runner.message_hub.get_info('colora/trainable_params') == \
+        sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_report_hook_on_resnet_without_flops():
+    model = Segmentor(SegCoLoRAResNet(depth=50, base_channels=16, stem_channels=16,
+                                      adapter=dict(method='colora')), 512)
+    hook = CoLoRAReportHook(count_flops=False)
+    hook.before_train(fake_runner(model))
+    assert hook.report['flops'] is None
+    assert hook.report['parts']['backbone adapters']['trainable'] > 0
+
+
+# ----------------------------------------------------------------- merge & reinit
+def train_steps(model, optim_wrapper, steps=3, size=32):
+    torch.manual_seed(1)
+    model.train()
+    for _ in range(steps):
+        loss = model(torch.randn(2, 3, size, size)).pow(2).mean()
+        optim_wrapper.update_params(loss)
+
+
+@pytest.mark.parametrize('method,adapter', [
+    ('colora', {}), ('colora', dict(partner_policy='frozen')), ('colora',
+                                                               dict(share_ratio=1.0)),
+    ('lora', {}), ('pissa', {}), ('hira', {})])
+def test_merge_reinit_leaves_outputs_unchanged(method, adapter):
+    from mmengine.optim import OptimWrapper
+    model = convnext(method, **adapter)
+    optim = OptimWrapper(torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    train_steps(model, optim)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    adapters = [p for n, p in model.named_parameters() if is_adapter_name(n)]
+    assert all(p in optim.optimizer.state for p in adapters)
+
+    hook = MergeReinitHook(interval=3)
+    hook.after_train_iter(fake_runner(model, optim, iteration=1), 1)   # not yet
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    hook.after_train_iter(fake_runner(model, optim, iteration=2), 2)   # iter 3: merge
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+    state = optim.optimizer.state
+    for _, layer in iter_adapted_layers(model):
+        a = layer.adapter_branch
+        if method == 'colora':
+            if not isinstance(a, CoLoRAPairLayer) or a.index != 0 or a.get_pair().rl == 0:
+                continue
+            pair = a.get_pair()
+            for p in (pair.A1, pair.B1, pair.A2, pair.B2):
+                assert p not in state
+            assert torch.count_nonzero(pair.B1) == 0 and torch.count_nonzero(pair.B2) == 0
+            if pair.rs:
+                assert pair.As in state and pair.Bs in state   # shared part untouched
+        elif method in ('lora', 'hira'):
+            assert a.A not in state and a.B not in state
+            assert torch.count_nonzero(a.B) == 0
+        else:   # PiSSA re-initialises from the SVD of the new base weight
+            assert a.A not in state and a.B not in state
+    # training continues from the merged model
+    train_steps(model, optim, steps=1)
+
+
+def test_merge_reinit_interval_validation():
+    with pytest.raises(ValueError, match='interval=0'):
+        MergeReinitHook(interval=0)
+
+
+def test_hooks_are_registered_in_every_scope():
+    from mmengine.registry import HOOKS
+    for scope in ('mmseg', 'mmdet'):
+        registry = __import__(f'{scope}.registry', fromlist=['HOOKS']).HOOKS
+        assert isinstance(registry.build(dict(type='MergeReinitHook', interval=5)),
+                          MergeReinitHook)
+        assert isinstance(registry.build(dict(type='CoLoRAReportHook')), CoLoRAReportHook)
+    assert HOOKS.get('CoLoRAReportHook') is CoLoRAReportHook

@@ -1,0 +1,299 @@
+"""CoLoRAConvNeXt: registration, injection, freezing and pretrained loading."""
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip('mmpretrain')
+pytest.importorskip('mmseg')
+pytest.importorskip('mmdet')
+
+import colora_mm  # noqa: E402,F401
+from colora_mm.adapters import (AdaptedLayer, CoLoRAPairLayer, ConvAdapter,  # noqa: E402
+                                SpatialLowRankBranch, is_adapter_name)
+from colora_mm.models import CoLoRAConvNeXt  # noqa: E402
+from helpers_ckpt import (REDUCED_CONVNEXT, convnext_original_checkpoint,  # noqa: E402
+                          convnext_original_shapes, mmpretrain_convnext_checkpoint, save)
+
+SEG_KW = dict(out_indices=[0, 1, 2, 3], gap_before_final_norm=False,
+              layer_scale_init_value=1.0)
+
+
+def build(adapter=dict(method='colora'), arch=REDUCED_CONVNEXT, **kw):
+    kwargs = dict(SEG_KW)
+    kwargs.update(kw)
+    return CoLoRAConvNeXt(arch=arch, adapter=adapter, **kwargs)
+
+
+def original_to_mmpretrain(key):
+    """The renaming the original ConvNeXt release needs, spelled out for the test."""
+    if key.startswith('norm.'):
+        return 'norm3.' + key[len('norm.'):]
+    return (key.replace('.dwconv.', '.depthwise_conv.')
+            .replace('.pwconv1.', '.pointwise_conv1.')
+            .replace('.pwconv2.', '.pointwise_conv2.'))
+
+
+# ----------------------------------------------------------------- registry
+@pytest.mark.parametrize('scope', ['mmseg', 'mmdet', 'mmpretrain'])
+def test_registered_in_every_codebase(scope):
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    model = registry.build(dict(type='CoLoRAConvNeXt', arch=REDUCED_CONVNEXT,
+                                adapter=dict(method='colora'), **SEG_KW))
+    assert type(model) is CoLoRAConvNeXt
+    assert 'ConvNeXt' in type(model).__name__   # what LearningRateDecay... keys on
+
+
+def test_subclass_of_mmpretrain_convnext():
+    from mmpretrain.models.backbones import ConvNeXt
+    assert issubclass(CoLoRAConvNeXt, ConvNeXt)
+
+
+# ----------------------------------------------------------------- injection
+def test_colora_targets_every_block():
+    model = build()
+    blocks = sum(REDUCED_CONVNEXT['depths'])
+    layers = dict((n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
+    assert len(layers) == 3 * blocks == len(model.adapted_layer_names)
+    for i, depth in enumerate(REDUCED_CONVNEXT['depths']):
+        for j in range(depth):
+            p = f'stages.{i}.{j}'
+            a1 = layers[f'{p}.pointwise_conv1'].adapter_branch
+            a2 = layers[f'{p}.pointwise_conv2'].adapter_branch
+            assert isinstance(a1, CoLoRAPairLayer) and isinstance(a2, CoLoRAPairLayer)
+            assert a1.get_pair() is a2.get_pair()
+            assert isinstance(layers[f'{p}.depthwise_conv'].adapter_branch,
+                              SpatialLowRankBranch)
+
+
+def test_trainable_set_peft():
+    model = build()
+    norms = {f'{mn}.{pn}' for mn, m in model.named_modules()
+             if isinstance(m, torch.nn.LayerNorm) for pn, _ in m.named_parameters(
+                 recurse=False)}
+    expected = {n for n, _ in model.named_parameters()
+                if is_adapter_name(n) or n.endswith('.bias') or n in norms}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert 'stages.0.0.gamma' not in trainable            # layer scale stays frozen
+    assert 'stages.0.0.pointwise_conv1.weight' not in trainable
+    assert 'stages.0.0.pointwise_conv1.bias' in trainable
+    assert 'stages.0.0.norm.weight' in trainable
+    assert 'norm3.weight' in trainable
+    assert 'stages.0.0.pointwise_conv1.adapter_branch.pair.A1' in trainable
+    assert 'stages.0.0.depthwise_conv.adapter_branch.down.weight' in trainable
+
+
+@pytest.mark.parametrize('adapter', [None, dict(method='full')])
+def test_full_finetuning_trains_everything(adapter):
+    model = build(adapter=adapter)
+    assert model.adapted_layer_names == []
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_conv_adapter_uses_gelu_in_convnext():
+    model = build(adapter=dict(method='conv_adapter'))
+    branch = model.stages[0][0].depthwise_conv.adapter_branch
+    assert isinstance(branch, ConvAdapter)
+    assert isinstance(branch.act, torch.nn.GELU)
+
+
+def test_frozen_stages_freeze_adapters_and_survive_train():
+    model = build(frozen_stages=1)
+    model.train()
+    for name, p in model.named_parameters():
+        if name.startswith(('stages.0.', 'downsample_layers.0.')):
+            assert not p.requires_grad, name
+    assert model.stages[1][0].pointwise_conv1.adapter_branch.pair.A1.requires_grad
+    assert not model.stages[0].training and model.stages[1].training
+
+
+@pytest.mark.parametrize('method', ['colora', 'lora', 'pissa', 'hira', 'conv_adapter'])
+def test_fresh_adapters_compute_the_upstream_model(method):
+    from mmpretrain.models.backbones import ConvNeXt
+    torch.manual_seed(0)
+    plain = ConvNeXt(arch=REDUCED_CONVNEXT, **SEG_KW)
+    plain.eval()         # mmpretrain's train() returns None: no chaining
+    model = build(adapter=dict(method=method))
+    model.init_cfg = dict(type='Pretrained',
+                          checkpoint={'state_dict': plain.state_dict()})
+    model.init_weights()
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(plain(x), model(x)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------- pretrained
+def _assert_original_landed(model, sd):
+    own = model.state_dict()
+    for key, value in sd.items():
+        if key.startswith('head.'):
+            continue
+        target = original_to_mmpretrain(key)
+        assert target in own, f'{key} -> {target} missing in the model'
+        torch.testing.assert_close(own[target], value.reshape(own[target].shape),
+                                   rtol=0, atol=0, msg=f'{key} -> {target}')
+
+
+def test_original_layout_from_file_lands_everywhere(tmp_path):
+    ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=3)
+    path = save(ckpt, tmp_path / 'convnext_original.pth')
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    _assert_original_landed(model, ckpt['model'])
+    report = model.pretrained_report
+    assert report.layout == 'convnext_original'
+    assert set(report.dropped) == {'head.weight', 'head.bias'}
+    assert report.unexpected == [] and report.missing_other == []
+    assert sorted({k.split('.')[0] for k in report.missing_expected}) == \
+        ['norm0', 'norm1', 'norm2']
+    n_adapter = sum(1 for k in model.state_dict() if is_adapter_name(k))
+    assert len(report.missing_adapter) == n_adapter
+    # every backbone tensor of the checkpoint was used
+    assert len(report.loaded) == len(ckpt['model']) - 2
+
+
+def test_partners_are_set_from_the_loaded_weights():
+    ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=4)
+    model = build()
+    model.init_cfg = dict(type='Pretrained', checkpoint=ckpt)
+    model.init_weights()
+    sd = ckpt['model']
+    pair = model.stages[2][1].pointwise_conv1.adapter_branch.get_pair()
+    torch.testing.assert_close(pair.partner_w1, sd['stages.2.1.pwconv1.weight'].t())
+    torch.testing.assert_close(pair.partner_w2, sd['stages.2.1.pwconv2.weight'].t())
+
+
+def test_pissa_svd_runs_after_loading():
+    ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=5)
+    model = build(adapter=dict(method='pissa'))
+    model.init_cfg = dict(type='Pretrained', checkpoint=ckpt)
+    model.init_weights()
+    layer = model.stages[1][0].pointwise_conv2
+    assert bool(layer.adapter_branch.svd_initialized)
+    effective = layer.weight + layer.adapter_branch.delta_weight(layer)
+    torch.testing.assert_close(effective, ckpt['model']['stages.1.0.pwconv2.weight'],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('arch,num_classes', [('small', 1000), ('base', 21841)])
+def test_original_release_real_shapes(arch, num_classes):
+    """The files at the paper's URLs: convnext_small_22k_1k_384 / convnext_base_22k_224."""
+    ckpt = convnext_original_checkpoint(arch, num_classes=num_classes, seed=1)
+    model = build(arch=arch)
+    model.init_cfg = dict(type='Pretrained', checkpoint=ckpt)
+    model.init_weights()
+    _assert_original_landed(model, ckpt['model'])
+    report = model.pretrained_report
+    assert report.clean
+    assert len(report.loaded) == len(ckpt['model']) - 2
+
+
+def test_original_final_norm_dropped_without_last_out_index():
+    ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=6)
+    model = build(out_indices=[0, 1, 2])
+    model.init_cfg = dict(type='Pretrained', checkpoint=ckpt)
+    model.init_weights()
+    assert 'norm.weight' in model.pretrained_report.dropped
+
+
+@pytest.mark.parametrize('wrap,prefix,cfg_prefix', [
+    (True, 'backbone.', None),          # classifier checkpoint, prefix detected
+    (True, 'backbone.', 'backbone.'),   # as mmseg's convnext configs write it
+    (False, '', None),                  # a bare backbone state dict
+])
+def test_mmpretrain_layout(tmp_path, wrap, prefix, cfg_prefix):
+    ckpt = mmpretrain_convnext_checkpoint(REDUCED_CONVNEXT, seed=7, prefix=prefix,
+                                          wrap=wrap)
+    if not prefix:
+        ckpt = {k: v for k, v in ckpt.items() if not k.startswith('head.')}
+    path = save(ckpt, tmp_path / 'mmpretrain.pth')
+    init_cfg = dict(type='Pretrained', checkpoint=path)
+    if cfg_prefix:
+        init_cfg['prefix'] = cfg_prefix
+    model = build(init_cfg=init_cfg)
+    model.init_weights()
+    sd = ckpt['state_dict'] if wrap else ckpt
+    own = model.state_dict()
+    for key, value in sd.items():
+        if key.startswith('head.'):
+            continue
+        torch.testing.assert_close(own[key[len(prefix):]], value, rtol=0, atol=0)
+    report = model.pretrained_report
+    assert report.layout == 'openmmlab' and report.clean
+    assert all(k.startswith('head.') for k in report.dropped)
+
+
+def test_shape_mismatch_names_the_tensor_and_the_fix():
+    ckpt = convnext_original_checkpoint('tiny', seed=0)
+    model = build()
+    model.init_cfg = dict(type='Pretrained', checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r'downsample_layers\.0\.0\.weight.*arch'):
+        model.init_weights()
+
+
+def test_missing_and_unexpected_tensors_are_reported():
+    ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=8)
+    del ckpt['model']['stages.3.0.dwconv.weight']
+    ckpt['model']['stages.3.0.extra.weight'] = torch.zeros(3)
+    model = build()
+    model.init_cfg = dict(type='Pretrained', checkpoint=ckpt)
+    model.init_weights()
+    report = model.pretrained_report
+    assert report.missing_other == ['stages.3.0.depthwise_conv.weight']
+    assert report.unexpected == ['stages.3.0.extra.weight']
+    assert not report.clean
+    text = report.summary('CoLoRAConvNeXt')
+    assert 'MISSING' in text and 'stages.3.0.depthwise_conv.weight' in text
+    assert 'UNEXPECTED' in text and 'stages.3.0.extra.weight' in text
+
+
+def test_unrelated_checkpoint_is_an_error():
+    model = build()
+    model.init_cfg = dict(type='Pretrained', checkpoint={'state_dict': {
+        'encoder.weight': torch.zeros(2)}})
+    with pytest.raises(ValueError, match='nothing of the pretrained checkpoint'):
+        model.init_weights()
+
+
+def test_init_weights_without_pretrained_keeps_adapters_neutral():
+    """Upstream init rules (TruncNormal on every Conv2d/Linear) must not reach the
+    adapters' zero-initialised B, but must reach the wrapped base layers."""
+    model = build()   # mmpretrain's default init_cfg: TruncNormal(std=.02) + Constant
+    model.init_weights()
+    layer = model.stages[0][0].depthwise_conv
+    assert torch.count_nonzero(layer.adapter_branch.up.weight) == 0
+    pw = model.stages[0][0].pointwise_conv1
+    assert torch.count_nonzero(pw.bias) == 0       # TruncNormal(bias=0) reached it
+    assert abs(pw.weight.std().item() - 0.02) < 0.002   # std .02, not PyTorch's ~0.1
+
+
+def test_shapes_helper_matches_mmpretrain_names():
+    from mmpretrain.models.backbones import ConvNeXt
+    plain = ConvNeXt(arch=REDUCED_CONVNEXT, out_indices=[3])
+    own = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
+    for key, shape in convnext_original_shapes(REDUCED_CONVNEXT).items():
+        if key.startswith('head.'):
+            continue
+        assert own[original_to_mmpretrain(key)] == shape, key
+
+
+def test_summary_is_logged():
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_instance('colora_test_models_convnext')
+    ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=9)
+    model = build()
+    from colora_mm.models import load_pretrained
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        load_pretrained(model, ckpt, model.convert_pretrained, logger=logger,
+                        expected_missing=model.expected_missing)
+    finally:
+        logger.removeHandler(handler)
+    assert any("layout 'convnext_original'" in m and 'classifier head' in m
+               for m in messages)
