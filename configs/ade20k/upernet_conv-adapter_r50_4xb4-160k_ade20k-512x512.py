@@ -1,0 +1,4 @@
+# UperNet, ResNet-50 with Conv-Adapter parallel to the spatial convs, gamma 4 (appendix F).
+# ADE20K, 160k iterations, 4 GPUs x 4 images, 512x512 crops.
+_base_ = '../_base_/upernet_r50_ade20k.py'
+model = dict(backbone=dict(adapter=dict(_delete_=True, method='conv_adapter', gamma=4)))

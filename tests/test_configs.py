@@ -1,0 +1,287 @@
+"""Every shipped config: the paper's numbers (appendix F, Tables 2-4 and 8) read back
+from the loaded config, and the model built at reduced width and run once."""
+import copy
+import glob
+import os.path as osp
+import re
+
+import pytest
+import torch
+
+mmseg = pytest.importorskip('mmseg')
+mmdet = pytest.importorskip('mmdet')
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import colora_mm  # noqa: E402,F401
+from colora_mm.adapters import (AdapterSpec, is_adapter_name,  # noqa: E402
+                                iter_adapted_layers, norm_parameter_names,
+                                reset_adapters_from_weights)
+from data_gen import tiny_model_overrides  # noqa: E402
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ADE = sorted(glob.glob(osp.join(ROOT, 'configs', 'ade20k', '*.py')))
+COCO = sorted(glob.glob(osp.join(ROOT, 'configs', 'coco', '*.py')))
+ALIASES = {'colora_convnext_b.py': 'upernet_colora_convnext_b_4xb4-160k_ade20k-512x512.py'}
+
+URLS = {
+    'convnext_b': 'https://dl.fbaipublicfiles.com/convnext/convnext_base_22k_224.pth',
+    'convnext_s': 'https://dl.fbaipublicfiles.com/convnext/convnext_small_22k_1k_384.pth',
+    'r50': 'https://download.pytorch.org/models/resnet50-11ad3fa6.pth',
+}
+CHANNELS = {'convnext_b': [128, 256, 512, 1024], 'convnext_s': [96, 192, 384, 768],
+            'r50': [256, 512, 1024, 2048]}
+METHODS = {'colora': 'colora', 'full-ft': 'full', 'lora': 'lora', 'pissa': 'pissa',
+           'hira': 'hira', 'conv-adapter': 'conv_adapter'}
+GAMMA = {'colora': 16, 'lora': 20, 'pissa': 20, 'hira': 20, 'conv_adapter': 4}
+TABLE8 = [(16, 0.5), (8, 0.8), (8, 0.5), (4, 0.8), (4, 0.5), (4, 0.4), (2, 0.9), (2, 0.8)]
+# Adapted layers per residual block: CoLoRA a pair (2 layers) and the spatial conv;
+# LoRA/PiSSA/HiRA both 1x1 layers; Conv-Adapter the spatial conv.
+LAYERS_PER_BLOCK = {'colora': 3, 'lora': 2, 'pissa': 2, 'hira': 2, 'conv_adapter': 1,
+                    'full': 0}
+
+NAME = re.compile(r'^(?P<algo>upernet|faster-rcnn)_(?P<method>[a-z-]+?)'
+                  r'(?:-g(?P<g>\d+)-sr(?P<sr>[\d.]+))?_(?P<bb>convnext_[bs]|r50)_'
+                  r'(?:fpn_)?(?P<gpus>\d+)xb(?P<per_gpu>\d+)-')
+
+
+def parse_name(path):
+    base = osp.basename(path)
+    base = ALIASES.get(base, base)
+    m = NAME.match(base)
+    assert m, f'{base} does not follow the naming scheme'
+    info = m.groupdict()
+    info['method'] = METHODS[info['method']]
+    return info
+
+
+@pytest.fixture(scope='module', autouse=True)
+def memoized_upstream_lookup():
+    """mmengine resolves every ``mmseg::``/``mmdet::`` base by reading all of the
+    package's metafiles (~0.5 s each time); the answer never changes within a run."""
+    import mmengine.config.config as config_module
+    original = config_module._get_external_cfg_path
+    cache = {}
+
+    def memoized(package_path, cfg_file):
+        key = (package_path, cfg_file)
+        if key not in cache:
+            try:
+                cache[key] = (original(package_path, cfg_file), None)
+            except ValueError as err:
+                cache[key] = (None, err)
+        result, err = cache[key]
+        if err is not None:
+            raise err
+        return result
+
+    config_module._get_external_cfg_path = memoized
+    yield
+    config_module._get_external_cfg_path = original
+
+
+_LOADED = {}
+
+
+def load(path):
+    if path not in _LOADED:
+        _LOADED[path] = Config.fromfile(path)
+    return copy.deepcopy(_LOADED[path])
+
+
+def test_the_set_of_configs_is_complete():
+    ade = {osp.basename(p) for p in ADE}
+    coco = {osp.basename(p) for p in COCO}
+    for bb in ('convnext_b', 'convnext_s', 'r50'):
+        for m in METHODS:
+            assert f'upernet_{m}_{bb}_4xb4-160k_ade20k-512x512.py' in ade
+    for g, sr in TABLE8:
+        assert f'upernet_colora-g{g}-sr{sr}_convnext_b_4xb4-160k_ade20k-512x512.py' in ade
+    assert 'colora_convnext_b.py' in ade
+    for bb in ('convnext_s', 'r50'):
+        for m in METHODS:
+            assert f'faster-rcnn_{m}_{bb}_fpn_2xb8-1x_coco.py' in coco
+    assert len(ade) == 3 * 6 + 8 + 1 and len(coco) == 2 * 6
+
+
+def test_alias_is_the_main_convnext_b_config():
+    alias = load(osp.join(ROOT, 'configs', 'ade20k', 'colora_convnext_b.py'))
+    main = load(osp.join(ROOT, 'configs', 'ade20k', ALIASES['colora_convnext_b.py']))
+    assert alias.model == main.model and alias.optim_wrapper == main.optim_wrapper
+
+
+def _common(cfg):
+    assert cfg.custom_imports == dict(imports=['colora_mm'], allow_failed_imports=False)
+    assert [h.type for h in cfg.custom_hooks] == ['CoLoRAReportHook']
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.optim_wrapper.loss_scale == 'dynamic'
+    opt = cfg.optim_wrapper.optimizer
+    assert opt.type == 'AdamW' and opt.weight_decay == 0.05
+
+
+def _backbone(cfg, info):
+    backbone = cfg.model.backbone
+    bb = info['bb']
+    assert backbone.init_cfg == dict(type='Pretrained', checkpoint=URLS[bb])
+    if bb.startswith('convnext'):
+        assert backbone.type == 'CoLoRAConvNeXt'
+        assert backbone.arch == {'convnext_b': 'base', 'convnext_s': 'small'}[bb]
+        assert tuple(backbone.out_indices) == (0, 1, 2, 3)
+        assert backbone.layer_scale_init_value == 1.0
+        assert backbone.gap_before_final_norm is False
+        assert cfg.optim_wrapper.constructor == 'LearningRateDecayOptimizerConstructor'
+        assert cfg.optim_wrapper.paramwise_cfg == dict(
+            decay_rate=0.9, decay_type='stage_wise', num_layers=4)
+    else:
+        assert backbone.type == 'CoLoRAResNet'
+        assert backbone.depth == 50 and backbone.get('deep_stem', False) is False
+        assert backbone.get('stem_channels', 64) in (None, 64)
+        assert backbone.style == 'pytorch'
+        assert cfg.optim_wrapper.constructor == 'LayerDecayResNetOptimizerConstructor'
+        assert cfg.optim_wrapper.paramwise_cfg == dict(num_layers=16, decay_rate=0.99)
+    adapter = backbone.adapter
+    method = info['method']
+    assert adapter.method == method
+    if method != 'full':
+        assert adapter.gamma == (int(info['g']) if info['g'] else GAMMA[method])
+    if method == 'colora':
+        assert adapter.share_ratio == (float(info['sr']) if info['sr'] else 0.5)
+        assert adapter.use_filter is True
+        assert adapter.partner_policy == 'effective'
+    else:
+        assert set(adapter) <= {'method', 'gamma'}, adapter
+    AdapterSpec.from_dict(dict(adapter))   # valid spec
+
+
+@pytest.mark.parametrize('path', ADE, ids=osp.basename)
+def test_ade20k_config_numbers(path):
+    cfg = load(path)
+    info = parse_name(path)
+    assert info['algo'] == 'upernet'
+    assert cfg.default_scope == 'mmseg'
+    _common(cfg)
+    _backbone(cfg, info)
+    # 160k iterations, evaluation and checkpoint every 16k.
+    assert cfg.train_cfg.type == 'IterBasedTrainLoop'
+    assert cfg.train_cfg.max_iters == 160000 and cfg.train_cfg.val_interval == 16000
+    assert cfg.default_hooks.checkpoint.interval == 16000
+    assert cfg.default_hooks.checkpoint.by_epoch is False
+    # 16 images per iteration, as the name says (4 GPUs x 4).
+    assert (info['gpus'], info['per_gpu']) == ('4', '4')
+    assert cfg.train_dataloader.batch_size * int(info['gpus']) == 16
+    # lr 1e-4, warmup 1500 iterations from 1e-6, then poly (power 1) to 0.
+    assert cfg.optim_wrapper.optimizer.lr == 1e-4
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.begin, warmup.end,
+            warmup.by_epoch) == ('LinearLR', 1e-6, 0, 1500, False)
+    assert (poly.type, poly.power, poly.eta_min, poly.begin, poly.end,
+            poly.by_epoch) == ('PolyLR', 1.0, 0.0, 1500, 160000, False)
+    # UperNet on the four stages (CE 1.0), FCN on stage 3 (CE 0.4), 150 classes.
+    model = cfg.model
+    channels = CHANNELS[info['bb']]
+    head, aux = model.decode_head, model.auxiliary_head
+    assert head.type == 'UPerHead' and list(head.in_index) == [0, 1, 2, 3]
+    assert list(head.in_channels) == channels
+    assert (head.loss_decode.type, head.loss_decode.loss_weight,
+            head.loss_decode.use_sigmoid) == ('CrossEntropyLoss', 1.0, False)
+    assert aux.type == 'FCNHead' and aux.in_index == 2
+    assert aux.in_channels == channels[2]
+    assert (aux.loss_decode.type, aux.loss_decode.loss_weight) == ('CrossEntropyLoss', 0.4)
+    assert head.num_classes == aux.num_classes == 150
+    assert head.norm_cfg.type == aux.norm_cfg.type == 'SyncBN'
+    if info['bb'] == 'r50':
+        assert model.backbone.norm_cfg.type == 'SyncBN'
+        assert model.get('pretrained') is None
+    # ADE20K at 512x512 crops, reduce_zero_label.
+    train = cfg.train_dataloader.dataset
+    assert train.type == 'ADE20KDataset'
+    crop = [t for t in train.pipeline if t.type == 'RandomCrop']
+    assert crop and tuple(crop[0].crop_size) == (512, 512)
+    assert tuple(model.data_preprocessor.size) == (512, 512)
+    loads = [t for t in train.pipeline if t.type == 'LoadAnnotations']
+    assert loads and loads[0].reduce_zero_label is True
+
+
+@pytest.mark.parametrize('path', COCO, ids=osp.basename)
+def test_coco_config_numbers(path):
+    cfg = load(path)
+    info = parse_name(path)
+    assert info['algo'] == 'faster-rcnn'
+    assert cfg.default_scope == 'mmdet'
+    _common(cfg)
+    _backbone(cfg, info)
+    # 1x: 12 epochs, lr x0.1 after epochs 8 and 11, 500-iteration warmup.
+    assert cfg.train_cfg.type == 'EpochBasedTrainLoop' and cfg.train_cfg.max_epochs == 12
+    warmup, steps = cfg.param_scheduler
+    assert (warmup.type, warmup.begin, warmup.end, warmup.by_epoch) == (
+        'LinearLR', 0, 500, False)
+    assert warmup.start_factor == 0.001
+    assert (steps.type, list(steps.milestones), steps.gamma, steps.by_epoch,
+            steps.end) == ('MultiStepLR', [8, 11], 0.1, True, 12)
+    assert cfg.optim_wrapper.optimizer.lr == 2e-4
+    # 16 images per iteration as 2 GPUs x 8.
+    assert (info['gpus'], info['per_gpu']) == ('2', '8')
+    assert cfg.train_dataloader.batch_size == 8
+    assert cfg.auto_scale_lr.base_batch_size == 16
+    model = cfg.model
+    assert model.type == 'FasterRCNN' and model.neck.type == 'FPN'
+    assert list(model.neck.in_channels) == CHANNELS[info['bb']]
+    assert model.roi_head.bbox_head.num_classes == 80
+    assert cfg.train_dataloader.dataset.type == 'CocoDataset'
+    if info['bb'] == 'r50':   # upstream detection ResNet: stem + stage 1 frozen, BN eval
+        assert model.backbone.frozen_stages == 1 and model.backbone.norm_eval is True
+
+
+def _build_tiny(cfg):
+    cfg.merge_from_dict(dict(model=tiny_model_overrides(cfg.model)))
+    init_default_scope(cfg.default_scope)
+    if cfg.default_scope == 'mmseg':
+        from mmseg.registry import MODELS
+    else:
+        from mmdet.registry import MODELS
+    return MODELS.build(cfg.model)
+
+
+@pytest.mark.parametrize('path', [p for p in ADE + COCO
+                                  if osp.basename(p) not in ALIASES], ids=osp.basename)
+def test_config_builds_at_reduced_width(path):
+    info = parse_name(path)
+    cfg = load(path)
+    model = _build_tiny(cfg)
+    backbone = model.backbone
+    method = info['method']
+    # The right adapters, in every block.
+    layers = dict(iter_adapted_layers(backbone))
+    blocks = (4 if info['bb'].startswith('convnext') else 16)
+    assert len(layers) == LAYERS_PER_BLOCK[method] * blocks
+    # The trainable set: everything for full fine-tuning, otherwise adapters, biases
+    # and norms only (minus what a frozen stage freezes).
+    frozen_prefixes = ()
+    if cfg.model.backbone.get('frozen_stages', -1) >= 1:
+        frozen_prefixes = ('conv1.', 'bn1.', 'norm1.', 'stem.', 'layer1.')
+    norms = norm_parameter_names(backbone)
+    for name, p in backbone.named_parameters():
+        if name.startswith(frozen_prefixes):
+            assert not p.requires_grad, name
+            continue
+        if method == 'full':
+            assert p.requires_grad, name
+        else:
+            expected = (is_adapter_name(name) or name.endswith('.bias')
+                        or name in norms)
+            assert p.requires_grad == expected, name
+    if method != 'full':
+        assert any(is_adapter_name(n) for n, _ in backbone.named_parameters())
+    # One forward pass at 32x32, in the state loading weights leaves the adapters in.
+    reset_adapters_from_weights(backbone)
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        if cfg.default_scope == 'mmseg':
+            out = model(x, mode='tensor')
+            assert out.shape == (1, cfg.model.decode_head.num_classes, 8, 8)
+            assert torch.isfinite(out).all()
+        else:
+            feats = model.extract_feat(x)
+            assert len(feats) == 5 and all(torch.isfinite(f).all() for f in feats)
