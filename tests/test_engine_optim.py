@@ -90,7 +90,7 @@ def test_resnet_constructor_through_mmengine_builder():
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import DefaultScope
     model = Detector(DetCoLoRAResNet(depth=50, base_channels=16, stem_channels=16,
-                                     adapter=dict(method='lora')))
+                                     adapter=dict(method='lora', gamma=8)))
     with DefaultScope.overwrite_default_scope('mmdet'):
         optim = build_optim_wrapper(model, dict(
             OPTIM, constructor='LayerDecayResNetOptimizerConstructor',
