@@ -30,14 +30,18 @@ class Segmentor(nn.Module):
         return self.decode_head(self.neck(self.backbone(x)[-1]))
 
 
-def convnext(method='colora', **adapter):
-    backbone = CoLoRAConvNeXt(arch=REDUCED_CONVNEXT, out_indices=[0, 1, 2, 3],
+#: One block per stage: the merge tests train, and the machines running them are small.
+ONE_BLOCK_CONVNEXT = dict(depths=[1, 1, 1, 1], channels=REDUCED_CONVNEXT['channels'])
+
+
+def convnext(method='colora', arch=REDUCED_CONVNEXT, **adapter):
+    backbone = CoLoRAConvNeXt(arch=arch, out_indices=[0, 1, 2, 3],
                               gap_before_final_norm=False, layer_scale_init_value=1.0,
                               adapter=dict(method=method, **adapter))
     backbone.init_cfg = dict(type='Pretrained', checkpoint=convnext_original_checkpoint(
-        REDUCED_CONVNEXT, seed=0))
+        arch, seed=0))
     backbone.init_weights()
-    return Segmentor(backbone, REDUCED_CONVNEXT['channels'][-1])
+    return Segmentor(backbone, arch['channels'][-1])
 
 
 def fake_runner(model, optim_wrapper=None, iteration=0):
@@ -140,11 +144,11 @@ def test_report_hook_on_resnet_without_flops():
 
 
 # ----------------------------------------------------------------- merge & reinit
-def train_steps(model, optim_wrapper, steps=3, size=32):
+def train_steps(model, optim_wrapper, steps=2, size=32):
     torch.manual_seed(1)
     model.train()
     for _ in range(steps):
-        loss = model(torch.randn(2, 3, size, size)).pow(2).mean()
+        loss = model(torch.randn(1, 3, size, size)).pow(2).mean()
         optim_wrapper.update_params(loss)
 
 
@@ -154,15 +158,15 @@ def train_steps(model, optim_wrapper, steps=3, size=32):
     ('lora', {}), ('pissa', {}), ('hira', {})])
 def test_merge_reinit_leaves_outputs_unchanged(method, adapter):
     from mmengine.optim import OptimWrapper
-    model = convnext(method, **adapter)
+    model = convnext(method, ONE_BLOCK_CONVNEXT, **adapter)
     optim = OptimWrapper(torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-2))
     train_steps(model, optim)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(1, 3, 32, 32)
     model.eval()
     with torch.no_grad():
         before = model(x)
-    adapters = [p for n, p in model.named_parameters() if is_adapter_name(n)]
+    adapters = [p for n, p in model.named_parameters() if is_adapter_name(n) and p.numel()]
     assert all(p in optim.optimizer.state for p in adapters)
 
     hook = MergeReinitHook(interval=3)
