@@ -1,1 +1,29 @@
-"""Fixes for what mmengine/mmcv 2.x do wrong on current torch."""
+"""Fixes for what the OpenMMLab 2.x stack does wrong on current torch.
+
+Each fix lives in its own module, names the upstream release that made it necessary,
+patches as little as it can, and is applied once, on ``import colora_mm``:
+
+* :mod:`.checkpoint`: mmengine 0.10.7 + torch >= 2.6 refuse mmengine's own checkpoints
+  (``weights_only``), breaking ``--resume``; local checkpoints load again.
+* :mod:`.distributed`: mmengine 0.10.7 selects a CUDA device even on CPU-only hosts;
+  torchrun + gloo on CPU works. :func:`cpu_ddp_wrapper_cfg` /
+  :func:`configure_cpu_ddp` give the DDP wrapper config such a run needs.
+"""
+from .checkpoint import load_from_local_trusted, patch_local_checkpoint_loader
+from .distributed import (configure_cpu_ddp, cpu_ddp_wrapper_cfg,
+                          patch_init_dist_pytorch)
+
+
+def apply_all() -> None:
+    """Apply every fix; safe to call any number of times."""
+    patch_local_checkpoint_loader()
+    patch_init_dist_pytorch()
+
+
+apply_all()
+
+__all__ = [
+    'apply_all', 'configure_cpu_ddp', 'cpu_ddp_wrapper_cfg',
+    'load_from_local_trusted', 'patch_init_dist_pytorch',
+    'patch_local_checkpoint_loader'
+]
