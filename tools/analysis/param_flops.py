@@ -1,0 +1,498 @@
+"""Trainable parameters and FLOPs of CoLoRA and the baselines, from the paper's
+appendix Table 1 formulas and counted on the built backbone, side by side.
+
+    python tools/analysis/param_flops.py                       # the paper's grid:
+        # ResNet-50, ConvNeXt-S, ConvNeXt-B x CoLoRA, LoRA, PiSSA, HiRA, Conv-Adapter,
+        # full, plus the Table 8 ConvNeXt-B sweep
+    python tools/analysis/param_flops.py --backbone convnext_s --method colora lora
+    python tools/analysis/param_flops.py --backbone convnext_b --method colora \\
+        --gamma 8 --share-ratio 0.8
+    python tools/analysis/param_flops.py configs/ade20k/upernet_hira_r50_*.py
+
+Columns (FLOPs are multiply-accumulates, Table 1's unit; G = 1e9, M = 1e6):
+
+* ``adapters``: adapter parameters, counted on the model (the adapters' own
+  ``num_trainable()``, checked against the parameters' ``numel``) and from the closed
+  form (Table 1 for the pointwise layers; the shapes of METHOD.md sections 2-3 for the
+  spatial branches and Conv-Adapter, which Table 1 does not list);
+* ``trainable``: what the optimiser updates in the backbone (adapters + every bias +
+  every norm for PEFT, everything for ``full``) and its share of the backbone;
+* ``paper``: the appendix's #Param (Tables 5-7 for ResNet-50/ConvNeXt-S on VTAB,
+  Table 8 for the ConvNeXt-B sweep) and ``trainable / paper - 1``;
+* ``upd/step``: the per-step cost of forming the weight updates (Table 1's "FLOPs
+  (train)" minus "FLOPs (inference)": ``(r+1) d'(d+d'')`` LoRA/PiSSA, ``(r+2)`` HiRA,
+  ``(r+rs+2)`` CoLoRA), formula vs counted (matmuls + element-wise ops that run in the
+  adapters' ``delta_weight`` and in ``W + dW``);
+* ``branch/img``: parallel branches (CoLoRA's spatial branch with its range filter,
+  Conv-Adapter) per image, closed form vs counted;
+* ``infer/img``: the backbone after ``merge_adapters`` (what folds is folded), counted,
+  and its ratio to the plain backbone; the formula is the plain backbone plus the
+  branches that do not fold (Table 1: pointwise updates cost nothing at inference).
+
+Counting runs the model once per variant on fake tensors (shapes only), so ConvNeXt-B
+at 512x512 takes seconds. Nothing here re-derives an adapter from key strings: the
+adapters are found as :class:`AdaptedLayer` objects and asked through their contract.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os.path as osp
+import sys
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from colora_mm.adapters import (AdaptedLayer, ConvAdapter, CoLoRAPairLayer, HiRA, LoRA,
+                                SpatialLowRankBranch, is_adapter_name,
+                                iter_adapted_layers, merge_adapters, trainable_report)
+
+BACKBONES = {
+    'resnet50': dict(type='CoLoRAResNet', depth=50, deep_stem=False),
+    'convnext_s': dict(type='CoLoRAConvNeXt', arch='small', out_indices=(0, 1, 2, 3)),
+    'convnext_b': dict(type='CoLoRAConvNeXt', arch='base', out_indices=(0, 1, 2, 3)),
+}
+BASELINES = ('colora', 'lora', 'pissa', 'hira', 'conv_adapter', 'full')
+
+#: The appendix's #Param (millions), keyed by (backbone, method, gamma, share_ratio);
+#: gamma None = the method's default. Tables 5-7 (VTAB-1k) and Table 8 (ADE20K).
+PAPER_PARAMS = {
+    ('resnet50', 'full', None, None): 23.5,
+    ('resnet50', 'conv_adapter', None, None): 1.4,
+    ('resnet50', 'pissa', None, None): 1.2,
+    ('resnet50', 'hira', None, None): 1.2,
+    ('resnet50', 'colora', 16, 0.5): 1.0,
+    ('convnext_s', 'full', None, None): 49.5,
+    ('convnext_s', 'conv_adapter', None, None): 2.8,
+    ('convnext_s', 'pissa', None, None): 3.0,
+    ('convnext_s', 'hira', None, None): 3.0,
+    ('convnext_s', 'colora', 16, 0.5): 2.6,
+    ('convnext_b', 'full', None, None): 87.6,
+    ('convnext_b', 'colora', 16, 0.5): 4.6,
+    ('convnext_b', 'colora', 8, 0.8): 5.7,
+    ('convnext_b', 'colora', 8, 0.5): 8.8,
+    ('convnext_b', 'colora', 4, 0.8): 11.1,
+    ('convnext_b', 'colora', 4, 0.5): 17.3,
+    ('convnext_b', 'colora', 4, 0.4): 19.5,
+    ('convnext_b', 'colora', 2, 0.9): 17.7,
+    ('convnext_b', 'colora', 2, 0.8): 21.9,
+}
+TABLE8_SWEEP = ((16, 0.5), (8, 0.8), (8, 0.5), (4, 0.8), (4, 0.5), (4, 0.4), (2, 0.9),
+                (2, 0.8))
+
+
+def paper_params(backbone: str, adapter: dict) -> Optional[float]:
+    method = adapter.get('method', 'full')
+    if method == 'colora':
+        key = (backbone, method, adapter.get('gamma') or 16, adapter.get('share_ratio', 0.5))
+    elif adapter.get('gamma') is None:
+        key = (backbone, method, None, None)
+    else:
+        from colora_mm.adapters import DEFAULT_GAMMA
+        default = DEFAULT_GAMMA.get(method)
+        key = (backbone, method, None, None) if adapter['gamma'] == default else None
+    return PAPER_PARAMS.get(key) if key else None
+
+
+# ---------------------------------------------------------------------- counting
+_ELEMENTWISE = {getattr(torch.ops.aten, n) for n in
+                ('add', 'add_', 'sub', 'sub_', 'mul', 'mul_', 'div', 'div_')}
+
+
+class OpCounter(TorchDispatchMode):
+    """Multiply-accumulates of matmuls and convolutions (PyTorch's FLOP formulas / 2)
+    and the number of element-wise add/sub/mul/div results, for every op that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+        self.elementwise = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_counter.flop_registry:
+            self.macs += flop_counter.flop_registry[packet](*args, **kwargs,
+                                                            out_val=out) // 2
+        elif packet in _ELEMENTWISE and isinstance(out, torch.Tensor):
+            self.elementwise += out.numel()
+        return out
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@torch.no_grad()
+def count_forward(model: nn.Module, input_size: Sequence[int],
+                  shapes: Optional[Dict[str, Tuple]] = None) -> int:
+    """MACs of one eval-mode forward pass on a ``1 x 3 x H x W`` image (fake tensors).
+    ``shapes``, if given, receives ``name -> (H_in, W_in, H_out, W_out)`` of every
+    adapted layer."""
+    handles = []
+    if shapes is not None:
+        for name, layer in iter_adapted_layers(model):
+            def hook(module, inputs, output, name=name):
+                x = inputs[0]
+                if module.is_conv:
+                    shapes[name] = (x.shape[-2], x.shape[-1], output.shape[-2],
+                                    output.shape[-1])
+                else:   # channels-last Linear: pixels = numel / (N * C)
+                    hw = x.numel() // (x.shape[0] * x.shape[-1])
+                    shapes[name] = (hw, 1, hw, 1)
+            handles.append(layer.register_forward_hook(hook))
+    modes = {m: m.training for m in model.modules()}
+    model.train(False)
+    counter = OpCounter()
+    try:
+        with counter, _fake_mode():
+            model(torch.zeros(1, 3, *input_size))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return counter.macs
+
+
+@torch.no_grad()
+def count_weight_updates(model: nn.Module) -> Tuple[int, int]:
+    """``(matmul MACs, element-wise ops)`` of forming every weight update once, as a
+    training step does: each adapter's ``delta_weight`` and the ``W + dW`` add."""
+    counter = OpCounter()
+    with counter, _fake_mode():
+        for _, layer in iter_adapted_layers(model):
+            delta = layer.adapter_branch.delta_weight(layer)
+            if delta is not None:
+                layer.weight + delta.to(layer.weight.dtype)
+    return counter.macs, counter.elementwise
+
+
+# ---------------------------------------------------------------------- formulas
+def formula_update_flops(layer: AdaptedLayer) -> int:
+    """Table 1's per-step weight-update cost; a CoLoRA pair is counted on its first
+    layer (``(r + rs + 2) d'(d + d'')``), LoRA/PiSSA ``(r + 1)`` and HiRA ``(r + 2)``
+    times ``d_in d_out`` per layer."""
+    adapter = layer.adapter_branch
+    if isinstance(adapter, CoLoRAPairLayer):
+        if adapter.index:
+            return 0
+        p = adapter.get_pair()
+        return (p.r + p.rs + 2) * p.d_mid * (p.d + p.d_out)
+    if isinstance(adapter, HiRA):
+        return (adapter.rank + 2) * layer.in_channels * layer.out_channels
+    if isinstance(adapter, LoRA):          # PiSSA is a LoRA
+        return (adapter.rank + 1) * layer.in_channels * layer.out_channels
+    return 0
+
+
+def formula_params(layer: AdaptedLayer) -> int:
+    """Closed-form adapter parameters: Table 1 for pointwise layers (a pair's
+    ``r(d + d'') + 2 rl d'`` on its first layer; ``r(d_in + d_out)`` per LoRA/PiSSA/HiRA
+    layer, i.e. ``r(d + 2d' + d'')`` per pair), METHOD.md for the branches."""
+    adapter = layer.adapter_branch
+    c_in, c_out = layer.in_channels, layer.out_channels
+    if isinstance(adapter, CoLoRAPairLayer):
+        if adapter.index:
+            return 0
+        p = adapter.get_pair()
+        return p.r * (p.d + p.d_out) + 2 * p.rl * p.d_mid
+    if isinstance(adapter, (LoRA, HiRA)):
+        return adapter.rank * (c_in + c_out)
+    if isinstance(adapter, SpatialLowRankBranch):
+        r = adapter.rank
+        # A: 1x1 C_in -> r; B: 3x3 r -> C with groups r (9 C) or 1x1 r -> C_out.
+        return c_in * r + (9 * c_out if adapter.style == 'depthwise' else r * c_out)
+    if isinstance(adapter, ConvAdapter):
+        kh, kw = layer.kernel_size
+        # down: k x k, C_in -> w, groups w (C_in k^2); up: 1x1 w -> C_out; alpha: C_out.
+        return c_in * kh * kw + adapter.width * c_out + c_out
+    raise TypeError(f'{layer.describe()}: no closed form for {type(adapter).__name__}.')
+
+
+def formula_branch_flops(layer: AdaptedLayer, shape: Tuple[int, int, int, int]) -> int:
+    """Per-image MACs of a parallel branch from its shapes; 0 for weight updates. The
+    range filter is four depthwise Gaussian passes over the r compressed channels:
+    ``4 r hw 2k`` separable (``4 r hw k^2`` on the 2-D path), appendix D."""
+    adapter = layer.adapter_branch
+    h_in, w_in, h_out, w_out = shape
+    hw_in, hw_out = h_in * w_in, h_out * w_out
+    c_in, c_out = layer.in_channels, layer.out_channels
+    if isinstance(adapter, SpatialLowRankBranch):
+        r = adapter.rank
+        flops = hw_in * c_in * r
+        if adapter.filter is not None:
+            k = adapter.filter.window
+            flops += 4 * r * hw_in * (2 * k if adapter.filter.separable else k * k)
+        flops += hw_out * (9 * c_out if adapter.style == 'depthwise' else r * c_out)
+        return flops
+    if isinstance(adapter, ConvAdapter):
+        kh, kw = layer.kernel_size
+        return hw_out * (c_in * kh * kw + adapter.width * c_out)
+    return 0
+
+
+# ---------------------------------------------------------------------- one row
+@dataclass
+class Row:
+    name: str
+    backbone: str
+    method: str
+    gamma: Optional[int]
+    share_ratio: Optional[float]
+    backbone_params: int = 0
+    adapters: int = 0
+    adapters_formula: int = 0
+    trainable: int = 0
+    trainable_other: int = 0
+    paper_m: Optional[float] = None
+    update_formula: int = 0
+    update_counted: int = 0
+    update_counted_matmul: int = 0
+    branch_formula: int = 0
+    branch_counted: int = 0
+    infer_plain: int = 0
+    infer_formula: int = 0
+    infer_merged: int = 0
+    unfolded: List[str] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.backbone_params
+
+    @property
+    def paper_diff(self) -> Optional[float]:
+        if self.paper_m is None:
+            return None
+        return 100.0 * (self.trainable / (self.paper_m * 1e6) - 1.0)
+
+
+def analyse(backbone: nn.Module, name: str, backbone_kind: str, adapter: dict,
+            input_size: Sequence[int] = (512, 512), plain_macs: Optional[int] = None,
+            ) -> Row:
+    """Counts and formulas for one built backbone (no pretrained weights needed)."""
+    method = adapter.get('method', 'full')
+    row = Row(name, backbone_kind, method, adapter.get('gamma'), adapter.get('share_ratio')
+              if method == 'colora' else None)
+    report = trainable_report(backbone)
+    row.backbone_params = report['base']
+    row.trainable, row.trainable_other = report['trainable'], report['trainable_other']
+    row.paper_m = paper_params(backbone_kind, adapter) if backbone_kind else None
+
+    layers = list(iter_adapted_layers(backbone))
+    for lname, layer in layers:
+        own = layer.adapter_branch
+        counted = (own.get_pair().num_trainable() if isinstance(own, CoLoRAPairLayer)
+                   and own.index == 0 else 0 if isinstance(own, CoLoRAPairLayer)
+                   else own.num_trainable())
+        row.adapters += counted
+        row.adapters_formula += formula_params(layer)
+    numel = sum(p.numel() for n, p in backbone.named_parameters() if is_adapter_name(n))
+    if numel != row.adapters:
+        raise RuntimeError(f'{name}: adapters report {row.adapters} trainable parameters '
+                           f'through num_trainable() but hold {numel}.')
+
+    shapes: Dict[str, Tuple] = {}
+    unmerged = count_forward(backbone, input_size, shapes)
+    upd_macs, upd_elem = count_weight_updates(backbone)
+    row.update_counted_matmul = upd_macs
+    row.update_counted = upd_macs + upd_elem
+    row.update_formula = sum(formula_update_flops(layer) for _, layer in layers)
+    row.branch_formula = sum(formula_branch_flops(layer, shapes[n]) for n, layer in layers)
+
+    merged = copy.deepcopy(backbone)
+    row.unfolded = merge_adapters(merged)
+    row.infer_merged = count_forward(merged, input_size)
+    del merged
+    if plain_macs is None:
+        plain = copy.deepcopy(backbone)
+        for lname, layer in layers:       # the same network without any adapter
+            parent, _, child = lname.rpartition('.')
+            base = (nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                              layer.stride, layer.padding, layer.dilation, layer.groups,
+                              bias=layer.bias is not None, device='meta')
+                    if layer.is_conv else
+                    nn.Linear(layer.in_channels, layer.out_channels,
+                              bias=layer.bias is not None, device='meta'))
+            base.weight, base.bias = layer.weight, layer.bias
+            setattr(plain.get_submodule(parent) if parent else plain, child, base)
+        plain_macs = count_forward(plain, input_size)
+    row.infer_plain = plain_macs
+    row.branch_counted = unmerged - plain_macs - upd_macs
+    row.infer_formula = plain_macs + sum(
+        formula_branch_flops(dict(layers)[n], shapes[n]) for n in row.unfolded)
+    return row
+
+
+# ---------------------------------------------------------------------- building
+def _registry(scope: str):
+    import colora_mm.models  # noqa: F401  (registers the backbones)
+    from mmengine.registry import init_default_scope
+    init_default_scope(scope)
+    if scope == 'mmdet':
+        from mmdet.registry import MODELS
+    elif scope == 'mmpretrain':
+        from mmpretrain.registry import MODELS
+    else:
+        from mmseg.registry import MODELS
+    return MODELS
+
+
+def build_backbone(kind: str, adapter: dict) -> nn.Module:
+    cfg = dict(BACKBONES[kind], adapter=dict(adapter))
+    return _registry('mmseg').build(cfg)
+
+
+def kind_of(backbone_cfg: dict) -> str:
+    t = backbone_cfg.get('type', '')
+    if 'ConvNeXt' in t:
+        return {'small': 'convnext_s', 'base': 'convnext_b'}.get(
+            backbone_cfg.get('arch'), f'convnext_{backbone_cfg.get("arch")}')
+    if 'ResNet' in t:
+        return f'resnet{backbone_cfg.get("depth")}'
+    return t
+
+
+def backbone_from_config(path: str) -> Tuple[nn.Module, dict, str]:
+    """The backbone of an mmseg/mmdet config, built without pretrained weights."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(path)
+    backbone_cfg = copy.deepcopy(cfg.model.backbone.to_dict()
+                                 if hasattr(cfg.model.backbone, 'to_dict')
+                                 else dict(cfg.model.backbone))
+    backbone_cfg.pop('init_cfg', None)
+    backbone_cfg.pop('pretrained', None)
+    norm = backbone_cfg.get('norm_cfg')
+    if norm and norm.get('type') == 'SyncBN':      # a CPU build cannot run SyncBN
+        backbone_cfg['norm_cfg'] = dict(norm, type='BN')
+    scope = cfg.get('default_scope', 'mmseg')
+    model = _registry(scope).build(backbone_cfg)
+    return model, dict(backbone_cfg.get('adapter') or dict(method='full')), kind_of(
+        backbone_cfg)
+
+
+# ---------------------------------------------------------------------- printing
+def _m(x: float) -> str:
+    return f'{x / 1e6:.3f}M'
+
+
+def _g(x: float) -> str:
+    return f'{x / 1e9:.3f}G'
+
+
+HEADER = ('| variant | adapters counted | adapters formula | trainable | % backbone | '
+          'paper #Param | vs paper | upd/step formula | upd/step counted | '
+          'branch/img formula | branch/img counted | infer/img formula | '
+          'infer/img counted (merged) | merged / plain |')
+
+
+def format_row(row: Row) -> str:
+    paper = f'{row.paper_m:.1f}M' if row.paper_m is not None else '-'
+    diff = f'{row.paper_diff:+.1f}%' if row.paper_diff is not None else '-'
+    return (f'| {row.name} | {_m(row.adapters)} | {_m(row.adapters_formula)} | '
+            f'{_m(row.trainable)} | {row.percent:.2f}% | {paper} | {diff} | '
+            f'{_g(row.update_formula)} | {_g(row.update_counted)} | '
+            f'{_g(row.branch_formula)} | {_g(row.branch_counted)} | '
+            f'{_g(row.infer_formula)} | {_g(row.infer_merged)} | '
+            f'{row.infer_merged / row.infer_plain:.4f} |')
+
+
+def print_table(rows: Sequence[Row], input_size: Sequence[int], out=sys.stdout) -> None:
+    print(f'Input {input_size[0]}x{input_size[1]}, one image; FLOPs are multiply-'
+          'accumulates; upd/step = forming the weight updates once per training step.',
+          file=out)
+    print(HEADER, file=out)
+    print('|' + '---|' * (HEADER.count('|') - 1), file=out)
+    for row in rows:
+        print(format_row(row), file=out)
+
+
+# ---------------------------------------------------------------------- main
+def default_variants(backbones: Sequence[str], methods: Sequence[str],
+                     gamma: Optional[int], share_ratio: Optional[float],
+                     sweep: bool) -> List[Tuple[str, dict]]:
+    variants = []
+    for kind in backbones:
+        for method in methods:
+            adapter = dict(method=method)
+            if gamma is not None and method != 'full':
+                adapter['gamma'] = gamma
+            if method == 'colora':
+                adapter.setdefault('gamma', 16)
+                adapter['share_ratio'] = 0.5 if share_ratio is None else share_ratio
+            variants.append((kind, adapter))
+        if sweep and kind == 'convnext_b':
+            for g, sr in TABLE8_SWEEP:
+                if (g, sr) == (16, 0.5) and 'colora' in methods and gamma is None:
+                    continue
+                variants.append((kind, dict(method='colora', gamma=g, share_ratio=sr)))
+    return variants
+
+
+def variant_name(kind: str, adapter: dict) -> str:
+    method = adapter.get('method', 'full')
+    name = f'{kind} {method}'
+    if method == 'colora':
+        name += f' g{adapter.get("gamma", 16)} sr{adapter.get("share_ratio", 0.5)}'
+    elif adapter.get('gamma') is not None:
+        name += f' g{adapter["gamma"]}'
+    return name
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('configs', nargs='*', help='mmseg/mmdet configs (their backbone '
+                        'is analysed); none: the --backbone x --method grid')
+    parser.add_argument('--backbone', nargs='+', choices=sorted(BACKBONES),
+                        default=['resnet50', 'convnext_s', 'convnext_b'])
+    parser.add_argument('--method', nargs='+', choices=BASELINES, default=list(BASELINES))
+    parser.add_argument('--gamma', type=int, default=None,
+                        help="rank divisor; default: each method's own")
+    parser.add_argument('--share-ratio', type=float, default=None,
+                        help='CoLoRA rs / (rs + rl); default 0.5')
+    parser.add_argument('--no-sweep', action='store_true',
+                        help='leave out the Table 8 ConvNeXt-B sweep')
+    parser.add_argument('--input-size', type=int, nargs=2, default=(512, 512),
+                        metavar=('H', 'W'))
+    parser.add_argument('--json', default=None, help='also write the rows here')
+    args = parser.parse_args(argv)
+    input_size = tuple(args.input_size)
+    torch.set_grad_enabled(False)
+
+    rows: List[Row] = []
+    plain_cache: Dict[str, int] = {}
+    if args.configs:
+        for path in args.configs:
+            model, adapter, kind = backbone_from_config(path)
+            rows.append(analyse(model, osp.splitext(osp.basename(path))[0], kind, adapter,
+                                input_size))
+    else:
+        sweep = not args.no_sweep and args.gamma is None and args.share_ratio is None
+        for kind, adapter in default_variants(args.backbone, args.method, args.gamma,
+                                              args.share_ratio, sweep):
+            model = build_backbone(kind, adapter)
+            row = analyse(model, variant_name(kind, adapter), kind, adapter, input_size,
+                          plain_cache.get(kind))
+            plain_cache[kind] = row.infer_plain
+            rows.append(row)
+            del model
+    print_table(rows, input_size)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump([dict(asdict(r), percent=r.percent, paper_diff=r.paper_diff)
+                       for r in rows], f, indent=1)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
