@@ -309,16 +309,39 @@ def tiny_overrides(cfg, data_root: Optional[str] = None, max_iters: int = 4,
     return over
 
 
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def write_tiny_config(config: str, out: str, data_root: Optional[str] = None,
-                      **kwargs) -> str:
+                      extra: Optional[dict] = None, **kwargs) -> str:
     """Write ``out``, a config inheriting the shipped ``config`` (``_base_``) with
-    :func:`tiny_overrides` on top, and return its path."""
+    :func:`tiny_overrides` on top (and ``extra``, merged into them), and return its
+    path."""
     from mmengine.config import Config
     cfg = Config.fromfile(config)
-    over = tiny_overrides(cfg, data_root=data_root, **kwargs)
+    over = _merged(tiny_overrides(cfg, data_root=data_root, **kwargs), extra or {})
     lines = [f'_base_ = {osp.abspath(config)!r}']
     lines += [f'{key} = {_plain(value)!r}' for key, value in over.items()]
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     with open(out, 'w') as f:
         f.write('\n'.join(lines) + '\n')
     return out
+
+
+def single_error(output: str) -> str:
+    """The tools' contract for bad input: exactly one ``error: ...`` line, last in the
+    output, and no traceback (library warnings printed before it are allowed).
+    Returns that line."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith('error: ')]
+    assert len(errors) == 1, output[-3000:]
+    assert lines[-1] == errors[0], output[-3000:]
+    assert 'Traceback' not in output, output[-3000:]
+    return errors[0]

@@ -21,6 +21,16 @@ from colora_mm.adapters import (AdapterSpec, is_adapter_name,  # noqa: E402
 from data_gen import tiny_model_overrides  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread: on a small, shared CPU, OpenMP threads spinning against
+    other processes make tiny models 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 ADE = sorted(glob.glob(osp.join(ROOT, 'configs', 'ade20k', '*.py')))
 COCO = sorted(glob.glob(osp.join(ROOT, 'configs', 'coco', '*.py')))
 ALIASES = {'colora_convnext_b.py': 'upernet_colora_convnext_b_4xb4-160k_ade20k-512x512.py'}

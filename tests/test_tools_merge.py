@@ -1,0 +1,257 @@
+"""tools/merge.py on tiny versions of the shipped configs: exact folding, the upstream
+checkpoint it writes when everything folds (loaded without colora_mm), the structure
+it keeps when something does not, and the inputs it refuses without writing."""
+import importlib.util
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip('mmseg')
+pytest.importorskip('mmdet')
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import colora_mm  # noqa: E402,F401
+from colora_mm.adapters import is_adapter_name, iter_adapted_layers  # noqa: E402
+from data_gen import write_tiny_config  # noqa: E402
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread: on a small, shared CPU, OpenMP threads spinning against
+    other processes make tiny models 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+ADE = osp.join(ROOT, 'configs', 'ade20k')
+COCO = osp.join(ROOT, 'configs', 'coco')
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(
+        f'colora_tools_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+merge_tool = load_tool('merge')
+
+
+def registry(scope):
+    init_default_scope(scope)
+    if scope == 'mmseg':
+        from mmseg.registry import MODELS
+    else:
+        from mmdet.registry import MODELS
+    return MODELS
+
+
+def tiny(tmp_path, shipped, name='tiny.py', **extra):
+    return write_tiny_config(shipped, str(tmp_path / name), extra=extra)
+
+
+def trained_checkpoint(config, path, seed=0):
+    """A checkpoint as training would leave it: adapters moved away from zero."""
+    cfg = Config.fromfile(config)
+    model = registry(cfg.default_scope).build(cfg.model)
+    model.init_weights()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_name(name) or name.endswith('.bias'):
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    model.train()
+    model.extract_feat(torch.randn(2, 3, 64, 64, generator=generator))  # partners move
+    torch.save(dict(meta=dict(iter=1), state_dict=model.state_dict()), path)
+    return model.eval()
+
+
+def features(model, x):
+    with torch.no_grad():
+        return [t.clone() for t in model.extract_feat(x)]
+
+
+def run_merge(*argv):
+    return merge_tool.main([str(a) for a in argv] + ['--shape', '64'])
+
+
+NO_COLORA = r'''
+import sys, torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+cfg_path, ckpt, ref = sys.argv[1:4]
+cfg = Config.fromfile(cfg_path)          # imports what custom_imports names
+init_default_scope(cfg.default_scope)
+if cfg.default_scope == 'mmseg':
+    from mmseg.registry import MODELS
+else:
+    from mmdet.registry import MODELS
+model = MODELS.build(cfg.model).eval()
+state = torch.load(ckpt, map_location='cpu', weights_only=True)['state_dict']
+model.load_state_dict(state, strict=True)
+x, expected = torch.load(ref)
+with torch.no_grad():
+    got = model.extract_feat(x)
+diff = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+assert diff < 1e-4, diff
+leaked = sorted(m for m in sys.modules if m.split('.')[0] == 'colora_mm')
+assert not leaked, leaked
+print('plain', type(model.backbone).__module__, type(model.backbone).__name__, diff)
+'''
+
+
+@pytest.mark.parametrize('shipped, overrides, plain_type', [
+    (f'{ADE}/upernet_lora_convnext_s_4xb4-160k_ade20k-512x512.py', {},
+     'mmpretrain.models.backbones.convnext'),
+    (f'{COCO}/faster-rcnn_colora_r50_fpn_2xb8-1x_coco.py',
+     dict(model=dict(backbone=dict(adapter=dict(use_filter=False)))),
+     'mmdet.models.backbones.resnet'),
+    (f'{ADE}/upernet_hira_r50_4xb4-160k_ade20k-512x512.py', {},
+     'mmseg.models.backbones.resnet'),
+], ids=['lora-convnext-seg', 'colora-nofilter-r50-det', 'hira-r50-seg'])
+def test_full_fold_gives_an_upstream_checkpoint(tmp_path, shipped, overrides,
+                                                plain_type):
+    config = tiny(tmp_path, shipped, **overrides)
+    ckpt = tmp_path / 'iter_1.pth'
+    model = trained_checkpoint(config, ckpt)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.save((x, features(model, x)), tmp_path / 'ref.pt')
+    out = tmp_path / 'merged.pth'
+    assert run_merge(config, ckpt, out) == 0
+    state = torch.load(out, weights_only=True)['state_dict']
+    assert not [k for k in state if is_adapter_name(k)]
+    text = (tmp_path / 'merged.py').read_text()
+    assert 'colora' not in text.lower()
+    env = dict(os.environ, PYTHONPATH='', OMP_NUM_THREADS='1')
+    result = subprocess.run(
+        [sys.executable, '-c', NO_COLORA, str(tmp_path / 'merged.py'), str(out),
+         str(tmp_path / 'ref.pt')], capture_output=True, text=True, env=env,
+        cwd=str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert plain_type in result.stdout
+
+
+def test_partial_fold_keeps_the_unfoldable_branches(tmp_path, capsys):
+    config = tiny(tmp_path, f'{ADE}/colora_convnext_b.py')
+    ckpt = tmp_path / 'iter_1.pth'
+    model = trained_checkpoint(config, ckpt)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = features(model, x)
+    out = tmp_path / 'merged.pth'
+    assert run_merge(config, ckpt, out) == 0
+    printed = capsys.readouterr().out
+    assert 'max |merged - unmerged| =' in printed
+    # ConvNeXt's spatial branch is cross-channel beside a depthwise conv: never folds.
+    for i in range(4):
+        assert f'backbone.stages.{i}.0.depthwise_conv' in printed
+    assert 'folded 8 of 12 adapted layers' in printed
+    state = torch.load(out, weights_only=True)['state_dict']
+    kept = {k.split('.adapter_')[0] for k in state if is_adapter_name(k)}
+    assert kept == {f'backbone.stages.{i}.0.depthwise_conv' for i in range(4)}
+    # The written config rebuilds that structure; the checkpoint loads into it exactly.
+    cfg = Config.fromfile(str(tmp_path / 'merged.py'))
+    assert cfg.adapters_merged is True
+    rebuilt = registry(cfg.default_scope).build(cfg.model).eval()
+    from colora_mm.adapters import merge_adapters
+    merge_adapters(rebuilt)
+    rebuilt.load_state_dict(state, strict=True)
+    got = features(rebuilt, x)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) < 1e-4
+    assert len(list(iter_adapted_layers(rebuilt.backbone))) == 4
+
+
+def _nothing_written(tmp_path, before):
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_refuses_a_checkpoint_of_another_config(tmp_path, capsys):
+    colora = tiny(tmp_path, f'{ADE}/colora_convnext_b.py', name='a.py')
+    lora = tiny(tmp_path, f'{ADE}/upernet_lora_convnext_b_4xb4-160k_ade20k-512x512.py',
+                name='b.py')
+    ckpt = tmp_path / 'colora.pth'
+    trained_checkpoint(colora, ckpt)
+    before = set(os.listdir(tmp_path))
+    assert run_merge(lora, ckpt, tmp_path / 'out.pth') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ')
+    assert 'does not match config' in err[0] and 'missing' in err[0]
+    _nothing_written(tmp_path, before)
+
+
+def test_refuses_other_shapes(tmp_path, capsys):
+    g16 = tiny(tmp_path, f'{ADE}/colora_convnext_b.py', name='a.py')
+    g8 = tiny(tmp_path,
+              f'{ADE}/upernet_colora-g8-sr0.5_convnext_b_4xb4-160k_ade20k-512x512.py',
+              name='b.py')
+    ckpt = tmp_path / 'g16.pth'
+    trained_checkpoint(g16, ckpt)
+    before = set(os.listdir(tmp_path))
+    assert run_merge(g8, ckpt, tmp_path / 'out.pth') == 2
+    err = capsys.readouterr().err
+    assert 'other shapes' in err
+    _nothing_written(tmp_path, before)
+
+
+def test_refuses_a_checkpoint_without_adapters(tmp_path, capsys):
+    config = tiny(tmp_path, f'{ADE}/upernet_lora_convnext_s_4xb4-160k_ade20k-512x512.py')
+    ckpt = tmp_path / 'iter_1.pth'
+    trained_checkpoint(config, ckpt)
+    assert run_merge(config, ckpt, tmp_path / 'merged.pth') == 0
+    capsys.readouterr()
+    before = set(os.listdir(tmp_path))
+    # A merged (plain) checkpoint given back to merge: nothing to merge.
+    assert run_merge(config, tmp_path / 'merged.pth', tmp_path / 'again.pth') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'holds no adapter tensors' in err[0]
+    _nothing_written(tmp_path, before)
+
+
+def test_refuses_a_full_finetuning_config(tmp_path, capsys):
+    config = tiny(tmp_path, f'{ADE}/upernet_full-ft_r50_4xb4-160k_ade20k-512x512.py')
+    ckpt = tmp_path / 'iter_1.pth'
+    trained_checkpoint(config, ckpt)
+    before = set(os.listdir(tmp_path))
+    assert run_merge(config, ckpt, tmp_path / 'merged.pth') == 2
+    assert 'has no adapters' in capsys.readouterr().err
+    _nothing_written(tmp_path, before)
+
+
+def test_refuses_to_overwrite_its_input(tmp_path, capsys):
+    config = tiny(tmp_path, f'{ADE}/colora_convnext_b.py')
+    ckpt = tmp_path / 'iter_1.pth'
+    trained_checkpoint(config, ckpt)
+    stamp = (ckpt.stat().st_mtime_ns, ckpt.read_bytes())
+    before = set(os.listdir(tmp_path))
+    assert run_merge(config, ckpt, ckpt) == 2
+    assert 'is the input checkpoint' in capsys.readouterr().err
+    os.symlink(ckpt, tmp_path / 'link.pth')
+    before.add('link.pth')
+    assert run_merge(config, ckpt, tmp_path / 'link.pth') == 2   # same file, other name
+    assert 'is the input checkpoint' in capsys.readouterr().err
+    # OUT whose .py would be the config itself.
+    assert run_merge(config, ckpt, osp.splitext(config)[0] + '.pth') == 2
+    assert 'would overwrite the config' in capsys.readouterr().err
+    assert (ckpt.stat().st_mtime_ns, ckpt.read_bytes()) == stamp
+    _nothing_written(tmp_path, before)
+
+
+def test_cli_exit_status_and_single_line(tmp_path):
+    config = tiny(tmp_path, f'{ADE}/colora_convnext_b.py')
+    result = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'tools', 'merge.py'), config,
+         str(tmp_path / 'missing.pth'), str(tmp_path / 'out.pth')],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f'error: checkpoint {tmp_path / "missing.pth"} does not exist']
+    assert not (tmp_path / 'out.pth').exists()

@@ -1,0 +1,112 @@
+"""Check that a dataset folder has the layout the configs expect, before training.
+
+    python tools/data/check_data.py ade20k data/ade/ADEChallengeData2016
+    python tools/data/check_data.py coco data/coco [--quick]
+
+ADE20K: ``images/{training,validation}/*.jpg`` with one ``annotations/.../*.png`` of
+the same stem each; label maps single-channel, values 0..150 (0 = "other", ignored via
+``reduce_zero_label``). COCO: ``annotations/instances_{train,val}2017.json`` and every
+image they list under ``{train,val}2017/``. Prints counts (the full datasets have
+20210 / 2000 ADE20K images and 118287 / 5000 COCO images), and exits 1 with the
+problems found. Standard library and Pillow only.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+EXPECTED = {'ade20k': {'training': 20210, 'validation': 2000},
+            'coco': {'train2017': 118287, 'val2017': 5000}}
+
+
+def _stems(folder, suffix):
+    return {osp.splitext(n)[0] for n in os.listdir(folder) if n.endswith(suffix)}
+
+
+def check_ade20k(root, quick=False):
+    problems, counts = [], {}
+    for split in ('training', 'validation'):
+        img_dir = osp.join(root, 'images', split)
+        ann_dir = osp.join(root, 'annotations', split)
+        missing = [d for d in (img_dir, ann_dir) if not osp.isdir(d)]
+        if missing:
+            problems += [f'missing folder {d}' for d in missing]
+            continue
+        images, labels = _stems(img_dir, '.jpg'), _stems(ann_dir, '.png')
+        counts[split] = len(images)
+        if not images:
+            problems.append(f'no .jpg images in {img_dir}')
+        without = sorted(images - labels)
+        if without:
+            problems.append(f'{len(without)} images of {split} without a label map '
+                            f'(e.g. {without[0]}.png)')
+        sample = sorted(labels)[:1 if quick else 20]
+        if sample:
+            from PIL import Image
+            import numpy as np
+            for stem in sample:
+                label = Image.open(osp.join(ann_dir, stem + '.png'))
+                values = np.asarray(label)
+                if values.ndim != 2:
+                    problems.append(f'{stem}.png is not single-channel ({label.mode})')
+                elif values.max() > 150:
+                    problems.append(f'{stem}.png has label {values.max()} > 150')
+    return counts, problems
+
+
+def check_coco(root, quick=False):
+    problems, counts = [], {}
+    for split in ('train2017', 'val2017'):
+        ann = osp.join(root, 'annotations', f'instances_{split}.json')
+        img_dir = osp.join(root, split)
+        if not osp.isfile(ann):
+            problems.append(f'missing {ann}')
+            continue
+        if not osp.isdir(img_dir):
+            problems.append(f'missing folder {img_dir}')
+            continue
+        with open(ann) as f:
+            coco = json.load(f)
+        for key in ('images', 'annotations', 'categories'):
+            if key not in coco:
+                problems.append(f'{ann} has no {key!r}')
+        names = [im['file_name'] for im in coco.get('images', [])]
+        counts[split] = len(names)
+        present = set(os.listdir(img_dir))
+        absent = [n for n in names if n not in present]
+        if absent:
+            problems.append(f'{len(absent)} images listed in {ann} are not in {img_dir} '
+                            f'(e.g. {absent[0]})')
+        boxes = [a for a in coco.get('annotations', [])[:1000 if quick else None]
+                 if len(a.get('bbox', [])) != 4]
+        if boxes:
+            problems.append(f'{len(boxes)} annotations in {ann} without a 4-number bbox')
+    return counts, problems
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('dataset', choices=sorted(EXPECTED))
+    parser.add_argument('root', help='dataset root (the config\'s data_root)')
+    parser.add_argument('--quick', action='store_true', help='sample fewer files')
+    args = parser.parse_args(argv)
+    if not osp.isdir(args.root):
+        print(f'error: {args.root} does not exist', file=sys.stderr)
+        return 1
+    check = check_ade20k if args.dataset == 'ade20k' else check_coco
+    counts, problems = check(args.root, args.quick)
+    for split, n in counts.items():
+        full = EXPECTED[args.dataset][split]
+        note = '' if n == full else f' (the full dataset has {full})'
+        print(f'{args.dataset} {split}: {n} images{note}')
+    for p in problems:
+        print(f'problem: {p}', file=sys.stderr)
+    if problems:
+        return 1
+    print(f'{args.root}: layout OK')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

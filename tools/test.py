@@ -1,0 +1,180 @@
+"""Evaluate a checkpoint of a colora_mm config (mmseg or mmdet, by ``default_scope``).
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir D] [--out O] [--show-dir S]
+    bash tools/dist_test.sh CONFIG CHECKPOINT 4
+
+The checkpoint must be that config's (same tensors, same shapes): anything else is
+refused with the list of differences instead of being evaluated half-loaded. Configs
+written by ``tools/merge.py`` work as they are (``adapters_merged = True`` builds the
+merged structure first). The metrics are logged and, on rank 0, also written to
+``WORK_DIR/metrics.json``.
+
+``--out``: for segmentation, a folder for the predicted label maps (mmseg's meaning);
+for detection, a ``.pkl`` file with the raw results (mmdet's meaning).
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from train import (CLIError, check_data_roots, check_state_dict_matches,  # noqa: E402
+                   load_config, read_state_dict)
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(
+        description='Test (evaluate) a colora_mm segmentor or detector')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        '--work-dir',
+        help='the dir to save logs and the metrics (default: ./work_dirs/CONFIG)')
+    parser.add_argument(
+        '--out',
+        help='segmentation: folder for the predictions; detection: .pkl file for '
+        'the results')
+    parser.add_argument(
+        '--show', action='store_true', help='show prediction results')
+    parser.add_argument(
+        '--show-dir',
+        help='folder where painted images are saved; implies drawing')
+    parser.add_argument(
+        '--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, key=value')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument('--tta', action='store_true', help='test-time augmentation')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def trigger_visualization_hook(cfg, args):
+    hooks = cfg.default_hooks
+    if 'visualization' not in hooks:
+        raise CLIError('--show/--show-dir need a visualization hook in '
+                       'default_hooks (SegVisualizationHook / DetVisualizationHook)')
+    hook = hooks['visualization']
+    hook['draw'] = True
+    if args.show:
+        hook['show'] = True
+        hook['wait_time'] = args.wait_time
+    if args.show_dir:
+        if cfg.default_scope == 'mmdet':
+            hook['test_out_dir'] = args.show_dir
+        else:
+            cfg.visualizer['save_dir'] = args.show_dir
+
+
+def setup_cfg(args):
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if args.show or args.show_dir:
+        trigger_visualization_hook(cfg, args)
+    if args.tta:
+        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+            raise CLIError('--tta needs tta_model and tta_pipeline in the config')
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    if args.out is not None:
+        if cfg.default_scope == 'mmdet':
+            if not args.out.endswith(('.pkl', '.pickle')):
+                raise CLIError('--out: detection results are written as a .pkl file')
+        else:
+            cfg.test_evaluator['output_dir'] = args.out
+            cfg.test_evaluator['keep_results'] = True
+    check_data_roots(cfg, {'test_dataloader'})
+    cfg.load_from = args.checkpoint
+
+    from colora_mm.compat import configure_cpu_ddp
+    configure_cpu_ddp(cfg)
+    return cfg
+
+
+def check_checkpoint(cfg, args):
+    """Build the model once, as the runner will, and compare the checkpoint with it."""
+    from colora_mm.adapters import merge_adapters
+    from merge import build_model
+    state = read_state_dict(args.checkpoint)
+    model_cfg = cfg.model.get('module', cfg.model) if args.tta else cfg.model
+    model = build_model(model_cfg)
+    if cfg.get('adapters_merged'):
+        merge_adapters(model)
+    check_state_dict_matches(model, state, args.checkpoint, args.config)
+
+
+def make_runner(cfg):
+    from mmengine.runner import Runner
+
+    class MergedAdaptersRunner(Runner):
+        """Builds the merged structure ``tools/merge.py`` wrote the weights of."""
+
+        def build_model(self, model):
+            from colora_mm.adapters import merge_adapters
+            model = super().build_model(model)
+            merge_adapters(getattr(model, 'module', model))
+            return model
+
+    if cfg.get('adapters_merged'):
+        if 'runner_type' in cfg:
+            raise CLIError('adapters_merged configs run with the default Runner; '
+                           'remove runner_type')
+        return MergedAdaptersRunner.from_cfg(cfg)
+    if 'runner_type' in cfg:
+        from mmengine.registry import RUNNERS
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if not osp.isfile(args.checkpoint):
+            raise CLIError(f'checkpoint {args.checkpoint} does not exist')
+        cfg = setup_cfg(args)
+        check_checkpoint(cfg, args)
+        runner = make_runner(cfg)
+    except CLIError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    if args.out is not None and cfg.default_scope == 'mmdet':
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    metrics = runner.test()
+    from mmengine.dist import is_main_process
+    if is_main_process():
+        path = osp.join(cfg.work_dir, 'metrics.json')
+        with open(path, 'w') as f:
+            json.dump({k: _jsonable(v) for k, v in metrics.items()}, f, indent=1)
+        print(f'metrics written to {path}')
+    return 0
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return float(value) if hasattr(value, '__float__') else str(value)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

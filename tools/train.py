@@ -1,0 +1,236 @@
+"""Train a segmentor (mmseg) or a detector (mmdet) from a colora_mm config.
+
+The flags are those of mmseg's and mmdet's ``tools/train.py``; the config's
+``default_scope`` picks the codebase. On a host without CUDA, ``--launcher pytorch``
+(``tools/dist_train.sh``) runs DDP on the CPU with the gloo backend.
+
+    python tools/train.py configs/ade20k/colora_convnext_b.py --work-dir work_dirs/b
+    bash tools/dist_train.sh configs/ade20k/colora_convnext_b.py 4 --amp
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+import warnings
+
+# mmengine 0.10.7 imports pkg_resources, which setuptools deprecates; nothing for a
+# user to act on, and it would bury the tools' own messages.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
+                        category=UserWarning)
+
+SCOPES = ('mmseg', 'mmdet')
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2, nothing written."""
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(
+        description='Train a colora_mm segmentor or detector')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='resume from the given checkpoint, or without a value from the latest '
+        'checkpoint in the work_dir')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        default=False,
+        help='enable automatic-mixed-precision training')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='scale the lr with the actual batch size (mmdet configs)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, key=value (nested keys with dots)')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def load_config(path, cfg_options=None):
+    """Load ``path``, apply ``--cfg-options``, enter the config's registry scope.
+
+    Raises:
+        CLIError: missing file, unknown scope.
+    """
+    if not osp.isfile(path):
+        raise CLIError(f'config file {path} does not exist')
+    import colora_mm  # noqa: F401  (compat fixes, registries)
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise CLIError(f"{path}: default_scope={scope!r}; colora_mm's tools run "
+                       f'{" or ".join(SCOPES)} configs')
+    init_default_scope(scope)
+    return cfg
+
+
+def _datasets(cfg, splits):
+    for split in splits:
+        loader = cfg.get(split)
+        if not loader:
+            continue
+        dataset = loader.get('dataset', {})
+        while 'dataset' in dataset:   # RepeatDataset, ClassBalancedDataset...
+            dataset = dataset['dataset']
+        yield split, dataset
+
+
+def check_data_roots(cfg, splits):
+    """Fail early, naming the fix, when a dataset folder or annotation file is
+    missing (rather than deep inside a dataloader worker)."""
+    for split, dataset in _datasets(cfg, splits):
+        root = dataset.get('data_root') or ''
+        hint = ('prepare the dataset as docs/data.md describes, or point the config at '
+                f'it with --cfg-options {split}.dataset.data_root=PATH')
+        if root and not osp.isdir(root):
+            raise CLIError(f'{split}: data_root {root!r} does not exist; {hint}')
+        ann_file = dataset.get('ann_file') or ''
+        if ann_file:
+            ann_path = ann_file if osp.isabs(ann_file) else osp.join(root, ann_file)
+            if not osp.isfile(ann_path):
+                raise CLIError(f'{split}: annotation file {ann_path!r} does not exist; '
+                               f'{hint}')
+
+
+def read_state_dict(path):
+    """The model state dict of an mmengine checkpoint (or of a bare state dict).
+
+    Raises:
+        CLIError: missing or unreadable file, no tensors in it.
+    """
+    if not osp.isfile(path):
+        raise CLIError(f'checkpoint {path} does not exist')
+    import torch
+    from colora_mm.compat import load_from_local_trusted
+    try:
+        ckpt = load_from_local_trusted(path, map_location='cpu')
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a user error
+        raise CLIError(f'cannot read checkpoint {path}: {type(err).__name__}: {err}')
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(
+            isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f'{path} holds no model state dict')
+    if all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    return state
+
+
+def _examples(names, limit=3):
+    names = sorted(names)
+    more = f' and {len(names) - limit} more' if len(names) > limit else ''
+    return ', '.join(names[:limit]) + more
+
+
+def check_state_dict_matches(model, state, checkpoint, config):
+    """Refuse a checkpoint whose tensors are not exactly the model's (names and
+    shapes), naming what differs.
+
+    Raises:
+        CLIError: with counts and examples of missing, unexpected and reshaped tensors.
+    """
+    own = model.state_dict()
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    reshaped = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
+                for k in set(own) & set(state) if state[k].shape != own[k].shape]
+    if not (missing or unexpected or reshaped):
+        return
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} tensors of the model missing ({_examples(missing)})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected ({_examples(unexpected)})')
+    if reshaped:
+        parts.append(f'{len(reshaped)} with other shapes (checkpoint vs model: '
+                     f'{_examples(reshaped)})')
+    raise CLIError(f'checkpoint {checkpoint} does not match config {config}: '
+                   + '; '.join(parts) + '. Use the config the checkpoint was trained '
+                   'with (it is saved in its work_dir).')
+
+
+def setup_cfg(args):
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+
+    if args.amp:
+        wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        if wrapper == 'AmpOptimWrapper':
+            print('AMP training is already enabled in the config.')
+        elif wrapper != 'OptimWrapper':
+            raise CLIError(f'--amp needs optim_wrapper.type OptimWrapper, the config '
+                           f'has {wrapper}')
+        else:
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
+            raise CLIError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the '
+                           'config')
+        cfg.auto_scale_lr.enable = True
+
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        if not osp.isfile(args.resume):
+            raise CLIError(f'--resume: checkpoint {args.resume} does not exist')
+        cfg.resume = True
+        cfg.load_from = args.resume
+
+    splits = {'train_dataloader'}
+    if cfg.get('val_cfg') and cfg.get('val_dataloader'):
+        splits.add('val_dataloader')
+    check_data_roots(cfg, splits)
+
+    from colora_mm.compat import configure_cpu_ddp
+    configure_cpu_ddp(cfg)   # gloo and device_ids=None when there is no CUDA
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = setup_cfg(args)
+    except CLIError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    runner.train()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
