@@ -133,11 +133,26 @@ def reset_optimizer_state(optim_wrapper, params: Sequence[nn.Parameter]) -> int:
     return dropped
 
 
+@torch.no_grad()
+def sync_from_rank0(model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+    """In distributed training, make every rank hold rank 0's re-initialised adapter
+    parameters and folded base weights: re-initialisation draws from each rank's own
+    random generator, and DDP does not re-broadcast parameters after construction."""
+    from mmengine.dist import broadcast, get_world_size
+    if get_world_size() == 1:
+        return
+    for p in params:
+        broadcast(p.data, src=0)
+    for _, layer in iter_adapted_layers(model):
+        broadcast(layer.weight.data, src=0)
+
+
 @HOOKS.register_module()
 class MergeReinitHook(Hook):
     """Every ``interval`` training iterations, fold the adapters' independent low-rank
     parts into the base weights, re-initialise them (B = 0, so the model's output does
-    not change) and reset their optimizer state.
+    not change) and reset their optimizer state. Under distributed training the result
+    is broadcast from rank 0, so that every replica stays identical.
 
     Args:
         interval (int): Iterations between merges. Defaults to 1000.
@@ -154,7 +169,9 @@ class MergeReinitHook(Hook):
                          outputs=None) -> None:
         if not self.every_n_train_iters(runner, self.interval):
             return
-        params = fold_independent_parts(_unwrap(runner.model))
+        model = _unwrap(runner.model)
+        params = fold_independent_parts(model)
+        sync_from_rank0(model, params)
         dropped = reset_optimizer_state(runner.optim_wrapper, params)
         print_log(f'MergeReinitHook: iter {runner.iter + 1}: folded and re-initialised '
                   f'{len(params)} adapter tensors, reset {dropped} optimizer states.',
