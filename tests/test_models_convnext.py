@@ -191,6 +191,20 @@ def test_original_release_real_shapes(arch, num_classes):
     assert len(report.loaded) == len(ckpt['model']) - 2
 
 
+def test_original_layout_under_an_openmmlab_prefix(tmp_path):
+    """A config copied from mmseg's ConvNeXt ones keeps prefix='backbone.' while
+    pointing at the paper's URL: the bare checkpoint still loads, and the report says
+    the prefix was not found."""
+    ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=10)
+    path = save(ckpt, tmp_path / 'convnext_original.pth')
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    model.init_weights()
+    _assert_original_landed(model, ckpt['model'])
+    report = model.pretrained_report
+    assert report.clean and report.notes
+    assert "prefix 'backbone.'" in report.summary('CoLoRAConvNeXt')
+
+
 def test_original_final_norm_dropped_without_last_out_index():
     ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=6)
     model = build(out_indices=[0, 1, 2])

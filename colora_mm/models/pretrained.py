@@ -52,10 +52,12 @@ class PretrainedLoadReport:
     missing_adapter: List[str] = field(default_factory=list)
     missing_expected: Dict[str, str] = field(default_factory=dict)  # name -> reason
     missing_other: List[str] = field(default_factory=list)   # model tensors not provided
+    notes: List[str] = field(default_factory=list)
 
     def summary(self, owner: str) -> str:
         lines = [f'{owner}: loaded {len(self.loaded)} tensors from {self.checkpoint} '
                  f'(layout {self.layout!r}, {len(self.renamed)} renamed).']
+        lines += [f'  note: {note}' for note in self.notes]
         if self.dropped:
             reasons: Dict[str, List[str]] = {}
             for key, why in self.dropped.items():
@@ -112,25 +114,28 @@ def unwrap_state_dict(checkpoint) -> 'OrderedDict[str, torch.Tensor]':
 
 
 def select_prefix(sd: Dict[str, torch.Tensor], prefix: Optional[str],
-                  dropped: Dict[str, str]) -> 'OrderedDict[str, torch.Tensor]':
+                  dropped: Dict[str, str], notes: List[str]) -> 'OrderedDict[str, torch.Tensor]':
     """Keep the tensors under ``prefix`` (stripped). With no prefix given, a checkpoint of
     a whole model (keys ``backbone.*``) gives its backbone; the rest is recorded as
-    dropped."""
+    dropped. A prefix that no key carries (a config written for an OpenMMLab checkpoint,
+    ``prefix='backbone.'``, pointed at a bare backbone such as the original ConvNeXt
+    release) is ignored, and that is noted in the report."""
     if prefix is None:
         if not any(k.startswith('backbone.') for k in sd):
             return OrderedDict(sd)
         prefix = 'backbone.'
     if not prefix.endswith('.'):
         prefix = prefix + '.'
+    if not any(k.startswith(prefix) for k in sd):
+        notes.append(f'no key carries the prefix {prefix!r}: the checkpoint is read as a '
+                     'bare backbone')
+        return OrderedDict(sd)
     out = OrderedDict()
     for k, v in sd.items():
         if k.startswith(prefix):
             out[k[len(prefix):]] = v
         else:
             dropped[k] = f'outside the {prefix!r} prefix'
-    if not out:
-        raise ValueError(f'Pretrained checkpoint: no key starts with prefix {prefix!r} '
-                         f'(keys look like {list(sd)[:5]}); fix init_cfg.prefix.')
     return out
 
 
@@ -229,7 +234,8 @@ def load_pretrained(module: nn.Module, checkpoint: str, converter: Converter,
                                                logger=logger)
         source = str(checkpoint)
     dropped: Dict[str, str] = {}
-    sd = select_prefix(unwrap_state_dict(raw), prefix, dropped)
+    notes: List[str] = []
+    sd = select_prefix(unwrap_state_dict(raw), prefix, dropped, notes)
     layout = detect_layout(sd)
     sd, renamed = converter(sd, layout, dropped)
 
@@ -243,7 +249,7 @@ def load_pretrained(module: nn.Module, checkpoint: str, converter: Converter,
             f'{_abbrev(mismatched, 6)}. The checkpoint is for another architecture: '
             'set arch/depth to match it, or pick the matching checkpoint.')
     report = PretrainedLoadReport(checkpoint=source, layout=layout, renamed=renamed,
-                                  dropped=dropped)
+                                  dropped=dropped, notes=notes)
     report.loaded = [k for k in sd if k in own]
     report.unexpected = [k for k in sd if k not in own]
     for k in own:
