@@ -86,8 +86,9 @@ def test_training_moved_partners_and_adapters(trained):
     pretrained weights, so restoring them is a real test."""
     state = trained['state']
     ckpt = torch.load(trained['pretrained'], weights_only=True)['model']
-    assert torch.count_nonzero(state['backbone.stages.0.0.pointwise_conv1.adapter_branch.pair.B1']) > 0
-    partner = state['backbone.stages.0.0.pointwise_conv1.adapter_branch.pair.partner_w2']
+    pair = 'backbone.stages.0.0.pointwise_conv1.adapter_branch.pair.'
+    assert torch.count_nonzero(state[pair + 'B1']) > 0
+    partner = state[pair + 'partner_w2']
     assert not torch.allclose(partner, ckpt['stages.0.0.pwconv2.weight'].t())
 
 

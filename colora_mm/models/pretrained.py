@@ -25,7 +25,7 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -198,7 +198,7 @@ def drop_classifier(sd: Dict[str, torch.Tensor], prefixes: Tuple[str, ...],
 Converter = Callable[[Dict[str, torch.Tensor], str, Dict[str, str]], Tuple[Dict, Dict]]
 
 
-def load_pretrained(module: nn.Module, checkpoint: str, converter: Converter,
+def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: Converter,
                     prefix: Optional[str] = None, map_location='cpu',
                     logger='current',
                     expected_missing: Optional[Callable[[str], Optional[str]]] = None,
@@ -207,7 +207,7 @@ def load_pretrained(module: nn.Module, checkpoint: str, converter: Converter,
 
     Args:
         module (nn.Module): The backbone.
-        checkpoint (str): A path, URL, ``torchvision://``/``open-mmlab://`` name (anything
+        checkpoint (str | dict): A path, URL, ``torchvision://``/``open-mmlab://`` name (anything
             mmengine's ``CheckpointLoader`` accepts), or an already loaded dict.
         converter (callable): ``(state_dict, layout, dropped) -> (state_dict, renamed)``,
             the backbone's conversion to its own names.
