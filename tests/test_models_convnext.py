@@ -84,6 +84,19 @@ def test_trainable_set_peft():
     assert 'stages.0.0.depthwise_conv.adapter_branch.down.weight' in trainable
 
 
+@pytest.mark.parametrize('share_ratio', [0.0, 1.0])
+def test_empty_pair_parts_are_not_trainable(share_ratio):
+    """They never get a gradient; DDP would stop on them as unused parameters."""
+    model = build(adapter=dict(method='colora', share_ratio=share_ratio))
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+    assert empty and not any(p.requires_grad for p in model.parameters()
+                             if p.numel() == 0)
+    sum(out.sum() for out in model(torch.randn(1, 3, 32, 32))).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+
+
 @pytest.mark.parametrize('adapter', [None, dict(method='full')])
 def test_full_finetuning_trains_everything(adapter):
     model = build(adapter=adapter)
