@@ -84,6 +84,12 @@ def test_trainable_set_peft():
     assert 'stages.0.0.depthwise_conv.adapter_branch.down.weight' in trainable
 
 
+def test_checkpointing_with_moving_partners_is_refused():
+    with pytest.raises(ValueError, match="with_cp=True.*partner_policy='frozen'"):
+        build(with_cp=True)
+    build(with_cp=True, adapter=dict(method='colora', partner_policy='frozen'))
+
+
 @pytest.mark.parametrize('share_ratio', [0.0, 1.0])
 def test_empty_pair_parts_are_not_trainable(share_ratio):
     """They never get a gradient; DDP would stop on them as unused parameters."""

@@ -100,6 +100,11 @@ def test_norm_cfg_requires_grad_false_is_honoured():
     assert model.layer3[0].conv1.adapter_branch.pair.As.requires_grad
 
 
+def test_checkpointing_with_moving_partners_is_refused():
+    with pytest.raises(ValueError, match='with_cp=True'):
+        build('mmdet', with_cp=True)
+
+
 def test_trainable_set_mmseg():
     model = build('mmseg')
     norms = {f'{mn}.{pn}' for mn, m in model.named_modules() if isinstance(m, _BatchNorm)

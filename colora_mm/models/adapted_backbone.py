@@ -73,6 +73,14 @@ class AdaptedBackboneMixin:
     # ------------------------------------------------------------ construction
     def _setup_adapters(self, adapter: Optional[dict]) -> None:
         self.adapter_spec = AdapterSpec.from_dict(adapter)
+        spec = self.adapter_spec
+        if spec.method == 'colora' and spec.partner_policy == 'effective' and any(
+                getattr(m, 'with_cp', False) for m in self.modules()):
+            raise ValueError(
+                f"{type(self).__name__}: with_cp=True recomputes each block's forward "
+                'during the backward pass, after the effective partner weights have '
+                'already moved, so the gradients would belong to another function. Use '
+                "with_cp=False, or adapter partner_policy='frozen'.")
         self.adapted_layer_names: List[str] = []
         if self.adapter_spec.method != 'full':
             pairs, spatial = self.adapter_targets()
