@@ -1,6 +1,7 @@
 """mmengine checkpoints of adapted models: ``load_from`` restores exactly the trained
 model (partner buffers included), and ``resume`` continues a run to the same model an
-uninterrupted run reaches (torch >= 2.6: colora_mm.compat)."""
+uninterrupted run reaches (torch >= 2.6: colora_mm.compat). The runs carry both hooks:
+the report at the start, a merge-and-reinit at iteration 3 (after the resume point)."""
 import os.path as osp
 
 import pytest
@@ -63,7 +64,8 @@ def make_runner(work_dir, name, pretrained, **kwargs):
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2,
                                            by_epoch=False),
                            logger=dict(type='LoggerHook', interval=1)),
-        custom_hooks=[dict(type='CoLoRAReportHook', input_size=(32, 32))],
+        custom_hooks=[dict(type='CoLoRAReportHook', input_size=(32, 32)),
+                      dict(type='MergeReinitHook', interval=3)],
         randomness=dict(seed=0),
         **kwargs)
 
@@ -90,6 +92,9 @@ def test_training_moved_partners_and_adapters(trained):
     assert torch.count_nonzero(state[pair + 'B1']) > 0
     partner = state[pair + 'partner_w2']
     assert not torch.allclose(partner, ckpt['stages.0.0.pwconv2.weight'].t())
+    logs = ''.join(p.read_text() for p in trained['work_dir'].glob('**/*.log'))
+    assert 'CoLoRA report' in logs and 'backbone adapters' in logs
+    assert 'MergeReinitHook: iter 3: folded and re-initialised' in logs
 
 
 def test_load_from_restores_the_trained_model_exactly(trained):
