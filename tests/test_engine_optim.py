@@ -128,3 +128,23 @@ def test_upstream_stage_wise_decay_on_colora_convnext(codebase):
         pytest.approx(BASE_LR * 0.9 ** 10)
     assert lrs['backbone.norm3.weight'][0] == pytest.approx(BASE_LR)
     assert 'backbone.stages.0.0.gamma' not in lrs          # layer scale: frozen
+
+
+def test_upstream_layer_wise_decay_on_colora_convnext():
+    """mmdet's ConvNeXt configs use decay_type='layer_wise' (stage 2 split in groups of
+    three blocks): the adapters follow the block they sit in."""
+    from mmdet.registry import OPTIM_WRAPPER_CONSTRUCTORS
+    arch = dict(depths=[1, 1, 6, 1], channels=REDUCED_CONVNEXT['channels'])
+    model = Detector(CoLoRAConvNeXt(arch=arch, out_indices=[0, 1, 2, 3],
+                                    gap_before_final_norm=False,
+                                    adapter=dict(method='colora')))
+    constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
+        type='LearningRateDecayOptimizerConstructor', optim_wrapper_cfg=OPTIM,
+        paramwise_cfg=dict(decay_rate=0.7, decay_type='layer_wise', num_layers=6)))
+    lrs = lr_by_name(constructor(model))
+    # num_layers + 2 = 8 ids, scale 0.7 ** (8 - id - 1); stages.2.j -> 3 + j // 3
+    for j, layer_id in ((0, 3), (2, 3), (3, 4), (5, 4)):
+        name = f'backbone.stages.2.{j}.depthwise_conv.adapter_branch.down.weight'
+        assert lrs[name][0] == pytest.approx(BASE_LR * 0.7 ** (7 - layer_id)), name
+    assert lrs['backbone.stages.3.0.pointwise_conv1.adapter_branch.pair.A1'][0] == \
+        pytest.approx(BASE_LR * 0.7 ** (7 - 6))
