@@ -212,3 +212,25 @@ def test_hooks_are_registered_in_every_scope():
                           MergeReinitHook)
         assert isinstance(registry.build(dict(type='CoLoRAReportHook')), CoLoRAReportHook)
     assert HOOKS.get('CoLoRAReportHook') is CoLoRAReportHook
+
+
+@pytest.mark.parametrize('kind', ['convnext', 'resnet'])
+def test_backbone_flops_match_torch_flop_counter_on_the_plain_model(kind):
+    """The base count (adapters excluded) against torch's own counter on the upstream
+    backbone (torch counts a multiply-accumulate as two FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if kind == 'convnext':
+        from mmpretrain.models.backbones import ConvNeXt as Plain
+        kw = dict(arch=REDUCED_CONVNEXT, out_indices=[0, 1, 2, 3],
+                  gap_before_final_norm=False)
+        adapted = CoLoRAConvNeXt(adapter=dict(method='colora'), **kw)
+    else:
+        from mmseg.models.backbones import ResNet as Plain
+        kw = dict(depth=50, base_channels=16, stem_channels=16)
+        adapted = SegCoLoRAResNet(adapter=dict(method='colora'), **kw)
+    plain = Plain(**kw)
+    plain.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        plain(torch.zeros(1, 3, 64, 64))
+    assert measure_flops(adapted, (64, 64))['backbone'] * 2 == counter.get_total_flops()
