@@ -1,6 +1,6 @@
 """The embedded CPU demo (``make demo``): CoLoRA adapting a small ConvNeXt to a new domain.
 
-    python tools/demo.py [--out demo_out] [--seed 0] [--quick] [--jobs 1]
+    python tools/demo.py [--out demo_out] [--seed 0] [--quick] [--jobs N] [--threads 1]
 
 1. writes a synthetic two-domain segmentation dataset in the ADE20K layout
    (``colora_mm/demo/data.py``: flat-background shapes = source, textured backgrounds,
@@ -17,8 +17,9 @@
    merged CoLoRA model's predictions).
 
 The tools run as separate processes, exactly as a user runs them; every command is
-written to ``OUT/commands.sh`` and its output to ``OUT/logs/``. The same ``--seed``
-gives the same table (the times aside).
+written to ``OUT/commands.sh`` and its output to ``OUT/logs/``. Independent runs (the
+three fine-tunings, the tests) go in parallel, ``--jobs`` at a time, each on one torch
+thread. The same ``--seed`` gives the same table (the times aside).
 """
 import argparse
 import os
@@ -44,6 +45,12 @@ METHODS = (
 )
 
 
+def _show(path: str) -> str:
+    """``path`` relative to the working directory when it lies inside it."""
+    rel = osp.relpath(path)
+    return path if rel.startswith('..') else rel
+
+
 class Budget:
     """Data size and iteration budget of a run."""
 
@@ -55,8 +62,8 @@ class Budget:
             self.batch_size = 4
         else:
             self.num_train, self.num_val = 320, 64
-            self.pretrain_iters, self.pretrain_warmup = 1000, 50
-            self.finetune_iters, self.finetune_warmup = 400, 20
+            self.pretrain_iters, self.pretrain_warmup = 600, 30
+            self.finetune_iters, self.finetune_warmup = 300, 15
             self.batch_size = 8
 
 
@@ -76,7 +83,8 @@ class Demo:
         self.out = osp.abspath(args.out)
         self.seed = args.seed
         self.quick = args.quick
-        self.jobs = args.jobs if args.jobs else (2 if args.quick else 1)
+        self.jobs = args.jobs or max(1, min(3, os.cpu_count() or 1))
+        self.threads = args.threads
         self.budget = Budget(args.quick)
         self.data = osp.join(self.out, 'data')
         self.source = osp.join(self.data, 'source')
@@ -101,6 +109,10 @@ class Demo:
         self.commands.append(' '.join(shlex.quote(c) for c in cmd))
         log = osp.join(self.logs, f'{name}.log')
         env = dict(os.environ, MPLBACKEND='Agg', PYTHONUNBUFFERED='1')
+        # One thread per tool process: on a small, shared CPU, several processes each
+        # spinning up all cores' worth of OpenMP threads run 10-30x slower.
+        env.setdefault('OMP_NUM_THREADS', str(self.threads))
+        env.setdefault('MKL_NUM_THREADS', env['OMP_NUM_THREADS'])
         t0 = time.time()
         with open(log, 'w') as f:
             f.write('$ ' + self.commands[-1] + '\n')
@@ -134,7 +146,7 @@ class Demo:
         make_demo_data(self.data, num_train=b.num_train, num_val=b.num_val, size=64,
                        seed=self.seed)
         self.say(f'data: 2 domains x {b.num_train} train / {b.num_val} val, 64x64',
-                 time.time() - t0, f'-> {osp.relpath(self.data)}')
+                 time.time() - t0, f'-> {_show(self.data)}')
 
     def seed_options(self) -> list:
         return [f'randomness.seed={self.seed}']
@@ -201,24 +213,25 @@ class Demo:
 
     # ------------------------------------------------------------ orchestration
     def plan(self):
-        """Tasks as ``name -> (dependencies, callable)``, in sequential order."""
-        tasks = {}
-        tasks['pretrain'] = ((), self.pretrain)
+        """Tasks as ``name -> (dependencies, callable)``; with several jobs, the first
+        ready task in this order starts next (the long trainings first)."""
+        tasks = {'pretrain': ((), self.pretrain)}
+        for key, _, config in reversed(METHODS):
+            tasks[f'train_{key}'] = (('pretrain', ),
+                                     lambda k=key, c=config: self.finetune(k, c))
+        tasks['merge'] = (('train_colora', ), self.merge)
         tasks['test_pretrained'] = (('pretrain', ), lambda: self.test(
             'pretrained', PRETRAIN_CONFIG, self.pretrained, self.target,
             predictions=True))
+        for key, _, config in reversed(METHODS):
+            tasks[f'test_{key}'] = ((f'train_{key}', ), lambda k=key, c=config: self.test(
+                k, c, self.results[f'train_{k}']['checkpoint'], self.target))
+            if key == 'colora':
+                tasks['test_colora_merged'] = (('merge', ), lambda: self.test(
+                    'colora_merged', osp.splitext(self.merged)[0] + '.py', self.merged,
+                    self.target, predictions=True))
         tasks['test_pretrained_source'] = (('pretrain', ), lambda: self.test(
             'pretrained_source', PRETRAIN_CONFIG, self.pretrained, self.source))
-        for key, _, config in METHODS:
-            tasks[f'train_{key}'] = (('pretrain', ),
-                                     lambda k=key, c=config: self.finetune(k, c))
-            tasks[f'test_{key}'] = ((f'train_{key}', ), lambda k=key, c=config: self.test(
-                k, c, self.results[f'train_{k}']['checkpoint'], self.target,
-                predictions=(k == 'colora')))
-        tasks['merge'] = (('train_colora', ), self.merge)
-        tasks['test_colora_merged'] = (('merge', ), lambda: self.test(
-            'colora_merged', osp.splitext(self.merged)[0] + '.py', self.merged,
-            self.target, predictions=True))
         return tasks
 
     def run_tasks(self, tasks) -> None:
@@ -239,18 +252,29 @@ class Demo:
                     self.say(*future.result())
                     done.add(name)
 
+    def count_parameters(self, config: str) -> dict:
+        """Parameter counts of a config's model; the build's warnings and log lines
+        go to ``logs/parameter_counts.log``."""
+        import contextlib
+        import warnings
+        from colora_mm.demo.report import count_parameters
+        with open(osp.join(self.logs, 'parameter_counts.log'), 'a') as log, \
+                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+                warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return count_parameters(config)
+
     def report(self) -> None:
-        from colora_mm.demo.report import (Row, count_parameters, format_console,
-                                           prediction_figure, read_seconds_per_iter,
-                                           write_results)
+        from colora_mm.demo.report import (Row, format_console, prediction_figure,
+                                           read_seconds_per_iter, write_results)
         t0 = time.time()
         rows = []
-        pre = count_parameters(PRETRAIN_CONFIG)
+        pre = self.count_parameters(PRETRAIN_CONFIG)
         rows.append(Row('pretrained on source only', 0, pre['backbone_plain'],
                         self.results['test_pretrained']['miou']))
         heads = None
         for key, label, config in METHODS:
-            counts = count_parameters(config)
+            counts = self.count_parameters(config)
             heads = counts['trainable_heads']
             train = self.results[f'train_{key}']
             rows.append(Row(label, counts['trainable_backbone'], counts['backbone_plain'],
@@ -259,9 +283,11 @@ class Demo:
         rows.append(Row('CoLoRA merged (tools/merge.py)', None, None,
                         self.results['test_colora_merged']['miou']))
         figure = prediction_figure(
-            osp.join(self.out, 'predictions.png'), self.target,
-            {'pretrained only': osp.join(self.preds, 'pretrained'),
-             'CoLoRA, merged': osp.join(self.preds, 'colora_merged')})
+            osp.join(self.out, 'predictions.png'), self.target, {
+                f'pretrained only\nmIoU {rows[0].miou:.1f}':
+                    osp.join(self.preds, 'pretrained'),
+                f'CoLoRA, merged\nmIoU {rows[-1].miou:.1f}':
+                    osp.join(self.preds, 'colora_merged')})
         b = self.budget
         source_miou = self.results['test_pretrained_source']['miou']
         header = (f'# colora_mm demo results\n\n'
@@ -291,9 +317,8 @@ class Demo:
         print(format_console(rows))
         print()
         print(f'source val mIoU of the pretrained model: {source_miou:.2f}')
-        print(f'wrote {osp.relpath(md)}, {osp.relpath(figure)}; tool logs in '
-              f'{osp.relpath(self.logs)}/, commands in '
-              f'{osp.relpath(osp.join(self.out, "commands.sh"))}')
+        print(f'wrote {_show(md)}, {_show(figure)}; tool logs in {_show(self.logs)}/, '
+              f'commands in {_show(osp.join(self.out, "commands.sh"))}')
         print(f'total {time.time() - self.start:.0f} s')
 
     def run(self) -> int:
@@ -307,7 +332,7 @@ class Demo:
         print(f'colora_mm demo: pretrain a small ConvNeXt on one synthetic domain, adapt '
               f'it to another with full fine-tuning, LoRA and CoLoRA (seed {self.seed}'
               f'{", quick" if self.quick else ""}, {self.jobs} job'
-              f'{"s" if self.jobs > 1 else ""}); output in {osp.relpath(self.out)}/',
+              f'{"s" if self.jobs > 1 else ""}); output in {_show(self.out)}/',
               flush=True)
         self.make_data()
         try:
@@ -332,8 +357,11 @@ def parse_args(argv=None):
                         help='a few images and iterations: checks the pipeline in '
                         'about a minute (numbers meaningless)')
     parser.add_argument('--jobs', type=int, default=None,
-                        help='tool processes run at once (default 1, 2 with --quick); '
-                        'with more than 1, training times include the competition')
+                        help='tool processes run at once (default: the number of CPU '
+                        'cores, at most 3)')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch threads of each tool process (OMP_NUM_THREADS, '
+                        'unless already set); default 1')
     return parser.parse_args(argv)
 
 

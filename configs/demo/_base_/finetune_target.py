@@ -8,7 +8,7 @@ _base_ = './upernet_convnext-demo_shapes-64x64.py'
 # Written by tools/demo.py; override with --cfg-options model.backbone.init_cfg.checkpoint=...
 # (and the same for model.decode_head / model.auxiliary_head).
 pretrained = 'demo_out/checkpoints/pretrained_source.pth'
-max_iters = 150
+max_iters = 300
 warmup_iters = 15
 
 model = dict(

@@ -17,8 +17,8 @@ classes = ('background', 'disc', 'square', 'triangle', 'cross')
 palette = [[110, 110, 110], [230, 25, 75], [60, 180, 75], [0, 130, 200],
            [245, 130, 48]]
 image_size = (64, 64)
-max_iters = 200
-warmup_iters = 20
+max_iters = 600
+warmup_iters = 30
 lr = 2e-3
 bn = dict(type='BN', requires_grad=True)
 
