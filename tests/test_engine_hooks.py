@@ -89,7 +89,10 @@ def convnext_closed_form(size=64, gamma=16, share_ratio=0.5, window=11):
         rs = int(math.floor(r * share_ratio))
         for _ in range(depth):
             backbone += hw * c * 49 + 2 * hw * c * 4 * c             # dw 7x7, pw1, pw2
-            branches += hw * c * r + 4 * r * hw * 2 * window + hw * c * 9
+            side = size // 4 // 2 ** i
+            # filter: 4r maps, an 11x1 pass over the padded width, then 1x11
+            branches += hw * c * r + 4 * r * window * (side * (side + window - 1) + hw) \
+                + hw * c * 9
             updates += (r + rs + 2) * 4 * c * (c + c)               # Table 1, CoLoRA
     return backbone, branches, updates
 
@@ -234,3 +237,20 @@ def test_backbone_flops_match_torch_flop_counter_on_the_plain_model(kind):
     with counter, torch.no_grad():
         plain(torch.zeros(1, 3, 64, 64))
     assert measure_flops(adapted, (64, 64))['backbone'] * 2 == counter.get_total_flops()
+
+
+def test_adapter_flops_match_torch_flop_counter():
+    """Branches and weight updates against torch's counter on the adapted backbone. The
+    counter sees matmuls and convolutions only, so the update term is Table 1's without
+    its ``2 d'(d + d'')`` element-wise additions: ``(rl + 2 rs) d'(d + d'')`` a pair."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = convnext().backbone
+    flops = measure_flops(model, (64, 64))
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 64, 64))
+    adds = sum(2 * 4 * c * (c + c) * depth for c, depth in
+               zip(REDUCED_CONVNEXT['channels'], REDUCED_CONVNEXT['depths']))
+    assert counter.get_total_flops() == 2 * (
+        flops['backbone'] + flops['branches'] + flops['weight_updates'] - adds)
