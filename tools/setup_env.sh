@@ -76,7 +76,10 @@ print(ns["__version__"])')
 PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 
 # 3. mmcv with its ops, built for exactly this torch
-variant=cpu; [ "$FORCE_CUDA" = "1" ] && variant=cuda
+variant=cpu
+if [ "$FORCE_CUDA" = "1" ]; then  # CUDA wheels also differ by the GPU architectures built
+  variant=cuda; [ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && variant="cuda-$(echo "$TORCH_CUDA_ARCH_LIST" | tr -c '0-9a-zA-Z.\n' '_')"
+fi
 if [ -n "$MMCV_FIND_LINKS" ]; then
   built_for="prebuilt $MMCV_FIND_LINKS"
 else
@@ -105,7 +108,7 @@ else
   else
     jobs="${MAX_JOBS:-$(nproc)}"
     log="$VENV/mmcv-build.log"
-    step "3/6 compiling mmcv $MMCV_VERSION with its ops against torch $TORCH_FULL ($variant, $jobs jobs): about 11 minutes on 2 cores; log: $log"
+    step "3/6 compiling mmcv $MMCV_VERSION with its ops against torch $TORCH_FULL ($variant, $jobs jobs): about 15 minutes on 2 cores, longer on a busy machine; log: $log"
     # setuptools < 81: mmcv's setup.py (and mmengine at run time) import pkg_resources
     pip_q install --quiet "setuptools>=64,<81" wheel ninja "numpy>=1.23,<2"
     tmp=$(mktemp -d)
@@ -122,11 +125,12 @@ else
       "$PY" -m pip wheel --no-deps --no-build-isolation --disable-pip-version-check \
       -w "$tmp/dist" "$tmp/mmcv-$MMCV_VERSION" >"$log" 2>&1 &
     build=$!
+    t_build=$SECONDS
     while kill -0 "$build" 2>/dev/null; do
       sleep 60
       kill -0 "$build" 2>/dev/null || break
       done_n=$(find "$tmp/mmcv-$MMCV_VERSION/build" -name '*.o' 2>/dev/null | wc -l)
-      step "    ... compiling, $((SECONDS - t0)) s so far, $done_n of about $total sources done"
+      step "    ... compiling for $((SECONDS - t_build)) s, $done_n of about $total sources done"
     done
     if ! wait "$build" || ! ls "$tmp"/dist/mmcv-*.whl >/dev/null 2>&1; then
       tail -n 40 "$log" >&2
@@ -135,7 +139,7 @@ else
     mkdir -p "$WHEELS"
     mv "$tmp"/dist/mmcv-*.whl "$WHEELS"/
     wheel=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-"$PYTAG"-*.whl | head -n1)
-    step "    compiled; cached as $wheel"
+    step "    compiled in $((SECONDS - t_build)) s; cached as $wheel"
   fi
   pip_q install --quiet --force-reinstall --no-deps "$wheel"
   echo "$built_for" > "$MARKER"
