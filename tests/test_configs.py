@@ -18,7 +18,7 @@ import colora_mm  # noqa: E402,F401
 from colora_mm.adapters import (AdapterSpec, is_adapter_name,  # noqa: E402
                                 iter_adapted_layers, norm_parameter_names,
                                 reset_adapters_from_weights)
-from data_gen import tiny_model_overrides  # noqa: E402
+from data_gen import memoized_upstream_lookup, tiny_model_overrides  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -31,6 +31,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 ADE = sorted(glob.glob(osp.join(ROOT, 'configs', 'ade20k', '*.py')))
 COCO = sorted(glob.glob(osp.join(ROOT, 'configs', 'coco', '*.py')))
 ALIASES = {'colora_convnext_b.py': 'upernet_colora_convnext_b_4xb4-160k_ade20k-512x512.py'}
@@ -67,28 +69,9 @@ def parse_name(path):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def memoized_upstream_lookup():
-    """mmengine resolves every ``mmseg::``/``mmdet::`` base by reading all of the
-    package's metafiles (~0.5 s each time); the answer never changes within a run."""
-    import mmengine.config.config as config_module
-    original = config_module._get_external_cfg_path
-    cache = {}
-
-    def memoized(package_path, cfg_file):
-        key = (package_path, cfg_file)
-        if key not in cache:
-            try:
-                cache[key] = (original(package_path, cfg_file), None)
-            except ValueError as err:
-                cache[key] = (None, err)
-        result, err = cache[key]
-        if err is not None:
-            raise err
-        return result
-
-    config_module._get_external_cfg_path = memoized
-    yield
-    config_module._get_external_cfg_path = original
+def fast_config_loading():
+    with memoized_upstream_lookup():
+        yield
 
 
 _LOADED = {}

@@ -5,6 +5,7 @@ gloo run through tools/dist_train.sh, and the inputs the tools refuse.
 
 The shipped configs, shrunk (tests/data_gen.py), on a generated ADE20K-layout dataset."""
 import glob
+import importlib.util
 import json
 import os
 import os.path as osp
@@ -17,12 +18,30 @@ from PIL import Image
 
 pytest.importorskip('mmseg')
 
-from data_gen import make_ade20k, single_error, write_tiny_config  # noqa: E402
+from data_gen import (make_ade20k, memoized_upstream_lookup,  # noqa: E402
+                      single_error, write_tiny_config)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(ROOT, 'tools')
 ADE = osp.join(ROOT, 'configs', 'ade20k')
 TIMEOUT = 600
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_config_loading():
+    """Each upstream base resolved once (see data_gen.memoized_upstream_lookup)."""
+    with memoized_upstream_lookup():
+        yield
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread for what runs in this process (see test_configs.py)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run(*argv, env=None):
@@ -35,6 +54,16 @@ def run(*argv, env=None):
 
 def python(tool, *argv):
     return run(sys.executable, osp.join(TOOLS, tool), *argv)
+
+
+def in_process(tool, *argv):
+    """``tools/<tool>.py`` called in this process (no interpreter start-up): its exit
+    status. For the checks that fail before any heavy work."""
+    spec = importlib.util.spec_from_file_location(f'colora_tools_{tool}',
+                                                  osp.join(TOOLS, f'{tool}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in argv])
 
 
 @pytest.fixture(scope='module')
@@ -86,12 +115,13 @@ def _miou(work_dir):
         return json.load(f)['mIoU']
 
 
-def test_train_merge_test_gives_the_same_miou(ade, trained):
+def test_train_merge_test_gives_the_same_miou(ade, trained, capsys):
     base, _, config = ade
     work, _, _ = trained
-    code, log = python('merge.py', config, work / 'iter_4.pth', base / 'merged.pth',
-                       '--shape', '64')
-    assert code == 0, log[-4000:]
+    code = in_process('merge', config, work / 'iter_4.pth', base / 'merged.pth',
+                      '--shape', '64')
+    assert code == 0
+    log = capsys.readouterr().out
     assert 'max |merged - unmerged| =' in log and 'kept unfolded' in log
     results = {}
     for name, cfg, ckpt in (('unmerged', config, work / 'iter_4.pth'),
@@ -108,7 +138,7 @@ def test_train_merge_test_gives_the_same_miou(ade, trained):
         np.testing.assert_array_equal(a, b)
 
 
-def test_distributed_training_with_gloo(tmp_path, ade):
+def test_distributed_training_and_testing_with_gloo(tmp_path, ade):
     _, root, _ = ade
     config = write_tiny_config(
         osp.join(ADE, 'upernet_colora_r50_4xb4-160k_ade20k-512x512.py'),
@@ -125,28 +155,36 @@ def test_distributed_training_with_gloo(tmp_path, ade):
     assert 'Distributed training: True' in text
     assert 'GPU number: 2' in text
     assert 'Iter(val) [1/1]' in text   # 2 validation images, one per process
+    # Distributed evaluation of that checkpoint through tools/dist_test.sh.
+    code, log = run('bash', osp.join(TOOLS, 'dist_test.sh'), config,
+                    tmp_path / 'work' / 'iter_2.pth', 2, '--work-dir', tmp_path / 'test',
+                    env=dict(PYTHON=sys.executable, PORT=port))
+    assert code == 0, log[-4000:]
+    with open(tmp_path / 'test' / 'metrics.json') as f:
+        assert 'mIoU' in json.load(f)
 
 
-def test_missing_data_root_is_refused(tmp_path, ade):
+def test_missing_data_root_is_refused(tmp_path, ade, capsys):
     _, _, config = ade
     work = tmp_path / 'work'
-    code, log = python('train.py', config, '--work-dir', work, '--cfg-options',
-                       f'train_dataloader.dataset.data_root={tmp_path / "nowhere"}')
+    code = in_process('train', config, '--work-dir', work, '--cfg-options',
+                      f'train_dataloader.dataset.data_root={tmp_path / "nowhere"}')
     assert code == 2
-    error = single_error(log)
+    captured = capsys.readouterr()
+    error = single_error(captured.out + captured.err)
     assert error.startswith('error: train_dataloader: data_root')
     assert 'does not exist' in error and 'docs/data.md' in error
     assert not work.exists()
 
 
-def test_test_refuses_a_checkpoint_of_another_config(tmp_path, ade, trained):
+def test_test_refuses_a_checkpoint_of_another_config(tmp_path, ade, trained, capsys):
     _, root, _ = ade
     work, _, _ = trained
     other_lora = write_tiny_config(
         osp.join(ADE, 'upernet_lora_convnext_b_4xb4-160k_ade20k-512x512.py'),
         str(tmp_path / 'lora_tiny.py'), data_root=root)
-    code, log = python('test.py', other_lora, work / 'iter_4.pth',
-                       '--work-dir', tmp_path / 'w')
+    code = in_process('test', other_lora, work / 'iter_4.pth', '--work-dir', tmp_path / 'w')
     assert code == 2
-    assert 'does not match config' in single_error(log)
+    captured = capsys.readouterr()
+    assert 'does not match config' in single_error(captured.out + captured.err)
     assert not (tmp_path / 'w').exists()

@@ -2,6 +2,7 @@
 checkpoint it writes when everything folds (loaded without colora_mm), the structure
 it keeps when something does not, and the inputs it refuses without writing."""
 import importlib.util
+import json
 import os
 import os.path as osp
 import subprocess
@@ -18,9 +19,17 @@ from mmengine.registry import init_default_scope  # noqa: E402
 
 import colora_mm  # noqa: E402,F401
 from colora_mm.adapters import is_adapter_name, iter_adapted_layers  # noqa: E402
-from data_gen import write_tiny_config  # noqa: E402
+from data_gen import (make_ade20k, memoized_upstream_lookup,  # noqa: E402
+                      write_tiny_config)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_config_loading():
+    """Each upstream base resolved once (see data_gen.memoized_upstream_lookup)."""
+    with memoized_upstream_lookup():
+        yield
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -55,8 +64,12 @@ def registry(scope):
     return MODELS
 
 
-def tiny(tmp_path, shipped, name='tiny.py', **extra):
-    return write_tiny_config(shipped, str(tmp_path / name), extra=extra)
+def tiny(tmp_path, shipped, name='tiny.py', data_root=None, **extra):
+    return write_tiny_config(shipped, str(tmp_path / name), data_root=data_root,
+                             extra=extra)
+
+
+test_tool = load_tool('test')
 
 
 def trained_checkpoint(config, path, seed=0):
@@ -88,56 +101,71 @@ NO_COLORA = r'''
 import sys, torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
-cfg_path, ckpt, ref = sys.argv[1:4]
-cfg = Config.fromfile(cfg_path)          # imports what custom_imports names
-init_default_scope(cfg.default_scope)
-if cfg.default_scope == 'mmseg':
-    from mmseg.registry import MODELS
-else:
-    from mmdet.registry import MODELS
-model = MODELS.build(cfg.model).eval()
-state = torch.load(ckpt, map_location='cpu', weights_only=True)['state_dict']
-model.load_state_dict(state, strict=True)
-x, expected = torch.load(ref)
-with torch.no_grad():
-    got = model.extract_feat(x)
-diff = max(float((a - b).abs().max()) for a, b in zip(got, expected))
-assert diff < 1e-4, diff
+for case in sys.argv[1:]:
+    cfg = Config.fromfile(f'{case}/merged.py')   # imports what custom_imports names
+    init_default_scope(cfg.default_scope)
+    if cfg.default_scope == 'mmseg':
+        from mmseg.registry import MODELS
+    else:
+        from mmdet.registry import MODELS
+    model = MODELS.build(cfg.model).eval()
+    state = torch.load(f'{case}/merged.pth', map_location='cpu',
+                       weights_only=True)['state_dict']
+    model.load_state_dict(state, strict=True)
+    x, expected = torch.load(f'{case}/ref.pt')
+    with torch.no_grad():
+        got = model.extract_feat(x)
+    diff = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+    assert diff < 1e-4, (case, diff)
+    print('plain', type(model.backbone).__module__, diff)
 leaked = sorted(m for m in sys.modules if m.split('.')[0] == 'colora_mm')
 assert not leaked, leaked
-print('plain', type(model.backbone).__module__, type(model.backbone).__name__, diff)
 '''
 
+FULL_FOLD_CASES = {
+    'lora-convnext-seg': (f'{ADE}/upernet_lora_convnext_s_4xb4-160k_ade20k-512x512.py',
+                          {}, 'mmpretrain.models.backbones.convnext'),
+    'colora-nofilter-r50-det': (
+        f'{COCO}/faster-rcnn_colora_r50_fpn_2xb8-1x_coco.py',
+        dict(model=dict(backbone=dict(adapter=dict(use_filter=False)))),
+        'mmdet.models.backbones.resnet'),
+    'hira-r50-seg': (f'{ADE}/upernet_hira_r50_4xb4-160k_ade20k-512x512.py', {},
+                     'mmseg.models.backbones.resnet'),
+}
 
-@pytest.mark.parametrize('shipped, overrides, plain_type', [
-    (f'{ADE}/upernet_lora_convnext_s_4xb4-160k_ade20k-512x512.py', {},
-     'mmpretrain.models.backbones.convnext'),
-    (f'{COCO}/faster-rcnn_colora_r50_fpn_2xb8-1x_coco.py',
-     dict(model=dict(backbone=dict(adapter=dict(use_filter=False)))),
-     'mmdet.models.backbones.resnet'),
-    (f'{ADE}/upernet_hira_r50_4xb4-160k_ade20k-512x512.py', {},
-     'mmseg.models.backbones.resnet'),
-], ids=['lora-convnext-seg', 'colora-nofilter-r50-det', 'hira-r50-seg'])
-def test_full_fold_gives_an_upstream_checkpoint(tmp_path, shipped, overrides,
-                                                plain_type):
-    config = tiny(tmp_path, shipped, **overrides)
-    ckpt = tmp_path / 'iter_1.pth'
-    model = trained_checkpoint(config, ckpt)
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    torch.save((x, features(model, x)), tmp_path / 'ref.pt')
-    out = tmp_path / 'merged.pth'
-    assert run_merge(config, ckpt, out) == 0
-    state = torch.load(out, weights_only=True)['state_dict']
-    assert not [k for k in state if is_adapter_name(k)]
-    text = (tmp_path / 'merged.py').read_text()
-    assert 'colora' not in text.lower()
+
+def test_full_fold_gives_an_upstream_checkpoint(tmp_path):
+    ade = make_ade20k(str(tmp_path / 'ade'))
+    for case, (shipped, overrides, _) in FULL_FOLD_CASES.items():
+        folder = tmp_path / case
+        folder.mkdir()
+        seg = '/ade20k/' in shipped
+        config = tiny(folder, shipped, data_root=ade if seg else None, **overrides)
+        ckpt = folder / 'iter_1.pth'
+        model = trained_checkpoint(config, ckpt)
+        x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        torch.save((x, features(model, x)), folder / 'ref.pt')
+        assert run_merge(config, ckpt, folder / 'merged.pth') == 0, case
+        state = torch.load(folder / 'merged.pth', weights_only=True)['state_dict']
+        assert not [k for k in state if is_adapter_name(k)], case
+        assert 'colora' not in (folder / 'merged.py').read_text().lower(), case
+        if seg:   # tools/test.py evaluates both to the same mIoU
+            miou = []
+            for name, cfg, weights in (('a', config, ckpt),
+                                       ('b', folder / 'merged.py', folder / 'merged.pth')):
+                work = folder / f'test_{name}'
+                assert test_tool.main([str(cfg), str(weights), '--work-dir',
+                                       str(work)]) == 0
+                miou.append(json.loads((work / 'metrics.json').read_text())['mIoU'])
+            assert miou[0] == miou[1], (case, miou)
+    # Loaded with mmseg/mmdet/mmpretrain alone, by the written configs: same outputs.
     env = dict(os.environ, PYTHONPATH='', OMP_NUM_THREADS='1')
     result = subprocess.run(
-        [sys.executable, '-c', NO_COLORA, str(tmp_path / 'merged.py'), str(out),
-         str(tmp_path / 'ref.pt')], capture_output=True, text=True, env=env,
-        cwd=str(tmp_path), timeout=300)
+        [sys.executable, '-c', NO_COLORA] + [str(tmp_path / c) for c in FULL_FOLD_CASES],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert plain_type in result.stdout
+    for _, _, plain_module in FULL_FOLD_CASES.values():
+        assert f'plain {plain_module}' in result.stdout
 
 
 def test_partial_fold_keeps_the_unfoldable_branches(tmp_path, capsys):

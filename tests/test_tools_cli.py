@@ -1,0 +1,141 @@
+"""The flags of tools/train.py and tools/test.py, read back from the config they
+prepare (in-process, no training): the same flags for mmseg and mmdet configs, and
+the errors they give instead of starting a run."""
+import importlib.util
+import os
+import os.path as osp
+
+import pytest
+
+pytest.importorskip('mmseg')
+pytest.importorskip('mmdet')
+
+import torch  # noqa: E402
+
+from data_gen import (make_ade20k, make_coco, memoized_upstream_lookup,  # noqa: E402
+                      write_tiny_config)
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ADE_CFG = osp.join(ROOT, 'configs', 'ade20k', 'colora_convnext_b.py')
+COCO_CFG = osp.join(ROOT, 'configs', 'coco', 'faster-rcnn_lora_r50_fpn_2xb8-1x_coco.py')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_config_loading():
+    """Each upstream base resolved once (see data_gen.memoized_upstream_lookup)."""
+    with memoized_upstream_lookup():
+        yield
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(
+        f'colora_tools_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load_tool('train')
+test = load_tool('test')
+
+
+@pytest.fixture(scope='module')
+def configs(tmp_path_factory):
+    base = tmp_path_factory.mktemp('cli')
+    ade = make_ade20k(str(base / 'ade'), num_train=1, num_val=1)
+    coco = make_coco(str(base / 'coco'), num_train=1, num_val=1)
+    return dict(
+        seg=write_tiny_config(ADE_CFG, str(base / 'seg.py'), data_root=ade),
+        det=write_tiny_config(COCO_CFG, str(base / 'det.py'), data_root=coco),
+        base=base)
+
+
+def train_cfg(*argv):
+    return train.setup_cfg(train.parse_args([str(a) for a in argv]))
+
+
+@pytest.mark.parametrize('task, scope', [('seg', 'mmseg'), ('det', 'mmdet')])
+def test_train_flags(configs, task, scope):
+    config = configs[task]
+    cfg = train_cfg(config)
+    assert cfg.default_scope == scope
+    assert cfg.work_dir == osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+    assert cfg.optim_wrapper.type == 'OptimWrapper' and not cfg.resume
+
+    cfg = train_cfg(config, '--amp', '--work-dir', 'wd', '--cfg-options',
+                    'train_cfg.max_iters=7', 'model.backbone.adapter.gamma=8')
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.optim_wrapper.loss_scale == 'dynamic'
+    assert cfg.work_dir == 'wd' and cfg.train_cfg.max_iters == 7
+    assert cfg.model.backbone.adapter.gamma == 8
+
+    cfg = train_cfg(config, '--resume')
+    assert cfg.resume is True and cfg.load_from is None
+    ckpt = configs['base'] / 'some.pth'
+    torch.save({}, ckpt)
+    cfg = train_cfg(config, '--resume', ckpt)
+    assert cfg.resume is True and cfg.load_from == str(ckpt)
+
+
+def test_auto_scale_lr_is_the_mmdet_flag(configs):
+    assert train_cfg(configs['det'], '--auto-scale-lr').auto_scale_lr == dict(
+        enable=True, base_batch_size=16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU-only path')
+def test_pytorch_launcher_on_cpu_uses_gloo(configs):
+    cfg = train_cfg(configs['seg'], '--launcher', 'pytorch')
+    assert cfg.launcher == 'pytorch'
+    assert cfg.env_cfg.dist_cfg.backend == 'gloo'
+    assert cfg.model_wrapper_cfg.type == 'MMDistributedDataParallel'
+    assert cfg.model_wrapper_cfg.device_ids is None
+
+
+def test_test_out_and_show_dir_follow_the_codebase(configs, tmp_path):
+    ckpt = tmp_path / 'x.pth'
+    torch.save({}, ckpt)
+    seg = test.setup_cfg(test.parse_args([configs['seg'], str(ckpt), '--out',
+                                          'preds', '--show-dir', 'vis']))
+    assert seg.test_evaluator.output_dir == 'preds' and seg.test_evaluator.keep_results
+    assert seg.visualizer.save_dir == 'vis'
+    assert seg.default_hooks.visualization.draw is True
+    assert seg.load_from == str(ckpt)
+    det = test.setup_cfg(test.parse_args([configs['det'], str(ckpt), '--out',
+                                          'r.pkl', '--show-dir', 'vis']))
+    assert det.default_hooks.visualization.test_out_dir == 'vis'
+    assert 'output_dir' not in det.test_evaluator
+
+
+def _error(capsys):
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line]
+    assert len([line for line in lines if line.startswith('error: ')]) == 1, lines
+    return lines[-1]
+
+
+def test_refusals(configs, tmp_path, capsys):
+    missing = tmp_path / 'missing.pth'
+    assert train.main([configs['seg'], '--resume', str(missing)]) == 2
+    assert 'does not exist' in _error(capsys)
+    assert train.main([str(tmp_path / 'nope.py')]) == 2
+    assert 'config file' in _error(capsys)
+    assert train.main([configs['det'], '--cfg-options', 'default_scope=mmpretrain']) == 2
+    assert "default_scope='mmpretrain'" in _error(capsys)
+    assert test.main([configs['seg'], str(missing)]) == 2
+    assert 'does not exist' in _error(capsys)
+    ckpt = tmp_path / 'x.pth'
+    torch.save({}, ckpt)
+    assert test.main([configs['det'], str(ckpt), '--out', 'results.json']) == 2
+    assert '.pkl' in _error(capsys)
+    assert test.main([configs['seg'], str(ckpt)]) == 2     # no tensors in it
+    assert 'holds no model state dict' in _error(capsys)
+
+
+def test_dist_scripts_pass_the_usual_variables():
+    for script, positional in (('dist_train.sh', 'CONFIG GPUS'),
+                               ('dist_test.sh', 'CONFIG CHECKPOINT GPUS')):
+        text = open(osp.join(ROOT, 'tools', script)).read()
+        for var in ('NNODES', 'NODE_RANK', 'MASTER_ADDR', 'PORT'):
+            assert f'${var}' in text or f'"${var}"' in text, (script, var)
+        assert 'torch.distributed.run' in text and '--launcher pytorch' in text
+        assert positional in text
