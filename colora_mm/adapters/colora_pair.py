@@ -86,26 +86,33 @@ class CoLoRAPair(nn.Module):
         self.gamma, self.share_ratio = gamma, share_ratio
         self.partner_policy = partner_policy
         rl, rs = self.rl, self.rs
-        self.A1 = nn.Parameter(torch.empty(d, rl))
-        self.B1 = nn.Parameter(torch.zeros(rl, d_mid))
-        self.A2 = nn.Parameter(torch.empty(d_mid, rl))
-        self.B2 = nn.Parameter(torch.zeros(rl, d_out))
-        self.As = nn.Parameter(torch.empty(d, rs))
-        self.Bs = nn.Parameter(torch.zeros(rs, d_out))
+        # An empty part (share_ratio 0 or 1) has no parameters at all: a zero-size
+        # parameter would never receive a gradient (and stop DDP).
+        self._new_param('A1', (d, rl), rl)
+        self._new_param('B1', (rl, d_mid), rl)
+        self._new_param('A2', (d_mid, rl), rl)
+        self._new_param('B2', (rl, d_out), rl)
+        self._new_param('As', (d, rs), rs)
+        self._new_param('Bs', (rs, d_out), rs)
         # Partner weights in paper orientation: W1 (d x d'), W2 (d' x d'').
         self.register_buffer('partner_w1', torch.zeros(d, d_mid))
         self.register_buffer('partner_w2', torch.zeros(d_mid, d_out))
         self._pending_w1: Optional[torch.Tensor] = None
         self.reset_parameters()
 
+    def _new_param(self, name: str, shape: tuple, rank: int) -> None:
+        self.register_parameter(name, nn.Parameter(torch.zeros(shape)) if rank else None)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        init_a_(self.A1, self.d)
-        init_a_(self.A2, self.d_mid)
-        init_a_(self.As, self.d)
-        self.B1.zero_()
-        self.B2.zero_()
-        self.Bs.zero_()
+        if self.rl:
+            init_a_(self.A1, self.d)
+            init_a_(self.A2, self.d_mid)
+            self.B1.zero_()
+            self.B2.zero_()
+        if self.rs:
+            init_a_(self.As, self.d)
+            self.Bs.zero_()
 
     def num_trainable(self) -> int:
         """Closed form ``r (d + d'') + 2 rl d'`` (appendix Table 1)."""
@@ -136,7 +143,7 @@ class CoLoRAPair(nn.Module):
     def delta(self, index: int) -> torch.Tensor:
         """``dW1`` (index 0, ``d x d'``) or ``dW2`` (index 1, ``d' x d''``) in float32,
         paper orientation, autocast disabled."""
-        device_type = self.A1.device.type
+        device_type = self.partner_w1.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             parts = [p for p in (self._independent(index), self._shared(index))
                      if p is not None]

@@ -87,11 +87,6 @@ class AdaptedBackboneMixin:
             self.adapted_layer_names = list(inject_adapters(
                 self, self.adapter_spec, pairs=pairs, spatial=spatial))
         mark_trainable(self, self.adapter_spec.method)
-        # An empty part of a pair (share_ratio 0 or 1) never gets a gradient; left
-        # trainable it would trip DDP's unused-parameter check.
-        for p in self.parameters():
-            if p.numel() == 0:
-                p.requires_grad_(False)
         self._refreeze()
 
     # ------------------------------------------------------------ initialisation

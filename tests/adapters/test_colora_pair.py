@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from colora_mm.adapters import (AdapterSpec, CoLoRAPair, CoLoRAPairLayer, inject_adapters,
@@ -52,9 +51,22 @@ def _set_random_partners(pair, seed=5):
         pair.partner_w2.copy_(torch.randn(pair.partner_w2.shape, generator=g) * 0.3)
 
 
+def factor(pair, name):
+    """A pair factor; an empty part (rs = 0 or rl = 0) has no parameter, which reads as
+    a zero-size tensor of its shape here."""
+    shapes = {'A1': (pair.d, pair.rl), 'B1': (pair.rl, pair.d_mid),
+              'A2': (pair.d_mid, pair.rl), 'B2': (pair.rl, pair.d_out),
+              'As': (pair.d, pair.rs), 'Bs': (pair.rs, pair.d_out)}
+    param = getattr(pair, name)
+    if param is None:
+        assert 0 in shapes[name], f'{name} missing although its rank is non-zero'
+        return torch.zeros(shapes[name], requires_grad=True)
+    return param
+
+
 def _ref(pair):
     n = min(pair.partner_w1.shape[0], pair.partner_w1.shape[1], pair.partner_w2.shape[1])
-    return colora_deltas64(pair.A1, pair.B1, pair.A2, pair.B2, pair.As, pair.Bs,
+    return colora_deltas64(*(factor(pair, k) for k in ('A1', 'B1', 'A2', 'B2', 'As', 'Bs')),
                            pair.partner_w1, pair.partner_w2, n)
 
 
@@ -64,9 +76,12 @@ def test_ranks_and_shapes(d, d_mid, d_out, gamma, share):
     pair = _pair_of(model, 'fc1')
     n, r, rs, rl = expected_ranks(d, d_mid, d_out, gamma, share)
     assert (pair.r, pair.rs, pair.rl) == (r, rs, rl)
-    assert pair.A1.shape == (d, rl) and pair.B1.shape == (rl, d_mid)
-    assert pair.A2.shape == (d_mid, rl) and pair.B2.shape == (rl, d_out)
-    assert pair.As.shape == (d, rs) and pair.Bs.shape == (rs, d_out)
+    for k, shape in dict(A1=(d, rl), B1=(rl, d_mid), A2=(d_mid, rl), B2=(rl, d_out),
+                         As=(d, rs), Bs=(rs, d_out)).items():
+        if 0 in shape:     # an empty part has no parameter at all
+            assert getattr(pair, k) is None, k
+        else:
+            assert getattr(pair, k).shape == shape, k
     assert pair.partner_w1.shape == (d, d_mid) and pair.partner_w2.shape == (d_mid, d_out)
 
 
@@ -118,7 +133,7 @@ def test_gradients_equal_float64_reference(share):
     (model(x) * v).sum().backward()
 
     names = ['A1', 'B1', 'A2', 'B2', 'As', 'Bs']
-    leaves = {k: getattr(pair, k).detach().double().requires_grad_(True) for k in names}
+    leaves = {k: factor(pair, k).detach().double().requires_grad_(True) for k in names}
     dW1, dW2 = colora_deltas64(*(leaves[k] for k in names), pair.partner_w1,
                                pair.partner_w2, 8)
     W1 = model.fc1.weight.detach().double().T + dW1
@@ -127,9 +142,9 @@ def test_gradients_equal_float64_reference(share):
         + model.fc2.bias.detach().double()
     (out * v.double()).sum().backward()
     for k in names:
-        got, want = getattr(pair, k).grad, leaves[k].grad
         if leaves[k].numel() == 0:        # an empty part (rs = 0 or rl = 0)
             continue
+        got, want = getattr(pair, k).grad, leaves[k].grad
         assert got is not None, k
         scale = max(want.abs().max().item(), 1e-3)
         assert max_abs_diff(got, want) < 1e-4 * scale, k
