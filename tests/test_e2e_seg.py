@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import os.path as osp
+import socket
 import subprocess
 import sys
 
@@ -50,6 +51,12 @@ def run(*argv, env=None):
                             cwd=ROOT, timeout=TIMEOUT,
                             env=dict(os.environ, OMP_NUM_THREADS='1', **(env or {})))
     return result.returncode, result.stdout + result.stderr
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def python(tool, *argv):
@@ -143,7 +150,7 @@ def test_distributed_training_and_testing_with_gloo(tmp_path, ade):
     config = write_tiny_config(
         osp.join(ADE, 'upernet_colora_r50_4xb4-160k_ade20k-512x512.py'),
         str(tmp_path / 'r50_tiny.py'), data_root=root, max_iters=2, interval=2)
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())
     code, log = run('bash', osp.join(TOOLS, 'dist_train.sh'), config, 2,
                     '--work-dir', tmp_path / 'work',
                     env=dict(PYTHON=sys.executable, PORT=port))
@@ -158,7 +165,7 @@ def test_distributed_training_and_testing_with_gloo(tmp_path, ade):
     # Distributed evaluation of that checkpoint through tools/dist_test.sh.
     code, log = run('bash', osp.join(TOOLS, 'dist_test.sh'), config,
                     tmp_path / 'work' / 'iter_2.pth', 2, '--work-dir', tmp_path / 'test',
-                    env=dict(PYTHON=sys.executable, PORT=port))
+                    env=dict(PYTHON=sys.executable, PORT=str(free_port())))
     assert code == 0, log[-4000:]
     with open(tmp_path / 'test' / 'metrics.json') as f:
         assert 'mIoU' in json.load(f)
