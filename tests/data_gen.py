@@ -211,7 +211,7 @@ def tiny_model_overrides(model: dict) -> dict:
         if model['backbone'].get('norm_cfg', {}).get('type') == 'SyncBN':
             backbone.update(norm_cfg=bn)
     out = dict(backbone=backbone)
-    if model.get('pretrained') is not None or 'pretrained' in model:
+    if 'pretrained' in model:
         out['pretrained'] = None
     if 'decode_head' in model:   # UperNet
         out['decode_head'] = dict(in_channels=list(channels), channels=32,
@@ -308,9 +308,9 @@ def tiny_overrides(cfg, data_root: Optional[str] = None, max_iters: int = 4,
 
     Tiny model (:func:`tiny_model_overrides`), data from :func:`make_ade20k` /
     :func:`make_coco` at ``data_root``, plain ``OptimWrapper`` instead of AMP (same
-    optimizer and lr decay, constant ``lr``), ``max_iters`` training iterations (an iteration-based
-    loop also for detection) with validation and a checkpoint every ``interval``,
-    logging every iteration, a fixed seed.
+    optimizer and lr decay, constant ``lr``), ``max_iters`` training iterations (an
+    iteration-based loop also for detection) with validation and a checkpoint every
+    ``interval``, logging every iteration, a fixed seed.
 
     Args:
         cfg (mmengine.Config): The loaded shipped config.
