@@ -89,10 +89,8 @@ def convnext_closed_form(size=64, gamma=16, share_ratio=0.5, window=11):
         rs = int(math.floor(r * share_ratio))
         for _ in range(depth):
             backbone += hw * c * 49 + 2 * hw * c * 4 * c             # dw 7x7, pw1, pw2
-            side = size // 4 // 2 ** i
-            # filter: 4r maps, an 11x1 pass over the padded width, then 1x11
-            branches += hw * c * r + 4 * r * window * (side * (side + window - 1) + hw) \
-                + hw * c * 9
+            # A 1x1 C -> r, the filter's four separable blurs of r maps, B 3x3 r -> C
+            branches += hw * c * r + 4 * r * hw * 2 * window + hw * c * 9
             updates += (r + rs + 2) * 4 * c * (c + c)               # Table 1, CoLoRA
     return backbone, branches, updates
 
@@ -242,9 +240,10 @@ def test_backbone_flops_match_torch_flop_counter_on_the_plain_model(kind):
 def test_adapter_flops_match_torch_flop_counter():
     """Branches and weight updates against torch's counter on the adapted backbone. The
     counter sees matmuls and convolutions only, so the update term is Table 1's without
-    its ``2 d'(d + d'')`` element-wise additions: ``(rl + 2 rs) d'(d + d'')`` a pair."""
+    its ``2 d'(d + d'')`` element-wise additions: ``(rl + 2 rs) d'(d + d'')`` a pair.
+    Without the range filter: its count is appendix D's (above), not its kernels'."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = convnext().backbone
+    model = convnext(use_filter=False).backbone
     flops = measure_flops(model, (64, 64))
     model.eval()
     counter = FlopCounterMode(display=False)

@@ -14,10 +14,10 @@ pointwise layer on ``hw`` pixels costs ``hw d d'``). Two kinds of adapter overhe
   (``rs d'(d + d'')`` is what CoLoRA's shared part adds over HiRA, appendix D); these
   fold away at inference.
 * parallel branches (CoLoRA's spatial branch, Conv-Adapter): per image, counted from the
-  shapes their convolutions and the range filter see in one forward pass (the filter:
-  four depthwise Gaussian passes over the ``r`` compressed channels, ``2k`` taps a
-  pixel on the separable path, plus the first pass's reflect-padded border, ``k^2``
-  otherwise: ``O(hw k^2 r)``, appendix D).
+  shapes their convolutions and the range filter see in one forward pass. The filter
+  is counted as appendix D states its cost, whatever kernels evaluate it: four
+  Gaussian blurs of the ``r`` compressed channels, ``2k`` taps a pixel separable
+  (``k^2`` otherwise), i.e. ``4 r hw 2k`` (``O(hw k^2 r)``).
 """
 from __future__ import annotations
 
@@ -120,13 +120,8 @@ def measure_flops(backbone: nn.Module, input_size: Sequence[int] = (512, 512),
 
     def filter_hook(module, inputs, output):
         z = inputs[0]
-        r, h, w, k = z.shape[1], z.shape[-2], z.shape[-1], module.window
-        if module.separable:
-            # the vertical pass runs over the reflect-padded width, the horizontal one
-            # over the image: k (h (w + 2 (k // 2)) + h w) taps for each of 4r maps
-            flops = 4 * r * k * (h * (w + 2 * (k // 2)) + h * w)
-        else:
-            flops = 4 * r * k * k * h * w
+        taps = 2 * module.window if module.separable else module.window ** 2
+        flops = 4 * z.shape[1] * z.shape[-2] * z.shape[-1] * taps
         costs['branches'] += flops
         per_layer[owner[module]] += flops
 
