@@ -42,7 +42,9 @@ def test_reference_gaussian_is_normalised_and_centred():
 @pytest.mark.parametrize('shape', [(2, 3, 13, 12),   # larger than the 11x11 window
                                    (1, 2, 3, 4),     # smaller: reflect keeps bouncing
                                    (2, 1, 2, 7),
-                                   (1, 2, 1, 5)])    # a single row
+                                   (1, 2, 1, 5),     # a single row
+                                   (1, 1, 3, 150),   # long axes (> 128, not a multiple
+                                   (1, 1, 133, 2)])  # of 32): a blocked fast path
 def test_eq11_equals_naive_eq7(shape, separable):
     z = _features(shape, seed=sum(shape))
     ours = RangeKernelFilter(separable=separable)(z)
@@ -72,7 +74,8 @@ def test_constant_channel_is_finite():
     assert max_abs_diff(out, naive_range_filter(z)) < 1e-5
 
 
-@pytest.mark.parametrize('shape', [(2, 4, 12, 10), (1, 3, 4, 3)])
+@pytest.mark.parametrize('shape', [(2, 4, 12, 10), (1, 3, 4, 3), (1, 1, 129, 16),
+                                   (1, 1, 16, 128), (1, 1, 260, 6), (1, 1, 7, 300)])
 def test_separable_and_2d_paths_agree(shape):
     z = _features(shape, seed=11)
     fast, full = RangeKernelFilter(separable=True), RangeKernelFilter(separable=False)
@@ -88,7 +91,7 @@ def test_vectorised_reference_matches_double_loop():
 
 
 @pytest.mark.parametrize('separable', [True, False])
-@pytest.mark.parametrize('shape', [(2, 2, 7, 6), (1, 2, 3, 2)])
+@pytest.mark.parametrize('shape', [(2, 2, 7, 6), (1, 2, 3, 2), (1, 1, 4, 140)])
 def test_gradient_reaches_z_through_the_numerator_only(shape, separable):
     """d Filter / dz equals the gradient of Eq. 7 with the range weights (and gamma_c,
     and the normaliser) held constant; the numerator's z gets a non-zero gradient."""
