@@ -45,6 +45,19 @@ METHODS = (
 )
 
 
+def _load_data_module():
+    """``colora_mm/demo/data.py`` (numpy + PIL only), loaded by path: ``import
+    colora_mm`` would first load the OpenMMLab stack, seconds before the first tool
+    can start."""
+    import importlib.util
+    path = osp.join(REPO, 'colora_mm', 'demo', 'data.py')
+    spec = importlib.util.spec_from_file_location('_colora_demo_data', path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module        # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def _show(path: str) -> str:
     """``path`` relative to the working directory when it lies inside it."""
     rel = osp.relpath(path)
@@ -138,7 +151,7 @@ class Demo:
 
     # ------------------------------------------------------------ phases
     def make_data(self) -> None:
-        from colora_mm.demo.data import make_demo_data
+        make_demo_data = _load_data_module().make_demo_data
         t0 = time.time()
         if osp.isdir(self.data):
             shutil.rmtree(self.data)
@@ -230,11 +243,15 @@ class Demo:
                 tasks['test_colora_merged'] = (('merge', ), lambda: self.test(
                     'colora_merged', osp.splitext(self.merged)[0] + '.py', self.merged,
                     self.target, predictions=True))
-        tasks['test_pretrained_source'] = (('pretrain', ), lambda: self.test(
-            'pretrained_source', PRETRAIN_CONFIG, self.pretrained, self.source))
+        if not self.quick:
+            tasks['test_pretrained_source'] = (('pretrain', ), lambda: self.test(
+                'pretrained_source', PRETRAIN_CONFIG, self.pretrained, self.source))
         return tasks
 
-    def run_tasks(self, tasks) -> None:
+    def run_tasks(self, tasks, inline=None) -> None:
+        """Run ``tasks`` (``name -> (dependencies, callable)``), ``self.jobs`` at a time,
+        in worker threads that each wait for one tool process; ``inline`` (a callable)
+        runs in this thread once the first tasks are started."""
         done, running = set(), {}
         pending = list(tasks)
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
@@ -246,35 +263,44 @@ class Demo:
                     if all(d in done for d in deps):
                         pending.remove(name)
                         running[pool.submit(fn)] = name
+                if inline is not None:
+                    self.say(*inline())
+                    inline = None
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for future in finished:
                     name = running.pop(future)
                     self.say(*future.result())
                     done.add(name)
 
-    def count_parameters(self, config: str) -> dict:
-        """Parameter counts of a config's model; the build's warnings and log lines
-        go to ``logs/parameter_counts.log``."""
+    def count_parameters(self):
+        """Parameter counts of every config's model, built in this process (while the
+        first tool runs; the worker threads print nothing meanwhile); the builds'
+        warnings and log lines go to ``logs/parameter_counts.log``."""
         import contextlib
         import warnings
-        from colora_mm.demo.report import count_parameters
-        with open(osp.join(self.logs, 'parameter_counts.log'), 'a') as log, \
+        t0 = time.time()
+        with open(osp.join(self.logs, 'parameter_counts.log'), 'w') as log, \
                 contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
                 warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            return count_parameters(config)
+            from colora_mm.demo.report import count_parameters
+            counts = {'pretrain': count_parameters(PRETRAIN_CONFIG)}
+            for key, _, config in METHODS:
+                counts[key] = count_parameters(config)
+        self.results['counts'] = counts
+        return 'count parameters of the 4 models', time.time() - t0
 
     def report(self) -> None:
         from colora_mm.demo.report import (Row, format_console, prediction_figure,
                                            read_seconds_per_iter, write_results)
         t0 = time.time()
         rows = []
-        pre = self.count_parameters(PRETRAIN_CONFIG)
+        pre = self.results['counts']['pretrain']
         rows.append(Row('pretrained on source only', 0, pre['backbone_plain'],
                         self.results['test_pretrained']['miou']))
         heads = None
         for key, label, config in METHODS:
-            counts = self.count_parameters(config)
+            counts = self.results['counts'][key]
             heads = counts['trainable_heads']
             train = self.results[f'train_{key}']
             rows.append(Row(label, counts['trainable_backbone'], counts['backbone_plain'],
@@ -289,13 +315,13 @@ class Demo:
                 f'CoLoRA, merged\nmIoU {rows[-1].miou:.1f}':
                     osp.join(self.preds, 'colora_merged')})
         b = self.budget
-        source_miou = self.results['test_pretrained_source']['miou']
+        source = self.results.get('test_pretrained_source')
+        source_note = f' (source val mIoU {source["miou"]:.2f})' if source else ''
         header = (f'# colora_mm demo results\n\n'
                   f'`python tools/demo.py --seed {self.seed}'
                   f'{" --quick" if self.quick else ""}`: UperNet + CoLoRAConvNeXt '
                   f'(depths 1-1-2-1, channels 16-128), pretrained on the source domain '
-                  f'for {b.pretrain_iters} iterations (source val mIoU '
-                  f'{source_miou:.2f}), then fine-tuned on the target domain for '
+                  f'for {b.pretrain_iters} iterations{source_note}, then fine-tuned on the target domain for '
                   f'{b.finetune_iters} iterations of {b.batch_size} images; mIoU on '
                   f'the {b.num_val} target validation images.')
         footer = (f'Trainable backbone parameters: adapters + every bias and norm for '
@@ -316,7 +342,9 @@ class Demo:
         print()
         print(format_console(rows))
         print()
-        print(f'source val mIoU of the pretrained model: {source_miou:.2f}')
+        if source:
+            print(f'the pretrained model on its own (source) domain: val mIoU '
+                  f'{source["miou"]:.2f}')
         print(f'wrote {_show(md)}, {_show(figure)}; tool logs in {_show(self.logs)}/, '
               f'commands in {_show(osp.join(self.out, "commands.sh"))}')
         print(f'total {time.time() - self.start:.0f} s')
@@ -324,11 +352,11 @@ class Demo:
     def run(self) -> int:
         for folder in (self.out, self.logs, self.ckpts, self.preds):
             os.makedirs(folder, exist_ok=True)
-        for folder in (self.work, self.preds):
+        for folder in (self.work, self.preds, self.logs, self.ckpts):
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
         tasks = self.plan()
-        self.num_steps = len(tasks) + 2
+        self.num_steps = len(tasks) + 3
         print(f'colora_mm demo: pretrain a small ConvNeXt on one synthetic domain, adapt '
               f'it to another with full fine-tuning, LoRA and CoLoRA (seed {self.seed}'
               f'{", quick" if self.quick else ""}, {self.jobs} job'
@@ -336,7 +364,7 @@ class Demo:
               flush=True)
         self.make_data()
         try:
-            self.run_tasks(tasks)
+            self.run_tasks(tasks, inline=self.count_parameters)
         except RuntimeError as err:
             print(f'error: {err}', file=sys.stderr)
             return 1
