@@ -257,7 +257,7 @@ def naive_range_filter(z: torch.Tensor, window: int = 11, sigma: float = 1.0,
 
 def window_range_filter(z: torch.Tensor, window: int = 11, sigma: float = 1.0,
                         eps: float = 1e-5, grad_through_range: bool = False) -> torch.Tensor:
-    """Eq. 7 with the loop over window offsets only (pixels vectorised), differentiable.
+    """Eq. 7 as an explicit weighted sum over the window (vectorised), differentiable.
 
     The range kernel ``cos(gamma_c (x - y))`` and ``gamma_c`` are constants unless
     ``grad_through_range``; the neighbour value ``y`` that multiplies it in the numerator
@@ -269,16 +269,11 @@ def window_range_filter(z: torch.Tensor, window: int = 11, sigma: float = 1.0,
     rows = torch.tensor([reflect(i, H) for i in range(-half, H + half)])
     cols = torch.tensor([reflect(j, W) for j in range(-half, W + half)])
     padded = z[:, :, rows][:, :, :, cols]
+    # every neighbour y at once: (N, C, k, k, H, W), offset (i, j) -> padded[i + h, j + w]
+    y = padded.unfold(2, H, 1).unfold(3, W, 1)
     zc = z if grad_through_range else z.detach()
-    pc = padded if grad_through_range else padded.detach()
+    yc = y if grad_through_range else y.detach()
     t = (zc.amax(dim=(2, 3), keepdim=True) - zc.amin(dim=(2, 3), keepdim=True)).clamp_min(1e-5)
-    gam = math.pi / (2.0 * t)
-    num = torch.zeros_like(z)
-    den = torch.zeros_like(z)
-    for i in range(window):
-        for j in range(window):
-            y = padded[:, :, i:i + H, j:j + W]
-            kr = torch.cos(gam * (zc - pc[:, :, i:i + H, j:j + W]))
-            num = num + ks[i, j] * kr * y
-            den = den + ks[i, j] * kr
-    return num / (den + eps)
+    gam = (math.pi / (2.0 * t))[:, :, None, None]
+    weight = ks[:, :, None, None] * torch.cos(gam * (zc[:, :, None, None] - yc))
+    return (weight * y).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + eps)
