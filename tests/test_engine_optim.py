@@ -86,6 +86,17 @@ def test_resnet_block_count_is_checked():
         build_resnet_optim(num_layers=12)
 
 
+def test_resnet_constructor_refuses_keys_it_would_ignore():
+    from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+    constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
+        type='LayerDecayResNetOptimizerConstructor', optim_wrapper_cfg=OPTIM,
+        paramwise_cfg=dict(num_layers=16, decay_rate=0.99, norm_decay_mult=0.0)))
+    model = Detector(DetCoLoRAResNet(depth=50, base_channels=16, stem_channels=16,
+                                     adapter=dict(method='colora')))
+    with pytest.raises(ValueError, match=r"\['norm_decay_mult'\] are not supported"):
+        constructor(model)
+
+
 def test_resnet_constructor_through_mmengine_builder():
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import DefaultScope

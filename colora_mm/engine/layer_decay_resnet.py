@@ -73,6 +73,12 @@ class LayerDecayResNetOptimizerConstructor(DefaultOptimWrapperConstructor):
             raise ValueError('LayerDecayResNetOptimizerConstructor: paramwise_cfg needs '
                              f'num_layers and decay_rate, got {dict(cfg)}; e.g. '
                              'dict(num_layers=16, decay_rate=0.99) for ResNet-50.')
+        unknown = set(cfg) - {'num_layers', 'decay_rate'}
+        if unknown:
+            raise ValueError('LayerDecayResNetOptimizerConstructor: paramwise_cfg keys '
+                             f'{sorted(unknown)} are not supported (only num_layers and '
+                             'decay_rate; biases and 1-D parameters never decay); remove '
+                             'them or use DefaultOptimWrapperConstructor.')
         num_layers, decay_rate = int(cfg['num_layers']), float(cfg['decay_rate'])
         backbone = getattr(module, 'backbone', None)
         if backbone is None or not hasattr(backbone, 'res_layers'):
