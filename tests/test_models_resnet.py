@@ -227,3 +227,25 @@ def test_init_without_pretrained_keeps_adapters_neutral():
     w = model.layer4[0].conv2.weight
     expected = (2.0 / (w.shape[0] * 9)) ** 0.5
     assert abs(w.std().item() - expected) / expected < 0.1
+
+
+def test_dilated_resnet_as_in_mmseg_pspnet_configs():
+    """mmseg's dilated set-up (strides (1, 2, 1, 1), dilations (1, 1, 2, 4)): the branch
+    parallel to a dilated conv2 keeps its output size; fresh, it changes nothing."""
+    kw = dict(NARROW, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
+              contract_dilation=True)
+    sd = narrow_torchvision(seed=6)
+    plain = upstream('mmseg')(**kw)
+    plain.load_state_dict({k: v for k, v in sd.items() if not k.startswith('fc.')},
+                          strict=False)
+    model = build('mmseg', **kw)
+    model.init_cfg = dict(type='Pretrained', checkpoint=sd)
+    model.init_weights()
+    plain.eval()
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        outs = model(x)
+        for a, b in zip(plain(x), outs):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert outs[-1].shape[-2:] == (8, 8)
