@@ -53,8 +53,10 @@ def pair_ranks(n: int, gamma: int, share_ratio: float, where: str = '') -> tuple
     return r, rs, r - rs
 
 
-def _std(t: torch.Tensor) -> torch.Tensor:
-    return t.std()
+def _inverse(den: torch.Tensor) -> torch.Tensor:
+    """``1 / den``, finite when both std terms vanish (an all-zero partner weight
+    with ``B = 0``): the product it scales is then exactly zero, and so is the delta."""
+    return 1.0 / den.clamp_min(1e-12)
 
 
 class CoLoRAPair(nn.Module):
@@ -124,7 +126,7 @@ class CoLoRAPair(nn.Module):
             return None
         A, B = (self.A1, self.B1) if index == 0 else (self.A2, self.B2)
         A, B = A.float(), B.float()
-        s = 1.0 / (math.sqrt(self.rl) * (_std(A) + _std(B)))
+        s = _inverse(math.sqrt(self.rl) * (A.std() + B.std()))
         return s * (A @ B)
 
     def _shared(self, index: int) -> Optional[torch.Tensor]:
@@ -134,10 +136,10 @@ class CoLoRAPair(nn.Module):
         norm = (self.rs * self.n) ** 0.25
         if index == 0:
             C = Bs @ self.partner_w2.float().t()             # (rs x d'), low-rank first
-            s = 1.0 / (norm * (_std(C) + _std(As)))
+            s = _inverse(norm * (C.std() + As.std()))
             return s * (As @ C)                              # (d x d')
         C = self.partner_w1.float().t() @ As                 # (d' x rs)
-        s = 1.0 / (norm * (_std(C) + _std(Bs)))
+        s = _inverse(norm * (C.std() + Bs.std()))
         return s * (C @ Bs)                                  # (d' x d'')
 
     def delta(self, index: int) -> torch.Tensor:

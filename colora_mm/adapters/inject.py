@@ -180,6 +180,11 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
                               spec.partner_policy,
                               where=f'CoLoRA pair ({n1}: {d} -> {d_mid}, '
                                     f'{n2}: {d_mid} -> {d_out})')
+            # Seed the partners from the current weights so that the freshly injected
+            # model is the base model; reset_adapters_from_weights() re-seeds them once
+            # pretrained weights are loaded.
+            pair.set_partners(model.get_submodule(n1).weight.detach(),
+                              model.get_submodule(n2).weight.detach())
             injected[n1] = _wrap(model, n1, lambda layer, p=pair: CoLoRAPairLayer(p, 0))
             injected[n2] = _wrap(model, n2, lambda layer, p=pair: CoLoRAPairLayer(p, 1))
         if spec.spatial:

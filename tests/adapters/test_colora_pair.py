@@ -309,3 +309,28 @@ def test_pair_module_directly():
     with pytest.raises(ValueError, match='partner_policy'):
         CoLoRAPair(12, 20, 8, partner_policy='ema')
     assert CoLoRAPairLayer(pair, 0).foldable
+
+
+def test_fresh_pair_is_exact_before_any_reset():
+    """Injection seeds the partners from the current weights: no reset needed for the
+    freshly injected model to compute the base model's outputs (no 0 * inf)."""
+    torch.manual_seed(0)
+    base = LinearPairNet(8, 32, 8)
+    model = LinearPairNet(8, 32, 8)
+    model.load_state_dict(base.state_dict())
+    inject_adapters(model, AdapterSpec(method='colora', gamma=4), pairs=model.pairs)
+    x = torch.randn(3, 8)
+    pair = _pair_of(model, 'fc1')
+    assert torch.equal(pair.partner_w1, base.fc1.weight.detach().T)
+    assert torch.equal(pair.partner_w2, base.fc2.weight.detach().T)
+    model.train()
+    out = model(x)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, base(x))
+
+
+def test_zero_partner_gives_a_zero_delta_not_nan():
+    pair = CoLoRAPair(8, 32, 8, gamma=4)        # partners default to zero
+    for index in (0, 1):
+        delta = pair.delta(index)
+        assert torch.isfinite(delta).all() and torch.count_nonzero(delta) == 0
