@@ -131,6 +131,9 @@ class AdaptedLayer(nn.Module):
         # The delta baked in by merge(), kept so that unmerge() is exact even for
         # adapters whose delta depends on the base weight (HiRA).
         self._merged_delta: Optional[torch.Tensor] = None
+        # Take the replaced layer's mode: injecting into a model already in eval mode must
+        # not leave train-mode adapters behind (they would update partner buffers).
+        self.train(base.training)
 
     # --------------------------------------------------------------- helpers
     @property
