@@ -12,10 +12,18 @@ sin(gamma_c y)``, which turns the double loop into four depthwise convolutions::
 non-negative. ``G`` is a normalised Gaussian (window 11, sigma 1, centre (k-1)/2) with
 reflect padding; it is separable, so the fast path runs two 1-D passes (2k taps instead
 of k^2). Gradients reach ``z`` through the numerator only.
+
+Each 1-D pass (reflect padding included) is a fixed linear map along one axis, so the
+fast path applies it as a matrix product, ``x @ G_w`` and ``G_h^T @ x``: PyTorch's CPU
+depthwise convolution runs 1-D kernels at a fraction of its 2-D throughput, a GEMM
+does not. Axes up to :data:`DENSE_AXIS_MAX` use the full ``m x m`` band matrix; longer
+axes are cut into blocks of :data:`AXIS_BLOCK` outputs that each read ``block + k - 1``
+inputs, so the work stays linear in the axis length.
 """
 from __future__ import annotations
 
 import math
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,6 +47,34 @@ def reflect_indices(n: int, pad: int, device=None) -> torch.Tensor:
     period = 2 * (n - 1)
     m = pos.remainder(period)
     return torch.where(m >= n, period - m, m)
+
+
+#: Axes up to this length are blurred with one dense ``m x m`` matrix.
+DENSE_AXIS_MAX = 256
+#: Outputs per block on longer axes.
+AXIS_BLOCK = 32
+
+
+def axis_operator(kernel: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n, n)`` matrix ``M`` with ``(x @ M)[j] = sum_t kernel[t] x[reflect(j + t - p)]``:
+    one reflect-padded 1-D pass on an axis of length ``n``."""
+    k = kernel.numel()
+    pad = k // 2
+    src = reflect_indices(n, pad, kernel.device)               # padded position -> index
+    out = torch.arange(n, device=kernel.device)
+    op = torch.zeros(n, n, dtype=kernel.dtype, device=kernel.device)
+    for t in range(k):
+        op.index_put_((src[out + t], out), kernel[t].expand(n), accumulate=True)
+    return op
+
+
+def band_operator(kernel: torch.Tensor, block: int) -> torch.Tensor:
+    """``(block + k - 1, block)`` band: ``block`` outputs from their padded window."""
+    k = kernel.numel()
+    op = torch.zeros(block + k - 1, block, dtype=kernel.dtype, device=kernel.device)
+    for j in range(block):
+        op[j:j + k, j] = kernel
+    return op
 
 
 def reflect_pad2d(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -68,16 +104,57 @@ class RangeKernelFilter(nn.Module):
         # Fixed tensors: not part of the model's state.
         self.register_buffer('kernel1d', gaussian_kernel1d(window, sigma),
                              persistent=False)
+        # Axis operators of the separable path, built on first use per length, device
+        # and dtype; derived from kernel1d, never saved.
+        self._operators: Dict[Tuple, torch.Tensor] = {}
+
+    def _operator(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        blocked = n > DENSE_AXIS_MAX
+        key = (n if not blocked else -AXIS_BLOCK, like.device, like.dtype)
+        op = self._operators.get(key)
+        if op is None:
+            kernel = self.kernel1d.to(device=like.device, dtype=torch.float64)
+            op = (band_operator(kernel, AXIS_BLOCK) if blocked
+                  else axis_operator(kernel, n)).to(like.dtype)
+            # Only plain tensors are kept: one built while tracing (fake or meta
+            # tensors) must not be served to a later real forward pass.
+            if type(like) is torch.Tensor and type(op) is torch.Tensor \
+                    and like.device.type != 'meta':
+                self._operators[key] = op
+        return op
+
+    def _blur_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The reflect-padded 1-D Gaussian along the last axis."""
+        n = x.shape[-1]
+        op = self._operator(n, x)
+        if n <= DENSE_AXIS_MAX:
+            return x @ op
+        pad = self.window // 2
+        blocks = -(-n // AXIS_BLOCK)
+        # Reflect padding (n > DENSE_AXIS_MAX > pad: one reflection suffices), then zeros
+        # up to whole blocks: those only feed outputs that are cut off below.
+        lead = x.shape[:-1]
+        x = F.pad(x.reshape(1, -1, n), (pad, pad), mode='reflect')
+        x = F.pad(x, (0, blocks * AXIS_BLOCK - n))
+        windows = x.unfold(-1, AXIS_BLOCK + 2 * pad, AXIS_BLOCK)
+        # One 2-D GEMM over every window (a broadcast batched matmul is far slower).
+        out = windows.reshape(-1, AXIS_BLOCK + 2 * pad) @ op
+        return out.view(*lead, blocks * AXIS_BLOCK)[..., :n]
+
+    def _blur_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The reflect-padded 1-D Gaussian along the second-to-last axis."""
+        n = x.shape[-2]
+        if n <= DENSE_AXIS_MAX:
+            return self._operator(n, x).t() @ x
+        return self._blur_last(x.transpose(-1, -2)).transpose(-1, -2)
 
     def gaussian(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise Gaussian blur ``G`` with reflect padding, on every channel of x."""
+        if self.separable:
+            return self._blur_rows(self._blur_last(x))
         c = x.shape[1]
         k = self.kernel1d.to(x.dtype)
-        pad = self.window // 2
-        x = reflect_pad2d(x, pad)
-        if self.separable:
-            x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-            return F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        x = reflect_pad2d(x, self.window // 2)
         k2 = torch.outer(k, k)
         return F.conv2d(x, k2.expand(c, 1, -1, -1), groups=c)
 

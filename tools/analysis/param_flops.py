@@ -264,6 +264,8 @@ class Row:
     infer_formula: int = 0
     infer_merged: int = 0
     unfolded: List[str] = field(default_factory=list)
+    #: adapted layer -> (H_in, W_in, H_out, W_out) at the analysed input size
+    layer_shapes: Dict[str, Tuple] = field(default_factory=dict)
 
     @property
     def percent(self) -> float:
@@ -301,7 +303,7 @@ def analyse(backbone: nn.Module, name: str, backbone_kind: str, adapter: dict,
         raise RuntimeError(f'{name}: adapters report {row.adapters} trainable parameters '
                            f'through num_trainable() but hold {numel}.')
 
-    shapes: Dict[str, Tuple] = {}
+    shapes = row.layer_shapes
     unmerged = count_forward(backbone, input_size, shapes)
     upd_macs, upd_elem = count_weight_updates(backbone)
     row.update_counted_matmul = upd_macs
@@ -489,8 +491,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     print_table(rows, input_size)
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump([dict(asdict(r), percent=r.percent, paper_diff=r.paper_diff)
-                       for r in rows], f, indent=1)
+            json.dump([dict(asdict(r), percent=r.percent, paper_diff=r.paper_diff,
+                            layer_shapes=None) for r in rows], f, indent=1)
     return rows
 
 

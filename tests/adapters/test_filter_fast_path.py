@@ -1,0 +1,70 @@
+"""The separable fast path of the range filter (two 1-D passes as matrix products):
+dense and blocked axis operators against the 2-D depthwise convolution, values and
+gradients, and its operator cache."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from colora_mm.adapters import RangeKernelFilter
+from colora_mm.adapters import filter as filt
+
+
+def _z(shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype) * 2 + 0.5
+
+
+def test_axis_operator_is_a_reflect_padded_1d_pass():
+    k = filt.gaussian_kernel1d().double()
+    for n in (1, 2, 3, 6, 11, 17):
+        x = torch.randn(3, n, dtype=torch.float64)
+        pos = filt.reflect_indices(n, 5)
+        ref = torch.stack([(x[:, pos[j:j + 11]] * k).sum(-1) for j in range(n)], -1)
+        assert (x @ filt.axis_operator(k, n) - ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize('shape', [(1, 2, 20, 300),     # blocked last axis, 300 % 32 != 0
+                                   (1, 1, 270, 9),      # blocked rows
+                                   (2, 1, 257, 260)])   # both blocked
+def test_blocked_path_equals_2d_convolution(shape):
+    z = _z(shape, seed=shape[-1])
+    fast, full = RangeKernelFilter(separable=True), RangeKernelFilter(separable=False)
+    assert max(shape[-2:]) > filt.DENSE_AXIS_MAX
+    assert (fast.gaussian(z) - full.gaussian(z)).abs().max() < 1e-12
+    assert (fast(z) - full(z)).abs().max() < 1e-10
+
+
+def test_gaussian_matches_padded_depthwise_conv():
+    z = _z((2, 3, 40, 33), seed=3)
+    k = filt.gaussian_kernel1d().double()
+    ref = F.conv2d(F.pad(z, (5, 5, 5, 5), mode='reflect'),
+                   torch.outer(k, k).expand(3, 1, 11, 11), groups=3)
+    assert (RangeKernelFilter().gaussian(z) - ref).abs().max() < 1e-12
+
+
+def test_fast_path_gradient_equals_2d_path():
+    z = _z((1, 2, 30, 270), seed=5).requires_grad_(True)
+    v = _z((1, 2, 30, 270), seed=6)
+    (g_fast,) = torch.autograd.grad(RangeKernelFilter(separable=True)(z), z, v)
+    (g_full,) = torch.autograd.grad(RangeKernelFilter(separable=False)(z), z, v)
+    assert (g_fast - g_full).abs().max() < 1e-9
+
+
+def test_operator_cache_per_length_and_dtype_and_not_in_state():
+    f = RangeKernelFilter()
+    f(_z((1, 1, 7, 9)))
+    f(_z((1, 1, 7, 9), dtype=torch.float32))
+    keys = {(n, dtype) for n, _, dtype in f._operators}
+    assert keys == {(7, torch.float64), (9, torch.float64), (7, torch.float32),
+                    (9, torch.float32)}
+    assert f.state_dict() == {}
+
+
+def test_operators_built_under_fake_tensors_are_not_kept():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    f = RangeKernelFilter()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        f(torch.zeros(1, 2, 12, 12))
+    assert f._operators == {}
+    out = f(_z((1, 2, 12, 12), dtype=torch.float32))
+    assert type(out) is torch.Tensor and torch.isfinite(out).all()

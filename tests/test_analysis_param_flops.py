@@ -1,0 +1,140 @@
+"""tools/analysis/param_flops.py: appendix Table 1's formulas against what runs on the
+built backbones (parameters, matmul MACs of the weight updates, branch MACs, merged
+inference), on small ConvNeXt and ResNet backbones."""
+import importlib
+import os.path as osp
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip('mmseg')
+pytest.importorskip('mmpretrain')
+
+from colora_mm.adapters import (CoLoRAPairLayer, HiRA, LoRA,  # noqa: E402
+                                iter_adapted_layers, reset_adapters_from_weights)
+
+TOOLS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools', 'analysis')
+if TOOLS not in sys.path:
+    sys.path.insert(0, TOOLS)
+param_flops = importlib.import_module('param_flops')
+
+SIZE = (64, 64)
+
+
+def build(kind, **adapter):
+    if kind == 'convnext':
+        cfg = dict(type='CoLoRAConvNeXt', arch='atto', out_indices=(0, 1, 2, 3))
+    else:
+        cfg = dict(type='CoLoRAResNet', depth=50, base_channels=32, stem_channels=32,
+                   deep_stem=False)
+    model = param_flops._registry('mmseg').build(dict(cfg, adapter=adapter))
+    if adapter['method'] == 'colora':
+        reset_adapters_from_weights(model)      # partner buffers, as init_weights() does
+    return model
+
+
+def matmul_part(layer):
+    """The matmul-only part of Table 1's update cost: r d_in d_out per LoRA/PiSSA/HiRA
+    layer; (r + rs) d'(d + d'') per CoLoRA pair (Bs W2^T and W1^T As cost rs d'(d+d''),
+    the three products with As, Bs, A_i, B_i another r d'(d + d''))."""
+    a = layer.adapter_branch
+    if isinstance(a, CoLoRAPairLayer):
+        if a.index:
+            return 0
+        p = a.get_pair()
+        return (p.r + p.rs) * p.d_mid * (p.d + p.d_out)
+    if isinstance(a, (LoRA, HiRA)):
+        return a.rank * layer.in_channels * layer.out_channels
+    return 0
+
+
+@pytest.mark.parametrize('kind,adapter', [
+    ('convnext', dict(method='colora')),
+    ('resnet', dict(method='colora', gamma=4, share_ratio=0.8)),
+    ('resnet', dict(method='colora', use_filter=False)),
+    ('convnext', dict(method='lora')),
+    ('resnet', dict(method='pissa')),
+    ('convnext', dict(method='hira')),
+    ('resnet', dict(method='conv_adapter')),
+    ('convnext', dict(method='full'))],
+    ids=lambda a: a if isinstance(a, str) else '-'.join(str(v) for v in a.values()))
+def test_counts_match_table1(kind, adapter):
+    model = build(kind, **adapter)
+    row = param_flops.analyse(model, 'x', '', adapter, SIZE)
+    layers = list(iter_adapted_layers(model))
+    method = adapter['method']
+
+    # parameters: every adapter's own count, its tensors, and the closed form agree
+    assert row.adapters == row.adapters_formula
+    assert row.adapters == sum(p.numel() for n, p in model.named_parameters()
+                               if 'adapter_' in n)
+    total = sum(p.numel() for p in model.parameters())
+    assert row.backbone_params == total - row.adapters
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert row.trainable == trainable
+    if method == 'full':
+        assert row.trainable == total and row.percent == 100.0
+
+    # weight updates: matmul MACs exactly Table 1's matmul terms; the remaining
+    # element-wise work is O(d d') per layer (the scalings, HiRA's Hadamard, W + dW)
+    assert row.update_counted_matmul == sum(matmul_part(layer) for _, layer in layers)
+    elementwise = row.update_counted - row.update_counted_matmul
+    sizes = sum(layer.weight.numel() for _, layer in layers
+                if layer.adapter_branch.delta_weight(layer) is not None)
+    assert sizes <= elementwise <= 5 * sizes
+    assert (row.update_formula == 0) == (method in ('full', 'conv_adapter'))
+
+    # branches: Conv-Adapter and the filter-less spatial branch are exact; the filter's
+    # separable passes run as products with m x m axis operators (m multiply-adds per
+    # output instead of k): counted = formula + 4 r hw (h + w - 2k) per spatial branch
+    has_filter = method == 'colora' and adapter.get('use_filter', True)
+    if has_filter:
+        extra = 0
+        for name, layer in layers:
+            f = getattr(layer.adapter_branch, 'filter', None)
+            if f is not None:
+                h, w = row.layer_shapes[name][:2]
+                extra += 4 * layer.adapter_branch.rank * h * w * (h + w - 2 * f.window)
+        assert row.branch_counted == row.branch_formula + extra
+    else:
+        assert row.branch_counted == row.branch_formula
+    assert (row.branch_formula > 0) == (method in ('colora', 'conv_adapter'))
+
+    # inference: what folds costs nothing; what stays is the branch cost
+    folds_all = method in ('lora', 'pissa', 'hira', 'full') or (
+        method == 'colora' and kind == 'resnet' and not has_filter)
+    if folds_all:
+        assert row.unfolded == [] and row.infer_merged == row.infer_plain
+    else:
+        assert row.unfolded
+        assert row.infer_merged > row.infer_plain
+    if not has_filter:
+        assert row.infer_merged == row.infer_formula
+
+
+def test_paper_lookup_and_table():
+    assert param_flops.paper_params('convnext_b', dict(method='colora', gamma=8,
+                                                       share_ratio=0.8)) == 5.7
+    assert param_flops.paper_params('resnet50', dict(method='hira')) == 1.2
+    assert param_flops.paper_params('resnet50', dict(method='hira', gamma=20)) == 1.2
+    assert param_flops.paper_params('resnet50', dict(method='hira', gamma=8)) is None
+    assert param_flops.paper_params('convnext_s', dict(method='colora')) == 2.6
+    assert param_flops.paper_params('convnext_s', dict(method='lora')) is None
+    variants = param_flops.default_variants(['convnext_b'], ['colora', 'full'], None,
+                                            None, sweep=True)
+    assert len(variants) == 2 + 7          # the default (16, 0.5) is not repeated
+    row = param_flops.analyse(build('convnext', method='colora'), 'atto colora', '',
+                              dict(method='colora'), SIZE)
+    line = param_flops.format_row(row)
+    assert line.count('|') == param_flops.HEADER.count('|')
+
+
+def test_config_path():
+    """A shipped config's backbone builds without its pretrained checkpoint."""
+    cfg = osp.join(osp.dirname(osp.dirname(TOOLS)), 'configs', 'ade20k',
+                   'upernet_hira_r50_4xb4-160k_ade20k-512x512.py')
+    model, adapter, kind = param_flops.backbone_from_config(cfg)
+    assert kind == 'resnet50' and adapter['method'] == 'hira'
+    assert all(isinstance(layer.adapter_branch, HiRA)
+               for _, layer in iter_adapted_layers(model))
