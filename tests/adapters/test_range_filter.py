@@ -43,8 +43,10 @@ def test_reference_gaussian_is_normalised_and_centred():
                                    (1, 2, 3, 4),     # smaller: reflect keeps bouncing
                                    (2, 1, 2, 7),
                                    (1, 2, 1, 5),     # a single row
-                                   (1, 1, 3, 150),   # long axes (> 128, not a multiple
-                                   (1, 1, 133, 2)])  # of 32): a blocked fast path
+                                   (1, 1, 3, 150),   # long axes, not multiples of 32:
+                                   (1, 1, 133, 2),   # dense and blocked fast paths
+                                   (1, 1, 2, 270),
+                                   (1, 1, 300, 1)])
 def test_eq11_equals_naive_eq7(shape, separable):
     z = _features(shape, seed=sum(shape))
     ours = RangeKernelFilter(separable=separable)(z)
@@ -91,7 +93,8 @@ def test_vectorised_reference_matches_double_loop():
 
 
 @pytest.mark.parametrize('separable', [True, False])
-@pytest.mark.parametrize('shape', [(2, 2, 7, 6), (1, 2, 3, 2), (1, 1, 4, 140)])
+@pytest.mark.parametrize('shape', [(2, 2, 7, 6), (1, 2, 3, 2), (1, 1, 4, 140),
+                                   (1, 1, 275, 2)])
 def test_gradient_reaches_z_through_the_numerator_only(shape, separable):
     """d Filter / dz equals the gradient of Eq. 7 with the range weights (and gamma_c,
     and the normaliser) held constant; the numerator's z gets a non-zero gradient."""
