@@ -328,3 +328,27 @@ def test_summary_is_logged():
         logger.removeHandler(handler)
     assert any("layout 'convnext_original'" in m and 'classifier head' in m
                for m in messages)
+
+
+def test_merged_structure_matches_a_merged_model():
+    """adapter.merged=True builds what merge_adapters leaves: plain pointwise layers,
+    the (unfoldable) spatial branches kept; a merged state dict loads into it exactly."""
+    from colora_mm.adapters import AdaptedLayer, iter_adapted_layers, merge_adapters
+    model = build(adapter=dict(method='colora'))
+    for name, p in model.named_parameters():
+        if '.adapter_' in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+    merge_adapters(model)
+    deploy = build(adapter=dict(method='colora', merged=True))
+    deploy.eval()   # mmpretrain's ConvNeXt.train() returns None
+    assert not isinstance(deploy.stages[0][0].pointwise_conv1, AdaptedLayer)
+    assert [n for n, _ in iter_adapted_layers(deploy)] == \
+        [n for n, _ in iter_adapted_layers(model)]
+    deploy.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        for a, b in zip(deploy(x), reference):
+            assert torch.allclose(a, b, atol=1e-5)

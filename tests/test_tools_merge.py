@@ -185,12 +185,11 @@ def test_partial_fold_keeps_the_unfoldable_branches(tmp_path, capsys):
     state = torch.load(out, weights_only=True)['state_dict']
     kept = {k.split('.adapter_')[0] for k in state if is_adapter_name(k)}
     assert kept == {f'backbone.stages.{i}.0.depthwise_conv' for i in range(4)}
-    # The written config rebuilds that structure; the checkpoint loads into it exactly.
+    # The written config builds that structure by itself (adapter.merged=True); the
+    # checkpoint loads into it exactly.
     cfg = Config.fromfile(str(tmp_path / 'merged.py'))
-    assert cfg.adapters_merged is True
+    assert cfg.model.backbone.adapter.merged is True
     rebuilt = registry(cfg.default_scope).build(cfg.model).eval()
-    from colora_mm.adapters import merge_adapters
-    merge_adapters(rebuilt)
     rebuilt.load_state_dict(state, strict=True)
     got = features(rebuilt, x)
     assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) < 1e-4

@@ -18,8 +18,9 @@ when every check passed:
   loads into the plain upstream model, without colora_mm.
 * OUT with the suffix ``.py``: the config to evaluate OUT with (``tools/test.py``):
   the upstream backbone type when everything folded; otherwise CONFIG with
-  ``adapters_merged = True``, which tells ``tools/test.py`` to build the merged
-  structure before loading.
+  ``model.backbone.adapter.merged=True``: the backbone then builds the merged
+  structure itself (plain folded layers, the branches that cannot fold), so any
+  OpenMMLab tool or inference API loads OUT with that config.
 
 Exit status 2 with a one-line error (and nothing written) when the input is wrong.
 """
@@ -188,9 +189,9 @@ def merge(args):
     if backbone_type not in PLAIN_BACKBONES:
         raise CLIError(f'{args.config}: backbone {backbone_type!r} is not a colora_mm '
                        f'backbone ({", ".join(PLAIN_BACKBONES)}); nothing to merge')
-    if cfg.get('adapters_merged'):
+    if (cfg.model.backbone.get('adapter') or {}).get('merged'):
         raise CLIError(f'{args.config} describes an already merged model '
-                       '(adapters_merged = True); nothing to merge')
+                       '(model.backbone.adapter.merged=True); nothing to merge')
     model = build_model(cfg.model)
     if not any(True for _ in iter_adapted_layers(model)):
         raise CLIError(f'{args.config} has no adapters (full fine-tuning?): its '
@@ -227,15 +228,14 @@ def merge(args):
 
     if unfolded:
         out_cfg = copy.deepcopy(cfg)
-        out_cfg.adapters_merged = True
+        out_cfg.model.backbone.adapter['merged'] = True
         out_cfg.model.backbone['init_cfg'] = None
         header = ('# Written by tools/merge.py for the merged checkpoint beside it: the '
                   'adapters of\n# the layers below could not fold and keep their branch; '
-                  'every other adapter is\n# folded into its layer. tools/test.py builds '
-                  'this structure (adapters_merged).\n'
+                  'every other adapter is\n# folded into its layer '
+                  '(model.backbone.adapter.merged=True builds this structure).\n'
                   + ''.join(f'#   {n}\n' for n in unfolded))
         check = build_model(out_cfg.model)
-        merge_adapters(check)
     else:
         out_cfg = plain_config(cfg)
         header = ('# Written by tools/merge.py: every adapter folded, the model is the '

@@ -5,7 +5,7 @@
 
 The checkpoint must be that config's (same tensors, same shapes): anything else is
 refused with the list of differences instead of being evaluated half-loaded. Configs
-written by ``tools/merge.py`` work as they are (``adapters_merged = True`` builds the
+written by ``tools/merge.py`` work as they are (``adapter.merged=True`` builds the
 merged structure first). The metrics are logged and, on rank 0, also written to
 ``WORK_DIR/metrics.json``.
 
@@ -111,33 +111,15 @@ def setup_cfg(args):
 
 def check_checkpoint(cfg, args):
     """Build the model once, as the runner will, and compare the checkpoint with it."""
-    from colora_mm.adapters import merge_adapters
     from merge import build_model
     state = read_state_dict(args.checkpoint)
     model_cfg = cfg.model.get('module', cfg.model) if args.tta else cfg.model
     model = build_model(model_cfg)
-    if cfg.get('adapters_merged'):
-        merge_adapters(model)
     check_state_dict_matches(model, state, args.checkpoint, args.config)
 
 
 def make_runner(cfg):
     from mmengine.runner import Runner
-
-    class MergedAdaptersRunner(Runner):
-        """Builds the merged structure ``tools/merge.py`` wrote the weights of."""
-
-        def build_model(self, model):
-            from colora_mm.adapters import merge_adapters
-            model = super().build_model(model)
-            merge_adapters(getattr(model, 'module', model))
-            return model
-
-    if cfg.get('adapters_merged'):
-        if 'runner_type' in cfg:
-            raise CLIError('adapters_merged configs run with the default Runner; '
-                           'remove runner_type')
-        return MergedAdaptersRunner.from_cfg(cfg)
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS
         return RUNNERS.build(cfg)

@@ -44,6 +44,10 @@ class AdapterSpec:
         spatial (bool): CoLoRA's spatial branch on the spatial convs. Defaults to True.
         scaling (float): LoRA/PiSSA ``alpha / r``. Defaults to 2.0.
         act (str): Conv-Adapter activation, ``'relu'`` or ``'gelu'``. Defaults to 'relu'.
+        merged (bool): Describes the deployment structure that ``merge_adapters``
+            leaves: backbones fold what folds right after injection, so only the
+            branches that cannot fold remain (what ``tools/merge.py`` writes into the
+            config of a merged checkpoint). Defaults to False.
     """
 
     method: str = 'colora'
@@ -55,6 +59,7 @@ class AdapterSpec:
     spatial: bool = True
     scaling: float = 2.0
     act: str = 'relu'
+    merged: bool = False
 
     def __post_init__(self) -> None:
         if self.method is None:

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from colora_mm.adapters import (AdaptedLayer, AdapterSpec, inject_adapters,
                                 is_adapter_name, iter_adapted_layers, mark_trainable,
-                                reset_adapters_from_weights)
+                                merge_adapters, reset_adapters_from_weights)
 
 from .pretrained import PretrainedLoadReport, load_pretrained
 
@@ -86,6 +86,11 @@ class AdaptedBackboneMixin:
             pairs, spatial = self.adapter_targets()
             self.adapted_layer_names = list(inject_adapters(
                 self, self.adapter_spec, pairs=pairs, spatial=spatial))
+            if self.adapter_spec.merged:
+                # The deployment structure of a merged checkpoint: folded layers are
+                # plain again, the branches that cannot fold stay.
+                merge_adapters(self)
+                self.adapted_layer_names = [n for n, _ in iter_adapted_layers(self)]
         mark_trainable(self, self.adapter_spec.method)
         self._refreeze()
 
