@@ -10,7 +10,7 @@ from .inject import (DEFAULT_GAMMA, METHODS, AdapterSpec, adapter_state_dict,
                      mark_trainable, merge_adapters, norm_parameter_names,
                      reset_adapters_from_weights, resolve_names, trainable_report,
                      unmerge_adapters)
-from .lora import LoRA, PiSSA
+from .lora import LoRA, LowRankFactors, PiSSA
 from .spatial import SpatialLowRankBranch, spatial_style
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     'AdapterSpec', 'adapter_state_dict', 'inject_adapters', 'is_peft_trainable',
     'iter_adapted_layers', 'mark_trainable', 'merge_adapters', 'norm_parameter_names',
     'reset_adapters_from_weights', 'resolve_names', 'trainable_report',
-    'unmerge_adapters', 'LoRA', 'PiSSA', 'SpatialLowRankBranch', 'spatial_style',
+    'unmerge_adapters', 'LoRA', 'LowRankFactors', 'PiSSA', 'SpatialLowRankBranch',
+    'spatial_style',
 ]

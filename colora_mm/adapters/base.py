@@ -212,6 +212,11 @@ class AdaptedLayer(nn.Module):
         if not self.merged:
             raise RuntimeError(f'{self.describe()}: merge() before to_plain(), or the '
                                'adaptation would be lost.')
+        return self.base_view()
+
+    def base_view(self) -> BaseLayer:
+        """A plain ``nn.Linear``/``nn.Conv2d`` sharing this layer's ``weight`` and
+        ``bias`` (the same ``Parameter`` objects), without the adapter."""
         if self.is_conv:
             plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
                               self.stride, self.padding, self.dilation, self.groups,

@@ -11,14 +11,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 
-from .base import AdaptedLayer, Adapter
-from .init import a_std, init_a_
-from .lora import pointwise_rank
+from .base import AdaptedLayer
+from .init import a_std
+from .lora import LowRankFactors
 
 
-class HiRA(Adapter):
+class HiRA(LowRankFactors):
     """Args:
         layer (AdaptedLayer): The pointwise layer.
         gamma (int): Rank divisor, ``r = min(in, out) // gamma``. Defaults to 20.
@@ -27,37 +26,11 @@ class HiRA(Adapter):
     method = 'hira'
 
     def __init__(self, layer: AdaptedLayer, gamma: int = 20) -> None:
-        super().__init__()
-        self.rank = pointwise_rank(layer, gamma)
-        self.in_features, self.out_features = layer.in_channels, layer.out_channels
+        super().__init__(layer, gamma)
         self.scaling = 1.0 / (math.sqrt(self.rank) * a_std(self.in_features))
-        self.A = nn.Parameter(torch.empty(self.rank, self.in_features))
-        self.B = nn.Parameter(torch.zeros(self.out_features, self.rank))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        init_a_(self.A, self.in_features)
-        self.B.zero_()
-
-    def num_trainable(self) -> int:
-        return self.rank * (self.in_features + self.out_features)
-
-    @property
-    def foldable(self) -> bool:
-        return True
 
     def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
         with torch.autocast(device_type=self.A.device.type, enabled=False):
             low_rank = self.B.float() @ self.A.float()
             delta = self.scaling * layer.weight_matrix().detach().float() * low_rank
         return layer.as_weight_shape(delta)
-
-    @torch.no_grad()
-    def fold_independent_(self, layer: AdaptedLayer) -> list:
-        layer.weight.add_(self.delta_weight(layer).to(layer.weight.dtype))
-        self.reset_parameters()
-        return [self.A, self.B]
-
-    def extra_repr(self) -> str:
-        return f'rank={self.rank}, scaling={self.scaling:.4g}'

@@ -32,22 +32,19 @@ def pointwise_rank(layer: AdaptedLayer, gamma: int) -> int:
     return r
 
 
-class LoRA(Adapter):
-    """``dW = scaling * B A`` with ``scaling = alpha / r``.
+class LowRankFactors(Adapter):
+    """The factors every pointwise baseline shares: ``A (r x in)`` kaiming-uniform,
+    ``B (out x r)`` zero, ``r = min(in, out) // gamma``. Subclasses define the delta.
 
     Args:
         layer (AdaptedLayer): The pointwise layer.
-        gamma (int): Rank divisor, ``r = min(in, out) // gamma``. Defaults to 20.
-        scaling (float): ``alpha / r``. Defaults to 2.0.
+        gamma (int): Rank divisor. Defaults to 20.
     """
 
-    method = 'lora'
-
-    def __init__(self, layer: AdaptedLayer, gamma: int = 20, scaling: float = 2.0) -> None:
+    def __init__(self, layer: AdaptedLayer, gamma: int = 20) -> None:
         super().__init__()
         self.rank = pointwise_rank(layer, gamma)
         self.in_features, self.out_features = layer.in_channels, layer.out_channels
-        self.scaling = scaling
         self.A = nn.Parameter(torch.empty(self.rank, self.in_features))
         self.B = nn.Parameter(torch.zeros(self.out_features, self.rank))
         self.reset_parameters()
@@ -64,11 +61,6 @@ class LoRA(Adapter):
     def foldable(self) -> bool:
         return True
 
-    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
-        with torch.autocast(device_type=self.A.device.type, enabled=False):
-            delta = self.scaling * (self.B.float() @ self.A.float())
-        return layer.as_weight_shape(delta)
-
     @torch.no_grad()
     def fold_independent_(self, layer: AdaptedLayer) -> list:
         layer.weight.add_(self.delta_weight(layer).to(layer.weight.dtype))
@@ -76,7 +68,28 @@ class LoRA(Adapter):
         return [self.A, self.B]
 
     def extra_repr(self) -> str:
-        return f'rank={self.rank}, scaling={self.scaling}'
+        return f'rank={self.rank}, scaling={self.scaling:.4g}'
+
+
+class LoRA(LowRankFactors):
+    """``dW = scaling * B A`` with ``scaling = alpha / r``.
+
+    Args:
+        layer (AdaptedLayer): The pointwise layer.
+        gamma (int): Rank divisor, ``r = min(in, out) // gamma``. Defaults to 20.
+        scaling (float): ``alpha / r``. Defaults to 2.0.
+    """
+
+    method = 'lora'
+
+    def __init__(self, layer: AdaptedLayer, gamma: int = 20, scaling: float = 2.0) -> None:
+        super().__init__(layer, gamma)
+        self.scaling = scaling
+
+    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
+        with torch.autocast(device_type=self.A.device.type, enabled=False):
+            delta = self.scaling * (self.B.float() @ self.A.float())
+        return layer.as_weight_shape(delta)
 
 
 class PiSSA(LoRA):

@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .base import AdaptedLayer, Adapter, NotFoldableError
 from .filter import RangeKernelFilter

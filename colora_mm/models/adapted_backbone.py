@@ -17,27 +17,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from colora_mm.adapters import (AdaptedLayer, AdapterSpec, inject_adapters,
+from colora_mm.adapters import (AdapterSpec, inject_adapters,
                                 is_adapter_name, iter_adapted_layers, mark_trainable,
                                 merge_adapters, reset_adapters_from_weights)
 
 from .pretrained import PretrainedLoadReport, load_pretrained
-
-
-def _base_view(layer: AdaptedLayer) -> nn.Module:
-    """A plain ``nn.Linear``/``nn.Conv2d`` sharing the adapted layer's ``weight`` and
-    ``bias``, so that upstream ``init_cfg`` rules keyed on the layer type
-    (``layer=['Conv2d', 'Linear']``) reach base layers that now sit in a wrapper."""
-    if layer.is_conv:
-        view = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                         layer.stride, layer.padding, layer.dilation, layer.groups,
-                         bias=layer.bias is not None, device='meta')
-    else:
-        view = nn.Linear(layer.in_channels, layer.out_channels,
-                         bias=layer.bias is not None, device='meta')
-    view.weight = layer.weight
-    view.bias = layer.bias
-    return view
 
 
 class AdaptedBackboneMixin:
@@ -120,8 +104,10 @@ class AdaptedBackboneMixin:
             layered = [{k: v for k, v in c.items() if k != 'override'}
                        for c in others if 'layer' in c]
             if layered:
+                # Rules keyed on the layer type (layer=['Conv2d', 'Linear']) must still
+                # reach base layers that now sit inside a wrapper.
                 for _, layer in iter_adapted_layers(self):
-                    initialize(_base_view(layer), copy.deepcopy(layered))
+                    initialize(layer.base_view(), copy.deepcopy(layered))
         self.load_state_dict(adapter_state, strict=False)
 
         for cfg in pretrained:
