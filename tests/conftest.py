@@ -1,9 +1,26 @@
-"""Shared test settings: a bounded number of CPU threads and a headless matplotlib."""
+"""Shared test settings: bounded CPU threads, headless matplotlib, and no mmengine
+default scope leaking from one test into the next."""
 import os
+import sys
 
 os.environ.setdefault('MPLBACKEND', 'Agg')
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # The suite runs on small CPU machines, often beside other work: a few threads each.
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_scope():
+    """Every mmengine Runner makes its scope ('mmseg', 'mmdet', 'mmengine') the
+    process-wide current one, and registries build from the current scope first; put
+    back what was current before the test, so results do not depend on test order."""
+    registry = sys.modules.get('mmengine.registry')  # never imported here first
+    saved = registry.DefaultScope._instance_dict.copy() if registry else {}
+    yield
+    registry = sys.modules.get('mmengine.registry')
+    if registry is not None:
+        registry.DefaultScope._instance_dict.clear()
+        registry.DefaultScope._instance_dict.update(saved)

@@ -53,22 +53,6 @@ class ToyDataset(torch.utils.data.Dataset):
         return dict(inputs=self.x[i], targets=self.y[i])
 
 
-@pytest.fixture(autouse=True)
-def _restore_mmengine_globals():
-    """A Runner makes its DefaultScope ('mmengine' here), MessageHub and Visualizer the
-    process-wide current instances; put back what was current before each test, so
-    that later tests do not build from the mmengine scope."""
-    from mmengine.registry import DefaultScope
-    from mmengine.logging import MessageHub
-    from mmengine.visualization import Visualizer
-    managers = (DefaultScope, MessageHub, Visualizer)
-    saved = [m._instance_dict.copy() for m in managers]
-    yield
-    for manager, instances in zip(managers, saved):
-        manager._instance_dict.clear()
-        manager._instance_dict.update(instances)
-
-
 def toy_runner(work_dir, max_iters, name, **kwargs):
     torch.manual_seed(0)
     cfg = dict(
