@@ -143,10 +143,23 @@ class RangeKernelFilter(nn.Module):
 
     def _blur_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The reflect-padded 1-D Gaussian along the second-to-last axis."""
-        n = x.shape[-2]
+        n, w = x.shape[-2:]
+        op = self._operator(n, x)
         if n <= DENSE_AXIS_MAX:
-            return self._operator(n, x).t() @ x
-        return self._blur_last(x.transpose(-1, -2)).transpose(-1, -2)
+            return op.t() @ x
+        pad = self.window // 2
+        blocks = -(-n // AXIS_BLOCK)
+        lead = x.shape[:-2]
+        x = F.pad(x.reshape(1, -1, n, w), (0, 0, pad, pad), mode='reflect')
+        x = F.pad(x, (0, 0, 0, blocks * AXIS_BLOCK - n)).reshape(-1, x.shape[-2] + (
+            blocks * AXIS_BLOCK - n), w)
+        # Overlapping row windows (batch, blocks, block + k - 1, w), as a strided view;
+        # op^T @ window gives each block's rows already in place: no transposes.
+        b, rows, _ = x.shape
+        windows = x.as_strided((b, blocks, AXIS_BLOCK + 2 * pad, w),
+                               (rows * w, AXIS_BLOCK * w, w, 1))
+        out = op.t() @ windows
+        return out.view(*lead, blocks * AXIS_BLOCK, w)[..., :n, :]
 
     def gaussian(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise Gaussian blur ``G`` with reflect padding, on every channel of x."""
@@ -161,6 +174,28 @@ class RangeKernelFilter(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 4:
             raise ValueError(f'RangeKernelFilter expects (N, C, H, W), got {tuple(z.shape)}.')
+        if not self.separable:
+            return self._forward_2d(z)
+        with torch.no_grad():
+            low, high = torch.aminmax(z.flatten(2), dim=-1)
+            gamma = (math.pi / 2.0) / (high - low).clamp_min(1e-5)
+            gz = z.detach() * gamma[..., None, None]
+            # The range weights and the normaliser carry no gradient: built in one
+            # buffer, (cos, sin) stacked on a leading axis, blurred in one call.
+            weights = torch.empty((2,) + z.shape, dtype=z.dtype, device=z.device)
+            torch.cos(gz, out=weights[0])
+            torch.sin(gz, out=weights[1])
+            blurred_w = self.gaussian(weights)
+            den = weights[0] * blurred_w[0]
+            den.addcmul_(weights[1], blurred_w[1]).add_(self.eps)
+        cz, sz = weights[0], weights[1]
+        # Numerators (the gradient path): G(cz z) and G(sz z), one call.
+        g_num = self.gaussian(torch.stack([cz * z, sz * z]))
+        num = torch.addcmul(cz * g_num[0], sz, g_num[1])
+        return num / den
+
+    def _forward_2d(self, z: torch.Tensor) -> torch.Tensor:
+        """Eq. 11 with the 2-D Gaussian: the reference path, as the paper writes it."""
         c = z.shape[1]
         with torch.no_grad():
             flat = z.flatten(2)
