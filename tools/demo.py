@@ -22,6 +22,8 @@ three fine-tunings, the tests) go in parallel, ``--jobs`` at a time, each on one
 thread. The same ``--seed`` gives the same table (the times aside).
 """
 import argparse
+import json
+import multiprocessing as mp
 import os
 import os.path as osp
 import shlex
@@ -45,17 +47,102 @@ METHODS = (
 )
 
 
-def _load_data_module():
-    """``colora_mm/demo/data.py`` (numpy + PIL only), loaded by path: ``import
-    colora_mm`` would first load the OpenMMLab stack, seconds before the first tool
-    can start."""
+#: Imported once by the forkserver the tools are forked from (see ToolLauncher).
+PRELOAD = ['__main__', 'colora_mm', 'mmseg.models', 'mmseg.datasets',
+           'mmseg.evaluation', 'mmengine.runner']
+
+
+def _child(target: str, args: list, log_path: str) -> None:
+    """Body of a forked process: ``python tools/X.py ARGS`` after the imports when
+    ``target`` is a script, else a call of ``'module:function'`` with ``args``."""
+    import runpy
+    os.chdir(REPO)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        if target.endswith('.py'):
+            sys.argv = [target] + list(args)
+            sys.path.insert(0, osp.dirname(osp.abspath(target)))
+            runpy.run_path(target, run_name='__main__')
+        else:
+            import importlib
+            module, function = target.split(':')
+            getattr(importlib.import_module(module), function)(*args)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class ToolLauncher:
+    """Runs ``tools/*.py`` scripts, each in a fresh process.
+
+    A tool process on a small CPU spends most of its time importing torch, mmcv,
+    mmengine, mmseg, mmdet, mmpretrain and colora_mm (about 7 of its 10 CPU-seconds
+    in the quick demo). With ``forkserver=True`` they are imported once, in a
+    multiprocessing forkserver, and every run is forked from it: the child goes to the
+    repository, sends stdout/stderr to the log, sets ``sys.argv`` and runs the script
+    as ``__main__``, which is what ``python tools/X.py ARGS`` does after its imports;
+    the exit status is the script's. Otherwise (or where there is no forkserver) each
+    run is ``python tools/X.py ARGS``.
+
+    Args:
+        env (dict): Variables for the tools (thread counts); set in this process too,
+            before the forkserver starts and before torch is imported.
+        forkserver (bool): Fork the tools from a preloaded server. Defaults to True.
+    """
+
+    def __init__(self, env: dict, forkserver: bool = True) -> None:
+        self.env = dict(env)
+        os.environ.update(self.env)
+        self.ctx = None
+        if forkserver and 'forkserver' in mp.get_all_start_methods():
+            self.ctx = mp.get_context('forkserver')
+            self.ctx.set_forkserver_preload(PRELOAD)
+            from multiprocessing import forkserver
+            forkserver.ensure_running()   # imports PRELOAD while the data is written
+
+    def run(self, target: str, args: list, log_path: str) -> int:
+        """Run ``target`` (a script path relative to the repository, or
+        ``'module:function'``) with ``args`` in a new process, appending its output
+        to ``log_path``; returns its exit status."""
+        if self.ctx is None:
+            if target.endswith('.py'):
+                cmd = [sys.executable, target] + list(args)
+            else:
+                module, function = target.split(':')
+                cmd = [sys.executable, '-c', f'import sys; sys.path.insert(0, {REPO!r}); '
+                       f'import {module} as m; m.{function}(*{list(args)!r})']
+            with open(log_path, 'a') as log:
+                return subprocess.call(cmd, cwd=REPO, stdout=log,
+                                       stderr=subprocess.STDOUT,
+                                       env=dict(os.environ, **self.env))
+        proc = self.ctx.Process(target=_child, args=(target, list(args), log_path))
+        proc.start()
+        proc.join()
+        return proc.exitcode
+
+
+def _demo_modules():
+    """``colora_mm/demo``'s ``data`` and ``report`` modules (numpy, PIL, matplotlib),
+    loaded as the package ``colora_mm_demo``: ``import colora_mm.demo`` would first
+    import the OpenMMLab stack (``colora_mm/__init__``), seconds of CPU that the tool
+    processes spend already."""
+    import importlib
     import importlib.util
-    path = osp.join(REPO, 'colora_mm', 'demo', 'data.py')
-    spec = importlib.util.spec_from_file_location('_colora_demo_data', path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module        # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    name = 'colora_mm_demo'
+    if name not in sys.modules:
+        folder = osp.join(REPO, 'colora_mm', 'demo')
+        spec = importlib.util.spec_from_file_location(
+            name, osp.join(folder, '__init__.py'), submodule_search_locations=[folder])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        spec.loader.exec_module(package)
+    return (importlib.import_module(f'{name}.data'),
+            importlib.import_module(f'{name}.report'))
 
 
 def _show(path: str) -> str:
@@ -97,7 +184,13 @@ class Demo:
         self.seed = args.seed
         self.quick = args.quick
         self.jobs = args.jobs or max(1, min(3, os.cpu_count() or 1))
-        self.threads = args.threads
+        self.threads = args.threads or int(os.environ.get('OMP_NUM_THREADS') or 1)
+        # One thread per tool process: on a small, shared CPU, several processes each
+        # running one OpenMP thread per core run 10-30x slower.
+        self.launcher = ToolLauncher(
+            dict(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
+                 MPLBACKEND='Agg', PYTHONUNBUFFERED='1'),
+            forkserver=not args.no_fork)
         self.budget = Budget(args.quick)
         self.data = osp.join(self.out, 'data')
         self.source = osp.join(self.data, 'source')
@@ -117,21 +210,15 @@ class Demo:
     # ------------------------------------------------------------ running tools
     def tool(self, name: str, script: str, argv: list) -> float:
         """Run ``tools/<script>`` in its own process, output to ``logs/<name>.log``;
-        returns its wall time, or exits with the log's tail on failure."""
+        returns its wall time; raises RuntimeError with the log's tail on failure."""
         cmd = [sys.executable, osp.join('tools', script)] + [str(a) for a in argv]
-        self.commands.append(' '.join(shlex.quote(c) for c in cmd))
+        line = ' '.join(shlex.quote(c) for c in cmd)
+        self.commands.append(line)
         log = osp.join(self.logs, f'{name}.log')
-        env = dict(os.environ, MPLBACKEND='Agg', PYTHONUNBUFFERED='1')
-        # One thread per tool process: on a small, shared CPU, several processes each
-        # spinning up all cores' worth of OpenMP threads run 10-30x slower.
-        env.setdefault('OMP_NUM_THREADS', str(self.threads))
-        env.setdefault('MKL_NUM_THREADS', env['OMP_NUM_THREADS'])
         t0 = time.time()
         with open(log, 'w') as f:
-            f.write('$ ' + self.commands[-1] + '\n')
-            f.flush()
-            rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                 env=env)
+            f.write('$ ' + line + '\n')
+        rc = self.launcher.run(osp.join('tools', script), cmd[2:], log)
         seconds = time.time() - t0
         if rc != 0:
             with open(log) as f:
@@ -151,13 +238,17 @@ class Demo:
 
     # ------------------------------------------------------------ phases
     def make_data(self) -> None:
-        make_demo_data = _load_data_module().make_demo_data
+        make_demo_data = _demo_modules()[0].make_demo_data
         t0 = time.time()
         if osp.isdir(self.data):
             shutil.rmtree(self.data)
         b = self.budget
         make_demo_data(self.data, num_train=b.num_train, num_val=b.num_val, size=64,
                        seed=self.seed)
+        self.commands.append(
+            f'{shlex.quote(sys.executable)} -c "from colora_mm.demo.data import '
+            f"make_demo_data; make_demo_data('{self.data}', num_train={b.num_train}, "
+            f'num_val={b.num_val}, size=64, seed={self.seed})"')
         self.say(f'data: 2 domains x {b.num_train} train / {b.num_val} val, 64x64',
                  time.time() - t0, f'-> {_show(self.data)}')
 
@@ -183,7 +274,9 @@ class Demo:
             *self.seed_options(),
             f'train_dataloader.dataset.data_root={self.source}',
             f'test_dataloader.dataset.data_root={self.target}'])
-        shutil.copyfile(osp.join(work, f'iter_{b.pretrain_iters}.pth'), self.pretrained)
+        last = osp.join(work, f'iter_{b.pretrain_iters}.pth')
+        shutil.copyfile(last, self.pretrained)
+        self.commands.append(f'cp {shlex.quote(last)} {shlex.quote(self.pretrained)}')
         self.results['pretrain'] = dict(seconds=seconds, work_dir=work)
         return f'pretrain on source (full, {b.pretrain_iters} iterations)', seconds
 
@@ -205,8 +298,7 @@ class Demo:
             argv += ['--out', osp.join(self.preds, key)]
         argv += ['--cfg-options', f'test_dataloader.dataset.data_root={data_root}']
         seconds = self.tool(f'test_{key}', 'test.py', argv)
-        from colora_mm.demo.report import read_miou
-        miou = read_miou(work)
+        miou = _demo_modules()[1].read_miou(work)
         self.results[f'test_{key}'] = dict(seconds=seconds, miou=miou)
         domain = 'source' if data_root == self.source else 'target'
         return f'test {key} on {domain} val', seconds, f'mIoU {miou:.2f}'
@@ -228,7 +320,7 @@ class Demo:
     def plan(self):
         """Tasks as ``name -> (dependencies, callable)``; with several jobs, the first
         ready task in this order starts next (the long trainings first)."""
-        tasks = {'pretrain': ((), self.pretrain)}
+        tasks = {'pretrain': ((), self.pretrain), 'counts': ((), self.count_parameters)}
         for key, _, config in reversed(METHODS):
             tasks[f'train_{key}'] = (('pretrain', ),
                                      lambda k=key, c=config: self.finetune(k, c))
@@ -248,10 +340,9 @@ class Demo:
                 'pretrained_source', PRETRAIN_CONFIG, self.pretrained, self.source))
         return tasks
 
-    def run_tasks(self, tasks, inline=None) -> None:
+    def run_tasks(self, tasks) -> None:
         """Run ``tasks`` (``name -> (dependencies, callable)``), ``self.jobs`` at a time,
-        in worker threads that each wait for one tool process; ``inline`` (a callable)
-        runs in this thread once the first tasks are started."""
+        in worker threads that each wait for one tool process."""
         done, running = set(), {}
         pending = list(tasks)
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
@@ -263,9 +354,6 @@ class Demo:
                     if all(d in done for d in deps):
                         pending.remove(name)
                         running[pool.submit(fn)] = name
-                if inline is not None:
-                    self.say(*inline())
-                    inline = None
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for future in finished:
                     name = running.pop(future)
@@ -273,26 +361,26 @@ class Demo:
                     done.add(name)
 
     def count_parameters(self):
-        """Parameter counts of every config's model, built in this process (while the
-        first tool runs; the worker threads print nothing meanwhile); the builds'
-        warnings and log lines go to ``logs/parameter_counts.log``."""
-        import contextlib
-        import warnings
+        """Trainable and total parameters of every config's model, counted in a tool
+        process (``colora_mm.demo.report.write_parameter_counts``)."""
+        path = osp.join(self.work, 'parameter_counts.json')
+        configs = {'pretrain': PRETRAIN_CONFIG}
+        configs.update({key: config for key, _, config in METHODS})
         t0 = time.time()
-        with open(osp.join(self.logs, 'parameter_counts.log'), 'w') as log, \
-                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-                warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            from colora_mm.demo.report import count_parameters
-            counts = {'pretrain': count_parameters(PRETRAIN_CONFIG)}
-            for key, _, config in METHODS:
-                counts[key] = count_parameters(config)
-        self.results['counts'] = counts
+        log = osp.join(self.logs, 'parameter_counts.log')
+        rc = self.launcher.run('colora_mm.demo.report:write_parameter_counts',
+                               [path, configs], log)
+        if rc != 0:
+            raise RuntimeError(f'counting parameters failed (log {log})')
+        with open(path) as f:
+            self.results['counts'] = json.load(f)
         return 'count parameters of the 4 models', time.time() - t0
 
     def report(self) -> None:
-        from colora_mm.demo.report import (Row, format_console, prediction_figure,
-                                           read_seconds_per_iter, write_results)
+        report = _demo_modules()[1]
+        Row, format_console = report.Row, report.format_console
+        prediction_figure, write_results = report.prediction_figure, report.write_results
+        read_seconds_per_iter = report.read_seconds_per_iter
         t0 = time.time()
         rows = []
         pre = self.results['counts']['pretrain']
@@ -321,8 +409,10 @@ class Demo:
                   f'`python tools/demo.py --seed {self.seed}'
                   f'{" --quick" if self.quick else ""}`: UperNet + CoLoRAConvNeXt '
                   f'(depths 1-1-2-1, channels 16-128), pretrained on the source domain '
-                  f'for {b.pretrain_iters} iterations{source_note}, then fine-tuned on the target domain for '
-                  f'{b.finetune_iters} iterations of {b.batch_size} images; mIoU on '
+                  f'for {b.pretrain_iters} iterations{source_note}, then fine-tuned on '
+                  f'the target domain for {b.finetune_iters} iterations of '
+                  f'{b.batch_size} images (each run on {self.threads} CPU thread'
+                  f'{"s" if self.threads > 1 else ""}, {self.jobs} at a time); mIoU on '
                   f'the {b.num_val} target validation images.')
         footer = (f'Trainable backbone parameters: adapters + every bias and norm for '
                   f'LoRA and CoLoRA, everything for full fine-tuning; % of the '
@@ -336,8 +426,10 @@ class Demo:
                   f'depthwise).')
         md = write_results(self.out, rows, header, footer)
         with open(osp.join(self.out, 'commands.sh'), 'w') as f:
-            f.write('#!/bin/bash\n# The tool runs of this demo, in order (from the '
-                    'repository root).\nset -e\n' + '\n'.join(self.commands) + '\n')
+            f.write(f'#!/bin/bash\n# The steps of this demo run, in the order they '
+                    f'started.\nset -e\ncd {shlex.quote(REPO)}\nexport OMP_NUM_THREADS='
+                    f'{self.threads} MKL_NUM_THREADS={self.threads}\n'
+                    + '\n'.join(self.commands) + '\n')
         self.say('table and figure', time.time() - t0)
         print()
         print(format_console(rows))
@@ -356,7 +448,7 @@ class Demo:
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
         tasks = self.plan()
-        self.num_steps = len(tasks) + 3
+        self.num_steps = len(tasks) + 2
         print(f'colora_mm demo: pretrain a small ConvNeXt on one synthetic domain, adapt '
               f'it to another with full fine-tuning, LoRA and CoLoRA (seed {self.seed}'
               f'{", quick" if self.quick else ""}, {self.jobs} job'
@@ -364,7 +456,7 @@ class Demo:
               flush=True)
         self.make_data()
         try:
-            self.run_tasks(tasks, inline=self.count_parameters)
+            self.run_tasks(tasks)
         except RuntimeError as err:
             print(f'error: {err}', file=sys.stderr)
             return 1
@@ -387,9 +479,12 @@ def parse_args(argv=None):
     parser.add_argument('--jobs', type=int, default=None,
                         help='tool processes run at once (default: the number of CPU '
                         'cores, at most 3)')
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads of each tool process (OMP_NUM_THREADS, '
-                        'unless already set); default 1')
+    parser.add_argument('--no-fork', action='store_true',
+                        help='start every tool as `python tools/X.py ...` instead of '
+                        'forking it from a process that imported the stack once')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch threads of each tool process (OMP_NUM_THREADS); '
+                        'default: $OMP_NUM_THREADS, else 1')
     return parser.parse_args(argv)
 
 

@@ -61,6 +61,18 @@ def count_parameters(config: str, cfg_options: Optional[dict] = None) -> Dict[st
     return out
 
 
+def write_parameter_counts(path: str, configs: Dict[str, str]) -> None:
+    """:func:`count_parameters` of every ``name -> config``, written to ``path`` as
+    JSON (run by ``tools/demo.py`` in a tool process)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        counts = {name: count_parameters(config) for name, config in configs.items()}
+    with open(path, 'w') as f:
+        json.dump(counts, f, indent=1)
+    print(json.dumps(counts, indent=1))
+
+
 def read_miou(work_dir: str) -> float:
     """mIoU (in %) from the ``metrics.json`` that ``tools/test.py`` writes."""
     with open(osp.join(work_dir, 'metrics.json')) as f:
