@@ -3,6 +3,7 @@
     python benchmarks/bench_colora.py                        # CPU, every table
     python benchmarks/bench_colora.py --only filter deltas   # some tables
     python benchmarks/bench_colora.py --device cuda --amp    # on a GPU, fp16 autocast
+    python benchmarks/bench_colora.py --only train --profile lora colora   # + profiles
 
 Tables:
 
@@ -269,6 +270,23 @@ def bench_train(args, results: dict) -> None:
            'mem vs full', 'peak MiB'], rows)
 
 
+def bench_profile(args, results: dict) -> None:
+    """torch.profiler tables of one training step per method (self time per op)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if args.device == 'cuda' else [])
+    sort = 'self_cuda_time_total' if args.device == 'cuda' else 'self_cpu_time_total'
+    for method in args.profile:
+        model, step, _ = build_trainer(method, args)
+        step()
+        step()
+        with profile(activities=activities) as prof:
+            step()
+        print(f'\nProfile of one training step, {method} (top ops by self time)')
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows))
+        del model, step
+
+
 # ---------------------------------------------------------------------- 2. filter
 def naive_filter(z, window=11, sigma=1.0, eps=1e-5):
     """Eq. 7 by a loop over pixels (channels vectorised)."""
@@ -474,6 +492,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         help='table 1 without the colora-nofilter / colora-pairs rows')
     parser.add_argument('--merge-size', type=int, default=224)
     parser.add_argument('--merge-batch', type=int, default=2)
+    parser.add_argument('--profile', nargs='*', default=[],
+                        help='also print a torch.profiler table of one training step '
+                             'for these methods (e.g. lora colora)')
+    parser.add_argument('--profile-rows', type=int, default=15)
     parser.add_argument('--json', default=None, help='also write the numbers here')
     parser.add_argument('--memory-worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -496,6 +518,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             dict(train=bench_train, filter=bench_filter, merge=bench_merge,
                  deltas=bench_deltas)[name](args, results)
             sys.stdout.flush()
+    if args.profile:
+        bench_profile(args, results)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1, default=str)
