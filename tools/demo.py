@@ -398,9 +398,9 @@ class Demo:
                         self.results['test_colora_merged']['miou']))
         figure = prediction_figure(
             osp.join(self.out, 'predictions.png'), self.target, {
-                f'pretrained only\nmIoU {rows[0].miou:.1f}':
+                f'pretrained only\nmIoU {rows[0].miou:.2f}':
                     osp.join(self.preds, 'pretrained'),
-                f'CoLoRA, merged\nmIoU {rows[-1].miou:.1f}':
+                f'CoLoRA, merged\nmIoU {rows[-1].miou:.2f}':
                     osp.join(self.preds, 'colora_merged')})
         b = self.budget
         source = self.results.get('test_pretrained_source')
@@ -418,8 +418,9 @@ class Demo:
                   f'LoRA and CoLoRA, everything for full fine-tuning; % of the '
                   f'{pre["backbone_plain"]:,} parameters of the plain backbone. The '
                   f'UperNet and auxiliary heads ({heads:,} parameters) train in every '
-                  f'method. Training time: wall time of `tools/train.py` (start-up '
-                  f'included), ms/iter from its log. CoLoRA merged: '
+                  f'method. Training time: wall time of the `tools/train.py` run (model '
+                  f'build, weight loading, training, checkpoint), ms/iter from its log. '
+                  f'CoLoRA merged: '
                   f'max |merged - unmerged| feature difference '
                   f'{self.results["merge"]["max_abs_difference"]}; the ConvNeXt spatial '
                   f'branches stay unfolded (they are cross-channel, the 7x7 conv is '
