@@ -1,6 +1,7 @@
 """The embedded CPU demo (``make demo``): CoLoRA adapting a small ConvNeXt to a new domain.
 
     python tools/demo.py [--out demo_out] [--seed 0] [--quick] [--jobs N] [--threads 1]
+                         [--no-fork]
 
 1. writes a synthetic two-domain segmentation dataset in the ADE20K layout
    (``colora_mm/demo/data.py``: flat-background shapes = source, textured backgrounds,
@@ -16,9 +17,11 @@
    ``OUT/predictions.png`` (target images, ground truth, the pretrained model's and the
    merged CoLoRA model's predictions).
 
-The tools run as separate processes, exactly as a user runs them; every command is
-written to ``OUT/commands.sh`` and its output to ``OUT/logs/``. Independent runs (the
-three fine-tunings, the tests) go in parallel, ``--jobs`` at a time, each on one torch
+Every tool runs in its own process with the command line a user would type, forked
+from a server that imported the OpenMMLab stack once (:class:`ToolLauncher`;
+``--no-fork``: plain ``python tools/X.py`` processes); every command is written to
+``OUT/commands.sh`` and its output to ``OUT/logs/``. Independent runs (the three
+fine-tunings, the tests) go in parallel, ``--jobs`` at a time, each on one torch
 thread. The same ``--seed`` gives the same table (the times aside).
 """
 import argparse
