@@ -12,11 +12,10 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
-@pytest.fixture(autouse=True)
-def _restore_default_scope():
+def _default_scope_restored():
     """Every mmengine Runner makes its scope ('mmseg', 'mmdet', 'mmengine') the
     process-wide current one, and registries build from the current scope first; put
-    back what was current before the test, so results do not depend on test order."""
+    back what was current before, so results do not depend on test order."""
     registry = sys.modules.get('mmengine.registry')  # never imported here first
     saved = registry.DefaultScope._instance_dict.copy() if registry else {}
     yield
@@ -24,3 +23,9 @@ def _restore_default_scope():
     if registry is not None:
         registry.DefaultScope._instance_dict.clear()
         registry.DefaultScope._instance_dict.update(saved)
+
+
+# per test, and per module for Runners built in module-scoped fixtures
+_restore_default_scope = pytest.fixture(autouse=True)(_default_scope_restored)
+_restore_default_scope_per_module = pytest.fixture(
+    autouse=True, scope='module')(_default_scope_restored)
