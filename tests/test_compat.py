@@ -227,6 +227,11 @@ def _dist_worker(out_dir):
     Path(out_dir, f'rank{runner.rank}.json').write_text(json.dumps(dict(
         rank=runner.rank, world_size=runner.world_size, iter=runner.iter,
         wrapper=type(runner.model).__name__, params=params, initial=initial)))
+    # mmengine leaves the process group open; tearing it down before exit avoids gloo's
+    # threads aborting the interpreter's shutdown ('terminate called without an
+    # active exception')
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':
