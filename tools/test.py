@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import (CLIError, check_data_roots, check_state_dict_matches,  # noqa: E402
-                   load_config, read_state_dict)
+                   close_process_group, load_config, read_state_dict)
 
 
 def parse_args(argv=None):
@@ -140,9 +140,13 @@ def main(argv=None):
     if args.out is not None and cfg.default_scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    metrics = runner.test()
     from mmengine.dist import is_main_process
-    if is_main_process():
+    try:
+        metrics = runner.test()
+        main_process = is_main_process()
+    finally:
+        close_process_group()
+    if main_process:
         path = osp.join(cfg.work_dir, 'metrics.json')
         with open(path, 'w') as f:
             json.dump({k: _jsonable(v) for k, v in metrics.items()}, f, indent=1)

@@ -228,8 +228,19 @@ def main(argv=None):
         runner = Runner.from_cfg(cfg)
     else:
         runner = RUNNERS.build(cfg)
-    runner.train()
+    try:
+        runner.train()
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group():
+    """End a distributed run cleanly: a gloo group left open can abort the process at
+    interpreter exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':
