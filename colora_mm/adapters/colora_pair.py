@@ -121,15 +121,17 @@ class CoLoRAPair(nn.Module):
         return self.r * (self.d + self.d_out) + 2 * self.rl * self.d_mid
 
     # ------------------------------------------------------------------ deltas
-    def _independent(self, index: int) -> Optional[torch.Tensor]:
+    def _independent_factors(self, index: int) -> Optional[tuple]:
+        """``(s_i A_i, B_i)``: the scaling goes on the thin factor."""
         if self.rl == 0:
             return None
         A, B = (self.A1, self.B1) if index == 0 else (self.A2, self.B2)
         A, B = A.float(), B.float()
         s = _inverse(math.sqrt(self.rl) * (A.std() + B.std()))
-        return s * (A @ B)
+        return s * A, B
 
-    def _shared(self, index: int) -> Optional[torch.Tensor]:
+    def _shared_factors(self, index: int) -> Optional[tuple]:
+        """``(s As, Bs W2^T)`` for W1', ``(s W1^T As, Bs)`` for W2'."""
         if self.rs == 0:
             return None
         As, Bs = self.As.float(), self.Bs.float()
@@ -137,22 +139,31 @@ class CoLoRAPair(nn.Module):
         if index == 0:
             C = Bs @ self.partner_w2.float().t()             # (rs x d'), low-rank first
             s = _inverse(norm * (C.std() + As.std()))
-            return s * (As @ C)                              # (d x d')
+            return s * As, C
         C = self.partner_w1.float().t() @ As                 # (d' x rs)
         s = _inverse(norm * (C.std() + Bs.std()))
-        return s * (C @ Bs)                                  # (d' x d'')
+        return s * C, Bs
+
+    def _independent(self, index: int) -> Optional[torch.Tensor]:
+        factors = self._independent_factors(index)
+        return None if factors is None else factors[0] @ factors[1]
 
     def delta(self, index: int) -> torch.Tensor:
         """``dW1`` (index 0, ``d x d'``) or ``dW2`` (index 1, ``d' x d''``) in float32,
-        paper orientation, autocast disabled."""
+        paper orientation, autocast disabled.
+
+        Both terms of Eq. 14 (or 15) are one product of inner width ``r``,
+        ``[s1 A1 | s As] @ [B1 ; Bs W2^T]``: a single full-size GEMM, and autograd
+        keeps only the thin factors."""
         device_type = self.partner_w1.device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            parts = [p for p in (self._independent(index), self._shared(index))
-                     if p is not None]
-            out = parts[0]
-            for p in parts[1:]:
-                out = out + p
-        return out
+            parts = [f for f in (self._independent_factors(index),
+                                 self._shared_factors(index)) if f is not None]
+            if len(parts) == 1:
+                return parts[0][0] @ parts[0][1]
+            left = torch.cat([p[0] for p in parts], dim=1)
+            right = torch.cat([p[1] for p in parts], dim=0)
+            return left @ right
 
     # ------------------------------------------------------------- partners
     @torch.no_grad()
