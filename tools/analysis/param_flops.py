@@ -38,10 +38,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os.path as osp
 import sys
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -53,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from colora_mm.adapters import (AdaptedLayer, ConvAdapter, CoLoRAPairLayer, HiRA, LoRA,
                                 SpatialLowRankBranch, is_adapter_name,
                                 iter_adapted_layers, merge_adapters, trainable_report)
+from colora_mm.engine.complexity import weight_update_flops
 
 BACKBONES = {
     'resnet50': dict(type='CoLoRAResNet', depth=50, deep_stem=False),
@@ -181,18 +180,8 @@ def count_weight_updates(model: nn.Module) -> Tuple[int, int]:
 def formula_update_flops(layer: AdaptedLayer) -> int:
     """Table 1's per-step weight-update cost; a CoLoRA pair is counted on its first
     layer (``(r + rs + 2) d'(d + d'')``), LoRA/PiSSA ``(r + 1)`` and HiRA ``(r + 2)``
-    times ``d_in d_out`` per layer."""
-    adapter = layer.adapter_branch
-    if isinstance(adapter, CoLoRAPairLayer):
-        if adapter.index:
-            return 0
-        p = adapter.get_pair()
-        return (p.r + p.rs + 2) * p.d_mid * (p.d + p.d_out)
-    if isinstance(adapter, HiRA):
-        return (adapter.rank + 2) * layer.in_channels * layer.out_channels
-    if isinstance(adapter, LoRA):          # PiSSA is a LoRA
-        return (adapter.rank + 1) * layer.in_channels * layer.out_channels
-    return 0
+    times ``d_in d_out`` per layer: the same figure the report hook prints."""
+    return weight_update_flops(layer)
 
 
 def formula_params(layer: AdaptedLayer) -> int:
