@@ -42,6 +42,10 @@ class AdapterSpec:
         filter_lambda (float): Filter weight ``lambda``. Defaults to 0.2.
         partner_policy (str): ``'effective'`` or ``'frozen'``. Defaults to 'effective'.
         spatial (bool): CoLoRA's spatial branch on the spatial convs. Defaults to True.
+        spatial_gamma (int, optional): Rank divisor of the spatial branch,
+            ``r = C // spatial_gamma``; None takes ``gamma``. The paper's ConvNeXt
+            #Param figures (Tables 5-8) are reproduced with ``2 * gamma``, which the
+            paper-reproduction configs set. Defaults to None.
         scaling (float): LoRA/PiSSA ``alpha / r``. Defaults to 2.0.
         act (str): Conv-Adapter activation, ``'relu'`` or ``'gelu'``. Defaults to 'relu'.
         merged (bool): Describes the deployment structure that ``merge_adapters``
@@ -57,6 +61,7 @@ class AdapterSpec:
     filter_lambda: float = 0.2
     partner_policy: str = 'effective'
     spatial: bool = True
+    spatial_gamma: Optional[int] = None
     scaling: float = 2.0
     act: str = 'relu'
     merged: bool = False
@@ -73,8 +78,12 @@ class AdapterSpec:
         if self.partner_policy not in PARTNER_POLICIES:
             raise ValueError(f'AdapterSpec: partner_policy={self.partner_policy!r}; '
                              f'expected one of {PARTNER_POLICIES}.')
-        if self.gamma is not None and self.gamma <= 0:
-            raise ValueError(f'AdapterSpec: gamma={self.gamma} must be a positive integer.')
+        for key in ('gamma', 'spatial_gamma'):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise ValueError(f'AdapterSpec: {key}={value!r} must be a positive '
+                                 'integer (the rank divisor r = width // gamma).')
 
     @classmethod
     def from_dict(cls, cfg: Union[None, dict, 'AdapterSpec']) -> 'AdapterSpec':
@@ -95,6 +104,11 @@ class AdapterSpec:
     @property
     def rank_divisor(self) -> int:
         return self.gamma if self.gamma is not None else DEFAULT_GAMMA.get(self.method, 1)
+
+    @property
+    def spatial_rank_divisor(self) -> int:
+        """Divisor of CoLoRA's spatial branch rank: ``spatial_gamma``, else ``gamma``."""
+        return self.spatial_gamma if self.spatial_gamma is not None else self.rank_divisor
 
 
 # ---------------------------------------------------------------------- targets
@@ -195,7 +209,7 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
         if spec.spatial:
             for name in resolve_names(model, spatial, 'CoLoRA spatial branch'):
                 injected[name] = _wrap(model, name, lambda layer: SpatialLowRankBranch(
-                    layer, _spatial_rank(layer, gamma), spec.use_filter,
+                    layer, _spatial_rank(layer, spec.spatial_rank_divisor), spec.use_filter,
                     spec.filter_lambda))
         return injected
 
@@ -227,8 +241,8 @@ def _spatial_rank(layer: AdaptedLayer, gamma: int) -> int:
     r = layer.in_channels // gamma
     if r == 0:
         raise ValueError(f'{layer.describe()}: spatial rank r = C // gamma = '
-                         f'{layer.in_channels} // {gamma} = 0; use gamma <= '
-                         f'{layer.in_channels}.')
+                         f'{layer.in_channels} // {gamma} = 0; use gamma (or '
+                         f'spatial_gamma) <= {layer.in_channels}.')
     return r
 
 

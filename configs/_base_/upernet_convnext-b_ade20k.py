@@ -21,6 +21,7 @@ model = dict(
         adapter=dict(
             method='colora',
             gamma=16,
+            spatial_gamma=32,  # spatial rank C // (2 gamma): reproduces the paper's #Param
             share_ratio=0.5,
             use_filter=True,
             partner_policy='effective'),
