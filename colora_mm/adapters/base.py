@@ -7,14 +7,27 @@ strategy module, an :class:`Adapter`, stored under ``adapter_branch``.
 
 An adapter answers a small contract:
 
-* ``delta_weight(layer)``: the weight update applied in the forward pass (PyTorch layout,
-  ``(out, in)`` or ``(out, in, kh, kw)``), or ``None`` when the adapter is a parallel
-  branch instead;
+* ``low_rank(layer)``: for an update of low rank, its thin factors ``(L, R)`` in the
+  paper's orientation, ``dW = L R`` with ``L (in x k)`` and ``R (k x out)``, scalings
+  included; ``None`` otherwise. A low-rank update trains on activations,
+  ``y = base(x) + (x L) R``, or through the weight, ``y = x (W + L R)``: the layer picks
+  the cheaper of the two for its shape and the number of tokens (:mod:`.paths`);
+* ``delta_weight(layer)``: the weight update (PyTorch layout, ``(out, in)`` or
+  ``(out, in, kh, kw)``), or ``None`` when the adapter is a parallel branch instead;
+  ``adapted_weight(layer)``: the weight the weight path uses, ``W + dW`` by default;
 * ``branch(layer, x)``: the output of a parallel branch, or ``None``;
 * ``foldable``: whether the whole adaptation is a weight update that can be baked into
   the base weight, and ``fold_delta(layer)``, that update;
+* ``after_forward(layer, factors)``: called after every forward pass with the factors
+  (or ``None``) that were applied;
 * ``reset_from_weights(layer)``: re-derive state that depends on the base weights (partner
-  buffers, PiSSA's SVD) after a pretrained checkpoint has been loaded.
+  snapshots, PiSSA's SVD) after a pretrained checkpoint has been loaded.
+
+Precision: factors, scalings and deltas are computed in ``max(float32, parameter
+dtype)`` (:func:`compute_dtype`) with autocast off, so float64 models stay float64 and
+half-precision models still form their updates in float32. The products with the
+activations (the frozen base op and ``(x L) R``) run in the autocast dtype when autocast
+is on.
 
 Every parameter or buffer of an adapter lives under a name component starting with
 :data:`ADAPTER_PREFIX`; that prefix is the single rule for "what belongs to an adapter".
@@ -26,6 +39,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .paths import TRAIN_PATHS, prefer_activation_path
 
 ADAPTER_PREFIX = 'adapter_'
 
@@ -41,6 +56,20 @@ def is_adapter_name(name: str) -> bool:
     return any(part.startswith(ADAPTER_PREFIX) for part in name.split('.'))
 
 
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """``max(float32, dtype of the tensors)``: the dtype adapter updates are formed in."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def no_autocast(device: torch.device):
+    """A context in which autocast is off on ``device``."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class Adapter(nn.Module):
     """Strategy interface. Subclasses override what applies to them."""
 
@@ -51,8 +80,24 @@ class Adapter(nn.Module):
     def foldable(self) -> bool:
         return False
 
-    def delta_weight(self, layer: 'AdaptedLayer') -> Optional[torch.Tensor]:
+    def low_rank(self, layer: 'AdaptedLayer') -> Optional[tuple]:
+        """``(L, R)`` with ``dW = L R`` in paper orientation, or None."""
         return None
+
+    def delta_weight(self, layer: 'AdaptedLayer') -> Optional[torch.Tensor]:
+        factors = self.low_rank(layer)
+        if factors is None:
+            return None
+        left, right = factors
+        with no_autocast(left.device):
+            return layer.as_weight_shape((left @ right).t())
+
+    def adapted_weight(self, layer: 'AdaptedLayer') -> Optional[torch.Tensor]:
+        """The weight the weight path runs the base op with: ``W + dW``."""
+        delta = self.delta_weight(layer)
+        if delta is None:
+            return None
+        return layer.weight + delta.to(layer.weight.dtype)
 
     def branch(self, layer: 'AdaptedLayer', x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
@@ -67,9 +112,9 @@ class Adapter(nn.Module):
         assert delta is not None
         return delta
 
-    def after_forward(self, layer: 'AdaptedLayer',
-                      delta: Optional[torch.Tensor]) -> None:
-        """Called after every forward pass with the delta that was applied."""
+    def after_forward(self, layer: 'AdaptedLayer', factors: Optional[tuple]) -> None:
+        """Called after every forward pass with the low-rank factors that were applied
+        (None for an adapter without them)."""
 
     @torch.no_grad()
     def reset_from_weights(self, layer: 'AdaptedLayer') -> None:
@@ -96,10 +141,15 @@ class AdaptedLayer(nn.Module):
         make_adapter (callable): Builds the strategy from this (wrapped) layer, which
             gives it the shapes, stride and a name for its error messages.
         name (str): The module's qualified name, for error messages. Defaults to ''.
+        train_path (str): How a low-rank update is applied: ``'activation'``
+            (``base(x) + (x L) R``: no weight-sized tensor or gradient), ``'weight'``
+            (``x (W + L R)``) or ``'auto'`` (per forward, the cheaper one for this
+            layer's shape and the number of tokens, :func:`.paths.prefer_activation_path`).
+            Both compute the same function. Defaults to 'auto'.
     """
 
     def __init__(self, base: BaseLayer, make_adapter: Callable[['AdaptedLayer'], Adapter],
-                 name: str = '') -> None:
+                 name: str = '', train_path: str = 'auto') -> None:
         super().__init__()
         if isinstance(base, AdaptedLayer):
             raise ValueError(f'{name or "module"} already carries an adapter '
@@ -126,6 +176,13 @@ class AdaptedLayer(nn.Module):
         else:
             self.in_channels = base.in_features
             self.out_channels = base.out_features
+        if train_path not in TRAIN_PATHS:
+            raise ValueError(f'{name or "module"}: train_path={train_path!r}; expected one '
+                             f'of {TRAIN_PATHS}.')
+        self.train_path = train_path
+        #: The path the last forward pass took: 'activation', 'weight' or None (no
+        #: low-rank update on this layer, or not run yet).
+        self.last_path: Optional[str] = None
         self.merged = False
         self.adapter_branch = make_adapter(self)
         # The delta baked in by merge(), kept so that unmerge() is exact even for
@@ -155,6 +212,12 @@ class AdaptedLayer(nn.Module):
     def as_weight_shape(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.reshape(self.weight.shape)
 
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight without a merged update (``weight`` unless merged)."""
+        if self.merged and self._merged_delta is not None:
+            return self.weight - self._merged_delta
+        return self.weight
+
     def base_forward(self, x: torch.Tensor,
                      weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         w = self.weight if weight is None else weight
@@ -164,19 +227,57 @@ class AdaptedLayer(nn.Module):
         return F.linear(x, w, self.bias)
 
     # --------------------------------------------------------------- forward
+    def tokens(self, x: torch.Tensor) -> int:
+        """Positions the layer is applied at (rows of the GEMM)."""
+        return x.numel() // max(self.in_channels, 1)
+
+    def use_activation_path(self, x: torch.Tensor, rank: int) -> bool:
+        if self.train_path != 'auto':
+            return self.train_path == 'activation'
+        if not self.is_pointwise:
+            return False
+        training = torch.is_grad_enabled() and self.training
+        return prefer_activation_path(self.tokens(x), self.in_channels, self.out_channels,
+                                      rank, training, x.device.type)
+
+    def low_rank_forward(self, x: torch.Tensor, left: torch.Tensor,
+                         right: torch.Tensor) -> torch.Tensor:
+        """``(x L) R`` on this layer's input layout: the low-rank update applied to the
+        activations. A 1x1 conv keeps its stride and padding (the zero padding gives zero
+        rows, so base and update still add up to ``x (W + L R)``)."""
+        if not torch.is_autocast_enabled(x.device.type):
+            left, right = left.to(x.dtype), right.to(x.dtype)
+        if not self.is_conv:
+            return (x @ left) @ right
+        k = left.shape[1]
+        down = left.t().reshape(k, self.in_channels, 1, 1)
+        up = right.t().reshape(self.out_channels, k, 1, 1)
+        z = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(z, up)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_forward(x)
         adapter = self.adapter_branch
-        delta = adapter.delta_weight(self)
-        if delta is None:
+        factors = adapter.low_rank(self)
+        if factors is not None and self.use_activation_path(x, factors[0].shape[1]):
             out = self.base_forward(x)
+            out = out + self.low_rank_forward(x, *factors).to(out.dtype)
+            self.last_path = 'activation'
         else:
-            out = self.base_forward(x, self.weight + delta.to(self.weight.dtype))
+            if factors is not None:
+                left, right = factors
+                with no_autocast(left.device):
+                    delta = self.as_weight_shape((left @ right).t())
+                weight = self.weight + delta.to(self.weight.dtype)
+            else:
+                weight = adapter.adapted_weight(self)
+            out = self.base_forward(x, weight)
+            self.last_path = None if weight is None else 'weight'
         extra = adapter.branch(self, x)
         if extra is not None:
             out = out + extra.to(out.dtype)
-        adapter.after_forward(self, delta)
+        adapter.after_forward(self, factors)
         return out
 
     # --------------------------------------------------------------- merge
@@ -190,11 +291,13 @@ class AdaptedLayer(nn.Module):
         return self.adapter_branch.fold_delta(self).to(self.weight.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Bake the adapter into ``weight``. Raises if already merged or not foldable."""
+    def merge(self, delta: Optional[torch.Tensor] = None) -> None:
+        """Bake the adapter into ``weight`` (``delta``: its :meth:`get_delta_weight`,
+        when already computed). Raises if already merged or not foldable."""
         if self.merged:
             raise RuntimeError(f'{self.describe()} is already merged; unmerge() first.')
-        delta = self.get_delta_weight()
+        if delta is None:
+            delta = self.get_delta_weight()
         self.weight.add_(delta)
         self._merged_delta = delta
         self.merged = True

@@ -20,31 +20,45 @@ from the current parameters at every forward pass::
     s   = 1 / ((rs * n)^(1/4) * (std(Bs W2^T) + std(As)))      in W1'
     s   = 1 / ((rs * n)^(1/4) * (std(W1^T As) + std(Bs)))      in W2'
 
-The partner weights (``W2`` inside Eq. 14, ``W1`` inside Eq. 15) are persistent buffers:
-``'frozen'`` keeps the pretrained weights; ``'effective'`` copies the detached effective
-weights ``W + dW`` after every training-mode forward pass. Evaluation never changes them.
+The partner weights (``W2`` inside Eq. 14, ``W1`` inside Eq. 15) are the partner layer's
+base weight plus a low-rank offset kept in persistent buffers, ``P = W + L R``, never a
+full copy. ``'frozen'``: the offset is empty, the partner is the base weight (a fold of
+the independent part into the base, :meth:`CoLoRAPairLayer.fold_independent_`, records
+its negative so the partner does not move). ``'effective'``: after every training-mode
+forward pass the offset takes the detached factors that pass formed, so the next pass
+sees ``W + dW`` of this one (``r (d_in + d_out)`` floats per side). Evaluation never
+changes them.
+
+Precision: the factors, the scalings (their stds) and the partner products
+``Bs W2^T`` / ``W1^T As`` are formed in ``max(float32, parameter dtype)`` with autocast
+off; the products with the activations run in the autocast dtype.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .base import AdaptedLayer, Adapter
+from .base import AdaptedLayer, Adapter, compute_dtype, no_autocast
 from .init import init_a_
 
 PARTNER_POLICIES = ('effective', 'frozen')
+#: Buffer names of the partner offsets, ``partner_i = base_i + L_i R_i``.
+OFFSET_NAMES = (('partner_l1', 'partner_r1'), ('partner_l2', 'partner_r2'))
+#: Full partner copies of an earlier storage layout, converted on load.
+LEGACY_PARTNER_NAMES = ('partner_w1', 'partner_w2')
 
 
 def pair_ranks(n: int, gamma: int, share_ratio: float, where: str = '') -> tuple:
     """``(r, rs, rl)`` for a block of width ``n``; raises on an empty adapter."""
-    if not 0.0 <= share_ratio <= 1.0:
-        raise ValueError(f'{where}: share_ratio={share_ratio} must lie in [0, 1] '
+    if isinstance(share_ratio, bool) or not isinstance(share_ratio, (int, float)) \
+            or not 0.0 <= share_ratio <= 1.0:
+        raise ValueError(f'{where}: share_ratio={share_ratio!r} must lie in [0, 1] '
                          '(the fraction of the rank shared by the pair).')
-    if gamma <= 0:
-        raise ValueError(f'{where}: gamma={gamma} must be a positive integer.')
+    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma <= 0:
+        raise ValueError(f'{where}: gamma={gamma!r} must be a positive integer.')
     r = n // gamma
     if r == 0:
         raise ValueError(f'{where}: rank r = n // gamma = {n} // {gamma} = 0 for block '
@@ -59,8 +73,26 @@ def _inverse(den: torch.Tensor) -> torch.Tensor:
     return 1.0 / den.clamp_min(1e-12)
 
 
+@torch.no_grad()
+def compact_factors(left: torch.Tensor, right: torch.Tensor,
+                    tol: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(L', R')`` with ``L' R' = L R`` and the inner width cut to the numerical rank
+    of the product (SVD in float64; singular values up to ``tol``, by default the
+    factors' rounding level of the largest one, are dropped)."""
+    product = left.double() @ right.double()
+    u, s, vh = torch.linalg.svd(product, full_matrices=False)
+    if s.numel() == 0 or s[0] == 0:
+        return left.new_zeros(left.shape[0], 0), right.new_zeros(0, right.shape[1])
+    if tol is None:
+        tol = s[0] * max(product.shape) * torch.finfo(left.dtype).eps
+    k = int((s > tol).sum())
+    root = s[:k].sqrt()
+    return ((u[:, :k] * root).to(left.dtype).contiguous(),
+            (root[:, None] * vh[:k]).to(right.dtype).contiguous())
+
+
 class CoLoRAPair(nn.Module):
-    """Parameters and partner buffers of one correlated pair (paper orientation).
+    """Parameters and partner offsets of one correlated pair (paper orientation).
 
     Args:
         d (int): Input width of the first layer.
@@ -87,6 +119,7 @@ class CoLoRAPair(nn.Module):
         self.r, self.rs, self.rl = pair_ranks(self.n, gamma, share_ratio, where)
         self.gamma, self.share_ratio = gamma, share_ratio
         self.partner_policy = partner_policy
+        self.where = where
         rl, rs = self.rl, self.rs
         # An empty part (share_ratio 0 or 1) has no parameters at all: a zero-size
         # parameter would never receive a gradient (and stop DDP).
@@ -96,14 +129,23 @@ class CoLoRAPair(nn.Module):
         self._new_param('B2', (rl, d_out), rl)
         self._new_param('As', (d, rs), rs)
         self._new_param('Bs', (rs, d_out), rs)
-        # Partner weights in paper orientation: W1 (d x d'), W2 (d' x d'').
-        self.register_buffer('partner_w1', torch.zeros(d, d_mid))
-        self.register_buffer('partner_w2', torch.zeros(d_mid, d_out))
-        self._pending_w1: Optional[torch.Tensor] = None
+        # Partner offsets in paper orientation, empty at first: partner_i = base_i.
+        for (lname, rname), (din, dout) in zip(OFFSET_NAMES, self.side_shapes()):
+            self.register_buffer(lname, torch.zeros(din, 0))
+            self.register_buffer(rname, torch.zeros(0, dout))
+        # The two adapted layers (set by CoLoRAPairLayer; plain attributes, so the
+        # module tree has no cycle). A pair on its own has zero base weights.
+        self._layers: List[Optional[AdaptedLayer]] = [None, None]
+        self._layer_names: Tuple[str, str] = ('', '')
+        self._pending: Optional[tuple] = None
         self.reset_parameters()
 
     def _new_param(self, name: str, shape: tuple, rank: int) -> None:
         self.register_parameter(name, nn.Parameter(torch.zeros(shape)) if rank else None)
+
+    def side_shapes(self) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """Paper-orientation ``(in, out)`` of W1 and W2."""
+        return (self.d, self.d_mid), (self.d_mid, self.d_out)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -120,58 +162,181 @@ class CoLoRAPair(nn.Module):
         """Closed form ``r (d + d'') + 2 rl d'`` (appendix Table 1)."""
         return self.r * (self.d + self.d_out) + 2 * self.rl * self.d_mid
 
+    def attach(self, index: int, layer: AdaptedLayer) -> None:
+        self._layers[index] = layer
+        names = list(self._layer_names)
+        names[index] = layer.layer_name
+        self._layer_names = tuple(names)
+
+    def _compute_dtype(self) -> torch.dtype:
+        return compute_dtype(*(p for p in self.parameters()), *self._base_weights())
+
+    def _base_weights(self) -> List[torch.Tensor]:
+        return [layer.unmerged_weight() for layer in self._layers if layer is not None]
+
+    # -------------------------------------------------------------- partners
+    def offset(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        lname, rname = OFFSET_NAMES[index]
+        return getattr(self, lname), getattr(self, rname)
+
+    def partner_base(self, index: int) -> Optional[torch.Tensor]:
+        """The partner layer's base weight in PyTorch layout ``(out, in)`` (W1^T or
+        W2^T of the paper), or None for a pair without layers (zero base)."""
+        layer = self._layers[index]
+        if layer is None:
+            return None
+        return layer.weight_matrix(layer.unmerged_weight())
+
+    def partner(self, index: int) -> torch.Tensor:
+        """The partner ``W_i + L_i R_i`` in paper orientation ``(in x out)``, detached,
+        in the compute dtype. Formed here for inspection only: the deltas never build it."""
+        with torch.no_grad(), no_autocast(self.partner_l1.device):
+            dtype = self._compute_dtype()
+            din, dout = self.side_shapes()[index]
+            base = self.partner_base(index)
+            out = (torch.zeros(din, dout, dtype=dtype, device=self.partner_l1.device)
+                   if base is None else base.detach().t().to(dtype))
+            left, right = self.offset(index)
+            if left.shape[1]:
+                out = out + left.to(dtype) @ right.to(dtype)
+            return out
+
+    @property
+    def partner_w1(self) -> torch.Tensor:
+        """W1 as the pair sees it (paper orientation ``d x d'``); read-only."""
+        return self.partner(0)
+
+    @property
+    def partner_w2(self) -> torch.Tensor:
+        """W2 as the pair sees it (paper orientation ``d' x d''``); read-only."""
+        return self.partner(1)
+
+    @torch.no_grad()
+    def set_partner_offset(self, index: int, left: torch.Tensor,
+                           right: torch.Tensor) -> None:
+        """Make ``partner_index = base + left @ right`` (paper orientation). Rebinds the
+        buffers: a pending backward pass keeps the tensors it saved."""
+        din, dout = self.side_shapes()[index]
+        if left.dim() != 2 or right.dim() != 2 or left.shape[0] != din \
+                or right.shape[1] != dout or left.shape[1] != right.shape[0]:
+            raise ValueError(f'{self.where}: partner offset of W{index + 1} must be '
+                             f'({din} x k) @ (k x {dout}); got {tuple(left.shape)} @ '
+                             f'{tuple(right.shape)}.')
+        lname, rname = OFFSET_NAMES[index]
+        ref = getattr(self, lname)
+        setattr(self, lname, left.detach().to(ref.dtype).contiguous())
+        setattr(self, rname, right.detach().to(ref.dtype).contiguous())
+
+    @torch.no_grad()
+    def clear_partner_offsets(self) -> None:
+        """Partners = the current base weights (after pretrained weights are loaded)."""
+        for index, (din, dout) in enumerate(self.side_shapes()):
+            left, right = self.offset(index)
+            self.set_partner_offset(index, left.new_zeros(din, 0), right.new_zeros(0, dout))
+        self._pending = None
+
     # ------------------------------------------------------------------ deltas
-    def _independent_factors(self, index: int) -> Optional[tuple]:
+    def _independent_factors(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
         """``(s_i A_i, B_i)``: the scaling goes on the thin factor."""
         if self.rl == 0:
             return None
         A, B = (self.A1, self.B1) if index == 0 else (self.A2, self.B2)
-        A, B = A.float(), B.float()
+        A, B = A.to(dtype), B.to(dtype)
         s = _inverse(math.sqrt(self.rl) * (A.std() + B.std()))
         return s * A, B
 
-    def _shared_factors(self, index: int) -> Optional[tuple]:
-        """``(s As, Bs W2^T)`` for W1', ``(s W1^T As, Bs)`` for W2'."""
+    def _shared_factors(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
+        """``(s As, Bs W2p^T)`` for W1', ``(s W1p^T As, Bs)`` for W2'; the partner enters
+        as its base weight and its low-rank offset, never as a formed sum."""
         if self.rs == 0:
             return None
-        As, Bs = self.As.float(), self.Bs.float()
+        As, Bs = self.As.to(dtype), self.Bs.to(dtype)
         norm = (self.rs * self.n) ** 0.25
+        other = 1 - index
+        base = self.partner_base(other)           # W2^T (d'' x d') or W1^T (d' x d)
+        left, right = (t.to(dtype) for t in self.offset(other))
+        din, dout = self.side_shapes()[index]
         if index == 0:
-            C = Bs @ self.partner_w2.float().t()             # (rs x d'), low-rank first
+            # C = Bs W2p^T = Bs W2^T + (Bs R2^T) L2^T                      (rs x d')
+            C = Bs @ base.to(dtype) if base is not None else Bs.new_zeros(self.rs, dout)
+            if left.shape[1]:
+                C = C + (Bs @ right.t()) @ left.t()
             s = _inverse(norm * (C.std() + As.std()))
             return s * As, C
-        C = self.partner_w1.float().t() @ As                 # (d' x rs)
+        # C = W1p^T As = W1^T As + R1^T (L1^T As)                             (d' x rs)
+        C = base.to(dtype) @ As if base is not None else As.new_zeros(din, self.rs)
+        if left.shape[1]:
+            C = C + right.t() @ (left.t() @ As)
         s = _inverse(norm * (C.std() + Bs.std()))
         return s * C, Bs
 
-    def _independent(self, index: int) -> Optional[torch.Tensor]:
-        factors = self._independent_factors(index)
-        return None if factors is None else factors[0] @ factors[1]
+    def factors(self, index: int) -> tuple:
+        """``(L, R)`` with ``dW_index = L R`` (paper orientation, inner width ``r``):
+        both terms of Eq. 14 (or 15) as one product, ``[s1 A1 | s As] @ [B1 ; Bs W2^T]``.
+        In ``max(float32, parameter dtype)``, autocast off."""
+        with no_autocast(self.partner_l1.device):
+            dtype = self._compute_dtype()
+            parts = [f for f in (self._independent_factors(index, dtype),
+                                 self._shared_factors(index, dtype)) if f is not None]
+            if len(parts) == 1:
+                return parts[0]
+            return (torch.cat([p[0] for p in parts], dim=1),
+                    torch.cat([p[1] for p in parts], dim=0))
 
     def delta(self, index: int) -> torch.Tensor:
-        """``dW1`` (index 0, ``d x d'``) or ``dW2`` (index 1, ``d' x d''``) in float32,
-        paper orientation, autocast disabled.
-
-        Both terms of Eq. 14 (or 15) are one product of inner width ``r``,
-        ``[s1 A1 | s As] @ [B1 ; Bs W2^T]``: a single full-size GEMM, and autograd
-        keeps only the thin factors."""
-        device_type = self.partner_w1.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            parts = [f for f in (self._independent_factors(index),
-                                 self._shared_factors(index)) if f is not None]
-            if len(parts) == 1:
-                return parts[0][0] @ parts[0][1]
-            left = torch.cat([p[0] for p in parts], dim=1)
-            right = torch.cat([p[1] for p in parts], dim=0)
+        """``dW1`` (index 0, ``d x d'``) or ``dW2`` (index 1, ``d' x d''``), paper
+        orientation, in ``max(float32, parameter dtype)``: a single GEMM of inner width
+        ``r``; autograd keeps only the thin factors."""
+        left, right = self.factors(index)
+        with no_autocast(left.device):
             return left @ right
 
-    # ------------------------------------------------------------- partners
-    @torch.no_grad()
-    def set_partners(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
-        """Set partners from PyTorch-layout weights ``(d' x d)`` and ``(d'' x d')``."""
-        self.partner_w1.copy_(w1.reshape(self.d_mid, self.d).t())
-        self.partner_w2.copy_(w2.reshape(self.d_out, self.d_mid).t())
-        self._pending_w1 = None
+    def _independent(self, index: int) -> Optional[tuple]:
+        return self._independent_factors(index, self._compute_dtype())
+
+    # ------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+        legacy = [prefix + name for name in LEGACY_PARTNER_NAMES]
+        if any(k in state_dict for k in legacy):
+            self._convert_legacy_partners(state_dict, prefix, legacy)
+        # The offsets' inner width varies (0, r, or more after a fold): take the
+        # checkpoint's.
+        for lname, rname in OFFSET_NAMES:
+            for name in (lname, rname):
+                key = prefix + name
+                if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                    ref = getattr(self, name)
+                    setattr(self, name, ref.new_zeros(state_dict[key].shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def _convert_legacy_partners(self, state_dict, prefix: str, legacy: list) -> None:
+        """A checkpoint that stored full partner copies: keep ``partner - base`` as a
+        low-rank offset (exact to rounding: the copies were ``W + dW`` of rank <= r,
+        or the base itself)."""
+        first = self._layer_names[0]
+        tail = f'{first}.adapter_branch.pair.'
+        root = prefix[:-len(tail)] if first and prefix.endswith(tail) else None
+        bases = [None if root is None else state_dict.get(f'{root}{name}.weight')
+                 for name in self._layer_names]
+        if any(k not in state_dict for k in legacy) or any(b is None for b in bases):
+            raise RuntimeError(
+                f'{self.where}: this checkpoint stores full partner copies '
+                f'({prefix}partner_w1/partner_w2) but not both base weights beside them, '
+                'so they cannot be converted to partner offsets; load the whole '
+                'model\'s state dict, or retrain from the pretrained weights.')
+        for index, (key, base) in enumerate(zip(legacy, bases)):
+            stored = state_dict.pop(key)
+            full = stored.double()                                 # paper (in x out)
+            base = base.reshape(base.shape[0], -1).double().t()
+            # what the stored copy's own rounding cannot tell apart from zero
+            tol = torch.finfo(stored.dtype).eps * float(full.norm())
+            left, right = compact_factors(full - base, torch.eye(full.shape[1],
+                                                                  dtype=torch.float64), tol)
+            lname, rname = OFFSET_NAMES[index]
+            state_dict[prefix + lname] = left.float()
+            state_dict[prefix + rname] = right.float()
 
 
 class CoLoRAPairLayer(Adapter):
@@ -184,13 +349,16 @@ class CoLoRAPairLayer(Adapter):
 
     method = 'colora'
 
-    def __init__(self, pair: CoLoRAPair, index: int) -> None:
+    def __init__(self, pair: CoLoRAPair, index: int,
+                 layer: Optional[AdaptedLayer] = None) -> None:
         super().__init__()
         self.index = index
         if index == 0:
             self.pair = pair
         else:
             object.__setattr__(self, '_pair_ref', pair)
+        if layer is not None:
+            pair.attach(index, layer)
 
     def get_pair(self) -> CoLoRAPair:
         return self.pair if self.index == 0 else self._pair_ref
@@ -199,42 +367,48 @@ class CoLoRAPairLayer(Adapter):
     def foldable(self) -> bool:
         return True
 
-    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
-        delta = self.get_pair().delta(self.index)            # paper orientation
-        return layer.as_weight_shape(delta.t())              # PyTorch (out, in)
+    def low_rank(self, layer: AdaptedLayer) -> tuple:
+        return self.get_pair().factors(self.index)
 
-    def after_forward(self, layer: AdaptedLayer, delta: Optional[torch.Tensor]) -> None:
+    def after_forward(self, layer: AdaptedLayer, factors: Optional[tuple]) -> None:
         pair = self.get_pair()
-        if not self.training or pair.partner_policy != 'effective':
+        if not self.training or pair.partner_policy != 'effective' or factors is None:
             return
-        with torch.no_grad():
-            effective = (layer.weight_matrix().float() + layer.weight_matrix(delta).float()).t()
-            effective = effective.to(pair.partner_w1.dtype).contiguous()
-            if self.index == 0:
-                # Hold W1' until the second layer has used this step's partner W1.
-                pair._pending_w1 = effective
-            else:
-                # Rebind rather than copy in place: autograd saved the old partners
-                # for this step's backward pass.
-                pair.partner_w2 = effective
-                if pair._pending_w1 is not None:
-                    pair.partner_w1 = pair._pending_w1
-                    pair._pending_w1 = None
+        snapshot = tuple(f.detach() for f in factors)
+        if self.index == 0:
+            # Hold W1's offset until the second layer has used this step's partner W1.
+            pair._pending = snapshot
+        else:
+            pair.set_partner_offset(1, *snapshot)
+            if pair._pending is not None:
+                pair.set_partner_offset(0, *pair._pending)
+                pair._pending = None
 
     @torch.no_grad()
     def reset_from_weights(self, layer: AdaptedLayer) -> None:
         pair = self.get_pair()
-        target = pair.partner_w1 if self.index == 0 else pair.partner_w2
-        target.copy_(layer.weight_matrix().t())
-        pair._pending_w1 = None
+        din, dout = pair.side_shapes()[self.index]
+        left, right = pair.offset(self.index)
+        pair.set_partner_offset(self.index, left.new_zeros(din, 0), right.new_zeros(0, dout))
+        pair._pending = None
 
     @torch.no_grad()
     def fold_independent_(self, layer: AdaptedLayer) -> list:
+        """Add ``s_i A_i B_i`` to the base weight, record ``-s_i A_i B_i`` in this side's
+        partner offset (the partner does not move), re-initialise ``A_i, B_i``."""
         pair = self.get_pair()
         part = pair._independent(self.index)
         if part is None:
             return []
-        layer.weight.add_(layer.as_weight_shape(part.t()).to(layer.weight.dtype))
+        scaled_a, b = part
+        layer.weight.add_(layer.as_weight_shape((scaled_a @ b).t()).to(layer.weight.dtype))
+        left, right = pair.offset(self.index)
+        left = torch.cat([left.to(scaled_a.dtype), -scaled_a], dim=1)
+        right = torch.cat([right.to(b.dtype), b], dim=0)
+        din, dout = pair.side_shapes()[self.index]
+        if left.shape[1] > min(din, dout):
+            left, right = compact_factors(left, right)
+        pair.set_partner_offset(self.index, left, right)
         A, B = (pair.A1, pair.B1) if self.index == 0 else (pair.A2, pair.B2)
         init_a_(A, pair.d if self.index == 0 else pair.d_mid)
         B.zero_()

@@ -13,6 +13,12 @@ non-negative. ``G`` is a normalised Gaussian (window 11, sigma 1, centre (k-1)/2
 reflect padding; it is separable, so the fast path runs two 1-D passes (2k taps instead
 of k^2). Gradients reach ``z`` through the numerator only.
 
+Precision: the range statistics and weights (``T_c``, ``gamma_c``, ``cos``, ``sin``),
+the normaliser and the blurs run in ``max(float32, input dtype)`` with autocast off,
+whatever the autocast dtype: in float16 a constant or near-constant channel
+(``T_c`` below about 2.4e-5) makes ``gamma_c`` overflow. The output is cast back to the
+input's dtype. float64 inputs are filtered in float64 throughout.
+
 Each 1-D pass (reflect padding included) is a fixed linear map along one axis, so the
 fast path applies it as a matrix product, ``x @ G_w`` and ``G_h^T @ x``: PyTorch's CPU
 depthwise convolution runs 1-D kernels at a fraction of its 2-D throughput, a GEMM
@@ -30,11 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def gaussian_kernel1d(window: int = 11, sigma: float = 1.0) -> torch.Tensor:
-    """Normalised 1-D Gaussian centred at ``(window - 1) / 2``."""
+def gaussian_kernel1d(window: int = 11, sigma: float = 1.0,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian centred at ``(window - 1) / 2`` (computed in float64)."""
     x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2.0
     g = torch.exp(-x ** 2 / (2.0 * sigma ** 2))
-    return (g / g.sum()).float()
+    return (g / g.sum()).to(dtype)
 
 
 def reflect_indices(n: int, pad: int, device=None) -> torch.Tensor:
@@ -101,19 +108,31 @@ class RangeKernelFilter(nn.Module):
             raise ValueError(f'RangeKernelFilter: window={window} must be odd.')
         self.window, self.sigma, self.eps = window, sigma, eps
         self.separable = separable
-        # Fixed tensors: not part of the model's state.
-        self.register_buffer('kernel1d', gaussian_kernel1d(window, sigma),
-                             persistent=False)
+        # Fixed tensors, derived from (window, sigma) in float64 on first use per
+        # device and dtype; never part of the model's state, never cast by .half().
+        self._kernels: Dict[Tuple, torch.Tensor] = {}
         # Axis operators of the separable path, built on first use per length, device
-        # and dtype; derived from kernel1d, never saved.
+        # and dtype.
         self._operators: Dict[Tuple, torch.Tensor] = {}
+
+    def kernel1d(self, like: torch.Tensor) -> torch.Tensor:
+        """The 1-D Gaussian on ``like``'s device, in its dtype."""
+        key = (like.device, like.dtype)
+        k = self._kernels.get(key)
+        if k is None:
+            k = gaussian_kernel1d(self.window, self.sigma, torch.float64).to(
+                device=like.device, dtype=like.dtype)
+            if type(like) is torch.Tensor and like.device.type != 'meta':
+                self._kernels[key] = k
+        return k
 
     def _operator(self, n: int, like: torch.Tensor) -> torch.Tensor:
         blocked = n > DENSE_AXIS_MAX
         key = (n if not blocked else -AXIS_BLOCK, like.device, like.dtype)
         op = self._operators.get(key)
         if op is None:
-            kernel = self.kernel1d.to(device=like.device, dtype=torch.float64)
+            kernel = gaussian_kernel1d(self.window, self.sigma, torch.float64).to(
+                like.device)
             op = (band_operator(kernel, AXIS_BLOCK) if blocked
                   else axis_operator(kernel, n)).to(like.dtype)
             # Only plain tensors are kept: one built while tracing (fake or meta
@@ -166,7 +185,7 @@ class RangeKernelFilter(nn.Module):
         if self.separable:
             return self._blur_rows(self._blur_last(x))
         c = x.shape[1]
-        k = self.kernel1d.to(x.dtype)
+        k = self.kernel1d(x)
         x = reflect_pad2d(x, self.window // 2)
         k2 = torch.outer(k, k)
         return F.conv2d(x, k2.expand(c, 1, -1, -1), groups=c)
@@ -174,8 +193,13 @@ class RangeKernelFilter(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 4:
             raise ValueError(f'RangeKernelFilter expects (N, C, H, W), got {tuple(z.shape)}.')
-        if not self.separable:
-            return self._forward_2d(z)
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zc = z.to(dtype)
+            out = self._forward_2d(zc) if not self.separable else self._forward_separable(zc)
+        return out.to(z.dtype)
+
+    def _forward_separable(self, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             low, high = torch.aminmax(z.flatten(2), dim=-1)
             gamma = (math.pi / 2.0) / (high - low).clamp_min(1e-5)

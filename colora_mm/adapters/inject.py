@@ -20,9 +20,10 @@ from .colora_pair import PARTNER_POLICIES, CoLoRAPair, CoLoRAPairLayer
 from .conv_adapter import ConvAdapter
 from .hira import HiRA
 from .lora import LoRA, PiSSA
+from .paths import TRAIN_PATHS
 from .spatial import SpatialLowRankBranch
 
-METHODS = ('colora', 'lora', 'pissa', 'hira', 'conv_adapter', 'full')
+METHODS = ('colora', 'lora', 'pissa', 'hira', 'conv_adapter', 'bitfit', 'full')
 DEFAULT_GAMMA = {'colora': 16, 'lora': 20, 'pissa': 20, 'hira': 20, 'conv_adapter': 4}
 NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -34,7 +35,9 @@ class AdapterSpec:
 
     Args:
         method (str): ``'colora'``, ``'lora'``, ``'pissa'``, ``'hira'``,
-            ``'conv_adapter'`` or ``'full'`` (full fine-tuning). Defaults to 'colora'.
+            ``'conv_adapter'``, ``'bitfit'`` (no adapter: biases and normalisation
+            layers only, the trainable set every PEFT method here shares) or ``'full'``
+            (full fine-tuning). Defaults to 'colora'.
         gamma (int, optional): Rank divisor; None takes the method's default
             (colora 16, lora/pissa/hira 20, conv_adapter 4). Defaults to None.
         share_ratio (float): CoLoRA's shared fraction of the rank. Defaults to 0.5.
@@ -48,6 +51,11 @@ class AdapterSpec:
             paper-reproduction configs set. Defaults to None.
         scaling (float): LoRA/PiSSA ``alpha / r``. Defaults to 2.0.
         act (str): Conv-Adapter activation, ``'relu'`` or ``'gelu'``. Defaults to 'relu'.
+        train_path (str): How low-rank updates (CoLoRA pair, LoRA, PiSSA) are applied
+            in the forward pass: ``'activation'`` (``base(x) + (x L) R``),
+            ``'weight'`` (``x (W + L R)``) or ``'auto'`` (per layer and input, the
+            cheaper one; :mod:`colora_mm.adapters.paths`). The same function either way.
+            Defaults to 'auto'.
         merged (bool): Describes the deployment structure that ``merge_adapters``
             leaves: backbones fold what folds right after injection, so only the
             branches that cannot fold remain (what ``tools/merge.py`` writes into the
@@ -64,6 +72,7 @@ class AdapterSpec:
     spatial_gamma: Optional[int] = None
     scaling: float = 2.0
     act: str = 'relu'
+    train_path: str = 'auto'
     merged: bool = False
 
     def __post_init__(self) -> None:
@@ -75,6 +84,9 @@ class AdapterSpec:
         if not 0.0 <= self.share_ratio <= 1.0:
             raise ValueError(f'AdapterSpec: share_ratio={self.share_ratio} must lie in '
                              '[0, 1].')
+        if self.train_path not in TRAIN_PATHS:
+            raise ValueError(f'AdapterSpec: train_path={self.train_path!r}; expected one '
+                             f'of {TRAIN_PATHS}.')
         if self.partner_policy not in PARTNER_POLICIES:
             raise ValueError(f'AdapterSpec: partner_policy={self.partner_policy!r}; '
                              f'expected one of {PARTNER_POLICIES}.')
@@ -151,9 +163,9 @@ def _pointwise_shapes(name: str, module: nn.Module) -> Tuple[int, int]:
                      'those can form a pair or take a pointwise adapter.')
 
 
-def _wrap(model, name, make_adapter) -> AdaptedLayer:
+def _wrap(model, name, make_adapter, train_path: str = 'auto') -> AdaptedLayer:
     base = model.get_submodule(name)
-    layer = AdaptedLayer(base, make_adapter, name)
+    layer = AdaptedLayer(base, make_adapter, name, train_path)
     _set_module(model, name, layer)
     return layer
 
@@ -179,7 +191,7 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
     spec = AdapterSpec.from_dict(spec)
     method, gamma = spec.method, spec.rank_divisor
     injected: Dict[str, AdaptedLayer] = {}
-    if method == 'full':
+    if method in ('full', 'bitfit'):
         return injected
 
     if method == 'colora':
@@ -199,13 +211,12 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
                               spec.partner_policy,
                               where=f'CoLoRA pair ({n1}: {d} -> {d_mid}, '
                                     f'{n2}: {d_mid} -> {d_out})')
-            # Seed the partners from the current weights so that the freshly injected
-            # model is the base model; reset_adapters_from_weights() re-seeds them once
-            # pretrained weights are loaded.
-            pair.set_partners(model.get_submodule(n1).weight.detach(),
-                              model.get_submodule(n2).weight.detach())
-            injected[n1] = _wrap(model, n1, lambda layer, p=pair: CoLoRAPairLayer(p, 0))
-            injected[n2] = _wrap(model, n2, lambda layer, p=pair: CoLoRAPairLayer(p, 1))
+            # The partners read both layers' base weights (plus an offset that starts
+            # empty): the freshly injected model is the base model.
+            injected[n1] = _wrap(model, n1, lambda layer, p=pair: CoLoRAPairLayer(
+                p, 0, layer), spec.train_path)
+            injected[n2] = _wrap(model, n2, lambda layer, p=pair: CoLoRAPairLayer(
+                p, 1, layer), spec.train_path)
         if spec.spatial:
             for name in resolve_names(model, spatial, 'CoLoRA spatial branch'):
                 injected[name] = _wrap(model, name, lambda layer: SpatialLowRankBranch(
@@ -225,7 +236,7 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
             else:
                 cls = LoRA if method == 'lora' else PiSSA
                 make = lambda layer, cls=cls: cls(layer, gamma, spec.scaling)  # noqa: E731
-            injected[name] = _wrap(model, name, make)
+            injected[name] = _wrap(model, name, make, spec.train_path)
         return injected
 
     # conv_adapter
@@ -269,7 +280,8 @@ def is_peft_trainable(name: str, norm_names: set) -> bool:
 
 def mark_trainable(model: nn.Module, method: str = 'colora') -> None:
     """Set ``requires_grad``: everything for ``'full'``; otherwise adapters, every bias
-    and every normalisation layer, and nothing else (layer-scale ``gamma`` stays frozen)."""
+    and every normalisation layer, and nothing else (layer-scale ``gamma`` stays frozen;
+    ``'bitfit'`` has no adapter, so biases and norms alone)."""
     if method not in METHODS and method is not None:
         raise ValueError(f'mark_trainable: method={method!r}; expected one of {METHODS}.')
     full = method in (None, 'full')
@@ -307,11 +319,14 @@ def merge_adapters(model: nn.Module, replace: bool = True) -> List[str]:
     """
     layers = list(iter_adapted_layers(model))
     unfolded = []
+    # Every update first, then the folds: a pair's update reads its partner's base weight.
+    deltas = {name: layer.get_delta_weight() for name, layer in layers
+              if not layer.merged and layer.foldable}
     for name, layer in layers:
         if layer.merged:
             continue
         if layer.foldable:
-            layer.merge()
+            layer.merge(deltas[name])
         else:
             unfolded.append(name)
     if replace:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import AdaptedLayer, Adapter
+from .base import AdaptedLayer, Adapter, compute_dtype, no_autocast
 from .init import init_a_
 
 
@@ -86,10 +86,12 @@ class LoRA(LowRankFactors):
         super().__init__(layer, gamma)
         self.scaling = scaling
 
-    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
-        with torch.autocast(device_type=self.A.device.type, enabled=False):
-            delta = self.scaling * (self.B.float() @ self.A.float())
-        return layer.as_weight_shape(delta)
+    def low_rank(self, layer: AdaptedLayer) -> tuple:
+        """``(scaling A^T, B^T)``: ``x dW^T = scaling (x A^T) B^T`` (peft's LoRA forward
+        when it runs on activations)."""
+        with no_autocast(self.A.device):
+            dtype = compute_dtype(self.A, layer.weight)
+            return self.scaling * self.A.to(dtype).t(), self.B.to(dtype).t()
 
 
 class PiSSA(LoRA):

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .base import AdaptedLayer, Adapter, NotFoldableError
+from .base import AdaptedLayer, Adapter, NotFoldableError, compute_dtype, no_autocast
 from .filter import RangeKernelFilter
 from .init import init_a_
 
@@ -111,10 +111,11 @@ class SpatialLowRankBranch(Adapter):
                    'the branch mixes channels while the depthwise conv cannot')
             raise NotFoldableError(f'{layer.describe()}: the spatial branch cannot fold '
                                    f'({why}); it stays as a small branch.')
-        with torch.autocast(device_type=layer.weight.device.type, enabled=False):
-            w = self.scale * (self.up.weight.flatten(1).float()
-                              @ self.down.weight.flatten(1).float())   # (C_out, C_in)
-        delta = torch.zeros_like(layer.weight, dtype=torch.float32)
+        dtype = compute_dtype(self.up.weight, layer.weight)
+        with no_autocast(layer.weight.device):
+            w = self.scale * (self.up.weight.flatten(1).to(dtype)
+                              @ self.down.weight.flatten(1).to(dtype))   # (C_out, C_in)
+        delta = torch.zeros_like(layer.weight, dtype=dtype)
         kh, kw = layer.kernel_size
         delta[:, :, kh // 2, kw // 2] = w
         return delta

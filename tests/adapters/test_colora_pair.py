@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from colora_mm.adapters import (AdapterSpec, CoLoRAPair, CoLoRAPairLayer, inject_adapters,
-                                reset_adapters_from_weights)
+                                mark_trainable, reset_adapters_from_weights)
 
 from adapter_nets import (ConvPairNet, LinearPairNet, MixedPairNet, colora_deltas64,
                           expected_ranks, max_abs_diff, net_input, randomize_adapters)
@@ -45,10 +45,13 @@ def _build(cls, d, d_mid, d_out, gamma, share, policy='effective', seed=0):
 
 
 def _set_random_partners(pair, seed=5):
+    """Partners far from the base weights: full-rank random offsets, so that
+    ``partner = base + L R`` is an arbitrary matrix."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        pair.partner_w1.copy_(torch.randn(pair.partner_w1.shape, generator=g) * 0.3)
-        pair.partner_w2.copy_(torch.randn(pair.partner_w2.shape, generator=g) * 0.3)
+    for index, (din, dout) in enumerate(pair.side_shapes()):
+        k = min(din, dout)
+        pair.set_partner_offset(index, torch.randn(din, k, generator=g) * 0.3,
+                                torch.randn(k, dout, generator=g) * 0.3)
 
 
 def factor(pair, name):
@@ -209,11 +212,18 @@ def test_effective_policy_takes_detached_effective_weights(cls):
                 if p.grad is not None:
                     p -= 0.1 * p.grad
                     p.grad = None
-    assert f'{first}.adapter_branch.pair.partner_w1' in model.state_dict()
+    sd = model.state_dict()
+    for name in ('partner_l1', 'partner_r1', 'partner_l2', 'partner_r2'):
+        assert f'{first}.adapter_branch.pair.{name}' in sd
+    # a snapshot of width r per side, never a full copy
+    assert sd[f'{first}.adapter_branch.pair.partner_l1'].shape == (12, pair.r)
+    assert sd[f'{first}.adapter_branch.pair.partner_r2'].shape == (pair.r, 8)
 
 
 def test_frozen_policy_never_changes_partners():
+    """'frozen' reads the (frozen) base weights: training the adapters moves nothing."""
     model, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5, policy='frozen')
+    mark_trainable(model, 'colora')
     randomize_adapters(model, std=0.3)
     pair = _pair_of(model, 'fc1')
     w1, w2 = pair.partner_w1.clone(), pair.partner_w2.clone()
@@ -252,8 +262,8 @@ def test_partners_are_persistent_and_state_dict_round_trip_reproduces_outputs():
     model.eval()
     pair = _pair_of(model, 'fc1')
     sd = model.state_dict()
-    assert 'fc1.adapter_branch.pair.partner_w1' in sd
-    assert 'fc1.adapter_branch.pair.partner_w2' in sd
+    assert 'fc1.adapter_branch.pair.partner_l1' in sd
+    assert 'fc1.adapter_branch.pair.partner_r2' in sd
     assert not any('fc2.adapter_branch.pair' in k for k in sd)   # stored once
     assert max_abs_diff(pair.partner_w1, model.fc1.weight.T) > 1e-3  # trained partners
     want = model(x)

@@ -36,7 +36,7 @@ def test_blocked_path_equals_2d_convolution(shape):
 
 def test_gaussian_matches_padded_depthwise_conv():
     z = _z((2, 3, 40, 33), seed=3)
-    k = filt.gaussian_kernel1d().double()
+    k = filt.gaussian_kernel1d(dtype=torch.float64)
     ref = F.conv2d(F.pad(z, (5, 5, 5, 5), mode='reflect'),
                    torch.outer(k, k).expand(3, 1, 11, 11), groups=3)
     assert (RangeKernelFilter().gaussian(z) - ref).abs().max() < 1e-12

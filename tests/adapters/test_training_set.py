@@ -110,8 +110,8 @@ def test_adapter_state_dict_holds_only_adapter_tensors(method):
     assert not any('running_' in k or 'kernel1d' in k for k in sd)
     if method == 'colora':
         for first, _ in PAIRS:
-            assert f'{first}.adapter_branch.pair.partner_w1' in sd
-            assert f'{first}.adapter_branch.pair.partner_w2' in sd
+            assert f'{first}.adapter_branch.pair.partner_l1' in sd
+            assert f'{first}.adapter_branch.pair.partner_r2' in sd
     if method == 'pissa':
         assert 'block.pwconv1.adapter_branch.svd_initialized' in sd
     # loading it into a freshly injected twin reproduces the adapted model
