@@ -138,6 +138,9 @@ class CoLoRAPair(nn.Module):
         self._layers: List[Optional[AdaptedLayer]] = [None, None]
         self._layer_names: Tuple[str, str] = ('', '')
         self._pending: Optional[tuple] = None
+        # Full partner copies read from an earlier checkpoint layout, converted to
+        # offsets once both base weights are loaded (see _load_from_state_dict).
+        self._legacy_partners: Optional[List[torch.Tensor]] = None
         self.reset_parameters()
 
     def _new_param(self, name: str, shape: tuple, rank: int) -> None:
@@ -176,6 +179,8 @@ class CoLoRAPair(nn.Module):
 
     # -------------------------------------------------------------- partners
     def offset(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._legacy_partners is not None:
+            self._convert_legacy_partners()
         lname, rname = OFFSET_NAMES[index]
         return getattr(self, lname), getattr(self, rname)
 
@@ -299,7 +304,18 @@ class CoLoRAPair(nn.Module):
                               missing_keys, unexpected_keys, error_msgs) -> None:
         legacy = [prefix + name for name in LEGACY_PARTNER_NAMES]
         if any(k in state_dict for k in legacy):
-            self._convert_legacy_partners(state_dict, prefix, legacy)
+            if not all(k in state_dict for k in legacy):
+                error_msgs.append(f'{self.where}: the checkpoint has only one of '
+                                  f'{prefix}partner_w1 / partner_w2.')
+                return
+            # A module sees only its own keys while loading, and the second layer's
+            # base weight is loaded after this: keep the copies, convert on first use.
+            self._legacy_partners = [state_dict[k] for k in legacy]
+            state_dict = {k: v for k, v in state_dict.items() if k not in legacy}
+            for index, (lname, rname) in enumerate(OFFSET_NAMES):
+                din, dout = self.side_shapes()[index]
+                state_dict[prefix + lname] = torch.zeros(din, 0)
+                state_dict[prefix + rname] = torch.zeros(0, dout)
         # The offsets' inner width varies (0, r, or more after a fold): take the
         # checkpoint's.
         for lname, rname in OFFSET_NAMES:
@@ -311,32 +327,32 @@ class CoLoRAPair(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
-    def _convert_legacy_partners(self, state_dict, prefix: str, legacy: list) -> None:
-        """A checkpoint that stored full partner copies: keep ``partner - base`` as a
-        low-rank offset (exact to rounding: the copies were ``W + dW`` of rank <= r,
-        or the base itself)."""
-        first = self._layer_names[0]
-        tail = f'{first}.adapter_branch.pair.'
-        root = prefix[:-len(tail)] if first and prefix.endswith(tail) else None
-        bases = [None if root is None else state_dict.get(f'{root}{name}.weight')
-                 for name in self._layer_names]
-        if any(k not in state_dict for k in legacy) or any(b is None for b in bases):
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self._legacy_partners is not None:
+            self._convert_legacy_partners()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    @torch.no_grad()
+    def _convert_legacy_partners(self) -> None:
+        """Full partner copies of an earlier checkpoint layout become low-rank offsets
+        ``partner - base`` (exact to the copies' rounding: they were ``W + dW`` with
+        ``dW`` of rank <= r, or the base itself)."""
+        stored, self._legacy_partners = self._legacy_partners, None
+        if any(layer is None for layer in self._layers):
             raise RuntimeError(
                 f'{self.where}: this checkpoint stores full partner copies '
-                f'({prefix}partner_w1/partner_w2) but not both base weights beside them, '
-                'so they cannot be converted to partner offsets; load the whole '
-                'model\'s state dict, or retrain from the pretrained weights.')
-        for index, (key, base) in enumerate(zip(legacy, bases)):
-            stored = state_dict.pop(key)
-            full = stored.double()                                 # paper (in x out)
-            base = base.reshape(base.shape[0], -1).double().t()
+                '(partner_w1/partner_w2), which convert to partner offsets only in a '
+                'pair injected into its two layers; load the whole model\'s state dict.')
+        for index, full in enumerate(stored):
+            base = self.partner_base(index).double().t()              # paper (in x out)
+            diff = full.double().to(base.device) - base
             # what the stored copy's own rounding cannot tell apart from zero
-            tol = torch.finfo(stored.dtype).eps * float(full.norm())
-            left, right = compact_factors(full - base, torch.eye(full.shape[1],
-                                                                  dtype=torch.float64), tol)
-            lname, rname = OFFSET_NAMES[index]
-            state_dict[prefix + lname] = left.float()
-            state_dict[prefix + rname] = right.float()
+            tol = torch.finfo(full.dtype).eps * float(full.double().norm())
+            left, right = compact_factors(diff, torch.eye(diff.shape[1], dtype=diff.dtype,
+                                                          device=diff.device), tol)
+            lname, _ = OFFSET_NAMES[index]
+            dtype = getattr(self, lname).dtype
+            self.set_partner_offset(index, left.to(dtype), right.to(dtype))
 
 
 class CoLoRAPairLayer(Adapter):

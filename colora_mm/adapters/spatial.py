@@ -9,7 +9,10 @@ A branch parallel to a spatial convolution, fed by that convolution's input::
 
 * ``'depthwise'`` (ConvNeXt's 7x7 depthwise conv): ``B`` is a 3x3 conv ``r -> C`` with
   ``groups = r`` (C divisible by r), ``scale = 1``. Cross-channel, so it never folds into
-  the depthwise kernel.
+  the depthwise kernel. Each group reads one channel, so on the CPU it runs as the 9
+  taps of each compressed channel times a ``(C/r x 9)`` matrix per group (one batched
+  matmul, :func:`grouped_up_conv`), which PyTorch's CPU grouped-convolution kernels
+  do not match; CUDA runs the grouped convolution itself (cuDNN).
 * ``'dense'`` (ResNet's 3x3 ``conv2``): ``B`` is a 1x1 conv ``r -> C_out`` carrying the
   conv's stride, ``scale = 0.5``. Without the filter ``B A`` is a strided 1x1 conv and
   folds exactly into the centre tap of the 3x3 kernel.
@@ -20,12 +23,30 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .base import AdaptedLayer, Adapter, NotFoldableError, compute_dtype, no_autocast
 from .filter import RangeKernelFilter
 from .init import init_a_
 
 SPATIAL_STYLES = ('depthwise', 'dense')
+
+
+def grouped_up_conv(z: torch.Tensor, weight: torch.Tensor, stride=1,
+                    padding=1) -> torch.Tensor:
+    """``conv2d(z, weight, groups=r)`` for ``z (N, r, H, W)`` and ``weight (C, 1, k, k)``
+    (one input channel per group): each channel's ``k*k`` taps (``unfold``) times its
+    group's ``(C/r x k*k)`` weights, as one broadcast batched matmul. Exact (the same sums
+    in another order); used on the CPU."""
+    n, r, h, w = z.shape
+    c, _, kh, kw = weight.shape
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    cols = F.unfold(z, (kh, kw), padding=(ph, pw), stride=(sh, sw))   # (N, r*k*k, L)
+    cols = cols.view(n, r, kh * kw, ho * wo)
+    out = torch.matmul(weight.view(r, c // r, kh * kw), cols)         # (N, r, C/r, L)
+    return out.view(n, c, ho, wo)
 
 
 def spatial_style(layer: AdaptedLayer) -> str:
@@ -95,11 +116,23 @@ class SpatialLowRankBranch(Adapter):
     def num_trainable(self) -> int:
         return self.down.weight.numel() + self.up.weight.numel()
 
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        """``B(z)``, on the fastest exact kernel for the device."""
+        if self.style == 'depthwise' and z.device.type == 'cpu':
+            weight = self.up.weight
+            if torch.is_autocast_enabled('cpu'):
+                dtype = torch.get_autocast_dtype('cpu')
+                z, weight = z.to(dtype), weight.to(dtype)
+            elif weight.dtype != z.dtype:
+                weight = weight.to(z.dtype)
+            return grouped_up_conv(z, weight, self.up.stride, self.up.padding)
+        return self.up(z)
+
     def branch(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         z = self.down(x)
         if self.filter is not None:
             z = z + self.filter_lambda * self.filter(z)
-        return self.scale * self.up(z)
+        return self.scale * self.expand(z)
 
     @property
     def foldable(self) -> bool:

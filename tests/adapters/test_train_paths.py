@@ -1,0 +1,369 @@
+"""The two ways a low-rank update trains (activation and weight path), the partner
+offsets that replace full partner copies, and the fast spatial up-projection."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from colora_mm.adapters import (AdapterSpec, CoLoRAPairLayer, inject_adapters,
+                                is_adapter_name, iter_adapted_layers, mark_trainable,
+                                merge_adapters, reset_adapters_from_weights)
+from colora_mm.adapters.paths import path_costs, prefer_activation_path
+from colora_mm.adapters.spatial import grouped_up_conv
+
+from adapter_nets import (ConvNeXtBlock, ConvPairNet, LinearPairNet, MixedPairNet,
+                          colora_deltas64, max_abs_diff)
+
+
+class StridedConvPairNet(nn.Module):
+    """A strided, padded 1x1 conv feeding a 1x1 conv (ResNet's downsampling layout)."""
+
+    pairs = [('conv1', 'conv2')]
+    spatial: list = []
+
+    def __init__(self, d=12, d_mid=20, d_out=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(d, d_mid, 1, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(d_mid, d_out, 1)
+        self.in_shape = (2, d, 5, 6)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+class ChannelsLastBlock(ConvNeXtBlock):
+    """ConvNeXt's pointwise layers as ``nn.Linear`` on channels-last maps."""
+
+    def __init__(self):
+        super().__init__(channels=16)
+        self.in_shape = (2, 16, 6, 5)
+
+
+NETS = [LinearPairNet, ConvPairNet, MixedPairNet, StridedConvPairNet, ChannelsLastBlock]
+
+
+def _build(cls, spec_kw, path, seed=0):
+    torch.manual_seed(seed)
+    model = cls()
+    inject_adapters(model, AdapterSpec(train_path=path, **spec_kw), pairs=model.pairs,
+                    spatial=getattr(model, 'spatial', []))
+    reset_adapters_from_weights(model)
+    mark_trainable(model, spec_kw.get('method', 'colora'))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_name(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.train()
+
+
+def _input(model, seed=1):
+    return torch.randn(*model.in_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(model, x, v_seed=2):
+    out = model(x)
+    v = torch.randn(out.shape, generator=torch.Generator().manual_seed(v_seed))
+    (out * v).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def _rel(a, b):
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+
+
+SPECS = [dict(method='colora', gamma=2, share_ratio=s, spatial=False) for s in
+         (0.0, 0.5, 1.0)] + [dict(method='lora', gamma=2), dict(method='pissa', gamma=2)]
+
+
+@pytest.mark.parametrize('cls', NETS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize('spec_kw', SPECS, ids=lambda s: f"{s['method']}-{s.get('share_ratio')}")
+def test_activation_and_weight_paths_give_the_same_outputs_and_gradients(cls, spec_kw):
+    outs, grads = {}, {}
+    for path in ('activation', 'weight'):
+        model = _build(cls, spec_kw, path)
+        outs[path], grads[path] = _run(model, _input(model))
+        assert {layer.last_path for _, layer in iter_adapted_layers(model)} == {path}
+        if spec_kw['method'] == 'colora':      # two steps: the partners moved in between
+            outs[path + '2'], grads[path + '2'] = _run(model, _input(model, 4))
+    assert _rel(outs['activation'], outs['weight']) < 1e-5
+    names = [n for n in grads['weight'] if is_adapter_name(n)]
+    assert names and set(names) <= set(grads['activation'])
+    for n in grads['weight']:
+        assert _rel(grads['activation'][n], grads['weight'][n]) < 1e-5, n
+    if spec_kw['method'] == 'colora':
+        assert _rel(outs['activation2'], outs['weight2']) < 1e-5
+        for n in grads['weight2']:
+            assert _rel(grads['activation2'][n], grads['weight2'][n]) < 1e-5, n
+
+
+def test_auto_takes_the_activation_path_on_few_tokens():
+    """64 tokens through a 256 -> 1024 -> 256 pair: forming two 256 x 1024 weights
+    costs more than the thin products."""
+    torch.manual_seed(0)
+    model = LinearPairNet(256, 1024, 256)
+    inject_adapters(model, AdapterSpec(method='colora', gamma=16), pairs=model.pairs)
+    mark_trainable(model, 'colora')
+    model.train()(torch.randn(64, 256)).sum().backward()
+    assert [layer.last_path for _, layer in iter_adapted_layers(model)] == \
+        ['activation', 'activation']
+    # and many tokens through narrow layers take the weight path
+    act, weight = path_costs(8192, 96, 384, 6)
+    assert weight < act and not prefer_activation_path(8192, 96, 384, 6)
+    assert prefer_activation_path(64, 256, 1024, 16)
+
+
+def _saved_tensors(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize('spec_kw', [dict(method='colora', gamma=4), dict(method='lora'),
+                                     dict(method='pissa')], ids=lambda s: s['method'])
+def test_activation_path_forms_no_weight_sized_tensor(spec_kw):
+    torch.manual_seed(0)
+    model = LinearPairNet(32, 128, 32)
+    inject_adapters(model, AdapterSpec(train_path='activation', **spec_kw),
+                    pairs=model.pairs)
+    reset_adapters_from_weights(model)
+    mark_trainable(model, spec_kw['method'])
+    params = {p.data_ptr() for p in model.parameters()}
+    out, saved = _saved_tensors(lambda: model.train()(torch.randn(4, 32)))
+    weight_size = 32 * 128
+    for t in saved:
+        assert t.numel() < weight_size or t.data_ptr() in params, tuple(t.shape)
+    out.sum().backward()
+    assert model.fc1.weight.grad is None and model.fc2.weight.grad is None
+
+
+def test_hira_saves_no_scaled_weight_copy():
+    """HiRA's weight path keeps one weight-sized tensor for backward (``W + W (.) sBA``,
+    the weight the base op runs with), never ``s W`` besides it."""
+    torch.manual_seed(0)
+    model = LinearPairNet(32, 128, 32)
+    inject_adapters(model, AdapterSpec(method='hira', gamma=4), pairs=model.pairs)
+    mark_trainable(model, 'hira')
+    params = {p.data_ptr() for p in model.parameters()}
+    out, saved = _saved_tensors(lambda: model.train()(torch.randn(4, 32)))
+    sized = [t for t in saved if t.numel() >= 32 * 128 and t.data_ptr() not in params]
+    assert len(sized) <= 2             # at most the adapted weight of each layer
+    for layer in (model.fc1, model.fc2):
+        scaled = layer.adapter_branch.scaling * layer.weight.detach()
+        assert not any(t.shape == scaled.shape and torch.equal(t, scaled) for t in sized)
+    out.sum().backward()
+    assert model.fc1.adapter_branch.B.grad.abs().max() > 0
+
+
+# ------------------------------------------------------------------ partners
+def _pair_model(policy, seed=0, d=12, d_mid=20, d_out=8):
+    torch.manual_seed(seed)
+    model = LinearPairNet(d, d_mid, d_out)
+    inject_adapters(model, AdapterSpec(method='colora', gamma=2, partner_policy=policy),
+                    pairs=model.pairs)
+    reset_adapters_from_weights(model)
+    mark_trainable(model, 'colora')
+    return model
+
+
+def _sgd_steps(model, steps, seed=0):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(5, model.fc1.in_channels, generator=g)).square().mean().backward()
+        opt.step()
+
+
+def test_effective_partner_is_a_rank_r_snapshot_not_a_copy():
+    model = _pair_model('effective', d=32, d_mid=128, d_out=32)
+    pair = model.fc1.adapter_branch.get_pair()
+    assert sum(b.numel() for n, b in pair.named_buffers()) == 0    # partner = base
+    _sgd_steps(model, 2)
+    r = pair.r
+    assert sum(b.numel() for b in pair.buffers()) == r * (32 + 128) + r * (128 + 32)
+    # the snapshot is the update the last training step applied
+    model.eval()
+    W1 = model.fc1.weight.detach().double().T
+    with torch.no_grad():
+        dW1 = pair.delta(0).double()
+    # one more training step: its partner W1 is the eval-mode effective weight from
+    # before it (no parameter changed since)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(5, 32))
+    assert max_abs_diff(pair.partner_w1, W1 + dW1) < 1e-6
+
+
+@pytest.mark.parametrize('policy', ['effective', 'frozen'])
+def test_checkpoint_round_trip_restores_partners_exactly(policy):
+    model = _pair_model(policy)
+    _sgd_steps(model, 3)
+    sd = copy.deepcopy(model.state_dict())
+    twin = _pair_model(policy, seed=7)
+    twin.load_state_dict(sd, strict=True)
+    for index in (0, 1):
+        assert torch.equal(twin.fc1.adapter_branch.get_pair().partner(index),
+                           model.fc1.adapter_branch.get_pair().partner(index))
+    # training goes on identically (the resumed partners are the same bits)
+    _sgd_steps(model, 2, seed=1)
+    _sgd_steps(twin, 2, seed=1)
+    for (n, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize('policy', ['effective', 'frozen'])
+def test_folding_the_independent_part_keeps_partners_and_outputs(policy):
+    model = _pair_model(policy)
+    _sgd_steps(model, 2)
+    pair = model.fc1.adapter_branch.get_pair()
+    x = torch.randn(5, 12)
+    model.eval()
+    before = [pair.partner(i).clone() for i in (0, 1)]
+    with torch.no_grad():
+        out = model(x)
+    for fold in range(4):                    # repeated folds: offsets are compacted
+        for _, layer in iter_adapted_layers(model):
+            layer.adapter_branch.fold_independent_(layer)
+        for i in (0, 1):
+            assert max_abs_diff(pair.partner(i), before[i]) < 1e-5, (fold, i)
+        with torch.no_grad():
+            assert max_abs_diff(model(x), out) < 1e-5
+        _sgd_steps(model, 1, seed=fold)
+        model.eval()
+        before = [pair.partner(i).clone() for i in (0, 1)]
+        with torch.no_grad():
+            out = model(x)
+    width = pair.partner_l1.shape[1]
+    assert width <= min(12, 20)
+
+
+def test_merged_model_equals_unmerged_with_trained_partners():
+    model = _pair_model('effective')
+    _sgd_steps(model, 3)
+    model.eval()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        want = model(x)
+        merge_adapters(model)
+        got = model(x)
+    assert type(model.fc1) is nn.Linear and type(model.fc2) is nn.Linear
+    assert max_abs_diff(got, want) < 1e-5
+
+
+def test_checkpoint_with_full_partner_copies_is_converted():
+    """The earlier layout stored ``partner_w1 = W1 + dW1`` (d x d') in full."""
+    model = _pair_model('effective')
+    _sgd_steps(model, 3)
+    pair = model.fc1.adapter_branch.get_pair()
+    sd = model.state_dict()
+    for i, name in enumerate(('partner_w1', 'partner_w2')):
+        sd[f'fc1.adapter_branch.pair.{name}'] = pair.partner(i).float().clone()
+        for side in ('l', 'r'):
+            sd.pop(f'fc1.adapter_branch.pair.partner_{side}{i + 1}')
+    twin = _pair_model('effective', seed=5)
+    twin.load_state_dict(sd, strict=True)
+    tpair = twin.fc1.adapter_branch.get_pair()
+    for i in (0, 1):
+        assert max_abs_diff(tpair.partner(i), pair.partner(i)) < 1e-6
+        assert tpair.offset(i)[0].shape[1] <= pair.r     # stored as a low-rank offset
+    x = torch.randn(5, 12)
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        assert max_abs_diff(twin(x), model(x)) < 1e-5
+
+
+def test_full_partner_copies_without_their_base_weights_are_refused():
+    model = _pair_model('effective')
+    pair_sd = {k.split('pair.', 1)[1]: v for k, v in model.state_dict().items()
+               if '.pair.' in k}
+    pair_sd['partner_w1'] = torch.zeros(12, 20)
+    pair_sd['partner_w2'] = torch.zeros(20, 8)
+    for k in ('partner_l1', 'partner_r1', 'partner_l2', 'partner_r2'):
+        pair_sd.pop(k)
+    from colora_mm.adapters import CoLoRAPair
+    lone = CoLoRAPair(12, 20, 8, gamma=2)
+    lone.load_state_dict(pair_sd)
+    with pytest.raises(RuntimeError, match='full partner copies'):
+        lone.delta(0)
+
+
+# ---------------------------------------------------------------- precision
+def test_float64_model_stays_float64_end_to_end():
+    model = _pair_model('frozen').double()
+    g = torch.Generator().manual_seed(3)
+    pair = model.fc1.adapter_branch.get_pair()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_name(name):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    factors = {k: getattr(pair, k).detach() for k in ('A1', 'B1', 'A2', 'B2', 'As', 'Bs')}
+    W1 = model.fc1.weight.detach().T
+    W2 = model.fc2.weight.detach().T
+    dW1, dW2 = colora_deltas64(*factors.values(), W1, W2, pair.n)
+    for index, want in enumerate((dW1, dW2)):
+        got = pair.delta(index)
+        assert got.dtype == torch.float64
+        assert max_abs_diff(got, want) < 1e-12
+    x = torch.randn(5, 12, dtype=torch.float64)
+    ref = F.gelu(x @ (W1 + dW1) + model.fc1.bias.detach()) @ (W2 + dW2) + model.fc2.bias
+    for path in ('activation', 'weight'):
+        for _, layer in iter_adapted_layers(model):
+            layer.train_path = path
+        out = model.eval()(x)
+        assert out.dtype == torch.float64 and max_abs_diff(out, ref) < 1e-12
+
+
+def test_half_precision_parameters_form_deltas_in_float32():
+    model = _pair_model('frozen')
+    model.half()
+    pair = model.fc1.adapter_branch.get_pair()
+    assert pair.delta(0).dtype == torch.float32
+    assert model.fc1.get_delta_weight().dtype == torch.float16
+
+
+def test_bf16_autocast_outputs_stay_close_to_float32():
+    """Under CPU bf16 autocast the base op and the thin products run in bf16, the
+    factors, scalings and partner products in float32: the output stays within bf16's
+    resolution of the float32 one (relative 2e-2)."""
+    model = _pair_model('effective', d=32, d_mid=128, d_out=32)
+    _sgd_steps(model, 2)
+    model.eval()
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        want = model(x)
+        for path in ('activation', 'weight'):
+            for _, layer in iter_adapted_layers(model):
+                layer.train_path = path
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                got = model(x)
+                assert model.fc1.adapter_branch.get_pair().delta(0).dtype == torch.float32
+            assert _rel(got.float(), want) < 2e-2
+
+
+# ----------------------------------------------------------- spatial branch
+@pytest.mark.parametrize('shape,stride', [((2, 4, 9, 7), 1), ((1, 3, 8, 8), 2),
+                                          ((2, 6, 5, 12), 1)])
+def test_grouped_up_conv_equals_the_grouped_convolution(shape, stride):
+    n, r, h, w = shape
+    c = r * 5
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    want = F.conv2d(z, weight, None, stride, 1, 1, r)
+    got = grouped_up_conv(z, weight, stride, 1)
+    assert got.shape == want.shape and max_abs_diff(got, want) < 1e-12
+    v = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    gz, gw = torch.autograd.grad((want * v).sum(), (z, weight))
+    hz, hw = torch.autograd.grad((got * v).sum(), (z, weight))
+    assert max_abs_diff(hz, gz) < 1e-12 and max_abs_diff(hw, gw) < 1e-12
