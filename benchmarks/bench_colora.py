@@ -8,8 +8,12 @@
 Tables:
 
 1. ``train``: one training step (data preprocessing, forward, loss, backward, AdamW
-   update) of an mmseg UperNet on ``CoLoRAConvNeXt`` with full fine-tuning, LoRA, HiRA
-   and CoLoRA; time (median of ``--repeats`` steps after warm-up) and peak memory. On
+   update) of an mmseg UperNet on ``CoLoRAConvNeXt`` with full fine-tuning, the
+   ``limit`` (no adapter, biases and norms only: ``method='bitfit'``, the cheapest any
+   adapter method on this backbone can be), LoRA, Hugging Face peft's LoRA on the same
+   layers with the same ranks (``peft-lora``; skipped when peft is not installed,
+   ``pip install peft``; its output is checked against ours before timing), HiRA and
+   CoLoRA; time (median of ``--repeats`` steps after warm-up) and peak memory. On
    CPU each method's memory is measured in a fresh subprocess as the growth of the
    process's peak resident set over the training steps (Linux: the peak mark
    ``VmHWM`` is reset through ``/proc/self/clear_refs`` after the model and its inputs
@@ -22,9 +26,15 @@ Tables:
 3. ``merge``: inference of the merged model against the plain backbone, alternating
    the two models run by run: ResNet-50 with ``use_filter=False`` (folds completely),
    ResNet-50 and ConvNeXt-T with the filter (the spatial branch stays).
+   Below it: which training path (activation / weight) the pointwise layers took.
+1b. ``paper``: training memory at the paper's size, UperNet (512 channels) +
+   ConvNeXt-B, 512x512, batch 2, one step per method in a fresh process.
+2. ``filter``: as below; 2b. ``spatial``: the spatial branch's 3x3 ``r -> C``
+   up-projection with ``groups=r`` (and the whole branch), forward + backward, the
+   kernel the package runs on this device against the grouped convolution.
 4. ``deltas``: the per-step cost of forming every weight update of the ConvNeXt-T
-   backbone (each adapter's ``delta_weight``, forward and backward), per method, and as
-   a share of the training step of table 1.
+   backbone (each adapter's ``delta_weight``, forward and backward: the weight path),
+   per method, and as a share of the training step of table 1.
 
 Ratios are taken within one run. Timings are medians (``--repeats``) after warm-up;
 use ``--threads`` to pin the thread count (``torch.get_num_threads()`` otherwise).
@@ -48,15 +58,85 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METHODS = ('full', 'lora', 'hira', 'colora')
-#: Extra CoLoRA rows of table 1 that attribute its cost: without the range filter,
-#: and the correlated pairs alone (no spatial branch).
+METHODS = ('full', 'limit', 'lora', 'peft-lora', 'hira', 'colora')
+#: Extra rows of table 1 that attribute the cost: CoLoRA without the range filter, the
+#: correlated pairs alone (no spatial branch), and LoRA / CoLoRA forced onto the weight
+#: path (every update formed as ``W + dW``) or the activation path.
 BREAKDOWN = {'colora-nofilter': dict(method='colora', use_filter=False),
-             'colora-pairs': dict(method='colora', spatial=False)}
+             'colora-pairs': dict(method='colora', spatial=False),
+             'lora-weight': dict(method='lora', train_path='weight'),
+             'colora-weight': dict(method='colora', train_path='weight'),
+             'colora-activation': dict(method='colora', train_path='activation')}
+#: Rows that are the same backbone without adapters (peft's LoRA is injected later).
+ALIASES = {'limit': dict(method='bitfit'), 'peft-lora': dict(method='bitfit')}
+#: Methods of the memory table at the paper's size.
+PAPER_METHODS = ('full', 'limit', 'lora', 'peft-lora', 'colora')
 
 
 def adapter_of(name: str) -> dict:
-    return dict(BREAKDOWN.get(name, dict(method=name)))
+    return dict(BREAKDOWN.get(name) or ALIASES.get(name) or dict(method=name))
+
+
+def have_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pointwise_ranks(model: nn.Module, gamma: int = 20) -> Dict[str, int]:
+    """The backbone's pointwise layers and the rank our LoRA gives each,
+    ``min(in, out) // gamma``."""
+    ranks = {}
+    for name, m in model.named_modules():
+        if name.startswith('backbone.') and name.endswith(
+                ('pointwise_conv1', 'pointwise_conv2')) and isinstance(m, nn.Linear):
+            ranks[name] = min(m.in_features, m.out_features) // gamma
+    return ranks
+
+
+def inject_peft_lora(model: nn.Module, gamma: int = 20, scaling: float = 2.0) -> None:
+    """Hugging Face peft's LoRA on the same layers, ranks and ``alpha / r`` as ours; the
+    trainable set stays the package's (biases, norms, heads) plus peft's factors."""
+    import re
+    from peft import LoraConfig, inject_adapter_in_model
+    ranks = pointwise_ranks(model, gamma)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    cfg = LoraConfig(r=min(ranks.values()), lora_alpha=scaling * min(ranks.values()),
+                     target_modules=list(ranks), lora_dropout=0.0, bias='none',
+                     rank_pattern={re.escape(k): v for k, v in ranks.items()},
+                     alpha_pattern={re.escape(k): scaling * v for k, v in ranks.items()})
+    inject_adapter_in_model(cfg, model)
+    for n, p in model.named_parameters():
+        p.requires_grad_('lora_' in n or n.replace('.base_layer', '') in trainable)
+
+
+@torch.no_grad()
+def check_peft_against_ours(args) -> float:
+    """Our LoRA and peft's with the same weights and factors (B != 0): the largest
+    difference of the backbone outputs. Raises when they disagree."""
+    torch.manual_seed(0)
+    ours = registry().build(upernet_cfg('lora', args.arch, 64, 16)).eval()
+    theirs = registry().build(upernet_cfg('limit', args.arch, 64, 16)).eval()
+    inject_peft_lora(theirs)
+    for name, p in ours.named_parameters():
+        if 'adapter_' in name:
+            p.normal_(0, 0.02)
+    sd = ours.state_dict()
+    mapped = {}
+    for name in theirs.state_dict():
+        key = (name.replace('.base_layer', '')
+               .replace('.lora_A.default.weight', '.adapter_branch.A')
+               .replace('.lora_B.default.weight', '.adapter_branch.B'))
+        mapped[name] = sd[key]
+    theirs.load_state_dict(mapped, strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    diff = max((a - b).abs().max().item() for a, b in
+               zip(ours.backbone(x), theirs.backbone(x)))
+    if diff > 1e-4:
+        raise AssertionError(f'peft LoRA differs from ours by {diff:.2e}')
+    return diff
 
 
 # ---------------------------------------------------------------------- helpers
@@ -179,6 +259,8 @@ def build_trainer(method: str, args) -> tuple:
     torch.manual_seed(0)
     model = registry().build(upernet_cfg(method, args.arch, args.size, args.head_channels))
     reset_adapters_from_weights(model)          # what init_weights() does after loading
+    if method == 'peft-lora':
+        inject_peft_lora(model)
     model.to(args.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
@@ -202,6 +284,11 @@ def _proc_status_kib(field: str) -> int:
 
 def memory_worker(method: str, args) -> None:
     """Run in a fresh process: peak memory that training steps add."""
+    if args.device == 'cpu':
+        # glibc keeps freed blocks of the build in its arenas; without this the
+        # built model's temporaries would count as training memory.
+        import ctypes
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
     model, step, trainable = build_trainer(method, args)
     if args.device == 'cuda':
         torch.cuda.synchronize()
@@ -242,32 +329,125 @@ def measure_memory(method: str, args) -> dict:
     raise RuntimeError(f'memory worker for {method} failed:\n{res.stderr[-3000:]}')
 
 
+def available(names: List[str]) -> List[str]:
+    if 'peft-lora' in names and not have_peft():
+        print('\n(peft is not installed: the peft-lora rows are skipped; '
+              '`pip install peft` adds them)')
+        names = [n for n in names if n != 'peft-lora']
+    return names
+
+
+def path_summary(model: nn.Module) -> str:
+    """Which path the pointwise layers took in the last step, per stage."""
+    from colora_mm.adapters import iter_adapted_layers
+    stages: Dict[str, Dict[str, int]] = {}
+    for name, layer in iter_adapted_layers(model):
+        if layer.last_path is None:
+            continue
+        stage = name.split('stages.', 1)[1].split('.', 1)[0] if 'stages.' in name else '-'
+        count = stages.setdefault(stage, {})
+        count[layer.last_path] = count.get(layer.last_path, 0) + 1
+    return ', '.join(f'stage {s}: ' + ' + '.join(f'{n} {p}' for p, n in sorted(c.items()))
+                     for s, c in sorted(stages.items()))
+
+
 def bench_train(args, results: dict) -> None:
-    names = list(METHODS) + ([] if args.no_breakdown else list(BREAKDOWN))
-    steps, trainables = {}, {}
+    names = args.methods or list(METHODS) + ([] if args.no_breakdown else list(BREAKDOWN))
+    names = available(names)
+    missing = [m for m in ('full', 'limit', 'lora') if m not in names]
+    if missing:
+        raise SystemExit(f'error: table 1 needs the rows {missing} (its ratios); add them '
+                         'to --methods.')
+    if 'peft-lora' in names:
+        diff = check_peft_against_ours(args)
+        print(f'\npeft LoRA against ours, same weights and factors: max |diff| of the '
+              f'backbone outputs {diff:.1e}')
+        results['peft_check_max_abs_diff'] = diff
+    steps, trainables, paths = {}, {}, {}
+    models = {}
     for method in names:
-        model, step, trainables[method] = build_trainer(method, args)
-        steps[method] = step
+        models[method], steps[method], trainables[method] = build_trainer(method, args)
     times = interleaved(steps, args.device, args.repeats, warmup=1)
+    for method in names:
+        paths[method] = path_summary(models[method])
     results['train_step_s'] = times
-    del steps, model
+    results['train_paths'] = paths
+    del steps, models
     memory = {m: measure_memory(m, args) for m in names}
     results['train_memory'] = memory
-    full_t, lora_t = times['full'], times['lora']
-    full_m = memory['full']['delta']
+    full_t, lora_t, limit_t = times['full'], times['lora'], times['limit']
+    full_m, limit_m = memory['full']['delta'], memory['limit']['delta']
+    limit_saving = full_m - limit_m
     rows = []
     for m in names:
+        saving = (full_m - memory[m]['delta']) / limit_saving if limit_saving else float('nan')
         rows.append([m, f'{trainables[m] / 1e6:.2f}M', f'{times[m] * 1e3:.0f}',
-                     f'{times[m] / full_t:.2f}', f'{times[m] / lora_t:.2f}',
+                     f'{times[m] / full_t:.2f}', f'{times[m] / limit_t:.2f}',
+                     f'{times[m] / lora_t:.2f}',
                      f'{memory[m]["delta"] / 2 ** 20:.0f}',
-                     f'{memory[m]["delta"] / full_m:.2f}',
+                     f'{memory[m]["delta"] / full_m:.2f}', f'{saving:.2f}',
                      f'{memory[m]["peak"] / 2 ** 20:.0f}'])
     table(f'1. Training step, UperNet + CoLoRAConvNeXt-{args.arch} (head channels '
           f'{args.head_channels}), batch {args.batch} x {args.size}x{args.size}, '
           f'{"AMP fp16" if args.amp else "fp32"}; memory: {memory["full"]["kind"]}, '
-          'fresh process per method',
-          ['method', 'trainable', 'step ms', 'vs full', 'vs LoRA', 'train mem MiB',
-           'mem vs full', 'peak MiB'], rows)
+          'fresh process per method; saving = (full - method) / (full - limit)',
+          ['method', 'trainable', 'step ms', 'vs full', 'vs limit', 'vs LoRA',
+           'train mem MiB', 'mem vs full', 'saving vs limit', 'peak MiB'], rows)
+    print('\nTraining path of the pointwise layers in the timed steps:')
+    for m in names:
+        if paths[m]:
+            print(f'  {m}: {paths[m]}')
+    checks = [('LoRA step / limit step', lora_t / limit_t, '<=', 1.10)]
+    if 'colora' in names:
+        checks += [('CoLoRA step / limit step', times['colora'] / limit_t, '<=', 1.20),
+                   ('CoLoRA step / LoRA step', times['colora'] / lora_t, '<=', 1.10),
+                   ('CoLoRA memory saving / limit saving',
+                    (full_m - memory['colora']['delta']) / limit_saving, '>=', 0.90)]
+    if 'peft-lora' in names:
+        checks += [('our LoRA / peft LoRA, step time', lora_t / times['peft-lora'], '<=',
+                    1.00),
+                   ('our LoRA / peft LoRA, training memory',
+                    memory['lora']['delta'] / memory['peft-lora']['delta'], '<=', 1.00)]
+    results['train_targets'] = report_targets(checks)
+
+
+def report_targets(checks) -> list:
+    print('\nTargets:')
+    out = []
+    for name, value, op, target in checks:
+        met = value <= target if op == '<=' else value >= target
+        print(f'  {name}: {value:.3f} (target {op} {target:.2f}) '
+              f'{"met" if met else "MISSED"}')
+        out.append(dict(measure=name, value=value, target=f'{op} {target}', met=met))
+    return out
+
+
+def bench_paper(args, results: dict) -> None:
+    """Training memory at the paper's size, one step per method in a fresh process."""
+    paper = copy.copy(args)
+    paper.arch, paper.size, paper.batch = 'base', 512, 2
+    paper.head_channels, paper.memory_steps = 512, 1
+    names = available([m for m in (args.methods or PAPER_METHODS) if m in PAPER_METHODS
+                       or m in BREAKDOWN])
+    for m in ('full', 'limit', 'colora'):
+        if m not in names:
+            raise SystemExit(f'error: table 1b needs the row {m!r}; add it to --methods.')
+    memory = {m: measure_memory(m, paper) for m in names}
+    results['paper_memory'] = memory
+    full_m, limit_m = memory['full']['delta'], memory['limit']['delta']
+    rows = []
+    for m in names:
+        saving = (full_m - memory[m]['delta']) / (full_m - limit_m)
+        rows.append([m, f'{memory[m]["delta"] / 2 ** 20:.0f}',
+                     f'{memory[m]["delta"] / full_m:.2f}', f'{saving:.2f}',
+                     f'{memory[m]["peak"] / 2 ** 20:.0f}'])
+    table('1b. Training memory at the paper\'s size: UperNet (512 channels) + '
+          f'ConvNeXt-B, batch 2 x 512x512, one step, {"AMP fp16" if args.amp else "fp32"}; '
+          f'{memory["full"]["kind"]}',
+          ['method', 'train mem MiB', 'mem vs full', 'saving vs limit', 'peak MiB'], rows)
+    results['paper_targets'] = report_targets([
+        ('CoLoRA memory saving / limit saving (ConvNeXt-B 512x512)',
+         (full_m - memory['colora']['delta']) / (full_m - limit_m), '>=', 0.90)])
 
 
 def bench_profile(args, results: dict) -> None:
@@ -342,6 +522,78 @@ def bench_filter(args, results: dict) -> None:
            '2-D fwd+bwd', '2-D / sep', 'naive fwd'], rows)
 
 
+# ---------------------------------------------------------------------- 2b. spatial
+def bench_spatial(args, results: dict) -> None:
+    """The depthwise-style spatial branch's up-projection (3x3, ``r -> C``,
+    ``groups=r``), forward + backward: the kernel the package uses on this device
+    (:func:`colora_mm.adapters.spatial.grouped_up_conv` on the CPU) against the grouped
+    convolution; and the whole branch (down, filter, up) with each."""
+    from colora_mm.adapters import AdaptedLayer, SpatialLowRankBranch
+    from colora_mm.adapters.spatial import grouped_up_conv
+    dev = args.device
+    rows, out = [], []
+    dims = dict(tiny=96, small=96, base=128).get(args.arch, 96)
+    for stage in range(4):
+        c, hw = dims * 2 ** stage, args.size // (4 * 2 ** stage)
+        for divisor in (16, 32):
+            r = c // divisor
+            z = torch.randn(args.batch, r, hw, hw, device=dev, requires_grad=True)
+            w = (torch.randn(c, 1, 3, 3, device=dev) * 0.02).requires_grad_()
+            g = torch.randn(args.batch, c, hw, hw, device=dev)
+            ref = F.conv2d(z, w, None, 1, 1, 1, r)
+            err = (grouped_up_conv(z, w) - ref).abs().max().item()
+            if err > 1e-4:
+                raise AssertionError(f'grouped_up_conv differs by {err}')
+
+            def run(fn):
+                return lambda: torch.autograd.grad((fn() * g).sum(), (z, w))
+            t = interleaved({'grouped': run(lambda: F.conv2d(z, w, None, 1, 1, 1, r)),
+                             'package': run(lambda: grouped_up_conv(z, w)
+                                            if dev == 'cpu' else
+                                            F.conv2d(z, w, None, 1, 1, 1, r))},
+                            dev, args.repeats * 2)
+            # the whole branch, as SpatialLowRankBranch runs it
+            conv = nn.Conv2d(c, c, 7, padding=3, groups=c).to(dev)
+            layer = AdaptedLayer(conv, lambda lyr: SpatialLowRankBranch(lyr, r), 'dw')
+            layer.to(dev)
+            branch = layer.adapter_branch
+            x = torch.randn(args.batch, c, hw, hw, device=dev)
+            gx = torch.randn(args.batch, c, hw, hw, device=dev)
+            params = list(branch.parameters())
+
+            def whole(fast):
+                def f():
+                    zz = branch.down(x)
+                    zz = zz + branch.filter_lambda * branch.filter(zz)
+                    y = branch.expand(zz) if fast else branch.up(zz)
+                    torch.autograd.grad((y * gx).sum(), params)
+                return f
+            tb = interleaved({'grouped': whole(False), 'package': whole(True)}, dev,
+                             args.repeats)
+            out.append(dict(stage=stage, r=r, c=c, hw=hw, up=t, branch=tb))
+            rows.append([f'{stage} (C={c}, {hw}x{hw})', str(r),
+                         f'{t["grouped"] * 1e3:.2f}', f'{t["package"] * 1e3:.2f}',
+                         f'{t["package"] / t["grouped"]:.2f}',
+                         f'{tb["grouped"] * 1e3:.2f}', f'{tb["package"] * 1e3:.2f}',
+                         f'{tb["package"] / tb["grouped"]:.2f}'])
+    results['spatial'] = out
+    up_g = sum(o['up']['grouped'] for o in out)
+    up_p = sum(o['up']['package'] for o in out)
+    br_g = sum(o['branch']['grouped'] for o in out)
+    br_p = sum(o['branch']['package'] for o in out)
+    rows.append(['all stages', '-', f'{up_g * 1e3:.2f}', f'{up_p * 1e3:.2f}',
+                 f'{up_p / up_g:.2f}', f'{br_g * 1e3:.2f}', f'{br_p * 1e3:.2f}',
+                 f'{br_p / br_g:.2f}'])
+    table(f'2b. Spatial branch of CoLoRAConvNeXt-{args.arch}, batch {args.batch} at '
+          f'{args.size}x{args.size}, forward + backward, median ms: the 3x3 r -> C '
+          'up-projection (groups=r), and the whole branch (down, filter, up)',
+          ['stage', 'r', 'up: grouped conv', 'up: package', 'ratio',
+           'branch: grouped conv', 'branch: package', 'ratio'], rows)
+    results['spatial_targets'] = report_targets([
+        ('spatial up-projection fwd+bwd, package / grouped conv (all stages)',
+         up_p / up_g, '<=', 0.5)])
+
+
 # ---------------------------------------------------------------------- 3. merge
 def bench_merge(args, results: dict) -> None:
     from colora_mm.adapters import merge_adapters, reset_adapters_from_weights
@@ -390,6 +642,12 @@ def bench_merge(args, results: dict) -> None:
                      f'{t["merged"] * 1e3:.1f}', f'{t["merged"] / t["plain"]:.3f}',
                      f'{t["unmerged"] / t["plain"]:.3f}', f'{diff:.1e}'])
     results['merge'] = out
+    convnext = [o for o in out if o['case'].startswith('ConvNeXt')]
+    if convnext:
+        t = convnext[0]['times']
+        results['merge_targets'] = report_targets([
+            ('merged inference, ConvNeXt-T with the filter, merged / plain',
+             t['merged'] / t['plain'], '<=', 1.10)])
     table(f'3. Inference, backbone only, batch {args.merge_batch} x {size}x{size}, '
           'median ms (plain / merged / unmerged run in turn)',
           ['model', 'layers left unfolded', 'plain', 'merged', 'merged / plain',
@@ -426,14 +684,6 @@ def bench_deltas(args, results: dict) -> None:
         step = results.get('train_step_s', {}).get(method)
         rows.append([method, f'{t * 1e3:.2f}',
                      f'{100 * t / step:.1f}%' if step else '-'])
-        if method == 'colora':
-            pairs = [layer.adapter_branch.get_pair() for layer in layers
-                     if getattr(layer.adapter_branch, 'index', None) == 0]
-            check_fused(pairs)
-            t = timeit(lambda: sum(sum(d.sum() for d in fused_pair_deltas(p))
-                                   for p in pairs).backward(), dev, args.repeats)
-            out['colora-fused-sketch'] = t
-            rows.append(['colora-fused-sketch', f'{t * 1e3:.2f}', '-'])
     results['deltas_s'] = out
     rows = [r + [f'{out[r[0]] / out["lora"]:.2f}'] for r in rows]
     table(f'4. Forming every weight update of CoLoRAConvNeXt-{args.arch} once '
@@ -441,45 +691,18 @@ def bench_deltas(args, results: dict) -> None:
           ['method', 'ms per step', 'share of the training step', 'vs LoRA'], rows)
 
 
-def fused_pair_deltas(pair) -> tuple:
-    """Eqs. 14-15 regrouped (a sketch for this benchmark, checked against the
-    implementation by :func:`check_fused`): each delta is one GEMM of inner width
-    ``r``, ``[s1 A1 | s As] @ [B1 ; Bs W2^T]``, so the scalings multiply the thin
-    factors and no full-size product or sum is formed or saved for backward."""
-    A1, B1, A2, B2 = pair.A1, pair.B1, pair.A2, pair.B2
-    As, Bs = pair.As, pair.Bs
-    rl, rs = pair.rl, pair.rs
-    norm = (rs * pair.n) ** 0.25
-    C1 = Bs @ pair.partner_w2.t()                       # rs x d'
-    C2 = pair.partner_w1.t() @ As                       # d' x rs
-    s1 = 1.0 / (math.sqrt(rl) * (A1.std() + B1.std()))
-    s2 = 1.0 / (math.sqrt(rl) * (A2.std() + B2.std()))
-    t1 = 1.0 / (norm * (C1.std() + As.std()))
-    t2 = 1.0 / (norm * (C2.std() + Bs.std()))
-    d1 = torch.cat([A1 * s1, As * t1], 1) @ torch.cat([B1, C1], 0)
-    d2 = torch.cat([A2 * s2, C2 * t2], 1) @ torch.cat([B2, Bs], 0)
-    return d1, d2
-
-
-@torch.no_grad()
-def check_fused(pairs) -> None:
-    for pair in pairs[:3]:
-        d1, d2 = fused_pair_deltas(pair)
-        for ours, ref in ((d1, pair.delta(0)), (d2, pair.delta(1))):
-            err = (ours - ref).abs().max().item()
-            if err > 1e-5 * max(1.0, ref.abs().max().item()):
-                raise AssertionError(f'fused sketch differs from CoLoRAPair.delta by {err}')
-
-
 # ---------------------------------------------------------------------- main
+TABLES = dict(train=bench_train, paper=bench_paper, filter=bench_filter,
+              spatial=bench_spatial, merge=bench_merge, deltas=bench_deltas)
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--amp', action='store_true',
                         help='fp16 autocast (AmpOptimWrapper); for --device cuda')
-    parser.add_argument('--only', nargs='+', default=['train', 'filter', 'merge', 'deltas'],
-                        choices=['train', 'filter', 'merge', 'deltas'])
+    parser.add_argument('--only', nargs='+', default=list(TABLES), choices=list(TABLES))
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--arch', default='tiny', help='ConvNeXt arch of tables 1 and 4')
@@ -488,6 +711,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument('--head-channels', type=int, default=128,
                         help='UperNet channels (upstream: 512)')
     parser.add_argument('--memory-steps', type=int, default=2)
+    parser.add_argument('--methods', nargs='+', default=None,
+                        help=f'rows of tables 1 and 1b (default: {" ".join(METHODS)} '
+                             'and the breakdown rows)')
     parser.add_argument('--no-breakdown', action='store_true',
                         help='table 1 without the colora-nofilter / colora-pairs rows')
     parser.add_argument('--merge-size', type=int, default=224)
@@ -513,10 +739,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
           f'repeats {args.repeats}')
     print('command: python ' + ' '.join([os.path.relpath(__file__)] + sys.argv[1:]))
     results: dict = dict(machine=machine(args.device), args=vars(args))
-    for name in ('train', 'filter', 'merge', 'deltas'):
+    for name, fn in TABLES.items():
         if name in args.only:
-            dict(train=bench_train, filter=bench_filter, merge=bench_merge,
-                 deltas=bench_deltas)[name](args, results)
+            fn(args, results)
             sys.stdout.flush()
     if args.profile:
         bench_profile(args, results)

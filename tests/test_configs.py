@@ -45,13 +45,13 @@ URLS = {
 CHANNELS = {'convnext_b': [128, 256, 512, 1024], 'convnext_s': [96, 192, 384, 768],
             'r50': [256, 512, 1024, 2048]}
 METHODS = {'colora': 'colora', 'full-ft': 'full', 'lora': 'lora', 'pissa': 'pissa',
-           'hira': 'hira', 'conv-adapter': 'conv_adapter'}
+           'hira': 'hira', 'conv-adapter': 'conv_adapter', 'bitfit': 'bitfit'}
 GAMMA = {'colora': 16, 'lora': 20, 'pissa': 20, 'hira': 20, 'conv_adapter': 4}
 TABLE8 = [(16, 0.5), (8, 0.8), (8, 0.5), (4, 0.8), (4, 0.5), (4, 0.4), (2, 0.9), (2, 0.8)]
 # Adapted layers per residual block: CoLoRA a pair (2 layers) and the spatial conv;
 # LoRA/PiSSA/HiRA both 1x1 layers; Conv-Adapter the spatial conv.
 LAYERS_PER_BLOCK = {'colora': 3, 'lora': 2, 'pissa': 2, 'hira': 2, 'conv_adapter': 1,
-                    'full': 0}
+                    'full': 0, 'bitfit': 0}
 
 NAME = re.compile(r'^(?P<algo>upernet|faster-rcnn)_(?P<method>[a-z-]+?)'
                   r'(?:-g(?P<g>\d+)-sr(?P<sr>[\d.]+))?_(?P<bb>convnext_[bs]|r50)_'
@@ -95,7 +95,7 @@ def test_the_set_of_configs_is_complete():
     for bb in ('convnext_s', 'r50'):
         for m in METHODS:
             assert f'faster-rcnn_{m}_{bb}_fpn_2xb8-1x_coco.py' in coco
-    assert len(ade) == 3 * 6 + 8 + 1 and len(coco) == 2 * 6
+    assert len(ade) == 3 * len(METHODS) + 8 + 1 and len(coco) == 2 * len(METHODS)
 
 
 def test_alias_is_the_main_convnext_b_config():
@@ -136,12 +136,19 @@ def _backbone(cfg, info):
     adapter = backbone.adapter
     method = info['method']
     assert adapter.method == method
-    if method != 'full':
+    if method not in ('full', 'bitfit'):
         assert adapter.gamma == (int(info['g']) if info['g'] else GAMMA[method])
     if method == 'colora':
         assert adapter.share_ratio == (float(info['sr']) if info['sr'] else 0.5)
         assert adapter.use_filter is True
         assert adapter.partner_policy == 'effective'
+        # ConvNeXt: spatial rank C // (2 gamma), the paper's #Param; ResNet: C // gamma
+        if bb.startswith('convnext'):
+            assert adapter.spatial_gamma == 2 * adapter.gamma
+        else:
+            assert adapter.get('spatial_gamma') is None
+        assert set(adapter) <= {'method', 'gamma', 'share_ratio', 'use_filter',
+                                'partner_policy', 'spatial_gamma'}, adapter
     else:
         assert set(adapter) <= {'method', 'gamma'}, adapter
     AdapterSpec.from_dict(dict(adapter))   # valid spec

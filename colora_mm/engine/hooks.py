@@ -6,7 +6,7 @@ interval=1000)]``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -65,11 +65,43 @@ def format_report(parts: dict, flops: Optional[dict], input_size: Sequence[int])
     return '\n'.join(lines)
 
 
+def stage_of(name: str) -> str:
+    """``stages.2`` for ``stages.2.5.pointwise_conv1``, ``layer3`` for
+    ``layer3.1.conv1``: the group a layer is reported under."""
+    parts = name.split('.')
+    if parts[0][-1:].isdigit() or len(parts) < 2:
+        return parts[0]
+    return '.'.join(parts[:2])
+
+
+def path_report(model: nn.Module) -> Dict[str, Dict[str, int]]:
+    """``{stage: {'activation': n, 'weight': m}}``: the training path each adapted
+    layer's low-rank update took in its last forward pass."""
+    out: Dict[str, Dict[str, int]] = {}
+    for name, layer in iter_adapted_layers(model):
+        if layer.last_path is None:
+            continue
+        count = out.setdefault(stage_of(name), {})
+        count[layer.last_path] = count.get(layer.last_path, 0) + 1
+    return out
+
+
+def format_path_report(paths: Dict[str, Dict[str, int]]) -> str:
+    lines = ['training path of the low-rank updates in the first iteration '
+             '(activation: base(x) + (x L) R; weight: x (W + L R)):']
+    for stage, count in paths.items():
+        lines.append(f'  {stage}: ' + ', '.join(f'{n} {path}' for path, n in
+                                               sorted(count.items())))
+    return '\n'.join(lines)
+
+
 @HOOKS.register_module()
 class CoLoRAReportHook(Hook):
     """At the start of training, print and log trainable vs total parameters per part
     (backbone adapters, backbone biases/norms, other backbone weights, neck, heads) and
-    the adapters' FLOPs overhead (appendix Table 1) measured on one image.
+    the adapters' FLOPs overhead (appendix Table 1) measured on one image. After the
+    first iteration, the training path (activation or weight) each stage's low-rank
+    updates took.
 
     Args:
         input_size (tuple[int, int]): ``(H, W)`` of the image the FLOPs are counted on.
@@ -87,6 +119,8 @@ class CoLoRAReportHook(Hook):
         self.in_channels = in_channels
         self.count_flops = count_flops
         self.report: Optional[dict] = None
+        #: ``{stage: {path: count}}`` after the first training iteration.
+        self.paths: Optional[Dict[str, Dict[str, int]]] = None
 
     def before_train(self, runner) -> None:
         model = _unwrap(runner.model)
@@ -105,6 +139,14 @@ class CoLoRAReportHook(Hook):
                                            flops['branches'])
             runner.message_hub.update_info('colora/adapter_update_flops',
                                            flops['weight_updates'])
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None,
+                         outputs=None) -> None:
+        if self.paths is not None:          # once per run, after its first iteration
+            return
+        self.paths = paths = path_report(_unwrap(runner.model))
+        if paths:
+            print_log('CoLoRA report\n' + format_path_report(paths), logger='current')
 
 
 @torch.no_grad()
