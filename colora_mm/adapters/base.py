@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lowrank import low_rank_product, producer_recipe
 from .paths import TRAIN_PATHS, prefer_activation_path
 
 ADAPTER_PREFIX = 'adapter_'
@@ -237,6 +238,10 @@ class AdaptedLayer(nn.Module):
         if not self.is_pointwise:
             return False
         training = torch.is_grad_enabled() and self.training
+        if training and not self.is_conv and producer_recipe(x) is not None:
+            # keeps no copy of x (the weight path would keep x and W + dW): the
+            # memory of the frozen layer, whatever the time model says
+            return True
         return prefer_activation_path(self.tokens(x), self.in_channels, self.out_channels,
                                       rank, training, x.device.type)
 
@@ -245,10 +250,13 @@ class AdaptedLayer(nn.Module):
         """``(x L) R`` on this layer's input layout: the low-rank update applied to the
         activations. A 1x1 conv keeps its stride and padding (the zero padding gives zero
         rows, so base and update still add up to ``x (W + L R)``)."""
-        if not torch.is_autocast_enabled(x.device.type):
-            left, right = left.to(x.dtype), right.to(x.dtype)
+        autocast = torch.is_autocast_enabled(x.device.type)
         if not self.is_conv:
-            return (x @ left) @ right
+            # the thin products run in the autocast dtype, else in the input's
+            return low_rank_product(x, left, right, torch.get_autocast_dtype(
+                x.device.type) if autocast else x.dtype)
+        if not autocast:
+            left, right = left.to(x.dtype), right.to(x.dtype)
         k = left.shape[1]
         down = left.t().reshape(k, self.in_channels, 1, 1)
         up = right.t().reshape(self.out_channels, k, 1, 1)

@@ -32,21 +32,53 @@ from .init import init_a_
 SPATIAL_STYLES = ('depthwise', 'dense')
 
 
+def _pairs(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class _GroupedUpConv(torch.autograd.Function):
+    """Forward and backward of a one-channel-per-group convolution as unfolded taps
+    times per-group weights; backward unfolds ``z`` again rather than keeping the
+    ``k*k`` times larger unfolded copy."""
+
+    @staticmethod
+    def forward(ctx, z, weight, stride, padding):
+        n, r, h, w = z.shape
+        c, _, kh, kw = weight.shape
+        out_hw = [(size + 2 * p - k) // s + 1 for size, p, k, s in
+                  zip((h, w), padding, (kh, kw), stride)]
+        cols = F.unfold(z, (kh, kw), padding=padding, stride=stride)
+        cols = cols.view(n, r, kh * kw, out_hw[0] * out_hw[1])
+        out = torch.matmul(weight.view(r, c // r, kh * kw), cols)      # (N, r, C/r, L)
+        ctx.save_for_backward(z, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return out.view(n, c, *out_hw)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, weight = ctx.saved_tensors
+        n, r, h, w = z.shape
+        c, _, kh, kw = weight.shape
+        g = grad.reshape(n, r, c // r, -1)
+        grad_z = grad_w = None
+        if ctx.needs_input_grad[1]:
+            cols = F.unfold(z, (kh, kw), padding=ctx.padding, stride=ctx.stride)
+            cols = cols.view(n, r, kh * kw, -1)
+            grad_w = (g @ cols.transpose(-1, -2)).sum(0).view_as(weight)
+        if ctx.needs_input_grad[0]:
+            grad_cols = weight.view(r, c // r, kh * kw).transpose(-1, -2) @ g
+            grad_z = F.fold(grad_cols.reshape(n, r * kh * kw, -1), (h, w), (kh, kw),
+                            padding=ctx.padding, stride=ctx.stride)
+        return grad_z, grad_w, None, None
+
+
 def grouped_up_conv(z: torch.Tensor, weight: torch.Tensor, stride=1,
                     padding=1) -> torch.Tensor:
     """``conv2d(z, weight, groups=r)`` for ``z (N, r, H, W)`` and ``weight (C, 1, k, k)``
     (one input channel per group): each channel's ``k*k`` taps (``unfold``) times its
     group's ``(C/r x k*k)`` weights, as one broadcast batched matmul. Exact (the same sums
-    in another order); used on the CPU."""
-    n, r, h, w = z.shape
-    c, _, kh, kw = weight.shape
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    cols = F.unfold(z, (kh, kw), padding=(ph, pw), stride=(sh, sw))   # (N, r*k*k, L)
-    cols = cols.view(n, r, kh * kw, ho * wo)
-    out = torch.matmul(weight.view(r, c // r, kh * kw), cols)         # (N, r, C/r, L)
-    return out.view(n, c, ho, wo)
+    in another order); used on the CPU. Keeps only ``z`` and the weight for backward."""
+    return _GroupedUpConv.apply(z, weight, _pairs(stride), _pairs(padding))
 
 
 def spatial_style(layer: AdaptedLayer) -> str:

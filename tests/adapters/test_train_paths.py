@@ -367,3 +367,41 @@ def test_grouped_up_conv_equals_the_grouped_convolution(shape, stride):
     gz, gw = torch.autograd.grad((want * v).sum(), (z, weight))
     hz, hw = torch.autograd.grad((got * v).sum(), (z, weight))
     assert max_abs_diff(hz, gz) < 1e-12 and max_abs_diff(hw, gw) < 1e-12
+
+
+def _saved_bytes(model, x):
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in buffers:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize('method', ['lora', 'colora'])
+def test_activation_path_keeps_no_copy_of_layernorm_or_gelu_outputs(method):
+    """Against the same block with no adapter (biases and norms train): the low-rank
+    path recomputes its inputs from what LayerNorm and GELU keep anyway, so it adds
+    only the thin ``x L`` products, not the ``T x C`` and ``T x 4C`` inputs."""
+    block_in = (2, 16, 12, 12)
+    x = torch.randn(block_in)
+    sizes = {}
+    for name, spec in (('bitfit', dict(method='bitfit')),
+                       (method, dict(method=method, gamma=4, spatial=False))):
+        torch.manual_seed(0)
+        model = ChannelsLastBlock()
+        inject_adapters(model, AdapterSpec(**spec), pairs=model.pairs)
+        mark_trainable(model, spec['method'])
+        sizes[name], out = _saved_bytes(model.train(), x)
+        out.square().mean().backward()
+    tokens = 2 * 12 * 12
+    inputs = tokens * (16 + 64) * 4            # LayerNorm output + GELU output, float32
+    extra = sizes[method] - sizes['bitfit']
+    assert extra < inputs / 4, (extra, inputs)
