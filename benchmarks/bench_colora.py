@@ -62,13 +62,16 @@ METHODS = ('full', 'limit', 'lora', 'peft-lora', 'hira', 'colora')
 #: Extra rows of table 1 that attribute the cost: CoLoRA without the range filter, the
 #: correlated pairs alone (no spatial branch), and LoRA / CoLoRA forced onto the weight
 #: path (every update formed as ``W + dW``) or the activation path.
-BREAKDOWN = {'colora-nofilter': dict(method='colora', use_filter=False),
-             'colora-pairs': dict(method='colora', spatial=False),
+#: CoLoRA as the paper-reproduction configs set it (gamma 16, share 0.5, filter on,
+#: spatial rank C // 32).
+COLORA = dict(method='colora', gamma=16, spatial_gamma=32)
+BREAKDOWN = {'colora-nofilter': dict(COLORA, use_filter=False),
+             'colora-pairs': dict(COLORA, spatial=False),
              'lora-weight': dict(method='lora', train_path='weight'),
-             'colora-weight': dict(method='colora', train_path='weight'),
-             'colora-activation': dict(method='colora', train_path='activation')}
+             'colora-weight': dict(COLORA, train_path='weight')}
 #: Rows that are the same backbone without adapters (peft's LoRA is injected later).
-ALIASES = {'limit': dict(method='bitfit'), 'peft-lora': dict(method='bitfit')}
+ALIASES = {'limit': dict(method='bitfit'), 'peft-lora': dict(method='bitfit'),
+           'colora': COLORA}
 #: Methods of the memory table at the paper's size.
 PAPER_METHODS = ('full', 'limit', 'lora', 'peft-lora', 'colora')
 

@@ -352,3 +352,37 @@ def test_merged_structure_matches_a_merged_model():
     with torch.no_grad():
         for a, b in zip(deploy(x), reference):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+# ----------------------------------------------------------------- precision
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('value', [0.0, 0.3])
+def test_half_autocast_on_a_constant_image_is_finite(dtype, value):
+    """A spatially constant input (a padded border, a blank image) makes every channel
+    the spatial branch compresses constant: the range filter must not overflow
+    ``gamma_c`` under float16 autocast. Forward and backward stay finite and close to
+    float32."""
+    torch.manual_seed(0)
+    model = build(adapter=dict(method='colora', gamma=8), drop_path_rate=0.0)
+    model.init_weights()
+    with torch.no_grad():                      # a trained-looking adapter (B != 0)
+        for name, p in model.named_parameters():
+            if is_adapter_name(name):
+                p.normal_(0, 0.05)
+    x = torch.full((2, 3, 64, 64), value)
+    model.train()
+    with torch.autocast('cpu', dtype=dtype):
+        outs = model(x)
+    assert all(torch.isfinite(o).all() for o in outs)
+    sum(o.float().square().mean() for o in outs).backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast('cpu', dtype=dtype):
+            got = model(x)
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for g, w in zip(got, want):
+        assert (g.float() - w).abs().max() <= tol * max(w.abs().max().item(), 1.0)

@@ -270,7 +270,8 @@ class AdaptedLayer(nn.Module):
         factors = adapter.low_rank(self)
         if factors is not None and self.use_activation_path(x, factors[0].shape[1]):
             out = self.base_forward(x)
-            out = out + self.low_rank_forward(x, *factors).to(out.dtype)
+            # in place: nothing keeps the base op's output for backward
+            out = out.add_(self.low_rank_forward(x, *factors).to(out.dtype))
             self.last_path = 'activation'
         else:
             if factors is not None:
@@ -284,7 +285,7 @@ class AdaptedLayer(nn.Module):
             self.last_path = None if weight is None else 'weight'
         extra = adapter.branch(self, x)
         if extra is not None:
-            out = out + extra.to(out.dtype)
+            out = out.add_(extra.to(out.dtype))
         adapter.after_forward(self, factors)
         return out
 
