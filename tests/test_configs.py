@@ -271,8 +271,11 @@ def test_config_builds_at_reduced_width(path):
             expected = (is_adapter_name(name) or name.endswith('.bias')
                         or name in norms)
             assert p.requires_grad == expected, name
-    if method != 'full':
+    if method not in ('full', 'bitfit'):
         assert any(is_adapter_name(n) for n, _ in backbone.named_parameters())
+    if method == 'bitfit':
+        assert not any(is_adapter_name(n) for n, _ in backbone.named_parameters())
+        assert any(p.requires_grad for p in backbone.parameters())
     # One forward pass at 32x32, in the state loading weights leaves the adapters in.
     reset_adapters_from_weights(backbone)
     model.eval()

@@ -241,9 +241,10 @@ def test_adapter_flops_match_torch_flop_counter():
     """Branches and weight updates against torch's counter on the adapted backbone. The
     counter sees matmuls and convolutions only, so the update term is Table 1's without
     its ``2 d'(d + d'')`` element-wise additions: ``(rl + 2 rs) d'(d + d'')`` a pair.
-    Without the range filter: its count is appendix D's (above), not its kernels'."""
+    Without the range filter: its count is appendix D's (above), not its kernels'. On
+    the weight path, whose updates Table 1 counts (the activation path forms none)."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = convnext(use_filter=False).backbone
+    model = convnext(use_filter=False, train_path='weight').backbone
     flops = measure_flops(model, (64, 64))
     model.eval()
     counter = FlopCounterMode(display=False)

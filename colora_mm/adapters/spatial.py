@@ -96,6 +96,23 @@ def spatial_style(layer: AdaptedLayer) -> str:
                      '`spatial`.')
 
 
+class UpProjection(nn.Conv2d):
+    """The depthwise style's ``B``: a 3x3 conv ``r -> C`` with ``groups=r`` (one input
+    channel per group), run by :func:`grouped_up_conv` on the CPU and by the grouped
+    convolution elsewhere. Same parameters and state-dict keys as ``nn.Conv2d``."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.device.type != 'cpu':
+            return super().forward(z)
+        weight = self.weight
+        if torch.is_autocast_enabled('cpu'):
+            dtype = torch.get_autocast_dtype('cpu')
+            z, weight = z.to(dtype), weight.to(dtype)
+        elif weight.dtype != z.dtype:
+            weight = weight.to(z.dtype)
+        return grouped_up_conv(z, weight, self.stride, self.padding)
+
+
 class SpatialLowRankBranch(Adapter):
     """Low-rank branch parallel to a spatial conv, optionally with the range filter.
 
@@ -125,8 +142,8 @@ class SpatialLowRankBranch(Adapter):
                     f'{layer.describe()}: depthwise style needs C={c_out} divisible by '
                     f'r={rank} (B is a 3x3 conv with groups=r); pick gamma so that '
                     f'C // gamma divides C.')
-            self.up = nn.Conv2d(rank, c_out, 3, stride=layer.stride, padding=1,
-                                groups=rank, bias=False)
+            self.up = UpProjection(rank, c_out, 3, stride=layer.stride, padding=1,
+                                   groups=rank, bias=False)
             self.scale = 1.0 if scale is None else scale
         else:
             self.up = nn.Conv2d(rank, c_out, 1, stride=layer.stride, bias=False)
@@ -148,23 +165,11 @@ class SpatialLowRankBranch(Adapter):
     def num_trainable(self) -> int:
         return self.down.weight.numel() + self.up.weight.numel()
 
-    def expand(self, z: torch.Tensor) -> torch.Tensor:
-        """``B(z)``, on the fastest exact kernel for the device."""
-        if self.style == 'depthwise' and z.device.type == 'cpu':
-            weight = self.up.weight
-            if torch.is_autocast_enabled('cpu'):
-                dtype = torch.get_autocast_dtype('cpu')
-                z, weight = z.to(dtype), weight.to(dtype)
-            elif weight.dtype != z.dtype:
-                weight = weight.to(z.dtype)
-            return grouped_up_conv(z, weight, self.up.stride, self.up.padding)
-        return self.up(z)
-
     def branch(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         z = self.down(x)
         if self.filter is not None:
             z = z + self.filter_lambda * self.filter(z)
-        return self.scale * self.expand(z)
+        return self.scale * self.up(z)
 
     @property
     def foldable(self) -> bool:
