@@ -22,7 +22,7 @@ from colora_mm.datasets import (GROUPS, TASKS, VTABLayoutError, get_task,  # noq
                                 resolve_tasks)
 from colora_mm.evaluation import (format_markdown, paper_row,  # noqa: E402
                                   summarize)
-from colora_mm.evaluation.vtab1k_table import PAPER_VTAB1K  # noqa: E402
+from colora_mm.evaluation.vtab1k_table import PAPER_VTAB1K, format_params  # noqa: E402
 from data_gen import memoized_upstream_lookup, single_error  # noqa: E402
 from helpers_ckpt import save, torchvision_resnet_state_dict  # noqa: E402
 from vtab1k_gen import make_vtab1k, write_tiny_vtab1k_config  # noqa: E402
@@ -120,6 +120,7 @@ def test_summary_against_hand_computed_values():
     assert special[4] == ('| ConvNeXt-S | CoLoRA (ours, 2/3 seeds) | 2.6M | - | '
                           '92.00±2.00 | - | - | - |')
     assert 'Structured' not in table
+    assert (format_params(23_508_032), format_params(12_345)) == ('23.5M', '12.3K')
 
 
 def test_paper_rows_follow_the_same_averaging_rule():
@@ -288,7 +289,7 @@ def test_results_json_and_table(benchmark, vtab):
         table = f.read()
     pc = results['tasks']['patch_camelyon']
     cell = f"{pc['mean']:.2f}±{pc['std']:.2f}"
-    assert f'| ConvNeXt-S | CoLoRA (ours, 2 seeds) | {expected / 1e6:.1f}M | {cell} |' \
+    assert f'| ConvNeXt-S | CoLoRA (ours, 2 seeds) | {format_params(expected)} | {cell} |' \
         in table
     assert '| ConvNeXt-S | CoLoRA (paper) | 2.6M | 87.51±0.07 |' in table
     assert 'Structured (Table 7)' in table and 'Natural' not in table

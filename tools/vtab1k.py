@@ -191,7 +191,13 @@ def run_one(cfg, task, seed, run_dir, launcher='none', keep_checkpoints=False):
         write_json(osp.join(run_dir, 'result.json'), result)
         if not keep_checkpoints:
             remove_checkpoints(run_dir)
-    del runner
+    # The next run builds its own model and dataloaders in this process.
+    del runner, model
+    import gc
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return result
 
 
@@ -229,8 +235,9 @@ def torchrun_command(args, task, seed, port):
 
 
 # ---------------------------------------------------------------- results
-def collect(work_dir, tasks=None):
-    """Every ``result.json`` under ``work_dir``: ``{task: {seed: result}}``."""
+def collect(work_dir, tasks=None, seeds=None):
+    """The ``result.json`` files under ``work_dir`` (of the given tasks and seeds):
+    ``{task: {seed: result}}``."""
     from colora_mm.datasets import TASKS
     out = {}
     for task in TASKS:
@@ -244,7 +251,8 @@ def collect(work_dir, tasks=None):
             if name.startswith('seed_') and osp.isfile(path):
                 with open(path) as f:
                     result = json.load(f)
-                out.setdefault(task.name, {})[int(result['seed'])] = result
+                if seeds is None or int(result['seed']) in seeds:
+                    out.setdefault(task.name, {})[int(result['seed'])] = result
     return out
 
 
@@ -361,8 +369,8 @@ def main(argv=None):
             print(f'{head}: top-1 {result["top1"]:.2f} in {_duration(timed[-1])}; '
                   f'{left} runs left, ETA {eta}', flush=True)
             write_results(args.work_dir, args.config, identity,
-                          collect(args.work_dir, names), names, args.paper)
-    runs = collect(args.work_dir, names)
+                          collect(args.work_dir, names, args.seeds), names, args.paper)
+    runs = collect(args.work_dir, names, args.seeds)
     if not runs:
         print(f'error: no finished run under {args.work_dir} for the tasks '
               f'{", ".join(names)}', file=sys.stderr)

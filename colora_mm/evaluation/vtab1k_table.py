@@ -154,7 +154,10 @@ def _fmt(cell: Optional[Tuple[float, float]]) -> str:
 
 
 def format_params(params: Optional[int]) -> str:
-    return '-' if params is None else f'{params / 1e6:.1f}M'
+    """``2.6M`` as the paper prints #Param (``12.3K`` below 0.1M)."""
+    if params is None:
+        return '-'
+    return f'{params / 1e6:.1f}M' if params >= 100_000 else f'{params / 1e3:.1f}K'
 
 
 def format_markdown(summary: dict, backbone: Optional[str], method: Optional[str],
