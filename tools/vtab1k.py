@@ -264,7 +264,8 @@ def write_results(work_dir, cfg_path, identity, runs, tasks, with_paper):
     params = next((r['params'] for seeds in runs.values() for r in seeds.values()), None)
     backbone, method = identity
     data = dict(config=cfg_path, backbone=backbone, method=method, params=params,
-                runs={t: {str(s): r for s, r in seeds.items()} for t, seeds in runs.items()},
+                runs={t: {str(s): r for s, r in seeds.items()}
+                      for t, seeds in runs.items()},
                 tasks=summary['tasks'], groups=summary['groups'])
     write_json(osp.join(work_dir, 'results.json'), data)
     groups = group_of_tasks(tasks)

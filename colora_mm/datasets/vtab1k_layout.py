@@ -118,7 +118,8 @@ def resolve_tasks(names: Iterable[str]) -> List[VTABTask]:
 
 def split_file(root: str, task: VTABTask, split: str) -> str:
     if split not in SPLITS:
-        raise VTABLayoutError(f'unknown VTAB-1k split {split!r}; one of {", ".join(SPLITS)}')
+        raise VTABLayoutError(f'unknown VTAB-1k split {split!r}; one of '
+                              f'{", ".join(SPLITS)}')
     return osp.join(root, task.name, f'{split}.txt')
 
 
@@ -130,8 +131,9 @@ def read_split(path: str, num_classes: int) -> List[Tuple[str, int]]:
             outside ``0 .. num_classes - 1`` (naming the file and the line).
     """
     if not osp.isfile(path):
+        names = ', '.join(s + '.txt' for s in SPLITS)
         raise VTABLayoutError(f'missing split file {path}; every VTAB-1k task folder '
-                              f'needs {", ".join(s + ".txt" for s in SPLITS)} (docs/data.md)')
+                              f'needs {names} (docs/data.md)')
     samples = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
