@@ -124,8 +124,11 @@ def test_summary_against_hand_computed_values():
 
 
 def test_paper_rows_follow_the_same_averaging_rule():
-    """Every printed group average of Tables 5-7 is the mean of the task means +- the
-    mean of the task standard deviations (to the printed 0.01)."""
+    """The printed group averages of Tables 5-7 are the mean of the task means +- the
+    mean of the task standard deviations, to the rounding of the printed cells (0.01:
+    the inputs are rounded too); two of the 30 printed standard deviations are not."""
+    outliers = {('resnet50', 'full', 'specialized'): 0.35,      # mean of stds 0.315
+                ('resnet50', 'conv_adapter', 'structured'): 0.67}  # 0.685
     assert len(PAPER_VTAB1K) == 10
     for backbone, method in PAPER_VTAB1K:
         row = paper_row(backbone, method)
@@ -134,8 +137,12 @@ def test_paper_rows_follow_the_same_averaging_rule():
             mean = sum(row['tasks'][n][0] for n in names) / len(names)
             std = sum(row['tasks'][n][1] for n in names) / len(names)
             printed = row['groups'][group]
-            assert abs(mean - printed[0]) <= 0.0051, (backbone, method, group)
-            assert abs(std - printed[1]) <= 0.0051, (backbone, method, group)
+            key = (backbone, method, group)
+            assert abs(mean - printed[0]) <= 0.01, key
+            if key in outliers:
+                assert printed[1] == outliers[key] and abs(std - printed[1]) > 0.01
+            else:
+                assert abs(std - printed[1]) <= 0.01, key
     assert paper_row('convnext_b', 'colora') is None
     assert paper_row('resnet50', 'full')['params'] == '23.5M'
 
