@@ -221,35 +221,51 @@ def vtab(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def benchmark(vtab):
-    """Two tasks x two seeds: the fourth run is killed after epoch 1; the same command
-    again skips the three finished runs and resumes the fourth."""
+    """Two tasks x two seeds: the fourth run is killed after epoch 1 (a subprocess);
+    the same command again (in this process) skips the three finished runs and resumes
+    the fourth."""
+    import contextlib
+    import io
     base, _, _, killing = vtab
     work = base / 'work'
-    argv = [sys.executable, osp.join(TOOLS, 'vtab1k.py'), killing, '--tasks', *TWO_TASKS,
-            '--seeds', '0', '1', '--work-dir', work, '--paper']
-    first = run(*argv)
-    second = run(*argv)
-    return work, first, second
+    argv = [killing, '--tasks', *TWO_TASKS, '--seeds', '0', '1', '--work-dir', str(work),
+            '--paper']
+    code, log = run(sys.executable, osp.join(TOOLS, 'vtab1k.py'), *argv)
+    # what the killed command left behind
+    files = {(t, s): sorted(os.listdir(work / t / f'seed_{s}')) for t in TWO_TASKS
+             for s in (0, 1)}
+    with open(work / 'results.json') as f:
+        partial = json.load(f)
+    first = (code, log, files, partial)
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    out = io.StringIO()
+    sys.path.insert(0, TESTS)     # the kill hook's module, imported by the config
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = tool.main(argv)
+    finally:
+        sys.path.remove(TESTS)
+    return work, first, (code, out.getvalue())
 
 
 def test_a_killed_run_leaves_its_checkpoint_and_the_others_results(benchmark):
-    work, (code, log), _ = benchmark
+    _, (code, log, files, partial), _ = benchmark
     assert code == -9, log[-3000:]      # SIGKILL
-    for task in TWO_TASKS:
-        for seed in (0, 1):
-            finished = osp.isfile(work / task / f'seed_{seed}' / 'result.json')
-            assert finished == ((task, seed) != ('kitti', 1)), (task, seed)
-    killed = sorted(os.listdir(work / 'kitti' / 'seed_1'))
-    assert 'epoch_1.pth' in killed and 'last_checkpoint' in killed
-    # finished runs keep no checkpoint
-    assert not [n for n in os.listdir(work / 'kitti' / 'seed_0') if n.endswith('.pth')]
+    for (task, seed), names in files.items():
+        finished = 'result.json' in names
+        assert finished == ((task, seed) != ('kitti', 1)), (task, seed, names)
+        # finished runs keep no checkpoint; the killed one its first epoch's
+        checkpoints = [n for n in names if n.endswith('.pth')]
+        assert checkpoints == ([] if finished else ['epoch_1.pth']), (task, seed, names)
+    assert 'last_checkpoint' in files['kitti', 1]
     assert '[1/4] patch_camelyon seed 0: starting (Camelyon, 2 classes)' in log
     assert '[3/4] kitti seed 0: starting (KITTI-Dist, 4 classes)' in log
-    assert '[1/4] patch_camelyon seed 0: top-1 ' in log and 'runs left, ETA ' in log
-    with open(work / 'results.json') as f:
-        partial = json.load(f)
+    assert '[4/4] kitti seed 1: starting' in log
+    assert '[1/4] patch_camelyon seed 0: top-1 ' in log and '3 runs left, ETA ' in log
+    assert '[4/4] kitti seed 1: top-1' not in log
     assert sorted(partial['runs']) == ['kitti', 'patch_camelyon']
     assert sorted(partial['runs']['kitti']) == ['0']
+    assert sorted(partial['runs']['patch_camelyon']) == ['0', '1']
 
 
 def test_the_same_command_skips_finished_runs_and_resumes_the_killed_one(benchmark):
@@ -271,7 +287,8 @@ def test_results_json_and_table(benchmark, vtab):
     _, _, config, _ = vtab
     with open(work / 'results.json') as f:
         results = json.load(f)
-    assert (results['backbone'], results['method']) == ('convnext_s', 'colora')
+    # the shrunk ConvNeXt is not ConvNeXt-S: named by its type, no paper row beside it
+    assert (results['backbone'], results['method']) == ('CoLoRAConvNeXt', 'colora')
     for task in TWO_TASKS:
         runs = results['runs'][task]
         values = [runs[s]['top1'] for s in ('0', '1')]
@@ -296,11 +313,24 @@ def test_results_json_and_table(benchmark, vtab):
         table = f.read()
     pc = results['tasks']['patch_camelyon']
     cell = f"{pc['mean']:.2f}±{pc['std']:.2f}"
-    assert f'| ConvNeXt-S | CoLoRA (ours, 2 seeds) | {format_params(expected)} | {cell} |' \
-        in table
-    assert '| ConvNeXt-S | CoLoRA (paper) | 2.6M | 87.51±0.07 |' in table
+    assert (f'| CoLoRAConvNeXt | CoLoRA (ours, 2 seeds) | {format_params(expected)} | '
+            f'{cell} |') in table
+    assert '(paper)' not in table
     assert 'Structured (Table 7)' in table and 'Natural' not in table
     assert table.split('\n', 2)[2] in log      # printed at the end
+
+
+def test_the_shipped_configs_name_the_papers_rows():
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    vtab = osp.join(ROOT, 'configs', 'vtab1k')
+    for name, identity in (
+            ('colora_convnext_s_1xb32-100e_vtab1k-224x224.py', ('convnext_s', 'colora')),
+            ('full-ft_r50_1xb32-100e_vtab1k-224x224.py', ('resnet50', 'full')),
+            ('conv-adapter_convnext_b_1xb32-100e_vtab1k-224x224.py',
+             ('convnext_b', 'conv_adapter'))):
+        cfg = tool.load_config(osp.join(vtab, name), {})
+        assert tool.model_identity(cfg) == identity
+        assert (paper_row(*identity) is None) == (identity[0] == 'convnext_b')
 
 
 def test_summary_only_rebuilds_the_table(benchmark, vtab, capsys):

@@ -134,7 +134,8 @@ def model_identity(cfg):
     kind = backbone.get('type', '?')
     if 'ConvNeXt' in kind:
         arch = backbone.get('arch')
-        kind = {'small': 'convnext_s', 'base': 'convnext_b'}.get(arch, kind)
+        if isinstance(arch, str):
+            kind = {'small': 'convnext_s', 'base': 'convnext_b'}.get(arch, kind)
     elif 'ResNet' in kind and backbone.get('depth') == 50:
         kind = 'resnet50'
     adapter = backbone.get('adapter') or {}
