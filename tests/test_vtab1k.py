@@ -24,7 +24,8 @@ from colora_mm.evaluation import (format_markdown, paper_row,  # noqa: E402
                                   summarize)
 from colora_mm.evaluation.vtab1k_table import PAPER_VTAB1K, format_params  # noqa: E402
 from data_gen import memoized_upstream_lookup, single_error  # noqa: E402
-from helpers_ckpt import save, torchvision_resnet_state_dict  # noqa: E402
+from helpers_ckpt import (REDUCED_CONVNEXT, convnext_original_checkpoint,  # noqa: E402
+                          save, torchvision_resnet_state_dict)
 from vtab1k_gen import make_vtab1k, write_tiny_vtab1k_config  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -190,6 +191,36 @@ def test_fresh_colora_resnet_computes_mmpretrains_resnet():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters()
         if is_adapter_name(n) or n.endswith('.bias') or n in norms}
+
+
+def test_convnext_classifier_loads_the_original_release(tmp_path):
+    """The shipped ConvNeXt classifier (at reduced depth and width) on a checkpoint in
+    the original release's layout: every backbone tensor loaded, the final ``norm``
+    becomes the post-pooling ``norm3``, the release's ``head`` is dropped (the task's
+    head keeps its own initialisation)."""
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+    ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=7)
+    path = save(ckpt, tmp_path / 'convnext_original.pth')
+    cfg = Config.fromfile(CONFIG)
+    cfg.model.backbone.arch = dict(REDUCED_CONVNEXT)
+    cfg.model.backbone.init_cfg.checkpoint = path
+    cfg.model.head.in_channels = REDUCED_CONVNEXT['channels'][-1]
+    cfg.model.head.num_classes = 5
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    report = model.backbone.pretrained_report
+    assert report.layout == 'convnext_original' and report.clean
+    assert set(report.dropped) == {'head.weight', 'head.bias'}
+    sd = ckpt['model']
+    torch.testing.assert_close(model.backbone.norm3.weight, sd['norm.weight'])
+    torch.testing.assert_close(model.backbone.stages[2][1].pointwise_conv1.weight,
+                               sd['stages.2.1.pwconv1.weight'])
+    assert model.head.fc.weight.shape == (5, REDUCED_CONVNEXT['channels'][-1])
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 64, 64), mode='tensor')
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
 
 
 # ----------------------------------------------------------------- end to end
