@@ -362,6 +362,10 @@ def test_the_shipped_configs_name_the_papers_rows():
         cfg = tool.load_config(osp.join(vtab, name), {})
         assert tool.model_identity(cfg) == identity
         assert (paper_row(*identity) is None) == (identity[0] == 'convnext_b')
+    # a narrowed ResNet-50 is not the paper's: no paper row beside it
+    cfg = tool.load_config(osp.join(vtab, 'colora_r50_1xb32-100e_vtab1k-224x224.py'),
+                           {'model.backbone.base_channels': 32})
+    assert tool.model_identity(cfg) == ('CoLoRAResNet', 'colora')
 
 
 def test_summary_only_rebuilds_the_table(benchmark, vtab, capsys):

@@ -136,7 +136,8 @@ def model_identity(cfg):
         arch = backbone.get('arch')
         if isinstance(arch, str):
             kind = {'small': 'convnext_s', 'base': 'convnext_b'}.get(arch, kind)
-    elif 'ResNet' in kind and backbone.get('depth') == 50:
+    elif ('ResNet' in kind and backbone.get('depth') == 50
+          and backbone.get('base_channels', 64) == 64):
         kind = 'resnet50'
     adapter = backbone.get('adapter') or {}
     return kind, adapter.get('method', 'full')
