@@ -2,6 +2,7 @@
 from the loaded config, and the model built at reduced width and run once."""
 import copy
 import glob
+import math
 import os.path as osp
 import re
 
@@ -18,7 +19,8 @@ import colora_mm  # noqa: E402,F401
 from colora_mm.adapters import (AdapterSpec, is_adapter_name,  # noqa: E402
                                 iter_adapted_layers, norm_parameter_names,
                                 reset_adapters_from_weights)
-from data_gen import memoized_upstream_lookup, tiny_model_overrides  # noqa: E402
+from data_gen import (TINY_CHANNELS, memoized_upstream_lookup,  # noqa: E402
+                      tiny_model_overrides)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -35,6 +37,7 @@ def one_thread():
 
 ADE = sorted(glob.glob(osp.join(ROOT, 'configs', 'ade20k', '*.py')))
 COCO = sorted(glob.glob(osp.join(ROOT, 'configs', 'coco', '*.py')))
+VTAB = sorted(glob.glob(osp.join(ROOT, 'configs', 'vtab1k', '*.py')))
 ALIASES = {'colora_convnext_b.py': 'upernet_colora_convnext_b_4xb4-160k_ade20k-512x512.py'}
 
 URLS = {
@@ -44,6 +47,8 @@ URLS = {
 }
 CHANNELS = {'convnext_b': [128, 256, 512, 1024], 'convnext_s': [96, 192, 384, 768],
             'r50': [256, 512, 1024, 2048]}
+# Appendix Table 2, "Feature dim.": what the classifier sees after pooling.
+FEATURE_DIM = {'r50': 2048, 'convnext_s': 768, 'convnext_b': 1024}
 METHODS = {'colora': 'colora', 'full-ft': 'full', 'lora': 'lora', 'pissa': 'pissa',
            'hira': 'hira', 'conv-adapter': 'conv_adapter', 'bitfit': 'bitfit'}
 GAMMA = {'colora': 16, 'lora': 20, 'pissa': 20, 'hira': 20, 'conv_adapter': 4}
@@ -56,14 +61,20 @@ LAYERS_PER_BLOCK = {'colora': 3, 'lora': 2, 'pissa': 2, 'hira': 2, 'conv_adapter
 NAME = re.compile(r'^(?P<algo>upernet|faster-rcnn)_(?P<method>[a-z-]+?)'
                   r'(?:-g(?P<g>\d+)-sr(?P<sr>[\d.]+))?_(?P<bb>convnext_[bs]|r50)_'
                   r'(?:fpn_)?(?P<gpus>\d+)xb(?P<per_gpu>\d+)-')
+VTAB_NAME = re.compile(r'^(?P<method>[a-z-]+?)_(?P<bb>convnext_[bs]|r50)_'
+                       r'(?P<gpus>\d+)xb(?P<per_gpu>\d+)-(?P<epochs>\d+)e_vtab1k-'
+                       r'(?P<size>\d+)x(?P=size)\.py$')
 
 
 def parse_name(path):
     base = osp.basename(path)
     base = ALIASES.get(base, base)
-    m = NAME.match(base)
+    m = NAME.match(base) or VTAB_NAME.match(base)
     assert m, f'{base} does not follow the naming scheme'
-    info = m.groupdict()
+    info = dict(m.groupdict())
+    info.setdefault('algo', 'vtab1k')
+    info.setdefault('g', None)
+    info.setdefault('sr', None)
     info['method'] = METHODS[info['method']]
     return info
 
@@ -96,6 +107,9 @@ def test_the_set_of_configs_is_complete():
         for m in METHODS:
             assert f'faster-rcnn_{m}_{bb}_fpn_2xb8-1x_coco.py' in coco
     assert len(ade) == 3 * len(METHODS) + 8 + 1 and len(coco) == 2 * len(METHODS)
+    vtab = {osp.basename(p) for p in VTAB}
+    assert vtab == {f'{m}_{bb}_1xb32-100e_vtab1k-224x224.py' for m in METHODS
+                    if m != 'bitfit' for bb in ('convnext_b', 'convnext_s', 'r50')}
 
 
 def test_alias_is_the_main_convnext_b_config():
@@ -133,7 +147,12 @@ def _backbone(cfg, info):
         assert backbone.style == 'pytorch'
         assert cfg.optim_wrapper.constructor == 'LayerDecayResNetOptimizerConstructor'
         assert cfg.optim_wrapper.paramwise_cfg == dict(num_layers=16, decay_rate=0.99)
-    adapter = backbone.adapter
+    _adapter(backbone.adapter, info)
+
+
+def _adapter(adapter, info):
+    """The method's settings (appendix F): CoLoRA gamma 16 / share_ratio 0.5 (filter
+    on, effective partners), PiSSA/HiRA/LoRA gamma 20, Conv-Adapter gamma 4."""
     method = info['method']
     assert adapter.method == method
     if method not in ('full', 'bitfit'):
@@ -142,8 +161,9 @@ def _backbone(cfg, info):
         assert adapter.share_ratio == (float(info['sr']) if info['sr'] else 0.5)
         assert adapter.use_filter is True
         assert adapter.partner_policy == 'effective'
-        # ConvNeXt: spatial rank C // (2 gamma), the paper's #Param; ResNet: C // gamma
-        if bb.startswith('convnext'):
+        # ConvNeXt: spatial rank C // (2 gamma), the paper's #Param (METHOD.md
+        # section 2); ResNet: C // gamma
+        if info['bb'].startswith('convnext'):
             assert adapter.spatial_gamma == 2 * adapter.gamma
         else:
             assert adapter.get('spatial_gamma') is None
@@ -233,17 +253,104 @@ def test_coco_config_numbers(path):
         assert model.backbone.frozen_stages == 1 and model.backbone.norm_eval is True
 
 
+IMAGENET_MEAN = [123.675, 116.28, 103.53]
+IMAGENET_STD = [58.395, 57.12, 57.375]
+
+
+@pytest.mark.parametrize('path', VTAB, ids=osp.basename)
+def test_vtab1k_config_numbers(path):
+    """Appendix F ("Training configuration on VTAB-1k"), Tables 2-4."""
+    cfg = load(path)
+    info = parse_name(path)
+    assert cfg.default_scope == 'mmpretrain'
+    _common(cfg)
+    model, backbone = cfg.model, cfg.model.backbone
+    bb = info['bb']
+    assert backbone.init_cfg == dict(type='Pretrained', checkpoint=URLS[bb])
+    _adapter(backbone.adapter, info)
+    AdapterSpec.from_dict(dict(backbone.adapter))
+    # GAP, a normalisation, a linear classifier, cross-entropy.
+    assert model.type == 'ImageClassifier'
+    head = model.head
+    assert head.type == 'LinearClsHead' and head.in_channels == FEATURE_DIM[bb]
+    assert (head.loss.type, head.loss.loss_weight, head.loss.get('use_sigmoid', False)) \
+        == ('CrossEntropyLoss', 1.0, False)
+    assert tuple(backbone.out_indices) == (3, )
+    if bb.startswith('convnext'):
+        assert backbone.type == 'CoLoRAConvNeXt'
+        assert backbone.arch == {'convnext_b': 'base', 'convnext_s': 'small'}[bb]
+        # pooled first, then ConvNeXt's final LayerNorm: GAP -> norm inside the backbone
+        assert backbone.gap_before_final_norm is True and model.neck is None
+        assert backbone.drop_path_rate == 0.0
+        # stage-wise decay, 4 stages x 0.9 (Table 4), mmseg's constructor
+        assert cfg.optim_wrapper.constructor == \
+            'mmseg.LearningRateDecayOptimizerConstructor'
+        assert cfg.optim_wrapper.paramwise_cfg == dict(
+            decay_rate=0.9, decay_type='stage_wise', num_layers=4)
+    else:
+        assert backbone.type == 'CoLoRAResNet' and backbone.depth == 50
+        assert backbone.deep_stem is False and backbone.stem_channels == 64
+        assert backbone.style == 'pytorch' and backbone.frozen_stages == -1
+        assert backbone.norm_eval is False
+        assert model.neck == dict(type='GAPNormNeck', in_channels=2048,
+                                  norm_cfg=dict(type='LN'))
+        # layer-wise decay, 16 blocks x 0.99 (Table 3)
+        assert cfg.optim_wrapper.constructor == 'LayerDecayResNetOptimizerConstructor'
+        assert cfg.optim_wrapper.paramwise_cfg == dict(num_layers=16, decay_rate=0.99)
+    # batch 32 (one GPU x 32), 100 epochs, lr 1e-4
+    assert (info['gpus'], info['per_gpu'], info['epochs'], info['size']) == (
+        '1', '32', '100', '224')
+    assert cfg.train_dataloader.batch_size == 32
+    assert cfg.train_cfg == dict(by_epoch=True, max_epochs=100)
+    assert cfg.optim_wrapper.optimizer.lr == 1e-4
+    # warmup: 1500 iterations from 1e-6 x lr; then cosine to 1e-6 until the last of
+    # the 100 epochs x ceil(1000 / 32) iterations
+    warmup, cosine = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.begin, warmup.end,
+            warmup.by_epoch) == ('LinearLR', 1e-6, 0, 1500, False)
+    assert (cosine.type, cosine.eta_min, cosine.begin, cosine.end, cosine.by_epoch) == (
+        'CosineAnnealingLR', 1e-6, 1500, 100 * math.ceil(1000 / 32), False)
+    # VTAB-1k: train800val200 to train, test to report top-1; the default task
+    # (Caltech101, 102 classes) in both loaders and the head; no validation loop.
+    train, test = cfg.train_dataloader.dataset, cfg.test_dataloader.dataset
+    assert (train.type, train.split, test.type, test.split) == (
+        'VTAB1k', 'train800val200', 'VTAB1k', 'test')
+    assert train.task == test.task == 'caltech101' and head.num_classes == 102
+    assert train.data_root == test.data_root == 'data/vtab-1k'
+    assert cfg.train_dataloader.sampler.shuffle is True
+    assert cfg.test_evaluator == dict(type='Accuracy', topk=(1, ))
+    assert cfg.get('val_cfg') is None and cfg.get('val_dataloader') is None
+    # 224x224: resize and normalise, no augmentation
+    for pipeline in (train.pipeline, test.pipeline):
+        assert [t.type for t in pipeline] == ['LoadImageFromFile', 'Resize', 'PackInputs']
+        resize = pipeline[1]
+        assert tuple(resize.scale) == (224, 224) and resize.keep_ratio is False
+    pre = model.data_preprocessor
+    assert (pre.mean, pre.std, pre.to_rgb) == (IMAGENET_MEAN, IMAGENET_STD, True)
+    # checkpoints every 10 epochs (what a stopped run resumes from)
+    ckpt = cfg.default_hooks.checkpoint
+    assert (ckpt.type, ckpt.by_epoch, ckpt.interval) == ('CheckpointHook', True, 10)
+
+
 def _build_tiny(cfg):
     cfg.merge_from_dict(dict(model=tiny_model_overrides(cfg.model)))
+    if cfg.default_scope == 'mmpretrain':   # the classifier at the backbone's width
+        width = TINY_CHANNELS['convnext' if 'ConvNeXt' in cfg.model.backbone.type
+                              else 'resnet'][-1]
+        cfg.model.head.in_channels = width
+        if cfg.model.get('neck'):
+            cfg.model.neck.in_channels = width
     init_default_scope(cfg.default_scope)
     if cfg.default_scope == 'mmseg':
         from mmseg.registry import MODELS
+    elif cfg.default_scope == 'mmpretrain':
+        from mmpretrain.registry import MODELS
     else:
         from mmdet.registry import MODELS
     return MODELS.build(cfg.model)
 
 
-@pytest.mark.parametrize('path', [p for p in ADE + COCO
+@pytest.mark.parametrize('path', [p for p in ADE + COCO + VTAB
                                   if osp.basename(p) not in ALIASES], ids=osp.basename)
 def test_config_builds_at_reduced_width(path):
     info = parse_name(path)
@@ -276,6 +383,17 @@ def test_config_builds_at_reduced_width(path):
     if method == 'bitfit':
         assert not any(is_adapter_name(n) for n, _ in backbone.named_parameters())
         assert any(p.requires_grad for p in backbone.parameters())
+    if cfg.default_scope == 'mmpretrain':
+        # The classifier: the neck's norm (ResNet) and the linear head train whole;
+        # ConvNeXt's post-pooling norm is a backbone norm, trainable in every method.
+        for name, p in model.named_parameters():
+            if not name.startswith('backbone.'):
+                assert p.requires_grad, name
+        if info['bb'].startswith('convnext'):
+            assert all(p.requires_grad for p in backbone.norm3.parameters())
+        else:
+            assert [n for n, _ in model.neck.named_parameters()] == [
+                'norm.weight', 'norm.bias']
     # One forward pass at 32x32, in the state loading weights leaves the adapters in.
     reset_adapters_from_weights(backbone)
     model.eval()
@@ -284,6 +402,10 @@ def test_config_builds_at_reduced_width(path):
         if cfg.default_scope == 'mmseg':
             out = model(x, mode='tensor')
             assert out.shape == (1, cfg.model.decode_head.num_classes, 8, 8)
+            assert torch.isfinite(out).all()
+        elif cfg.default_scope == 'mmpretrain':
+            out = model(x, mode='tensor')
+            assert out.shape == (1, cfg.model.head.num_classes)
             assert torch.isfinite(out).all()
         else:
             feats = model.extract_feat(x)

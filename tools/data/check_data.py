@@ -2,22 +2,42 @@
 
     python tools/data/check_data.py ade20k data/ade/ADEChallengeData2016
     python tools/data/check_data.py coco data/coco [--quick]
+    python tools/data/check_data.py vtab1k data/vtab-1k [--quick]
 
 ADE20K: ``images/{training,validation}/*.jpg`` with one ``annotations/.../*.png`` of
 the same stem each; label maps single-channel, values 0..150 (0 = "other", ignored via
 ``reduce_zero_label``). COCO: ``annotations/instances_{train,val}2017.json`` and every
-image they list under ``{train,val}2017/``. Prints counts (the full datasets have
-20210 / 2000 ADE20K images and 118287 / 5000 COCO images), and exits 1 with the
-problems found. Standard library and Pillow only.
+image they list under ``{train,val}2017/``. VTAB-1k: a folder per task (all 19),
+each with ``train800val200.txt``, ``train800.txt``, ``val200.txt`` and ``test.txt``
+(lines ``relative/path label``, labels within the task's classes) and every image they
+list (``--quick``: the split files only). Prints counts (the full datasets have
+20210 / 2000 ADE20K images, 118287 / 5000 COCO images, 1000 / 800 / 200 training
+images per VTAB-1k task), and exits 1 with the problems found, one line each, naming
+the file. Standard library and Pillow only.
 """
 import argparse
+import importlib.util
 import json
 import os
 import os.path as osp
 import sys
 
 EXPECTED = {'ade20k': {'training': 20210, 'validation': 2000},
-            'coco': {'train2017': 118287, 'val2017': 5000}}
+            'coco': {'train2017': 118287, 'val2017': 5000},
+            # per task (test splits differ between tasks)
+            'vtab1k': {'train800val200': 1000, 'train800': 800, 'val200': 200}}
+
+
+def _vtab1k_layout():
+    """colora_mm/datasets/vtab1k_layout.py (standard library only), loaded from its
+    file: importing the package would import OpenMMLab."""
+    path = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
+                    'colora_mm', 'datasets', 'vtab1k_layout.py')
+    spec = importlib.util.spec_from_file_location('colora_vtab1k_layout', path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def _stems(folder, suffix):
@@ -85,6 +105,20 @@ def check_coco(root, quick=False):
     return counts, problems
 
 
+def check_vtab1k(root, quick=False):
+    layout = _vtab1k_layout()
+    problems, counts = [], {}
+    for task in layout.TASKS:
+        try:
+            found = layout.check_task(root, task, check_images=not quick)
+        except layout.VTABLayoutError as err:
+            problems.append(str(err))
+            continue
+        for split, n in found.items():
+            counts[f'{task.name} {split}'] = n
+    return counts, problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('dataset', choices=sorted(EXPECTED))
@@ -94,11 +128,12 @@ def main(argv=None):
     if not osp.isdir(args.root):
         print(f'error: {args.root} does not exist', file=sys.stderr)
         return 1
-    check = check_ade20k if args.dataset == 'ade20k' else check_coco
+    check = {'ade20k': check_ade20k, 'coco': check_coco,
+             'vtab1k': check_vtab1k}[args.dataset]
     counts, problems = check(args.root, args.quick)
     for split, n in counts.items():
-        full = EXPECTED[args.dataset][split]
-        note = '' if n == full else f' (the full dataset has {full})'
+        full = EXPECTED[args.dataset].get(split.split()[-1])
+        note = '' if full is None or n == full else f' (the full dataset has {full})'
         print(f'{args.dataset} {split}: {n} images{note}')
     for p in problems:
         print(f'problem: {p}', file=sys.stderr)

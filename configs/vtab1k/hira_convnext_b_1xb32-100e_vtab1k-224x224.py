@@ -1,0 +1,4 @@
+# VTAB-1k, ConvNeXt-B with HiRA on the 1x1 layers, gamma 20, s_expect scaling (appendix F).
+# One task per run (tools/vtab1k.py sets it), 100 epochs at batch 32, 224x224.
+_base_ = '../_base_/vtab1k_convnext-b.py'
+model = dict(backbone=dict(adapter=dict(_delete_=True, method='hira', gamma=20)))
