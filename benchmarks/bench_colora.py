@@ -99,17 +99,22 @@ def pointwise_ranks(model: nn.Module, gamma: int = 20) -> Dict[str, int]:
     return ranks
 
 
+def _tail(name: str) -> str:
+    import re
+    return re.escape(name.split('.', 1)[1])
+
+
 def inject_peft_lora(model: nn.Module, gamma: int = 20, scaling: float = 2.0) -> None:
     """Hugging Face peft's LoRA on the same layers, ranks and ``alpha / r`` as ours; the
     trainable set stays the package's (biases, norms, heads) plus peft's factors."""
-    import re
     from peft import LoraConfig, inject_adapter_in_model
     ranks = pointwise_ranks(model, gamma)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     cfg = LoraConfig(r=min(ranks.values()), lora_alpha=scaling * min(ranks.values()),
                      target_modules=list(ranks), lora_dropout=0.0, bias='none',
-                     rank_pattern={re.escape(k): v for k, v in ranks.items()},
-                     alpha_pattern={re.escape(k): scaling * v for k, v in ranks.items()})
+                     # peft matches a pattern against the tail of a module's name
+                     rank_pattern={_tail(k): v for k, v in ranks.items()},
+                     alpha_pattern={_tail(k): scaling * v for k, v in ranks.items()})
     inject_adapter_in_model(cfg, model)
     for n, p in model.named_parameters():
         p.requires_grad_('lora_' in n or n.replace('.base_layer', '') in trainable)
