@@ -135,6 +135,24 @@ def test_report_hook_logs_a_table():
         sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def test_report_hook_logs_the_training_path_of_each_stage(caplog):
+    model = convnext()
+    hook = CoLoRAReportHook(count_flops=False)
+    runner = fake_runner(model)
+    hook.before_train(runner)
+    assert hook.paths is None
+    model.train()
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    hook.after_train_iter(runner, 0)
+    blocks = REDUCED_CONVNEXT['depths']
+    # the pointwise pairs (LayerNorm and GELU inputs) take the activation path
+    assert hook.paths == {f'stages.{i}': {'activation': 2 * n} for i, n in enumerate(blocks)}
+    first = dict(hook.paths)
+    model(torch.randn(1, 3, 32, 32))
+    hook.after_train_iter(runner, 1)            # reported once
+    assert hook.paths == first
+
+
 def test_report_hook_on_resnet_without_flops():
     model = Segmentor(SegCoLoRAResNet(depth=50, base_channels=16, stem_channels=16,
                                       adapter=dict(method='colora')), 512)

@@ -144,7 +144,8 @@ class CoLoRAReportHook(Hook):
                          outputs=None) -> None:
         if self.paths is not None:          # once per run, after its first iteration
             return
-        self.paths = paths = path_report(_unwrap(runner.model))
+        model = _unwrap(runner.model)
+        self.paths = paths = path_report(getattr(model, 'backbone', model))
         if paths:
             print_log('CoLoRA report\n' + format_path_report(paths), logger='current')
 

@@ -132,3 +132,37 @@ def test_other_bad_specs():
     _raises(lambda: AdaptedLayer(model.fc1, lambda l: None, 'fc1'), 'fc1', 'already')
     _raises(lambda: AdaptedLayer(nn.Conv1d(3, 3, 1), lambda l: None, 'c1'), 'c1',
             'Conv1d', exc=TypeError)
+
+
+@pytest.mark.parametrize('key,value', [('gamma', 2.5), ('gamma', 0), ('gamma', True),
+                                       ('spatial_gamma', 0), ('spatial_gamma', 1.5)])
+def test_rank_divisors_must_be_positive_integers(key, value):
+    _raises(lambda: AdapterSpec(**{key: value}), key, repr(value), 'positive integer')
+
+
+def test_train_path_must_be_known():
+    _raises(lambda: AdapterSpec(train_path='fast'), "train_path='fast'", 'activation',
+            'weight', 'auto')
+
+
+def test_spatial_gamma_sets_the_spatial_rank_only():
+    model = ConvNeXtBlock(channels=32)
+    layers = inject_adapters(model, AdapterSpec(method='colora', gamma=4, spatial_gamma=8),
+                             pairs=model.pairs, spatial=model.spatial)
+    assert layers['dwconv'].adapter_branch.rank == 32 // 8
+    assert layers['pwconv1'].adapter_branch.get_pair().r == 32 // 4
+    _raises(lambda: inject_adapters(ConvNeXtBlock(channels=32),
+                                    AdapterSpec(method='colora', spatial_gamma=64),
+                                    pairs=model.pairs, spatial=model.spatial),
+            'dwconv', '32 // 64', 'spatial_gamma')
+
+
+def test_bitfit_injects_nothing_and_trains_biases_and_norms():
+    from colora_mm.adapters import mark_trainable
+    model = ConvNeXtBlock(channels=16)
+    assert inject_adapters(model, AdapterSpec(method='bitfit'), pairs=model.pairs,
+                           spatial=model.spatial) == {}
+    mark_trainable(model, 'bitfit')
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.bias',
+                         'pwconv2.bias'}
