@@ -142,6 +142,11 @@ def _backbone(cfg, info):
         assert adapter.share_ratio == (float(info['sr']) if info['sr'] else 0.5)
         assert adapter.use_filter is True
         assert adapter.partner_policy == 'effective'
+        # Spatial branch rank C // (2 gamma) on ConvNeXt: what reproduces the paper's
+        # ConvNeXt #Param figures within 1.1% (counted on the full-width models in
+        # tests/test_analysis_param_flops.py); ResNet-50 keeps the default (gamma).
+        expected = 2 * adapter.gamma if bb.startswith('convnext') else None
+        assert adapter.get('spatial_gamma') == expected
     else:
         assert set(adapter) <= {'method', 'gamma'}, adapter
     AdapterSpec.from_dict(dict(adapter))   # valid spec
