@@ -44,8 +44,9 @@ Columns (FLOPs are multiply-accumulates, Table 1's unit; G = 1e9, M = 1e6):
   branches that do not fold (Table 1: pointwise updates cost nothing at inference).
 
 Counting runs the model once per variant on fake tensors (shapes only), so ConvNeXt-B
-at 512x512 takes seconds; ``--params-only`` skips the FLOPs. Nothing here re-derives an adapter from key strings: the
-adapters are found as :class:`AdaptedLayer` objects and asked through their contract.
+at 512x512 takes seconds; ``--params-only`` skips the FLOPs. Nothing here re-derives an
+adapter from key strings: the adapters are found as :class:`AdaptedLayer` objects and
+asked through their contract.
 """
 from __future__ import annotations
 
