@@ -1,6 +1,7 @@
 """tools/analysis/param_flops.py: appendix Table 1's formulas against what runs on the
 built backbones (parameters, matmul MACs of the weight updates, branch MACs, merged
 inference), on small ConvNeXt and ResNet backbones."""
+import glob
 import importlib
 import os.path as osp
 import sys
@@ -12,7 +13,8 @@ pytest.importorskip('mmseg')
 pytest.importorskip('mmpretrain')
 
 from colora_mm.adapters import (CoLoRAPairLayer, HiRA, LoRA,  # noqa: E402
-                                iter_adapted_layers, reset_adapters_from_weights)
+                                SpatialLowRankBranch, iter_adapted_layers,
+                                reset_adapters_from_weights)
 
 TOOLS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools', 'analysis')
 if TOOLS not in sys.path:
@@ -128,6 +130,87 @@ def test_paper_lookup_and_table():
                               dict(method='colora'), SIZE)
     line = param_flops.format_row(row)
     assert line.count('|') == param_flops.HEADER.count('|')
+
+
+# ------------------------------------------------ the paper's ConvNeXt #Param figures
+ROOT = osp.dirname(osp.dirname(TOOLS))
+PAPER_TOLERANCE = 1.1        # percent
+CONVNEXT_COLORA = [(kind, adapter) for kind, adapter in param_flops.default_variants(
+    ['convnext_s', 'convnext_b'], ['colora'], None, None, sweep=True)]
+COLORA_CONVNEXT_CONFIGS = sorted(
+    glob.glob(osp.join(ROOT, 'configs', 'ade20k', 'upernet_colora*_convnext_*.py'))
+    + glob.glob(osp.join(ROOT, 'configs', 'coco', 'faster-rcnn_colora_convnext_*.py')))
+
+
+def full_size(build_fn, *args):
+    """A full-width backbone (a few seconds each for ConvNeXt-B on one CPU thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_grid_covers_every_convnext_colora_figure():
+    keys = {k for k in param_flops.PAPER_PARAMS
+            if k[0].startswith('convnext') and k[1] == 'colora'}
+    assert len(keys) == 9
+    covered = {(kind, 'colora', a['gamma'], a['share_ratio']) for kind, a in CONVNEXT_COLORA}
+    assert covered == keys
+    # the paper rule on ConvNeXt, the spec's default on ResNet-50; overridable
+    assert all(a['spatial_gamma'] == 2 * a['gamma'] for _, a in CONVNEXT_COLORA)
+    (_, r50), = param_flops.default_variants(['resnet50'], ['colora'], None, None, True)
+    assert 'spatial_gamma' not in r50
+    (_, same), = param_flops.default_variants(['convnext_s'], ['colora'], None, None,
+                                              True, spatial_gamma='gamma')
+    assert 'spatial_gamma' not in same
+    (_, fixed), = param_flops.default_variants(['resnet50'], ['colora'], None, None,
+                                               True, spatial_gamma=8)
+    assert fixed['spatial_gamma'] == 8
+    with pytest.raises(ValueError):
+        param_flops.spatial_gamma_for('convnext_s', 16, 'half')
+
+
+@pytest.mark.parametrize('kind,adapter', CONVNEXT_COLORA,
+                         ids=[param_flops.variant_name(k, a) for k, a in CONVNEXT_COLORA])
+def test_convnext_colora_rows_match_the_paper(kind, adapter):
+    """Every ConvNeXt CoLoRA #Param of Tables 5-8, counted on the built backbone (the
+    adapters' tensors + every bias + every norm), within 1.1% of the paper's."""
+    model = full_size(param_flops.build_backbone, kind, adapter)
+    row = param_flops.analyse(model, param_flops.variant_name(kind, adapter), kind,
+                              adapter, flops=False)
+    assert row.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert row.adapters == row.adapters_formula
+    assert row.spatial_gamma == 2 * adapter['gamma']
+    spatial = [layer for _, layer in iter_adapted_layers(model)
+               if isinstance(layer.adapter_branch, SpatialLowRankBranch)]
+    assert len(spatial) == {'convnext_s': 36, 'convnext_b': 36}[kind]
+    for layer in spatial:      # the branch built at rank C // (2 gamma)
+        assert layer.adapter_branch.rank == layer.in_channels // (2 * adapter['gamma'])
+    assert row.paper_m is not None
+    assert abs(row.paper_diff) <= PAPER_TOLERANCE, param_flops.format_row(row, True)
+
+
+def test_spatial_rank_gamma_misses_the_paper():
+    """The control: the spatial branch at rank C // gamma counts over 1.1% above."""
+    kind, adapter = 'convnext_s', dict(method='colora', gamma=16, share_ratio=0.5)
+    model = full_size(param_flops.build_backbone, kind, adapter)
+    row = param_flops.analyse(model, 'x', kind, adapter, flops=False)
+    assert row.spatial_gamma == 16
+    assert row.paper_diff > PAPER_TOLERANCE
+
+
+def test_convnext_colora_configs_match_the_paper():
+    """The paper-reproduction configs, taken as they are (their adapter dict), count
+    within 1.1% of the paper's figure for their backbone and (gamma, share_ratio)."""
+    assert len(COLORA_CONVNEXT_CONFIGS) >= 10      # S (ADE20K, COCO), B, the Table 8 sweep
+    for path in COLORA_CONVNEXT_CONFIGS:
+        model, adapter, kind = full_size(param_flops.backbone_from_config, path)
+        assert adapter['spatial_gamma'] == 2 * adapter['gamma'], path
+        row = param_flops.analyse(model, osp.basename(path), kind, adapter, flops=False)
+        assert row.paper_m is not None, path
+        assert abs(row.paper_diff) <= PAPER_TOLERANCE, (path, row.paper_diff)
 
 
 def test_config_path():

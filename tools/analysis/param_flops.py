@@ -7,7 +7,16 @@ appendix Table 1 formulas and counted on the built backbone, side by side.
     python tools/analysis/param_flops.py --backbone convnext_s --method colora lora
     python tools/analysis/param_flops.py --backbone convnext_b --method colora \\
         --gamma 8 --share-ratio 0.8
+    python tools/analysis/param_flops.py --method colora --spatial-gamma gamma
     python tools/analysis/param_flops.py configs/ade20k/upernet_hira_r50_*.py
+    python tools/analysis/param_flops.py --params-only configs/ade20k/*colora*convnext*.py
+
+CoLoRA's spatial branch has its own rank divisor (``AdapterSpec.spatial_gamma``, rank
+``C // spatial_gamma``). The built-in grid uses what the paper-reproduction configs set:
+``spatial_gamma = 2 * gamma`` on ConvNeXt (the rank that reproduces the paper's
+ConvNeXt #Param figures, Tables 5-8) and the spec's default (``gamma``) on ResNet-50.
+``--spatial-gamma`` changes it: an integer, ``gamma`` (the spec's default everywhere)
+or ``paper`` (the default). A config is analysed with its own adapter dict as is.
 
 Columns (FLOPs are multiply-accumulates, Table 1's unit; G = 1e9, M = 1e6):
 
@@ -19,37 +28,44 @@ Columns (FLOPs are multiply-accumulates, Table 1's unit; G = 1e9, M = 1e6):
   every norm for PEFT, everything for ``full``) and its share of the backbone;
 * ``paper``: the appendix's #Param (Tables 5-7 for ResNet-50/ConvNeXt-S on VTAB,
   Table 8 for the ConvNeXt-B sweep) and ``trainable / paper - 1``;
-* ``upd/step``: the per-step cost of forming the weight updates (Table 1's "FLOPs
-  (train)" minus "FLOPs (inference)": ``(r+1) d'(d+d'')`` LoRA/PiSSA, ``(r+2)`` HiRA,
-  ``(r+rs+2)`` CoLoRA), formula vs counted (matmuls + element-wise ops that run in the
-  adapters' ``delta_weight`` and in ``W + dW``);
+* ``dW``: the cost of forming every weight update once, i.e. each adapter's
+  ``delta_weight`` and ``W + dW``: what a training step pays for a layer on the weight
+  path (``x (W + dW)``) and what ``merge_adapters`` bakes. Formula = Table 1's "FLOPs
+  (train)" minus "FLOPs (inference)" (``(r+1) d'(d+d'')`` LoRA/PiSSA, ``(r+2)`` HiRA,
+  ``(r+rs+2)`` CoLoRA); counted = the matmuls + element-wise ops that run. A layer
+  trained on the activation path (``base(x) + (x L) R``, chosen per layer by
+  :mod:`colora_mm.adapters.paths`) forms no ``dW`` in a training step; this column does
+  not price that path;
 * ``branch/img``: parallel branches (CoLoRA's spatial branch with its range filter,
-  Conv-Adapter) per image, closed form vs counted;
+  Conv-Adapter) per image, closed form vs counted (the unmerged forward, run with every
+  low-rank layer on the weight path, minus the plain backbone minus ``dW``);
 * ``infer/img``: the backbone after ``merge_adapters`` (what folds is folded), counted,
   and its ratio to the plain backbone; the formula is the plain backbone plus the
   branches that do not fold (Table 1: pointwise updates cost nothing at inference).
 
 Counting runs the model once per variant on fake tensors (shapes only), so ConvNeXt-B
-at 512x512 takes seconds. Nothing here re-derives an adapter from key strings: the
-adapters are found as :class:`AdaptedLayer` objects and asked through their contract.
+at 512x512 takes seconds; ``--params-only`` skips the FLOPs. Nothing here re-derives an
+adapter from key strings: the adapters are found as :class:`AdaptedLayer` objects and
+asked through their contract.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os.path as osp
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from colora_mm.adapters import (AdaptedLayer, ConvAdapter, CoLoRAPairLayer, HiRA, LoRA,
-                                SpatialLowRankBranch, is_adapter_name,
+from colora_mm.adapters import (AdaptedLayer, AdapterSpec, ConvAdapter, CoLoRAPairLayer,
+                                HiRA, LoRA, SpatialLowRankBranch, is_adapter_name,
                                 iter_adapted_layers, merge_adapters, trainable_report)
 from colora_mm.engine.complexity import weight_update_flops
 
@@ -85,6 +101,30 @@ PAPER_PARAMS = {
 }
 TABLE8_SWEEP = ((16, 0.5), (8, 0.8), (8, 0.5), (4, 0.8), (4, 0.5), (4, 0.4), (2, 0.9),
                 (2, 0.8))
+
+#: CoLoRA's spatial rank divisor in units of gamma, by backbone, as the paper's counts
+#: imply and the paper-reproduction configs set: ConvNeXt ``spatial_gamma = 2 gamma``
+#: (rank ``C // (2 gamma)``). Backbones not listed (ResNet-50) keep the spec's default
+#: (``gamma``): no spatial rank alone reproduces the paper's ResNet-50 figure.
+PAPER_SPATIAL_FACTOR = {'convnext_s': 2, 'convnext_b': 2}
+
+SpatialChoice = Union[int, str, None]
+
+
+def spatial_gamma_for(kind: str, gamma: int, choice: SpatialChoice = 'paper'
+                      ) -> Optional[int]:
+    """The ``spatial_gamma`` of a CoLoRA row: ``'paper'`` (or None) the paper's rule for
+    the backbone (:data:`PAPER_SPATIAL_FACTOR`; None = the spec's default), ``'gamma'``
+    None (the spec's default, ``gamma``), an integer itself."""
+    if choice is None or choice == 'paper':
+        factor = PAPER_SPATIAL_FACTOR.get(kind)
+        return None if factor is None else factor * gamma
+    if choice == 'gamma':
+        return None
+    if isinstance(choice, bool) or not isinstance(choice, int) or choice <= 0:
+        raise ValueError(f'spatial_gamma: {choice!r}; expected a positive integer, '
+                         "'gamma' or 'paper'.")
+    return choice
 
 
 def paper_params(backbone: str, adapter: dict) -> Optional[float]:
@@ -124,6 +164,22 @@ class OpCounter(TorchDispatchMode):
         elif packet in _ELEMENTWISE and isinstance(out, torch.Tensor):
             self.elementwise += out.numel()
         return out
+
+
+@contextlib.contextmanager
+def weight_path(model: nn.Module):
+    """Every adapted layer applies its low-rank update through the weight,
+    ``x (W + dW)``, for the duration: a forward pass then costs the plain backbone +
+    forming every ``dW`` + the parallel branches."""
+    layers = [layer for _, layer in iter_adapted_layers(model)]
+    saved = [getattr(layer, 'train_path', None) for layer in layers]
+    for layer in layers:
+        layer.train_path = 'weight'
+    try:
+        yield
+    finally:
+        for layer, path in zip(layers, saved):
+            layer.train_path = path
 
 
 def _fake_mode():
@@ -238,6 +294,8 @@ class Row:
     method: str
     gamma: Optional[int]
     share_ratio: Optional[float]
+    #: CoLoRA's spatial rank divisor in effect (``spatial_gamma``, else gamma)
+    spatial_gamma: Optional[int] = None
     backbone_params: int = 0
     adapters: int = 0
     adapters_formula: int = 0
@@ -269,11 +327,14 @@ class Row:
 
 def analyse(backbone: nn.Module, name: str, backbone_kind: str, adapter: dict,
             input_size: Sequence[int] = (512, 512), plain_macs: Optional[int] = None,
-            ) -> Row:
-    """Counts and formulas for one built backbone (no pretrained weights needed)."""
+            flops: bool = True) -> Row:
+    """Counts and formulas for one built backbone (no pretrained weights needed);
+    ``flops=False``: the parameter columns only."""
     method = adapter.get('method', 'full')
     row = Row(name, backbone_kind, method, adapter.get('gamma'), adapter.get('share_ratio')
               if method == 'colora' else None)
+    if method == 'colora':
+        row.spatial_gamma = AdapterSpec.from_dict(adapter).spatial_rank_divisor
     report = trainable_report(backbone)
     row.backbone_params = report['base']
     row.trainable, row.trainable_other = report['trainable'], report['trainable_other']
@@ -291,9 +352,12 @@ def analyse(backbone: nn.Module, name: str, backbone_kind: str, adapter: dict,
     if numel != row.adapters:
         raise RuntimeError(f'{name}: adapters report {row.adapters} trainable parameters '
                            f'through num_trainable() but hold {numel}.')
+    if not flops:
+        return row
 
     shapes = row.layer_shapes
-    unmerged = count_forward(backbone, input_size, shapes)
+    with weight_path(backbone):
+        unmerged = count_forward(backbone, input_size, shapes)
     upd_macs, upd_elem = count_weight_updates(backbone)
     row.update_counted_matmul = upd_macs
     row.update_counted = upd_macs + upd_elem
@@ -380,52 +444,74 @@ def _g(x: float) -> str:
     return f'{x / 1e9:.3f}G'
 
 
-HEADER = ('| variant | adapters counted | adapters formula | trainable | % backbone | '
-          'paper #Param | vs paper | upd/step formula | upd/step counted | '
-          'branch/img formula | branch/img counted | infer/img formula | '
-          'infer/img counted (merged) | merged / plain |')
+PARAM_HEADER = ('| variant | adapters counted | adapters formula | trainable | '
+                '% backbone | paper #Param | vs paper |')
+HEADER = (PARAM_HEADER + ' dW formula | dW counted | branch/img formula | '
+          'branch/img counted | infer/img formula | infer/img counted (merged) | '
+          'merged / plain |')
 
 
-def format_row(row: Row) -> str:
+def format_row(row: Row, params_only: bool = False) -> str:
     paper = f'{row.paper_m:.1f}M' if row.paper_m is not None else '-'
     diff = f'{row.paper_diff:+.1f}%' if row.paper_diff is not None else '-'
-    return (f'| {row.name} | {_m(row.adapters)} | {_m(row.adapters_formula)} | '
-            f'{_m(row.trainable)} | {row.percent:.2f}% | {paper} | {diff} | '
-            f'{_g(row.update_formula)} | {_g(row.update_counted)} | '
-            f'{_g(row.branch_formula)} | {_g(row.branch_counted)} | '
-            f'{_g(row.infer_formula)} | {_g(row.infer_merged)} | '
-            f'{row.infer_merged / row.infer_plain:.4f} |')
+    line = (f'| {row.name} | {_m(row.adapters)} | {_m(row.adapters_formula)} | '
+            f'{_m(row.trainable)} | {row.percent:.2f}% | {paper} | {diff} |')
+    if params_only:
+        return line
+    return line + (f' {_g(row.update_formula)} | {_g(row.update_counted)} | '
+                   f'{_g(row.branch_formula)} | {_g(row.branch_counted)} | '
+                   f'{_g(row.infer_formula)} | {_g(row.infer_merged)} | '
+                   f'{row.infer_merged / row.infer_plain:.4f} |')
 
 
-def print_table(rows: Sequence[Row], input_size: Sequence[int], out=sys.stdout) -> None:
-    print(f'Input {input_size[0]}x{input_size[1]}, one image; FLOPs are multiply-'
-          'accumulates; upd/step = forming the weight updates once per training step.',
-          file=out)
-    print(HEADER, file=out)
-    print('|' + '---|' * (HEADER.count('|') - 1), file=out)
+def print_table(rows: Sequence[Row], input_size: Sequence[int], out=sys.stdout,
+                params_only: bool = False) -> None:
+    header = PARAM_HEADER if params_only else HEADER
+    if params_only:
+        print('Trainable backbone parameters; M = 1e6.', file=out)
+    else:
+        print(f'Input {input_size[0]}x{input_size[1]}, one image; FLOPs are multiply-'
+              'accumulates; dW = forming every weight update once (delta_weight and '
+              'W + dW: the weight path, what merge bakes).', file=out)
+    print(header, file=out)
+    print('|' + '---|' * (header.count('|') - 1), file=out)
     for row in rows:
-        print(format_row(row), file=out)
+        print(format_row(row, params_only), file=out)
 
 
 # ---------------------------------------------------------------------- main
+def _colora(kind: str, gamma: int, share_ratio: float,
+            spatial_gamma: SpatialChoice) -> dict:
+    adapter = dict(method='colora', gamma=gamma, share_ratio=share_ratio)
+    sg = spatial_gamma_for(kind, gamma, spatial_gamma)
+    if sg is not None:
+        adapter['spatial_gamma'] = sg
+    return adapter
+
+
 def default_variants(backbones: Sequence[str], methods: Sequence[str],
                      gamma: Optional[int], share_ratio: Optional[float],
-                     sweep: bool) -> List[Tuple[str, dict]]:
+                     sweep: bool, spatial_gamma: SpatialChoice = 'paper',
+                     ) -> List[Tuple[str, dict]]:
+    """``(backbone, adapter dict)`` of the grid; CoLoRA rows carry ``spatial_gamma`` as
+    :func:`spatial_gamma_for` gives it."""
     variants = []
     for kind in backbones:
         for method in methods:
-            adapter = dict(method=method)
-            if gamma is not None and method != 'full':
-                adapter['gamma'] = gamma
             if method == 'colora':
-                adapter.setdefault('gamma', 16)
-                adapter['share_ratio'] = 0.5 if share_ratio is None else share_ratio
+                adapter = _colora(kind, 16 if gamma is None else gamma,
+                                  0.5 if share_ratio is None else share_ratio,
+                                  spatial_gamma)
+            else:
+                adapter = dict(method=method)
+                if gamma is not None and method != 'full':
+                    adapter['gamma'] = gamma
             variants.append((kind, adapter))
         if sweep and kind == 'convnext_b':
             for g, sr in TABLE8_SWEEP:
                 if (g, sr) == (16, 0.5) and 'colora' in methods and gamma is None:
                     continue
-                variants.append((kind, dict(method='colora', gamma=g, share_ratio=sr)))
+                variants.append((kind, _colora(kind, g, sr, spatial_gamma)))
     return variants
 
 
@@ -434,9 +520,23 @@ def variant_name(kind: str, adapter: dict) -> str:
     name = f'{kind} {method}'
     if method == 'colora':
         name += f' g{adapter.get("gamma", 16)} sr{adapter.get("share_ratio", 0.5)}'
+        if adapter.get('spatial_gamma') is not None:
+            name += f' sg{adapter["spatial_gamma"]}'
     elif adapter.get('gamma') is not None:
         name += f' g{adapter["gamma"]}'
     return name
+
+
+def _spatial_choice(text: str) -> SpatialChoice:
+    if text in ('gamma', 'paper'):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: a positive integer, gamma or paper')
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'{text!r}: a positive integer, gamma or paper')
+    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
@@ -451,13 +551,25 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
                         help="rank divisor; default: each method's own")
     parser.add_argument('--share-ratio', type=float, default=None,
                         help='CoLoRA rs / (rs + rl); default 0.5')
+    parser.add_argument('--spatial-gamma', type=_spatial_choice, default=None,
+                        metavar='{N,gamma,paper}',
+                        help="CoLoRA's spatial rank divisor (rank C // N) in the grid; "
+                        "'gamma': the spec's default (= gamma); 'paper' (default): "
+                        '2 gamma on ConvNeXt, as the paper-reproduction configs set, '
+                        "the spec's default on ResNet-50. Configs keep their own")
     parser.add_argument('--no-sweep', action='store_true',
                         help='leave out the Table 8 ConvNeXt-B sweep')
+    parser.add_argument('--params-only', action='store_true',
+                        help='parameter columns only (no FLOPs counting)')
     parser.add_argument('--input-size', type=int, nargs=2, default=(512, 512),
                         metavar=('H', 'W'))
     parser.add_argument('--json', default=None, help='also write the rows here')
     args = parser.parse_args(argv)
+    if args.configs and args.spatial_gamma is not None:
+        parser.error('--spatial-gamma sets the built-in grid; a config is analysed with '
+                     'its own adapter dict (edit the config instead).')
     input_size = tuple(args.input_size)
+    flops = not args.params_only
     torch.set_grad_enabled(False)
 
     rows: List[Row] = []
@@ -466,18 +578,21 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         for path in args.configs:
             model, adapter, kind = backbone_from_config(path)
             rows.append(analyse(model, osp.splitext(osp.basename(path))[0], kind, adapter,
-                                input_size))
+                                input_size, flops=flops))
     else:
-        sweep = not args.no_sweep and args.gamma is None and args.share_ratio is None
+        sweep = (not args.no_sweep and args.gamma is None and args.share_ratio is None
+                 and not isinstance(args.spatial_gamma, int))
         for kind, adapter in default_variants(args.backbone, args.method, args.gamma,
-                                              args.share_ratio, sweep):
+                                              args.share_ratio, sweep,
+                                              args.spatial_gamma):
             model = build_backbone(kind, adapter)
             row = analyse(model, variant_name(kind, adapter), kind, adapter, input_size,
-                          plain_cache.get(kind))
-            plain_cache[kind] = row.infer_plain
+                          plain_cache.get(kind), flops=flops)
+            if flops:
+                plain_cache[kind] = row.infer_plain
             rows.append(row)
             del model
-    print_table(rows, input_size)
+    print_table(rows, input_size, params_only=args.params_only)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump([dict(asdict(r), percent=r.percent, paper_diff=r.paper_diff,
