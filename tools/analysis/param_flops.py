@@ -8,6 +8,7 @@ appendix Table 1 formulas and counted on the built backbone, side by side.
     python tools/analysis/param_flops.py --backbone convnext_b --method colora \\
         --gamma 8 --share-ratio 0.8
     python tools/analysis/param_flops.py configs/ade20k/upernet_hira_r50_*.py
+    python tools/analysis/param_flops.py --per-stage configs/ade20k/upernet_colora-*per-stage*.py
 
 Columns (FLOPs are multiply-accumulates, Table 1's unit; G = 1e9, M = 1e6):
 
@@ -28,6 +29,10 @@ Columns (FLOPs are multiply-accumulates, Table 1's unit; G = 1e9, M = 1e6):
 * ``infer/img``: the backbone after ``merge_adapters`` (what folds is folded), counted,
   and its ratio to the plain backbone; the formula is the plain backbone plus the
   branches that do not fold (Table 1: pointwise updates cost nothing at inference).
+
+With ``--per-stage`` (always for a config whose adapter has per-layer ``overrides``),
+each variant is followed by a table per backbone stage: adapted layers, the adapters'
+kinds and ranks, and their parameter count.
 
 Counting runs the model once per variant on fake tensors (shapes only), so ConvNeXt-B
 at 512x512 takes seconds. Nothing here re-derives an adapter from key strings: the
@@ -51,7 +56,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from colora_mm.adapters import (AdaptedLayer, ConvAdapter, CoLoRAPairLayer, HiRA, LoRA,
                                 SpatialLowRankBranch, is_adapter_name,
                                 iter_adapted_layers, merge_adapters, trainable_report)
-from colora_mm.engine.complexity import weight_update_flops
+from colora_mm.engine.complexity import (format_stage_table, stage_summary,
+                                         weight_update_flops)
 
 BACKBONES = {
     'resnet50': dict(type='CoLoRAResNet', depth=50, deep_stem=False),
@@ -255,6 +261,10 @@ class Row:
     unfolded: List[str] = field(default_factory=list)
     #: adapted layer -> (H_in, W_in, H_out, W_out) at the analysed input size
     layer_shapes: Dict[str, Tuple] = field(default_factory=dict)
+    #: per backbone stage: adapted layers, adapter kinds and ranks, parameters
+    stages: List[Dict] = field(default_factory=list)
+    #: the adapter has per-layer overrides
+    overrides: bool = False
 
     @property
     def percent(self) -> float:
@@ -277,7 +287,11 @@ def analyse(backbone: nn.Module, name: str, backbone_kind: str, adapter: dict,
     report = trainable_report(backbone)
     row.backbone_params = report['base']
     row.trainable, row.trainable_other = report['trainable'], report['trainable_other']
-    row.paper_m = paper_params(backbone_kind, adapter) if backbone_kind else None
+    row.overrides = bool(adapter.get('overrides'))
+    # A per-layer setting is not one of the paper's variants.
+    row.paper_m = (paper_params(backbone_kind, adapter) if backbone_kind
+                   and not row.overrides else None)
+    row.stages = stage_summary(backbone)
 
     layers = list(iter_adapted_layers(backbone))
     for lname, layer in layers:
@@ -407,6 +421,12 @@ def print_table(rows: Sequence[Row], input_size: Sequence[int], out=sys.stdout) 
         print(format_row(row), file=out)
 
 
+def print_stage_tables(rows: Sequence[Row], out=sys.stdout) -> None:
+    for row in rows:
+        print(f'\n{row.name}: adapters per stage', file=out)
+        print(format_stage_table(row.stages), file=out)
+
+
 # ---------------------------------------------------------------------- main
 def default_variants(backbones: Sequence[str], methods: Sequence[str],
                      gamma: Optional[int], share_ratio: Optional[float],
@@ -455,6 +475,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
                         help='leave out the Table 8 ConvNeXt-B sweep')
     parser.add_argument('--input-size', type=int, nargs=2, default=(512, 512),
                         metavar=('H', 'W'))
+    parser.add_argument('--per-stage', action='store_true',
+                        help='also print each variant per backbone stage (ranks, '
+                        'counts); always on for configs with per-layer overrides')
     parser.add_argument('--json', default=None, help='also write the rows here')
     args = parser.parse_args(argv)
     input_size = tuple(args.input_size)
@@ -478,6 +501,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
             rows.append(row)
             del model
     print_table(rows, input_size)
+    per_stage = [r for r in rows if r.stages and (args.per_stage or r.overrides)]
+    if per_stage:
+        print_stage_tables(per_stage)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump([dict(asdict(r), percent=r.percent, paper_diff=r.paper_diff,
