@@ -26,9 +26,10 @@ contributes that pair.
   OpenMMLab checkpoints (mmseg's converted Swin weights, mmseg/mmdet model checkpoints
   behind ``backbone.``) as they are. As upstream's ``init_weights``, the absolute
   position embedding is reshaped and relative position bias tables of another window
-  size are resized; the classifier's ``head`` and final ``norm`` (a dense-prediction
-  Swin has one norm per output instead) and the original release's stored attention
-  masks (computed per input here) are dropped, each with its reason in the report.
+  size are resized (their index buffers are then the model's own); the classifier's
+  ``head`` and final ``norm`` (a dense-prediction Swin has one norm per output instead)
+  and the original release's stored attention masks (computed per input here) are
+  dropped, each with its reason in the report.
 
 Each codebase gets its own class, registered as ``CoLoRASwin``: see :mod:`.swin_mmseg`
 and :mod:`.swin_mmdet`. With everything folded (``tools/merge.py``) the checkpoint is a
@@ -184,6 +185,10 @@ class SwinAdapterMixin(AdaptedBackboneMixin):
             elif key.endswith('.attn_mask'):
                 dropped[key] = ('stored shifted-window attention mask (mmseg/mmdet '
                                 'compute it for each input size)')
+            elif (key.endswith('relative_position_index') and key in own
+                  and own[key].shape != value.shape):
+                dropped[key] = ('relative position index of another window size (the '
+                                'model keeps the one of its own window)')
             else:
                 kept[key] = value
         notes: List[str] = []
