@@ -63,6 +63,8 @@ BACKBONES = {
     'resnet50': dict(type='CoLoRAResNet', depth=50, deep_stem=False),
     'convnext_s': dict(type='CoLoRAConvNeXt', arch='small', out_indices=(0, 1, 2, 3)),
     'convnext_b': dict(type='CoLoRAConvNeXt', arch='base', out_indices=(0, 1, 2, 3)),
+    'swin_t': dict(type='CoLoRASwin', embed_dims=96, depths=(2, 2, 6, 2),
+                   num_heads=(3, 6, 12, 24), window_size=7),
 }
 BASELINES = ('colora', 'lora', 'pissa', 'hira', 'conv_adapter', 'full')
 
@@ -364,6 +366,9 @@ def kind_of(backbone_cfg: dict) -> str:
             backbone_cfg.get('arch'), f'convnext_{backbone_cfg.get("arch")}')
     if 'ResNet' in t:
         return f'resnet{backbone_cfg.get("depth")}'
+    if 'Swin' in t:
+        return 'swin_t' if backbone_cfg.get('embed_dims') == 96 and list(
+            backbone_cfg.get('depths', ())) == [2, 2, 6, 2] else 'swin'
     return t
 
 
