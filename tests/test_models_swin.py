@@ -124,8 +124,9 @@ def test_frozen_stages_freeze_adapters_too():
     (dict(method='pissa', gamma=8), dict(method='hira', gamma=8))])
 def test_fresh_adapters_compute_the_upstream_model(codebase, adapter, attn):
     torch.manual_seed(0)
-    plain = upstream(codebase)(**REDUCED_SWIN).eval()
+    plain = upstream(codebase)(**REDUCED_SWIN)
     plain.init_weights()
+    plain.eval()         # upstream's train() returns None: no chaining
     model = build(codebase, adapter=adapter, attn_adapter=attn,
                   init_cfg=dict(type='Pretrained', checkpoint=dict(
                       state_dict=plain.state_dict())))
@@ -196,9 +197,10 @@ def test_original_release_loads_as_mmdet_loads_it(tmp_path):
     True) reading the same file, tensor for tensor."""
     path = save(swin_original_checkpoint(REDUCED_SWIN, img_size=128, seed=1),
                 tmp_path / 'swin_original.pth')
+    from mmengine.config import ConfigDict
     init_cfg = dict(type='Pretrained', checkpoint=path)
-    reference = upstream('mmdet')(**REDUCED_SWIN, convert_weights=True,
-                                  init_cfg=init_cfg)
+    reference = upstream('mmdet')(**REDUCED_SWIN, convert_weights=True,   # as in configs
+                                  init_cfg=ConfigDict(init_cfg))
     reference.init_weights()
     for codebase in ('mmseg', 'mmdet'):
         model = build(codebase, init_cfg=init_cfg)
@@ -325,7 +327,8 @@ def test_merge_gives_a_plain_upstream_swin(codebase):
         assert merge_adapters(model) == []
         merged = model(x)
     assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
-    plain = upstream(codebase)(**REDUCED_SWIN).eval()
+    plain = upstream(codebase)(**REDUCED_SWIN)
+    plain.eval()
     plain.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         for a, b, c in zip(reference, merged, plain(x)):

@@ -213,6 +213,8 @@ def convert_swin_original(sd: Dict[str, torch.Tensor],
             dropped[key] = 'classifier head'
             continue
         (new, tensor), = converted.items()
+        if new.startswith('backbone.'):          # mmdet's converter adds the prefix
+            new = new[len('backbone.'):]
         if new != key:
             renamed[key] = new
         out[new] = tensor

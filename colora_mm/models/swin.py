@@ -165,17 +165,13 @@ class SwinAdapterMixin(AdaptedBackboneMixin):
 
     def convert_pretrained(self, state_dict: Dict[str, torch.Tensor], layout: str,
                            dropped: Dict[str, str]) -> Tuple[Dict, Dict]:
-        if layout == 'swin_original':
-            state_dict, renamed = convert_swin_original(state_dict, dropped)
-        elif layout == 'openmmlab':
-            renamed = {}
-        else:
+        if layout not in ('swin_original', 'openmmlab'):
             raise ValueError(f'{type(self).__name__}: a {layout!r} checkpoint is not a '
                              'Swin Transformer; use the original Swin release or an '
                              'OpenMMLab (mmseg/mmdet) Swin checkpoint.')
         own = self.state_dict()
         kept = {}
-        for key, value in state_dict.items():
+        for key, value in state_dict.items():       # names as the checkpoint has them
             if key.startswith('head.'):
                 dropped[key] = 'classifier head'
             elif key.split('.', 1)[0] == 'norm' and 'norm.weight' not in own:
@@ -185,12 +181,19 @@ class SwinAdapterMixin(AdaptedBackboneMixin):
             elif key.endswith('.attn_mask'):
                 dropped[key] = ('stored shifted-window attention mask (mmseg/mmdet '
                                 'compute it for each input size)')
-            elif (key.endswith('relative_position_index') and key in own
-                  and own[key].shape != value.shape):
-                dropped[key] = ('relative position index of another window size (the '
-                                'model keeps the one of its own window)')
             else:
                 kept[key] = value
+        renamed: Dict[str, str] = {}
+        if layout == 'swin_original':
+            kept, renamed = convert_swin_original(kept, dropped)
+        original = {new: old for old, new in renamed.items()}
+        for key in [k for k, v in kept.items() if k.endswith('relative_position_index')
+                    and k in own and own[k].shape != v.shape]:
+            del kept[key]
+            renamed.pop(original.get(key, key), None)
+            dropped[original.get(key, key)] = (
+                'relative position index of another window size (the model keeps the '
+                'one of its own window)')
         notes: List[str] = []
         kept = fit_swin_positions(kept, own, notes)
         if notes:
