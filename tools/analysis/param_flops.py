@@ -426,7 +426,8 @@ def print_table(rows: Sequence[Row], input_size: Sequence[int], out=sys.stdout) 
         print(format_row(row), file=out)
 
 
-def print_stage_tables(rows: Sequence[Row], out=sys.stdout) -> None:
+def print_stage_tables(rows: Sequence[Row], out=None) -> None:
+    out = out or sys.stdout
     for row in rows:
         print(f'\n{row.name}: adapters per stage', file=out)
         print(format_stage_table(row.stages), file=out)
