@@ -192,7 +192,12 @@ TINY_CONVNEXT_ARCH = dict(depths=[1, 1, 1, 1], channels=[32, 64, 128, 256])
 #: ResNet-50 (all 16 bottlenecks, so layer-wise decay keeps its meaning) at half
 #: width: the narrowest whose 1x1 layers still give LoRA/PiSSA/HiRA (gamma 20) rank 1.
 TINY_RESNET = dict(stem_channels=32, base_channels=32)
-TINY_CHANNELS = {'convnext': [32, 64, 128, 256], 'resnet': [128, 256, 512, 1024]}
+#: Swin with two blocks per stage (one plain, one shifted window) at a third of
+#: Swin-T's width, window 4 (64x64 crops give 16x16 tokens in the first stage).
+TINY_SWIN = dict(embed_dims=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8],
+                 window_size=4)
+TINY_CHANNELS = {'convnext': [32, 64, 128, 256], 'resnet': [128, 256, 512, 1024],
+                 'swin': [32, 64, 128, 256]}
 
 
 def tiny_model_overrides(model: dict) -> dict:
@@ -205,6 +210,9 @@ def tiny_model_overrides(model: dict) -> dict:
         backbone.update(arch=dict(_delete_=True, **TINY_CONVNEXT_ARCH),
                         drop_path_rate=0.0)
         channels = TINY_CHANNELS['convnext']
+    elif 'Swin' in model['backbone']['type']:
+        backbone.update(TINY_SWIN, drop_path_rate=0.0)
+        channels = TINY_CHANNELS['swin']
     else:
         channels = TINY_CHANNELS['resnet']
         backbone.update(TINY_RESNET)

@@ -11,8 +11,16 @@ lands where it belongs without downloading anything.
   OpenMMLab checkpoints (``{'meta', 'state_dict'}``, keys behind ``backbone.``, a
   classifier ``head.fc``), built from the upstream modules themselves.
 
+* :func:`swin_original_checkpoint`: the original Swin Transformer release,
+  ``{'model': sd}`` (``patch_embed.proj``, ``layers.i.blocks.j.norm1|attn|norm2|mlp``,
+  stored ``attn_mask`` buffers of the shifted blocks, ``layers.i.downsample``, ``norm``,
+  ``head``): the files mmdet's Swin configs point at.
+* :func:`openmmlab_swin_checkpoint`: mmseg's/mmdet's ``SwinTransformer`` names, bare
+  (as mmseg's converted Swin weights) or as a model checkpoint behind ``backbone.``.
+
 Architectures: ``'tiny'``, ``'small'``, ``'base'`` (ConvNeXt's real ones) and
-:data:`REDUCED_CONVNEXT`, a few-block narrow variant for fast tests.
+:data:`REDUCED_CONVNEXT`, a few-block narrow variant for fast tests; Swin-T
+(:data:`SWIN_T`) and :data:`REDUCED_SWIN`.
 """
 from __future__ import annotations
 
@@ -185,6 +193,112 @@ def openmmlab_resnet_checkpoint(codebase: str = 'mmseg', seed: int = 0,
     resnet_kwargs.setdefault('depth', 50)
     sd = randomize_like(ResNet(**resnet_kwargs).state_dict(), seed)
     out = OrderedDict(((prefix or '') + k, v) for k, v in sd.items())
+    if not wrap:
+        return out
+    return {'meta': dict(mmengine_version='0.10.7'), 'state_dict': out}
+
+
+# ---------------------------------------------------------------- Swin
+SWIN_T = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+              window_size=7)
+#: Two blocks a stage (plain and shifted window), narrow, window 4.
+REDUCED_SWIN = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                    window_size=4)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """The Swin paper's relative position index of a ``window x window`` window:
+    ``(dy + w - 1) * (2w - 1) + (dx + w - 1)`` for every pair of positions."""
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing='ij')
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[:, None] - ys[None, :] + window - 1
+    dx = xs[:, None] - xs[None, :] + window - 1
+    return dy * (2 * window - 1) + dx
+
+
+def swin_original_shapes(arch: Dict = SWIN_T, num_classes: int = 1000,
+                         img_size: int = 224, in_channels: int = 3) -> 'OrderedDict':
+    """Key -> shape of the original Swin Transformer release (microsoft/Swin-Transformer,
+    patch size 4, MLP ratio 4). A stage whose resolution is at most the window uses one
+    window without shift, as the release does (no stored attention mask)."""
+    c0, window = arch['embed_dims'], arch['window_size']
+    s = OrderedDict()
+    s['patch_embed.proj.weight'] = (c0, in_channels, 4, 4)
+    s['patch_embed.proj.bias'] = (c0,)
+    s['patch_embed.norm.weight'] = (c0,)
+    s['patch_embed.norm.bias'] = (c0,)
+    res = img_size // 4
+    last = len(arch['depths']) - 1
+    for i, (depth, heads) in enumerate(zip(arch['depths'], arch['num_heads'])):
+        c = c0 * 2 ** i
+        ws = min(window, res)
+        for j in range(depth):
+            p = f'layers.{i}.blocks.{j}'
+            s[f'{p}.norm1.weight'] = (c,)
+            s[f'{p}.norm1.bias'] = (c,)
+            s[f'{p}.attn.relative_position_bias_table'] = ((2 * ws - 1) ** 2, heads)
+            s[f'{p}.attn.relative_position_index'] = (ws * ws, ws * ws)
+            s[f'{p}.attn.qkv.weight'] = (3 * c, c)
+            s[f'{p}.attn.qkv.bias'] = (3 * c,)
+            s[f'{p}.attn.proj.weight'] = (c, c)
+            s[f'{p}.attn.proj.bias'] = (c,)
+            s[f'{p}.norm2.weight'] = (c,)
+            s[f'{p}.norm2.bias'] = (c,)
+            s[f'{p}.mlp.fc1.weight'] = (4 * c, c)
+            s[f'{p}.mlp.fc1.bias'] = (4 * c,)
+            s[f'{p}.mlp.fc2.weight'] = (c, 4 * c)
+            s[f'{p}.mlp.fc2.bias'] = (c,)
+            if j % 2 and res > window:
+                s[f'{p}.attn_mask'] = ((res // ws) ** 2, ws * ws, ws * ws)
+        if i < last:
+            s[f'layers.{i}.downsample.reduction.weight'] = (2 * c, 4 * c)
+            s[f'layers.{i}.downsample.norm.weight'] = (4 * c,)
+            s[f'layers.{i}.downsample.norm.bias'] = (4 * c,)
+            res //= 2
+    c = c0 * 2 ** last
+    s['norm.weight'] = (c,)
+    s['norm.bias'] = (c,)
+    s['head.weight'] = (num_classes, c)
+    s['head.bias'] = (num_classes,)
+    return s
+
+
+def _swin_indices(sd: 'OrderedDict') -> 'OrderedDict':
+    """Real (integer) relative position indices in place of random values."""
+    for key, value in sd.items():
+        if key.endswith('relative_position_index'):
+            sd[key] = relative_position_index(int(round(value.shape[0] ** 0.5)))
+    return sd
+
+
+def swin_original_checkpoint(arch: Dict = SWIN_T, num_classes: int = 1000,
+                             img_size: int = 224, seed: int = 0) -> Dict:
+    """``{'model': state_dict}`` as ``swin_tiny_patch4_window7_224.pth``."""
+    shapes = swin_original_shapes(arch, num_classes, img_size)
+    return {'model': _swin_indices(randomize(shapes, seed))}
+
+
+def openmmlab_swin_checkpoint(arch: Dict = SWIN_T, codebase: str = 'mmseg', seed: int = 0,
+                              prefix: str = '', final_norm: bool = True,
+                              wrap: bool = False) -> Dict:
+    """mmseg's/mmdet's ``SwinTransformer`` names: bare with the classifier's final
+    ``norm`` (mmseg's converted Swin weights, ``swin_tiny_patch4_window7_224_20220317-
+    1cdeb081.pth``), or a model checkpoint (``prefix='backbone.'``, ``wrap=True``)."""
+    if codebase == 'mmseg':
+        from mmseg.models.backbones import SwinTransformer
+    else:
+        from mmdet.models.backbones import SwinTransformer
+    model = SwinTransformer(**arch)
+    own = model.state_dict()
+    sd = randomize_like(own, seed)
+    for key, value in own.items():
+        if not value.is_floating_point():
+            sd[key] = value.clone()
+    if final_norm:
+        sd = OrderedDict((k, v) for k, v in sd.items() if not k.startswith('norm'))
+        c = arch['embed_dims'] * 2 ** (len(arch['depths']) - 1)
+        sd.update(randomize({'norm.weight': (c,), 'norm.bias': (c,)}, seed + 1))
+    out = OrderedDict((prefix + k, v) for k, v in sd.items())
     if not wrap:
         return out
     return {'meta': dict(mmengine_version='0.10.7'), 'state_dict': out}

@@ -221,3 +221,28 @@ def test_config_path():
     assert kind == 'resnet50' and adapter['method'] == 'hira'
     assert all(isinstance(layer.adapter_branch, HiRA)
                for _, layer in iter_adapted_layers(model))
+
+
+def test_per_stage_tables(capsys, tmp_path):
+    """A config with overrides: per-stage rows, no paper #Param, the table printed."""
+    cfg = osp.join(osp.dirname(osp.dirname(TOOLS)), 'configs', 'ade20k',
+                   'upernet_colora-per-stage_convnext_b_4xb4-160k_ade20k-512x512.py')
+    model, adapter, kind = param_flops.backbone_from_config(cfg)
+    assert kind == 'convnext_b' and adapter['overrides']
+    row = param_flops.analyse(model, 'per-stage', kind, adapter, SIZE)
+    assert row.overrides and row.paper_m is None
+    stages = {s['stage']: s for s in row.stages}
+    assert stages['stages.0']['adapted'] == 0
+    assert stages['stages.3']['adapters'] == {'pair g8 r=128 (rs=102, rl=26)': 3,
+                                              'spatial r=64 +filter': 3}
+    assert sum(s['params'] for s in row.stages) == row.adapters
+    param_flops.print_stage_tables([row])
+    out = capsys.readouterr().out
+    assert 'per-stage: adapters per stage' in out and 'pair g8 r=128' in out
+    # --per-stage on the built-in grid
+    rows = param_flops.main(['--backbone', 'resnet50', '--method', 'lora', '--per-stage',
+                             '--input-size', '32', '32', '--json',
+                             str(tmp_path / 'rows.json')])
+    out = capsys.readouterr().out
+    assert 'resnet50 lora: adapters per stage' in out and 'layer4' in out
+    assert [s['stage'] for s in rows[0].stages] == ['layer1', 'layer2', 'layer3', 'layer4']

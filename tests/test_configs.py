@@ -1,5 +1,7 @@
 """Every shipped config: the paper's numbers (appendix F, Tables 2-4 and 8) read back
-from the loaded config, and the model built at reduced width and run once."""
+from the loaded config, and the model built at reduced width and run once. The configs
+beyond the paper (per-stage settings, Swin Transformer) against the config they derive
+from: the paper's ConvNeXt-B one, and upstream's Swin ones."""
 import copy
 import glob
 import math
@@ -35,8 +37,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-ADE = sorted(glob.glob(osp.join(ROOT, 'configs', 'ade20k', '*.py')))
-COCO = sorted(glob.glob(osp.join(ROOT, 'configs', 'coco', '*.py')))
+#: Configs beyond the paper's set-ups, checked by their own tests below.
+PER_STAGE = 'upernet_colora-per-stage_convnext_b_4xb4-160k_ade20k-512x512.py'
+SWIN_ADE = {'colora': 'upernet_colora_swin-t_8xb2-160k_ade20k-512x512.py',
+            'lora': 'upernet_lora_swin-t_8xb2-160k_ade20k-512x512.py'}
+SWIN_COCO = {'colora': 'faster-rcnn_colora_swin-t_fpn_2xb8-1x_coco.py',
+             'lora': 'faster-rcnn_lora_swin-t_fpn_2xb8-1x_coco.py'}
+BEYOND = {PER_STAGE, *SWIN_ADE.values(), *SWIN_COCO.values()}
+ADE = sorted(p for p in glob.glob(osp.join(ROOT, 'configs', 'ade20k', '*.py'))
+             if osp.basename(p) not in BEYOND)
+COCO = sorted(p for p in glob.glob(osp.join(ROOT, 'configs', 'coco', '*.py'))
+              if osp.basename(p) not in BEYOND)
 VTAB = sorted(glob.glob(osp.join(ROOT, 'configs', 'vtab1k', '*.py')))
 ALIASES = {'colora_convnext_b.py': 'upernet_colora_convnext_b_4xb4-160k_ade20k-512x512.py'}
 
@@ -107,6 +118,9 @@ def test_the_set_of_configs_is_complete():
         for m in METHODS:
             assert f'faster-rcnn_{m}_{bb}_fpn_2xb8-1x_coco.py' in coco
     assert len(ade) == 3 * len(METHODS) + 8 + 1 and len(coco) == 2 * len(METHODS)
+    shipped = {osp.basename(p) for sub in ('ade20k', 'coco')
+               for p in glob.glob(osp.join(ROOT, 'configs', sub, '*.py'))}
+    assert shipped == ade | coco | BEYOND
     vtab = {osp.basename(p) for p in VTAB}
     assert vtab == {f'{m}_{bb}_1xb32-100e_vtab1k-224x224.py' for m in METHODS
                     if m != 'bitfit' for bb in ('convnext_b', 'convnext_s', 'r50')}
@@ -406,6 +420,143 @@ def test_config_builds_at_reduced_width(path):
         elif cfg.default_scope == 'mmpretrain':
             out = model(x, mode='tensor')
             assert out.shape == (1, cfg.model.head.num_classes)
+            assert torch.isfinite(out).all()
+        else:
+            feats = model.extract_feat(x)
+            assert len(feats) == 5 and all(torch.isfinite(f).all() for f in feats)
+
+
+# ----------------------------------------------------------------- beyond the paper
+def _ade(name):
+    return osp.join(ROOT, 'configs', 'ade20k', name)
+
+
+def _coco(name):
+    return osp.join(ROOT, 'configs', 'coco', name)
+
+
+def test_per_stage_config_is_the_main_one_with_overrides():
+    cfg = load(_ade(PER_STAGE))
+    main = load(_ade(ALIASES['colora_convnext_b.py']))
+    overrides = cfg.model.backbone.adapter.pop('overrides')
+    assert [dict(o) for o in overrides] == [
+        dict(pattern='stages.3.*', gamma=8, spatial_gamma=16, share_ratio=0.8),
+        dict(pattern='stages.0.*', method='none')]
+    assert cfg.model == main.model
+    assert cfg.optim_wrapper == main.optim_wrapper
+    assert cfg.param_scheduler == main.param_scheduler
+    assert cfg.train_cfg == main.train_cfg and cfg.custom_hooks == main.custom_hooks
+
+
+def test_per_stage_config_builds_its_stages():
+    """At reduced width (32-256 channels): no adapter in stage 0, gamma 16 in stages
+    1-2, gamma 8 / share 0.8 in stage 3."""
+    model = _build_tiny(load(_ade(PER_STAGE)))
+    layers = dict(iter_adapted_layers(model.backbone))
+    assert not any(n.startswith('stages.0.') for n in layers)
+    assert len(layers) == 3 * 3
+    for i, c in ((1, 64), (2, 128), (3, 256)):
+        pair = layers[f'stages.{i}.0.pointwise_conv1'].adapter_branch.get_pair()
+        gamma, share, spatial_gamma = (8, 0.8, 16) if i == 3 else (16, 0.5, 32)
+        assert (pair.r, pair.rs) == (c // gamma, int(c // gamma * share)), i
+        assert layers[f'stages.{i}.0.depthwise_conv'].adapter_branch.rank == \
+            c // spatial_gamma
+
+
+def _upstream_cfg(tmp_path, base):
+    """The upstream config ``base`` (``mmseg::...``/``mmdet::...``) loaded as it is."""
+    path = tmp_path / 'upstream.py'
+    path.write_text(f'_base_ = {base!r}\n')
+    return Config.fromfile(str(path))
+
+
+@pytest.mark.parametrize('method', ['colora', 'lora'])
+def test_swin_ade20k_configs_follow_upstream(tmp_path, method):
+    cfg = load(_ade(SWIN_ADE[method]))
+    up = _upstream_cfg(tmp_path, 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_'
+                                 'upernet_8xb2-160k_ade20k-512x512.py')
+    assert cfg.default_scope == 'mmseg'
+    assert cfg.custom_imports == dict(imports=['colora_mm'], allow_failed_imports=False)
+    assert [h.type for h in cfg.custom_hooks] == ['CoLoRAReportHook']
+    backbone = cfg.model.backbone.to_dict()
+    adapter = backbone.pop('adapter')
+    assert backbone.pop('type') == 'CoLoRASwin'
+    expected = up.model.backbone.to_dict()
+    expected.pop('type')
+    assert backbone == expected      # Swin-T, upstream's checkpoint, drop-path 0.3
+    assert 'swin_tiny_patch4_window7_224' in backbone['init_cfg']['checkpoint']
+    if method == 'colora':
+        assert adapter == dict(method='colora', gamma=16, share_ratio=0.5,
+                               partner_policy='effective')
+    else:
+        assert adapter == dict(method='lora', gamma=20)
+    # everything else is upstream's: heads, data, AdamW 6e-5 / 0.01 with no decay on
+    # position tables and norms, warmup + poly, 160k iterations, 8 GPUs x 2 images
+    for key in ('optim_wrapper', 'param_scheduler', 'train_cfg', 'train_dataloader',
+                'val_dataloader', 'default_hooks'):
+        assert cfg[key] == up[key], key
+    for key in ('decode_head', 'auxiliary_head', 'data_preprocessor', 'test_cfg'):
+        assert cfg.model[key] == up.model[key], key
+    assert cfg.optim_wrapper.optimizer.lr == 6e-5
+    assert set(cfg.optim_wrapper.paramwise_cfg.custom_keys) == {
+        'absolute_pos_embed', 'relative_position_bias_table', 'norm'}
+    assert cfg.train_cfg.max_iters == 160000 and cfg.train_dataloader.batch_size == 2
+
+
+@pytest.mark.parametrize('method', ['colora', 'lora'])
+def test_swin_coco_configs(method):
+    cfg = load(_coco(SWIN_COCO[method]))
+    paper = load(_coco('faster-rcnn_colora_convnext_s_fpn_2xb8-1x_coco.py'))
+    assert cfg.default_scope == 'mmdet'
+    backbone = cfg.model.backbone
+    assert backbone.type == 'CoLoRASwin'
+    assert (backbone.embed_dims, list(backbone.depths), list(backbone.num_heads),
+            backbone.window_size, backbone.drop_path_rate) == (
+        96, [2, 2, 6, 2], [3, 6, 12, 24], 7, 0.2)
+    assert tuple(backbone.out_indices) == (0, 1, 2, 3)
+    assert backbone.init_cfg.checkpoint == (
+        'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
+        'swin_tiny_patch4_window7_224.pth')
+    assert list(cfg.model.neck.in_channels) == [96, 192, 384, 768]
+    assert backbone.adapter.method == method
+    # mmdet's Swin-T detection optimiser: AdamW 1e-4, weight decay 0.05, no decay on
+    # position tables and norms, no layer-wise decay; 1000-iteration warmup
+    opt = cfg.optim_wrapper
+    assert opt.type == 'AmpOptimWrapper' and 'constructor' not in opt
+    assert (opt.optimizer.type, opt.optimizer.lr, opt.optimizer.weight_decay) == (
+        'AdamW', 1e-4, 0.05)
+    assert opt.paramwise_cfg.custom_keys == {
+        'absolute_pos_embed': dict(decay_mult=0.),
+        'relative_position_bias_table': dict(decay_mult=0.),
+        'norm': dict(decay_mult=0.)}
+    warmup, steps = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.end) == ('LinearLR', 0.001, 1000)
+    assert list(steps.milestones) == [8, 11] and cfg.train_cfg.max_epochs == 12
+    # the detector, data and batch are the paper set-up's
+    for key in ('rpn_head', 'roi_head', 'train_cfg', 'test_cfg', 'data_preprocessor'):
+        assert cfg.model[key] == paper.model[key], key
+    assert cfg.train_dataloader == paper.train_dataloader
+
+
+@pytest.mark.parametrize('path', [_ade(PER_STAGE), *map(_ade, SWIN_ADE.values()),
+                                  *map(_coco, SWIN_COCO.values())], ids=osp.basename)
+def test_beyond_configs_build_and_run_at_reduced_width(path):
+    cfg = load(path)
+    model = _build_tiny(cfg)
+    backbone = model.backbone
+    layers = dict(iter_adapted_layers(backbone))
+    assert layers
+    norms = norm_parameter_names(backbone)
+    for name, p in backbone.named_parameters():
+        assert p.requires_grad == (is_adapter_name(name) or name.endswith('.bias')
+                                   or name in norms), name
+    reset_adapters_from_weights(backbone)
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        if cfg.default_scope == 'mmseg':
+            out = model(x, mode='tensor')
+            assert out.shape == (1, cfg.model.decode_head.num_classes, 16, 16)
             assert torch.isfinite(out).all()
         else:
             feats = model.extract_feat(x)

@@ -128,7 +128,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert 'mmengine - INFO' not in proc.stdout + proc.stderr
 
     rows = {r['method']: r for r in json.loads((out / 'results.json').read_text())}
-    assert len(rows) == 5
+    assert len(rows) == 6
     for row in rows.values():
         assert math.isfinite(row['miou']) and 0.0 <= row['miou'] <= 100.0
     colora = [m for m in rows if m.startswith('CoLoRA (')][0]
@@ -137,6 +137,8 @@ def test_quick_demo_end_to_end(tmp_path):
     full = rows['full fine-tuning']
     assert full['backbone_percent'] == pytest.approx(100.0)
     assert 0 < rows[colora]['trainable_backbone'] < full['trainable_backbone']
+    per_stage = [m for m in rows if m.startswith('CoLoRA per stage')][0]
+    assert 0 < rows[per_stage]['trainable_backbone'] != rows[colora]['trainable_backbone']
 
     table = (out / 'results.md').read_text()
     for method in rows:

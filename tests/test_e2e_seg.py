@@ -195,3 +195,36 @@ def test_test_refuses_a_checkpoint_of_another_config(tmp_path, ade, trained, cap
     captured = capsys.readouterr()
     assert 'does not match config' in single_error(captured.out + captured.err)
     assert not (tmp_path / 'w').exists()
+
+
+def test_swin_trains_merges_and_tests_the_same(tmp_path, ade):
+    """CoLoRASwin (tiny Swin, two blocks a stage) through the tools: training with the
+    per-stage report, a complete merge to a plain SwinTransformer checkpoint, and the
+    same mIoU and predictions from the merged and the unmerged checkpoints."""
+    _, root, _ = ade
+    config = write_tiny_config(
+        osp.join(ADE, 'upernet_colora_swin-t_8xb2-160k_ade20k-512x512.py'),
+        str(tmp_path / 'swin_tiny.py'), data_root=root, max_iters=2, interval=2)
+    work = tmp_path / 'work'
+    code, log = python('train.py', config, '--work-dir', work)
+    assert code == 0, log[-4000:]
+    assert 'CoLoRA report' in log and 'Adapters per stage' in log
+    assert 'Iter(val) [2/2]' in log
+    code = in_process('merge', config, work / 'iter_2.pth', tmp_path / 'merged.pth',
+                      '--shape', '64')
+    assert code == 0
+    merged_cfg = (tmp_path / 'merged.py').read_text()
+    assert "type='SwinTransformer'" in merged_cfg and 'CoLoRA' not in merged_cfg
+    results = {}
+    for name, cfg, ckpt in (('unmerged', config, work / 'iter_2.pth'),
+                            ('merged', tmp_path / 'merged.py', tmp_path / 'merged.pth')):
+        code, log = python('test.py', cfg, ckpt, '--work-dir', tmp_path / f'test_{name}',
+                           '--out', tmp_path / f'pred_{name}')
+        assert code == 0, log[-4000:]
+        preds = sorted(glob.glob(str(tmp_path / f'pred_{name}' / '*.png')))
+        assert len(preds) == 2
+        results[name] = (_miou(tmp_path / f'test_{name}'),
+                         [np.asarray(Image.open(p)) for p in preds])
+    assert results['merged'][0] == results['unmerged'][0]
+    for a, b in zip(results['merged'][1], results['unmerged'][1]):
+        np.testing.assert_array_equal(a, b)

@@ -272,3 +272,35 @@ def test_adapter_flops_match_torch_flop_counter():
                zip(REDUCED_CONVNEXT['channels'], REDUCED_CONVNEXT['depths']))
     assert counter.get_total_flops() == 2 * (
         flops['backbone'] + flops['branches'] + flops['weight_updates'] - adds)
+
+
+def test_report_hook_shows_each_stage_with_mixed_settings():
+    """Per stage: adapted layers, ranks and adapter parameters, against closed forms."""
+    model = convnext(overrides=[dict(pattern='stages.3.*', gamma=8, share_ratio=0.75),
+                                dict(pattern='stages.0.*', method='none')])
+    hook = CoLoRAReportHook(count_flops=False)
+    hook.before_train(fake_runner(model))
+    rows = {row['stage']: row for row in hook.report['stages']}
+    assert list(rows) == ['stages.0', 'stages.1', 'stages.2', 'stages.3']
+    for i, (c, depth) in enumerate(zip(REDUCED_CONVNEXT['channels'],
+                                       REDUCED_CONVNEXT['depths'])):
+        row = rows[f'stages.{i}']
+        assert row['layers'] == 3 * depth
+        if i == 0:
+            assert row['adapted'] == 0 and row['params'] == 0 and not row['adapters']
+            continue
+        gamma, share = (8, 0.75) if i == 3 else (16, 0.5)
+        r = c // gamma
+        rs = int(math.floor(r * share))
+        assert row['adapted'] == 3 * depth
+        assert row['adapters'] == {f'pair g{gamma} r={r} (rs={rs}, rl={r - rs})': depth,
+                                   f'spatial r={r} +filter': depth}
+        pair = r * 2 * c + 2 * (r - rs) * 4 * c
+        spatial = c * r + 9 * c
+        assert row['params'] == depth * (pair + spatial)
+    assert sum(row['params'] for row in rows.values()) == \
+        hook.report['parts']['backbone adapters']['total']
+    table = hook.report['table']
+    assert 'Adapters per stage' in table
+    assert 'stages.0' in table and ' none ' in table
+    assert 'pair g8 r=32 (rs=24, rl=8)' in table

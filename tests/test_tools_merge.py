@@ -282,3 +282,64 @@ def test_cli_exit_status_and_single_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f'error: checkpoint {tmp_path / "missing.pth"} does not exist']
     assert not (tmp_path / 'out.pth').exists()
+
+
+# ----------------------------------------------------------------- beyond the paper
+PER_STAGE = f'{ADE}/upernet_colora-per-stage_convnext_b_4xb4-160k_ade20k-512x512.py'
+SWIN_OVERRIDES = dict(model=dict(backbone=dict(
+    attn_adapter=dict(method='lora', gamma=8),
+    adapter=dict(overrides=[dict(pattern='stages.3.*', gamma=4, share_ratio=0.75),
+                            dict(pattern='stages.0.*', method='none')]))))
+
+
+def test_mixed_settings_merge_equals_unmerged(tmp_path, capsys):
+    """The per-stage config: no adapter in stage 0, gamma 8 / share 0.8 in stage 3."""
+    config = tiny(tmp_path, PER_STAGE)
+    ckpt = tmp_path / 'iter_1.pth'
+    model = trained_checkpoint(config, ckpt)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = features(model, x)
+    assert run_merge(config, ckpt, tmp_path / 'merged.pth') == 0
+    printed = capsys.readouterr().out
+    assert 'folded 6 of 9 adapted layers' in printed
+    state = torch.load(tmp_path / 'merged.pth', weights_only=True)['state_dict']
+    kept = {k.split('.adapter_')[0] for k in state if is_adapter_name(k)}
+    assert kept == {f'backbone.stages.{i}.0.depthwise_conv' for i in (1, 2, 3)}
+    cfg = Config.fromfile(str(tmp_path / 'merged.py'))
+    assert cfg.model.backbone.adapter.merged is True
+    assert [o['pattern'] for o in cfg.model.backbone.adapter.overrides] == [
+        'stages.3.*', 'stages.0.*']
+    rebuilt = registry(cfg.default_scope).build(cfg.model).eval()
+    rebuilt.load_state_dict(state, strict=True)
+    got = features(rebuilt, x)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) < 1e-4
+
+
+@pytest.mark.parametrize('shipped,extra,plain', [
+    (f'{ADE}/upernet_lora_convnext_s_4xb4-160k_ade20k-512x512.py',
+     dict(model=dict(backbone=dict(adapter=dict(overrides=[
+         dict(pattern='stages.3.*', gamma=4), dict(pattern='stages.0.*',
+                                                   method='none')])))),
+     'mmpretrain.models.backbones.convnext'),
+    (f'{ADE}/upernet_colora_swin-t_8xb2-160k_ade20k-512x512.py', SWIN_OVERRIDES,
+     'mmseg.models.backbones.swin'),
+    (f'{COCO}/faster-rcnn_colora_swin-t_fpn_2xb8-1x_coco.py', SWIN_OVERRIDES,
+     'mmdet.models.backbones.swin'),
+], ids=['lora-convnext-per-stage', 'colora-swin-seg', 'colora-swin-det'])
+def test_mixed_settings_fold_to_an_upstream_checkpoint(tmp_path, shipped, extra, plain):
+    config = tiny(tmp_path, shipped, **extra)
+    ckpt = tmp_path / 'iter_1.pth'
+    model = trained_checkpoint(config, ckpt)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = features(model, x)
+    assert run_merge(config, ckpt, tmp_path / 'merged.pth') == 0
+    state = torch.load(tmp_path / 'merged.pth', weights_only=True)['state_dict']
+    assert not [k for k in state if is_adapter_name(k)]
+    text = (tmp_path / 'merged.py').read_text()
+    assert 'colora' not in text.lower() and 'overrides' not in text
+    cfg = Config.fromfile(str(tmp_path / 'merged.py'))
+    rebuilt = registry(cfg.default_scope).build(cfg.model).eval()
+    assert type(rebuilt.backbone).__module__ == plain
+    rebuilt.load_state_dict(state, strict=True)
+    got = features(rebuilt, x)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) < 1e-4

@@ -8,10 +8,11 @@
    smaller shapes and a rotated palette = target);
 2. pretrains UperNet + ``CoLoRAConvNeXt`` (adapter method 'full', 5 blocks, 16-128
    channels) on the source domain with ``tools/train.py``;
-3. fine-tunes it on the target domain with full fine-tuning, LoRA and CoLoRA under the
-   same iteration budget (``configs/demo/finetune_*_target.py``, ``tools/train.py``);
+3. fine-tunes it on the target domain with full fine-tuning, LoRA, CoLoRA and CoLoRA
+   with per-stage settings under the same iteration budget
+   (``configs/demo/finetune_*_target.py``, ``tools/train.py``);
 4. merges the CoLoRA model with ``tools/merge.py``;
-5. evaluates the pretrained model, the three fine-tuned ones and the merged one on the
+5. evaluates the pretrained model, the four fine-tuned ones and the merged one on the
    target validation split with ``tools/test.py``;
 6. prints the table, writes ``OUT/results.md`` (and ``results.json``) and
    ``OUT/predictions.png`` (target images, ground truth, the pretrained model's and the
@@ -47,6 +48,8 @@ METHODS = (
     ('lora', 'LoRA (gamma 8)', osp.join(CONFIGS, 'finetune_lora_target.py')),
     ('colora', 'CoLoRA (gamma 8, share 0.5)', osp.join(CONFIGS,
                                                      'finetune_colora_target.py')),
+    ('colora_stage', 'CoLoRA per stage (last g4 sr0.75, first none)',
+     osp.join(CONFIGS, 'finetune_colora-per-stage_target.py')),
 )
 
 
@@ -377,7 +380,7 @@ class Demo:
             raise RuntimeError(f'counting parameters failed (log {log})')
         with open(path) as f:
             self.results['counts'] = json.load(f)
-        return 'count parameters of the 4 models', time.time() - t0
+        return f'count parameters of the {len(configs)} models', time.time() - t0
 
     def report(self) -> None:
         report = _demo_modules()[1]

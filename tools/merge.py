@@ -14,8 +14,8 @@ Writes two files, each atomically (a temporary file, then ``os.replace``), and o
 when every check passed:
 
 * OUT: ``{'meta': ..., 'state_dict': ...}`` with tensors only. When everything folded
-  its keys are the upstream backbone's (mmpretrain ConvNeXt, mmseg/mmdet ResNet): it
-  loads into the plain upstream model, without colora_mm.
+  its keys are the upstream backbone's (mmpretrain ConvNeXt, mmseg/mmdet ResNet or
+  SwinTransformer): it loads into the plain upstream model, without colora_mm.
 * OUT with the suffix ``.py``: the config to evaluate OUT with (``tools/test.py``):
   the upstream backbone type when everything folded; otherwise CONFIG with
   ``model.backbone.adapter.merged=True``: the backbone then builds the merged
@@ -35,9 +35,10 @@ from train import (CLIError, check_state_dict_matches, load_config,  # noqa: E40
                    read_state_dict)
 
 #: CoLoRA backbone type -> the upstream type it was built on (in the config's scope).
-PLAIN_BACKBONES = {'CoLoRAConvNeXt': 'mmpretrain.ConvNeXt', 'CoLoRAResNet': 'ResNet'}
+PLAIN_BACKBONES = {'CoLoRAConvNeXt': 'mmpretrain.ConvNeXt', 'CoLoRAResNet': 'ResNet',
+                   'CoLoRASwin': 'SwinTransformer'}
 #: Config keys of the CoLoRA backbones that the upstream classes do not take.
-ADAPTER_KEYS = ('adapter', )
+ADAPTER_KEYS = ('adapter', 'attn_adapter', 'adapter_spatial')
 
 
 def parse_args(argv=None):

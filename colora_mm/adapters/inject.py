@@ -20,6 +20,7 @@ from .colora_pair import PARTNER_POLICIES, CoLoRAPair, CoLoRAPairLayer
 from .conv_adapter import ConvAdapter
 from .hira import HiRA
 from .lora import LoRA, PiSSA
+from .overrides import LayerSpecs, all_or_nothing, check_overrides
 from .paths import TRAIN_PATHS
 from .spatial import SpatialLowRankBranch
 
@@ -60,6 +61,9 @@ class AdapterSpec:
             leaves: backbones fold what folds right after injection, so only the
             branches that cannot fold remain (what ``tools/merge.py`` writes into the
             config of a merged checkpoint). Defaults to False.
+        overrides (sequence of dict): Per-layer settings, ``dict(pattern=glob,
+            **settings)``, first match wins; ``method='none'`` leaves the matched
+            layers without adapter (see :mod:`.overrides`). Defaults to ().
     """
 
     method: str = 'colora'
@@ -74,6 +78,7 @@ class AdapterSpec:
     act: str = 'relu'
     train_path: str = 'auto'
     merged: bool = False
+    overrides: Sequence[dict] = ()
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -96,6 +101,7 @@ class AdapterSpec:
                                       or value <= 0):
                 raise ValueError(f'AdapterSpec: {key}={value!r} must be a positive '
                                  'integer (the rank divisor r = width // gamma).')
+        self.overrides = check_overrides(self)
 
     @classmethod
     def from_dict(cls, cfg: Union[None, dict, 'AdapterSpec']) -> 'AdapterSpec':
@@ -170,6 +176,7 @@ def _wrap(model, name, make_adapter, train_path: str = 'auto') -> AdaptedLayer:
     return layer
 
 
+@all_or_nothing
 def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
                     pairs: Sequence[Tuple[str, str]] = (),
                     spatial: Sequence[str] = (),
@@ -186,10 +193,12 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
             pattern; defaults to both layers of every pair.
 
     Returns:
-        dict: Qualified name -> :class:`AdaptedLayer`, in injection order.
+        dict: Qualified name -> :class:`AdaptedLayer`, in injection order. On an error
+        the model is left as it was.
     """
     spec = AdapterSpec.from_dict(spec)
-    method, gamma = spec.method, spec.rank_divisor
+    method = spec.method
+    layer_spec = LayerSpecs(model, spec)    # per-target settings (spec.overrides)
     injected: Dict[str, AdaptedLayer] = {}
     if method in ('full', 'bitfit'):
         return injected
@@ -207,22 +216,27 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
                     f'CoLoRA pair ({n1}, {n2}) does not chain: {n1} maps {d} -> {d_mid} '
                     f'but {n2} expects {d_mid2} inputs. Pair W1 with the layer that '
                     'consumes its output.')
-            pair = CoLoRAPair(d, d_mid, d_out, gamma, spec.share_ratio,
-                              spec.partner_policy,
+            s = layer_spec.pair(n1, n2, (d, d_mid, d_out))
+            if s is None:
+                continue
+            pair = CoLoRAPair(d, d_mid, d_out, s.rank_divisor, s.share_ratio,
+                              s.partner_policy,
                               where=f'CoLoRA pair ({n1}: {d} -> {d_mid}, '
                                     f'{n2}: {d_mid} -> {d_out})')
             # The partners read both layers' base weights (plus an offset that starts
             # empty): the freshly injected model is the base model.
             injected[n1] = _wrap(model, n1, lambda layer, p=pair: CoLoRAPairLayer(
-                p, 0, layer), spec.train_path)
+                p, 0, layer), s.train_path)
             injected[n2] = _wrap(model, n2, lambda layer, p=pair: CoLoRAPairLayer(
-                p, 1, layer), spec.train_path)
-        if spec.spatial:
-            for name in resolve_names(model, spatial, 'CoLoRA spatial branch'):
-                injected[name] = _wrap(model, name, lambda layer: SpatialLowRankBranch(
-                    layer, _spatial_rank(layer, spec.spatial_rank_divisor), spec.use_filter,
-                    spec.filter_lambda))
-        return injected
+                p, 1, layer), s.train_path)
+        for name in resolve_names(model, spatial, 'CoLoRA spatial branch'):
+            s = layer_spec.spatial(name)
+            if s is None or not s.spatial:
+                continue
+            injected[name] = _wrap(model, name, lambda layer: SpatialLowRankBranch(
+                layer, _spatial_rank(layer, s.spatial_rank_divisor), s.use_filter,
+                s.filter_lambda))
+        return layer_spec.finish(injected)
 
     if method in ('lora', 'pissa', 'hira'):
         targets = list(pointwise) if pointwise is not None else [n for p in pairs for n in p]
@@ -231,21 +245,27 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
                              'given (pass pairs or pointwise).')
         for name in resolve_names(model, targets, f'{method} layer'):
             _pointwise_shapes(name, model.get_submodule(name))
+            s = layer_spec.pointwise(name)
+            if s is None:
+                continue
             if method == 'hira':
-                make = lambda layer: HiRA(layer, gamma)  # noqa: E731
+                make = lambda layer: HiRA(layer, s.rank_divisor)  # noqa: E731
             else:
                 cls = LoRA if method == 'lora' else PiSSA
-                make = lambda layer, cls=cls: cls(layer, gamma, spec.scaling)  # noqa: E731
-            injected[name] = _wrap(model, name, make, spec.train_path)
-        return injected
+                make = lambda layer, cls=cls: cls(layer, s.rank_divisor, s.scaling)  # noqa: E731
+            injected[name] = _wrap(model, name, make, s.train_path)
+        return layer_spec.finish(injected)
 
     # conv_adapter
     if not spatial:
         raise ValueError('inject_adapters(method="conv_adapter"): no spatial convs given.')
     for name in resolve_names(model, spatial, 'Conv-Adapter layer'):
+        s = layer_spec.spatial(name)
+        if s is None:
+            continue
         injected[name] = _wrap(model, name,
-                               lambda layer: ConvAdapter(layer, gamma, spec.act))
-    return injected
+                               lambda layer: ConvAdapter(layer, s.rank_divisor, s.act))
+    return layer_spec.finish(injected)
 
 
 def _spatial_rank(layer: AdaptedLayer, gamma: int) -> int:

@@ -1,6 +1,7 @@
 """Hooks and optimizer constructors, registered in mmengine's root registries (found
 from mmseg and mmdet configs alike)."""
-from .complexity import measure_flops, parameter_parts, weight_update_flops
+from .complexity import (format_stage_table, measure_flops, parameter_parts,
+                         stage_summary, weight_update_flops)
 from .hooks import (CoLoRAReportHook, MergeReinitHook, fold_independent_parts,
                     reset_optimizer_state)
 from .layer_decay_resnet import LayerDecayResNetOptimizerConstructor, resnet_layer_id
@@ -8,5 +9,6 @@ from .layer_decay_resnet import LayerDecayResNetOptimizerConstructor, resnet_lay
 __all__ = [
     'CoLoRAReportHook', 'MergeReinitHook', 'LayerDecayResNetOptimizerConstructor',
     'fold_independent_parts', 'reset_optimizer_state', 'measure_flops',
-    'parameter_parts', 'weight_update_flops', 'resnet_layer_id',
+    'parameter_parts', 'weight_update_flops', 'resnet_layer_id', 'stage_summary',
+    'format_stage_table',
 ]

@@ -21,15 +21,16 @@ pointwise layer on ``hw`` pixels costs ``hw d d'``). Two kinds of adapter overhe
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Dict, Sequence
+from collections import Counter, OrderedDict
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn as nn
 
-from colora_mm.adapters import (AdaptedLayer, CoLoRAPairLayer, HiRA, LoRA,
-                                RangeKernelFilter, is_adapter_name, iter_adapted_layers,
-                                norm_parameter_names)
+from colora_mm.adapters import (AdaptedLayer, CoLoRAPairLayer, ConvAdapter, HiRA, LoRA,
+                                RangeKernelFilter, SpatialLowRankBranch, is_adapter_name,
+                                iter_adapted_layers, norm_parameter_names)
+from colora_mm.adapters.overrides import stage_of
 
 PARTS = ('backbone adapters', 'backbone biases/norms', 'backbone other', 'neck', 'heads')
 
@@ -54,6 +55,67 @@ def parameter_parts(model: nn.Module) -> 'OrderedDict[str, Dict[str, int]]':
         if param.requires_grad:
             out[part]['trainable'] += param.numel()
     return out
+
+
+def describe_adapter(layer: AdaptedLayer) -> str:
+    """The adapter's kind and rank, e.g. ``'pair g8 r=6 (rs=4, rl=2)'``, ``'lora r=4'``,
+    ``'spatial r=6 +filter'``; '' for the second layer of a CoLoRA pair (described on
+    its first layer)."""
+    a = layer.adapter_branch
+    if isinstance(a, CoLoRAPairLayer):
+        if a.index:
+            return ''
+        p = a.get_pair()
+        return f'pair g{p.gamma} r={p.r} (rs={p.rs}, rl={p.rl})'
+    if isinstance(a, (LoRA, HiRA)):
+        return f'{a.method} r={a.rank}'
+    if isinstance(a, SpatialLowRankBranch):
+        return f'spatial r={a.rank}' + (' +filter' if a.filter is not None else '')
+    if isinstance(a, ConvAdapter):
+        return f'conv_adapter w={a.width}'
+    return type(a).__name__
+
+
+def stage_summary(backbone: nn.Module) -> List[Dict]:
+    """Per stage (:func:`colora_mm.adapters.overrides.stage_of`: ``stages.3``,
+    ``layer4``...): its Linear/conv layers, how many carry an adapter, the adapters'
+    kinds and ranks, and their parameter count. Stages whose layers carry no adapter
+    (``method='none'`` overrides) are listed too, with zeros."""
+    adapted = list(iter_adapted_layers(backbone))
+    families = {stage_of(n).rstrip('0123456789') for n, _ in adapted}
+    rows: 'OrderedDict[str, Dict]' = OrderedDict()
+    for name, module in backbone.named_modules():
+        if not name or is_adapter_name(name) or not isinstance(
+                module, (nn.Linear, nn.Conv2d, AdaptedLayer)):
+            continue
+        stage = stage_of(name)
+        if stage.rstrip('0123456789') not in families:
+            continue
+        row = rows.setdefault(stage, dict(stage=stage, layers=0, adapted=0,
+                                          adapters=Counter(), params=0))
+        row['layers'] += 1
+        if isinstance(module, AdaptedLayer):
+            row['adapted'] += 1
+            row['params'] += sum(p.numel() for p in module.adapter_branch.parameters())
+            kind = describe_adapter(module)
+            if kind:
+                row['adapters'][kind] += 1
+    return [dict(row, adapters=dict(row['adapters'])) for row in rows.values()]
+
+
+def format_stage_table(rows: Sequence[Dict]) -> str:
+    """:func:`stage_summary` as a fixed-width table."""
+    table = [('stage', 'adapted', 'adapters (count x kind, rank)', 'adapter params')]
+    for row in rows:
+        kinds = ', '.join(f'{n}x {k}' for k, n in row['adapters'].items()) or 'none'
+        table.append((row['stage'], f"{row['adapted']}/{row['layers']}", kinds,
+                      f"{row['params']:,}"))
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    lines = ['  '.join(c.rjust(w) if i in (1, 3) else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in table]
+    lines.insert(1, '-' * max(len(line) for line in lines))
+    return '\n'.join(lines)
 
 
 def weight_update_flops(layer: AdaptedLayer) -> int:

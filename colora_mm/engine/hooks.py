@@ -17,7 +17,8 @@ from mmengine.registry import HOOKS
 
 from colora_mm.adapters import iter_adapted_layers
 
-from .complexity import measure_flops, parameter_parts
+from .complexity import (format_stage_table, measure_flops, parameter_parts,
+                         stage_summary)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -98,10 +99,11 @@ def format_path_report(paths: Dict[str, Dict[str, int]]) -> str:
 @HOOKS.register_module()
 class CoLoRAReportHook(Hook):
     """At the start of training, print and log trainable vs total parameters per part
-    (backbone adapters, backbone biases/norms, other backbone weights, neck, heads) and
-    the adapters' FLOPs overhead (appendix Table 1) measured on one image. After the
-    first iteration, the training path (activation or weight) each stage's low-rank
-    updates took.
+    (backbone adapters, backbone biases/norms, other backbone weights, neck, heads),
+    the adapters' FLOPs overhead (appendix Table 1) measured on one image, and per
+    backbone stage the adapted layers, their adapters' ranks and parameter counts
+    (what per-layer ``overrides`` change). After the first iteration, the training
+    path (activation or weight) each stage's low-rank updates took.
 
     Args:
         input_size (tuple[int, int]): ``(H, W)`` of the image the FLOPs are counted on.
@@ -130,7 +132,10 @@ class CoLoRAReportHook(Hook):
             backbone = getattr(model, 'backbone', model)
             flops = measure_flops(backbone, self.input_size, self.in_channels)
         table = format_report(parts, flops, self.input_size)
-        self.report = dict(parts=parts, flops=flops, table=table)
+        stages = stage_summary(getattr(model, 'backbone', model))
+        if stages:
+            table += '\nAdapters per stage:\n' + format_stage_table(stages)
+        self.report = dict(parts=parts, flops=flops, stages=stages, table=table)
         print_log('CoLoRA report\n' + table, logger='current')
         trainable = sum(c['trainable'] for c in parts.values())
         runner.message_hub.update_info('colora/trainable_params', trainable)

@@ -54,6 +54,11 @@ class AdaptedBackboneMixin:
         """Reason a pretrained checkpoint never carries tensor ``name``, or None."""
         return None
 
+    def extra_adapters(self) -> List[Tuple[AdapterSpec, Dict]]:
+        """Further ``(spec, targets)`` injected after the main spec's, with targets as
+        ``inject_adapters`` keywords (Swin's attention projections). Default: none."""
+        return []
+
     # ------------------------------------------------------------ construction
     def _setup_adapters(self, adapter: Optional[dict]) -> None:
         self.adapter_spec = AdapterSpec.from_dict(adapter)
@@ -70,6 +75,9 @@ class AdaptedBackboneMixin:
             pairs, spatial = self.adapter_targets()
             self.adapted_layer_names = list(inject_adapters(
                 self, self.adapter_spec, pairs=pairs, spatial=spatial))
+            for extra_spec, targets in self.extra_adapters():
+                self.adapted_layer_names += list(inject_adapters(self, extra_spec,
+                                                                 **targets))
             if self.adapter_spec.merged:
                 # The deployment structure of a merged checkpoint: folded layers are
                 # plain again, the branches that cannot fold stay.

@@ -8,6 +8,12 @@ stands; the layout is recognised from its keys and converted to the backbone's n
   ``downsample_layers.i.j``, a final ``norm`` and a classifier ``head``. mmpretrain names
   the same tensors ``depthwise_conv``/``pointwise_conv1``/``pointwise_conv2`` and calls
   the final norm ``norm{last stage}``; the classifier is dropped.
+* ``'swin_original'``: the original Swin Transformer release (microsoft/Swin-Transformer),
+  ``{'model': sd}`` with ``layers.i.blocks.j.attn.qkv|proj``, ``.mlp.fc1|fc2``,
+  ``layers.i.downsample``, ``patch_embed.proj``, a final ``norm`` and a ``head``: the
+  checkpoints mmdet's Swin configs point at. Converted by mmdet's own
+  ``swin_converter`` (what ``SwinTransformer(convert_weights=True)`` applies), see
+  :func:`convert_swin_original`.
 * ``'torchvision'``: torchvision's ResNet (``conv1``, ``bn1``, ``layer{s}.{b}.*``,
   ``fc``); the names already match mmseg/mmdet's ResNet, the classifier ``fc`` is dropped.
 * ``'openmmlab'``: mmpretrain/mmseg/mmdet checkpoints, the backbone's own names, possibly
@@ -32,9 +38,10 @@ import torch.nn as nn
 
 from colora_mm.adapters import is_adapter_name
 
-LAYOUTS = ('convnext_original', 'torchvision', 'openmmlab')
+LAYOUTS = ('convnext_original', 'swin_original', 'torchvision', 'openmmlab')
 
 _CONVNEXT_ORIGINAL = re.compile(r'^stages\.\d+\.\d+\.(dwconv|pwconv1|pwconv2)\.')
+_SWIN_ORIGINAL = re.compile(r'^layers\.\d+\.blocks\.\d+\.(attn|mlp)\.')
 _CONVNEXT_RENAMES = (('.dwconv.', '.depthwise_conv.'), ('.pwconv1.', '.pointwise_conv1.'),
                      ('.pwconv2.', '.pointwise_conv2.'))
 
@@ -140,10 +147,13 @@ def select_prefix(sd: Dict[str, torch.Tensor], prefix: Optional[str],
 
 
 def detect_layout(keys) -> str:
-    """``'convnext_original'``, ``'torchvision'`` or ``'openmmlab'`` from the key names."""
+    """``'convnext_original'``, ``'swin_original'``, ``'torchvision'`` or
+    ``'openmmlab'`` from the key names."""
     keys = list(keys)
     if any(_CONVNEXT_ORIGINAL.match(k) for k in keys):
         return 'convnext_original'
+    if any(_SWIN_ORIGINAL.match(k) for k in keys):
+        return 'swin_original'
     if 'fc.weight' in keys and any(k.startswith('layer1.0.conv1.') for k in keys):
         return 'torchvision'
     return 'openmmlab'
@@ -181,6 +191,62 @@ def convert_convnext_original(sd: Dict[str, torch.Tensor], final_norm: Optional[
             renamed[key] = new
         out[new] = value
     return out, renamed
+
+
+def convert_swin_original(sd: Dict[str, torch.Tensor],
+                          dropped: Dict[str, str]) -> Tuple[Dict, Dict]:
+    """Original Swin Transformer names -> mmseg/mmdet ``SwinTransformer`` names, by
+    mmdet's ``swin_converter`` (``attn.`` -> ``attn.w_msa.``, ``mlp.fc1`` ->
+    ``ffn.layers.0.0``, ``mlp.fc2`` -> ``ffn.layers.1``, ``layers`` -> ``stages``,
+    ``patch_embed.proj`` -> ``patch_embed.projection``; the patch-merging ``reduction``
+    and ``norm`` weights reordered to mmcv's unfold order). The classifier ``head`` is
+    dropped, as the converter does.
+
+    Returns:
+        tuple: ``(converted, renamed)`` with ``renamed`` mapping old -> new names.
+    """
+    from mmdet.models.backbones.swin import swin_converter
+    out, renamed = OrderedDict(), {}
+    for key, value in sd.items():
+        converted = swin_converter(OrderedDict([(key, value)]))   # key by key: one each
+        if not converted:
+            dropped[key] = 'classifier head'
+            continue
+        (new, tensor), = converted.items()
+        if new.startswith('backbone.'):          # mmdet's converter adds the prefix
+            new = new[len('backbone.'):]
+        if new != key:
+            renamed[key] = new
+        out[new] = tensor
+    return out, renamed
+
+
+def fit_swin_positions(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor],
+                       notes: List[str]) -> Dict[str, torch.Tensor]:
+    """What mmseg's and mmdet's ``SwinTransformer.init_weights`` do to a checkpoint's
+    position tensors: the absolute position embedding ``(1, L, C)`` becomes the
+    model's ``(1, C, H, W)``, and a relative position bias table of another window
+    size is resized bicubically to this model's (each such change is noted)."""
+    import torch.nn.functional as F
+    out = OrderedDict(sd)
+    pos = out.get('absolute_pos_embed')
+    if pos is not None and 'absolute_pos_embed' in own and pos.dim() == 3:
+        n, c, h, w = own['absolute_pos_embed'].shape
+        if pos.shape == (n, h * w, c):
+            out['absolute_pos_embed'] = pos.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+    for key, table in sd.items():
+        if not key.endswith('relative_position_bias_table') or key not in own:
+            continue
+        (length, heads), (target, target_heads) = table.shape, own[key].shape
+        if length == target or heads != target_heads:
+            continue      # same window, or another architecture: the shape check says so
+        size, target_size = int(length ** 0.5), int(target ** 0.5)
+        grid = table.t().reshape(1, heads, size, size).float()
+        resized = F.interpolate(grid, size=(target_size, target_size), mode='bicubic')
+        out[key] = resized.reshape(heads, target).t().contiguous().to(table.dtype)
+        notes.append(f'{key}: relative position bias table resized bicubically from '
+                     f'window {(size + 1) // 2} to {(target_size + 1) // 2}')
+    return out
 
 
 def drop_classifier(sd: Dict[str, torch.Tensor], prefixes: Tuple[str, ...],

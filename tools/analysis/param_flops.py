@@ -10,6 +10,7 @@ appendix Table 1 formulas and counted on the built backbone, side by side.
     python tools/analysis/param_flops.py --method colora --spatial-gamma gamma
     python tools/analysis/param_flops.py configs/ade20k/upernet_hira_r50_*.py
     python tools/analysis/param_flops.py --params-only configs/ade20k/*colora*convnext*.py
+    python tools/analysis/param_flops.py --per-stage configs/ade20k/upernet_colora-*per-stage*.py
 
 CoLoRA's spatial branch has its own rank divisor (``AdapterSpec.spatial_gamma``, rank
 ``C // spatial_gamma``). The built-in grid uses what the paper-reproduction configs set:
@@ -43,6 +44,10 @@ Columns (FLOPs are multiply-accumulates, Table 1's unit; G = 1e9, M = 1e6):
   and its ratio to the plain backbone; the formula is the plain backbone plus the
   branches that do not fold (Table 1: pointwise updates cost nothing at inference).
 
+With ``--per-stage`` (always for a config whose adapter has per-layer ``overrides``),
+each variant is followed by a table per backbone stage: adapted layers, the adapters'
+kinds and ranks, and their parameter count.
+
 Counting runs the model once per variant on fake tensors (shapes only), so ConvNeXt-B
 at 512x512 takes seconds; ``--params-only`` skips the FLOPs. Nothing here re-derives an
 adapter from key strings: the adapters are found as :class:`AdaptedLayer` objects and
@@ -67,12 +72,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from colora_mm.adapters import (AdaptedLayer, AdapterSpec, ConvAdapter, CoLoRAPairLayer,
                                 HiRA, LoRA, SpatialLowRankBranch, is_adapter_name,
                                 iter_adapted_layers, merge_adapters, trainable_report)
-from colora_mm.engine.complexity import weight_update_flops
+from colora_mm.engine.complexity import (format_stage_table, stage_summary,
+                                         weight_update_flops)
 
 BACKBONES = {
     'resnet50': dict(type='CoLoRAResNet', depth=50, deep_stem=False),
     'convnext_s': dict(type='CoLoRAConvNeXt', arch='small', out_indices=(0, 1, 2, 3)),
     'convnext_b': dict(type='CoLoRAConvNeXt', arch='base', out_indices=(0, 1, 2, 3)),
+    'swin_t': dict(type='CoLoRASwin', embed_dims=96, depths=(2, 2, 6, 2),
+                   num_heads=(3, 6, 12, 24), window_size=7),
 }
 BASELINES = ('colora', 'lora', 'pissa', 'hira', 'conv_adapter', 'full')
 
@@ -313,6 +321,10 @@ class Row:
     unfolded: List[str] = field(default_factory=list)
     #: adapted layer -> (H_in, W_in, H_out, W_out) at the analysed input size
     layer_shapes: Dict[str, Tuple] = field(default_factory=dict)
+    #: per backbone stage: adapted layers, adapter kinds and ranks, parameters
+    stages: List[Dict] = field(default_factory=list)
+    #: the adapter has per-layer overrides
+    overrides: bool = False
 
     @property
     def percent(self) -> float:
@@ -338,7 +350,11 @@ def analyse(backbone: nn.Module, name: str, backbone_kind: str, adapter: dict,
     report = trainable_report(backbone)
     row.backbone_params = report['base']
     row.trainable, row.trainable_other = report['trainable'], report['trainable_other']
-    row.paper_m = paper_params(backbone_kind, adapter) if backbone_kind else None
+    row.overrides = bool(adapter.get('overrides'))
+    # A per-layer setting is not one of the paper's variants.
+    row.paper_m = (paper_params(backbone_kind, adapter) if backbone_kind
+                   and not row.overrides else None)
+    row.stages = stage_summary(backbone)
 
     layers = list(iter_adapted_layers(backbone))
     for lname, layer in layers:
@@ -414,6 +430,9 @@ def kind_of(backbone_cfg: dict) -> str:
             backbone_cfg.get('arch'), f'convnext_{backbone_cfg.get("arch")}')
     if 'ResNet' in t:
         return f'resnet{backbone_cfg.get("depth")}'
+    if 'Swin' in t:
+        return 'swin_t' if backbone_cfg.get('embed_dims') == 96 and list(
+            backbone_cfg.get('depths', ())) == [2, 2, 6, 2] else 'swin'
     return t
 
 
@@ -477,6 +496,13 @@ def print_table(rows: Sequence[Row], input_size: Sequence[int], out=sys.stdout,
     print('|' + '---|' * (header.count('|') - 1), file=out)
     for row in rows:
         print(format_row(row, params_only), file=out)
+
+
+def print_stage_tables(rows: Sequence[Row], out=None) -> None:
+    out = out or sys.stdout
+    for row in rows:
+        print(f'\n{row.name}: adapters per stage', file=out)
+        print(format_stage_table(row.stages), file=out)
 
 
 # ---------------------------------------------------------------------- main
@@ -563,6 +589,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
                         help='parameter columns only (no FLOPs counting)')
     parser.add_argument('--input-size', type=int, nargs=2, default=(512, 512),
                         metavar=('H', 'W'))
+    parser.add_argument('--per-stage', action='store_true',
+                        help='also print each variant per backbone stage (ranks, '
+                        'counts); always on for configs with per-layer overrides')
     parser.add_argument('--json', default=None, help='also write the rows here')
     args = parser.parse_args(argv)
     if args.configs and args.spatial_gamma is not None:
@@ -593,6 +622,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
             rows.append(row)
             del model
     print_table(rows, input_size, params_only=args.params_only)
+    per_stage = [r for r in rows if r.stages and (args.per_stage or r.overrides)]
+    if per_stage:
+        print_stage_tables(per_stage)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump([dict(asdict(r), percent=r.percent, paper_diff=r.paper_diff,
