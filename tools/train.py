@@ -150,11 +150,21 @@ def check_state_dict_matches(model, state, checkpoint, config):
     Raises:
         CLIError: with counts and examples of missing, unexpected and reshaped tensors.
     """
+    from colora_mm.adapters.colora_pair import LEGACY_PARTNER_NAMES, OFFSET_NAMES
+    offsets = tuple(n for pair in OFFSET_NAMES for n in pair)
     own = model.state_dict()
     missing = set(own) - set(state)
     unexpected = set(state) - set(own)
+    # A CoLoRA pair's partner offsets take the checkpoint's inner width; full partner
+    # copies of the earlier layout convert to them on load.
+    legacy = {k for k in unexpected if k.rsplit('.', 1)[-1] in LEGACY_PARTNER_NAMES}
+    prefixes = {k.rsplit('.', 1)[0] for k in legacy}
+    missing = {k for k in missing if not (k.rsplit('.', 1)[-1] in offsets
+                                          and k.rsplit('.', 1)[0] in prefixes)}
+    unexpected -= legacy
     reshaped = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
-                for k in set(own) & set(state) if state[k].shape != own[k].shape]
+                for k in set(own) & set(state) if state[k].shape != own[k].shape
+                and k.rsplit('.', 1)[-1] not in offsets]
     if not (missing or unexpected or reshaped):
         return
     parts = []
