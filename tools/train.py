@@ -254,8 +254,8 @@ def check_settings_match(checkpoint, path, current, config, allow_mismatch,
     diffs = settings_differences(recorded, current)
     if not diffs:
         return
-    line = (f'checkpoint {path} was trained with other adapter settings than config '
-            f'{config}: {"; ".join(diffs)}')
+    line = (f'checkpoint {path} does not match config {config}: it was trained with '
+            f'other adapter settings ({"; ".join(diffs)})')
     if allow_mismatch:
         print(f'warning: {line} ({flag} given: going on)', file=sys.stderr)
         return
