@@ -234,10 +234,11 @@ class AtomicCheckpointHook(CheckpointHook):
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
-        if not isinstance(self.file_backend, LocalBackend):
+        backend = getattr(self.file_backend, 'client', self.file_backend)  # FileClient
+        if not isinstance(backend, LocalBackend):
             raise ValueError(
                 f'AtomicCheckpointHook writes to local folders; out_dir={self.out_dir} '
-                f'is served by {type(self.file_backend).__name__}. Use '
+                f'is served by {type(backend).__name__}. Use '
                 "type='CheckpointHook' for remote storage.")
         if is_main_process() and osp.isdir(self.out_dir):
             for name in os.listdir(self.out_dir):   # left by a run killed mid-save
