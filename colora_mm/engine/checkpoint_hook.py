@@ -241,11 +241,20 @@ class AtomicCheckpointHook(CheckpointHook):
                 f'is served by {type(backend).__name__}. Use '
                 "type='CheckpointHook' for remote storage.")
         if is_main_process() and osp.isdir(self.out_dir):
-            for name in os.listdir(self.out_dir):   # left by a run killed mid-save
-                if name.endswith('.pth' + PART_SUFFIX):
+            # parts of checkpoints whose save a killed run did not finish
+            ours = _template_pattern(self.filename_tmpl + PART_SUFFIX)
+            for name in os.listdir(self.out_dir):
+                if ours.match(name) or (name.startswith('best_')
+                                        and name.endswith(PART_SUFFIX)):
                     os.remove(osp.join(self.out_dir, name))
         states, self._loaded_rng = self._loaded_rng, None
-        if states is None or (runner.iter == 0 and runner.epoch == 0):
+        if runner.iter == 0 and runner.epoch == 0:
+            return
+        if states is None:
+            runner.logger.warning(
+                'AtomicCheckpointHook: the resumed checkpoint holds no random generator '
+                'states (written by another hook); the resumed run draws other random '
+                'numbers than the original.')
             return
         rank, world_size = get_dist_info()
         if len(states) != world_size:
