@@ -84,7 +84,7 @@ class LossRecorder(Hook):
         self.losses = {}
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        self.losses[runner.iter] = float(outputs['loss'])
+        self.losses[runner.iter + 1] = float(torch.as_tensor(outputs['loss']).detach())
 
 
 _names = iter(range(10**6))
@@ -199,10 +199,14 @@ def _kill_before_rename(monkeypatch):
 def _kill_while_writing_last_checkpoint(monkeypatch):
     import mmengine.hooks.checkpoint_hook as upstream_module
 
+    writes = []
+
     def fake_open(path, mode='r', *args, **kwargs):
         if str(path).endswith('last_checkpoint') and 'w' in mode:
-            open(path, 'w').close()   # truncated, then the process dies
-            raise Killed
+            writes.append(path)
+            if len(writes) == 4:          # the save of iter_4.pth
+                open(path, 'w').close()   # truncated, then the process dies
+                raise Killed
         return open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(upstream_module, 'open', fake_open, raising=False)
