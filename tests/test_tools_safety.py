@@ -239,9 +239,11 @@ def test_train_checks_device_pretrained_and_data_before_work(data, tmp_path, cap
                            'optim_wrapper.type=AmpOptimWrapper']) == 2
         assert 'optim_wrapper.type=OptimWrapper' in error_line(capsys)
     missing = str(tmp_path / 'nowhere.pth')
-    assert train.main([data['colora'], '--work-dir', str(work), '--cfg-options',
-                       f'model.backbone.init_cfg.checkpoint={missing}',
-                       'model.backbone.init_cfg.type=Pretrained']) == 2
+    pretrained = write_tiny_config(COLORA, str(tmp_path / 'pretrained.py'),
+                                   data_root=data['ade'], extra=dict(model=dict(
+                                       backbone=dict(init_cfg=dict(
+                                           type='Pretrained', checkpoint=missing)))))
+    assert train.main([pretrained, '--work-dir', str(work)]) == 2
     line = error_line(capsys)
     assert f"model.backbone.init_cfg.checkpoint='{missing}' does not exist" in line
     empty = tmp_path / 'empty_root'

@@ -100,7 +100,7 @@ def build_backbone_cheaply(cfg) -> nn.Module:
     """``cfg.model.backbone`` built without pretrained weights on the meta device (no
     memory, no initialisation): the adapter spec and every adapted layer's shapes are
     checked exactly as in a real build. Falls back to the CPU when a module cannot be
-    built on the meta device.
+    built on the meta device (mmpretrain's ConvNeXt: about 3 s for ConvNeXt-B).
 
     Raises:
         ValueError, TypeError, KeyError: what the backbone raises for bad settings.
@@ -110,9 +110,12 @@ def build_backbone_cheaply(cfg) -> nn.Module:
     registry = _registry(cfg.get('default_scope'))
     try:
         with torch.device('meta'):
-            return registry.build(backbone)
-    except NotImplementedError:
-        return registry.build(backbone)
+            return registry.build(copy.deepcopy(backbone))
+    except (NotImplementedError, RuntimeError) as err:
+        # e.g. mmpretrain's ConvNeXt reads its drop-path schedule with .item()
+        if 'meta' not in str(err):
+            raise
+    return registry.build(backbone)
 
 
 def config_adapter_settings(cfg) -> Dict[str, dict]:
