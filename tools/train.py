@@ -166,7 +166,7 @@ def check_adapter(cfg, config):
         try:
             check_spec_types(backbone['adapter'])
         except ValueError as err:
-            raise CLIError(f'{config}: model.backbone.adapter: {err}; set it in the '
+            raise CLIError(f'{config}: model.backbone.adapter: {err}; fix it in the '
                            'config or with --cfg-options model.backbone.adapter.KEY=VALUE')
     from mmengine.config import Config
     try:
