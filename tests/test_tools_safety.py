@@ -4,6 +4,7 @@ file it did not write, ``tools/train.py`` / ``test.py`` / ``merge.py`` check the
 spec, ``--amp``, pretrained paths and data folders before the runner or a work dir
 exists, and refuse a checkpoint trained with other adapter settings; ``--resume``
 skips a damaged newest checkpoint."""
+import glob
 import importlib.util
 import os
 import os.path as osp
@@ -310,3 +311,14 @@ def test_resume_skips_a_damaged_checkpoint_and_checks_settings(data, tmp_path, c
     (work / 'iter_2.pth').write_bytes(b'')
     assert train.main([data['colora'], '--work-dir', str(work), '--resume']) == 2
     assert 'can be resumed from' in error_line(capsys)
+
+
+SHIPPED = sorted(p for folder in ('ade20k', 'coco', 'demo')
+                 for p in glob.glob(osp.join(ROOT, 'configs', folder, '*.py')))
+
+
+def test_every_shipped_config_saves_atomically():
+    assert len(SHIPPED) > 40
+    for path in SHIPPED:
+        hook = Config.fromfile(path).default_hooks.checkpoint
+        assert hook.type == 'AtomicCheckpointHook', path
