@@ -33,6 +33,7 @@ from colora_mm.engine.checkpoint_hook import (RNG_KEY,  # noqa: E402
                                               find_resumable_checkpoint)
 
 MAX_ITERS = 6
+MAX_EPOCHS = 3
 
 
 class DropoutNet(BaseModel):
@@ -91,7 +92,7 @@ _names = iter(range(10**6))
 
 
 def make_runner(work_dir, hook_type='AtomicCheckpointHook', interval=3, max_keep=-1,
-                **kwargs):
+                by_epoch=False, **kwargs):
     from mmengine.runner import Runner
     kwargs.setdefault('randomness', dict(seed=0))
     torch.manual_seed(1000)   # the model's initial weights; then the seed below
@@ -106,11 +107,13 @@ def make_runner(work_dir, hook_type='AtomicCheckpointHook', interval=3, max_keep
         train_dataloader=loader,
         val_dataloader=loader,
         val_evaluator=[OutputSum()],
-        train_cfg=dict(by_epoch=False, max_iters=MAX_ITERS, val_interval=interval),
+        train_cfg=(dict(by_epoch=True, max_epochs=MAX_EPOCHS, val_interval=interval)
+                   if by_epoch else
+                   dict(by_epoch=False, max_iters=MAX_ITERS, val_interval=interval)),
         val_cfg=dict(),
         optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
         default_hooks=dict(
-            checkpoint=dict(type=hook_type, interval=interval, by_epoch=False,
+            checkpoint=dict(type=hook_type, interval=interval, by_epoch=by_epoch,
                             max_keep_ckpts=max_keep),
             logger=dict(type='LoggerHook', interval=1)),
         custom_hooks=[recorder],
@@ -154,6 +157,20 @@ def test_resume_is_exact_with_dropout_and_validation(uninterrupted, tmp_path):
     for it, loss in recorder.losses.items():
         assert loss == uninterrupted['losses'][it], it
     assert_same_weights(weights(runner), uninterrupted['weights'])
+
+
+def test_epoch_based_resume_is_exact(tmp_path):
+    """The detection configs' loop: checkpoints after every epoch, validation too."""
+    full, full_rec = make_runner(tmp_path / 'full', interval=1, by_epoch=True)
+    full.train()
+    resumed, rec = make_runner(tmp_path / 'resumed', interval=1, by_epoch=True,
+                               resume=True,
+                               load_from=str(tmp_path / 'full' / 'epoch_1.pth'))
+    resumed.train()
+    assert sorted(rec.losses) == [4, 5, 6, 7, 8, 9]    # epochs 2 and 3, 3 batches each
+    for it, loss in rec.losses.items():
+        assert loss == full_rec.losses[it], it
+    assert_same_weights(weights(resumed), weights(full))
 
 
 def test_mmengine_checkpoint_hook_resumes_into_another_run(tmp_path):
