@@ -309,6 +309,37 @@ def test_no_checkpoint_loads_is_an_error(tmp_path):
     assert find_resumable_checkpoint(str(tmp_path / 'empty')) == (None, None, [])
 
 
+def test_best_checkpoints_are_replaced_after_the_new_one_is_complete(tmp_path):
+    from mmengine.runner import Runner
+    runner, _ = make_runner(tmp_path, interval=1)
+    hook = [h for h in runner.hooks if isinstance(h, AtomicCheckpointHook)][0]
+    hook.__init__(interval=1, by_epoch=False, save_best='toy/sum', rule='greater',
+                  max_keep_ckpts=2)
+    written = []
+    upstream = Runner.save_checkpoint
+
+    def recording_save(self, out_dir, filename, *args, **kwargs):
+        present = sorted(p for p in os.listdir(out_dir) if p.startswith('best_'))
+        written.append((filename, present))
+        return upstream(self, out_dir, filename, *args, **kwargs)
+
+    Runner.save_checkpoint = recording_save
+    try:
+        runner.train()
+    finally:
+        Runner.save_checkpoint = upstream
+    best = [p for p in os.listdir(tmp_path) if p.startswith('best_')]
+    assert len(best) == 1 and not glob.glob(str(tmp_path / '*.part'))
+    assert torch.load(tmp_path / best[0], weights_only=False)[RNG_KEY]
+    # every new best checkpoint was written while the previous one still existed
+    best_writes = [present for filename, present in written
+                   if filename.startswith('best_')]
+    assert len(best_writes) >= 2 and best_writes[0] == []
+    assert all(len(present) == 1 for present in best_writes[1:]), written
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith('iter_')) == [
+        'iter_5.pth', 'iter_6.pth']
+
+
 def test_other_arguments_are_checkpoint_hooks():
     hook = AtomicCheckpointHook(interval=5, by_epoch=False, max_keep_ckpts=2,
                                 save_best='acc', filename_tmpl='ckpt_{}.pth')
