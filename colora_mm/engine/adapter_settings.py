@@ -52,9 +52,10 @@ def _resolved(settings: dict) -> dict:
     except (TypeError, ValueError):   # written by another version of AdapterSpec
         return dict(settings)
     out = spec.to_dict()
-    out['gamma'] = spec.rank_divisor
-    if 'spatial_gamma' in out and hasattr(spec, 'spatial_rank_divisor'):
-        out['spatial_gamma'] = spec.spatial_rank_divisor
+    for key, resolved in (('gamma', 'rank_divisor'),
+                          ('spatial_gamma', 'spatial_rank_divisor')):
+        if key in out and hasattr(spec, resolved):
+            out[key] = getattr(spec, resolved)
     return out
 
 
