@@ -33,8 +33,8 @@ MMCV_FIND_LINKS="${MMCV_FIND_LINKS:-}"
 
 t0=$SECONDS
 step_name=''; step_t0=$SECONDS
-step() {  # one line per step; a numbered step (N/6) or "done" first times the last one
-  if [[ "$1" =~ ^([0-9]+/6|done) ]]; then
+step() {  # one line per step; a numbered step (N/M) or "done" first times the last one
+  if [[ "$1" =~ ^([0-9]+/[0-9]+|done) ]]; then
     [ -n "$step_name" ] && printf '[setup]     step %s took %d s\n' "$step_name" $((SECONDS - step_t0))
     step_name=${BASH_REMATCH[1]}; step_t0=$SECONDS
   fi
