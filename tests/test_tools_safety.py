@@ -322,3 +322,28 @@ def test_every_shipped_config_saves_atomically():
     for path in SHIPPED:
         hook = Config.fromfile(path).default_hooks.checkpoint
         assert hook.type == 'AtomicCheckpointHook', path
+
+
+@pytest.mark.parametrize('script', ['dist_train.sh', 'dist_test.sh'])
+def test_launchers_use_the_checkout_venv(tmp_path, script):
+    """A copy of the launcher beside a fake ``.venv/bin/python`` that prints what it
+    was asked to run: with PYTHON unset the launcher runs the checkout's venv."""
+    (tmp_path / 'tools').mkdir()
+    launcher = tmp_path / 'tools' / script
+    launcher.write_text(open(osp.join(ROOT, 'tools', script)).read())
+    venv_python = tmp_path / '.venv' / 'bin' / 'python'
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text('#!/bin/sh\necho "venv python $*"\n')
+    venv_python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHON'}
+    args = ['CFG', '2'] if script == 'dist_train.sh' else ['CFG', 'CKPT', '2']
+    proc = subprocess.run(['bash', str(launcher), *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith('venv python -m torch.distributed.run')
+    other = tmp_path / 'other_python'
+    other.write_text('#!/bin/sh\necho "other python $*"\n')
+    other.chmod(0o755)
+    proc = subprocess.run(['bash', str(launcher), *args], capture_output=True, text=True,
+                          env=dict(env, PYTHON=str(other)), timeout=60)
+    assert proc.stdout.startswith('other python -m torch.distributed.run')
