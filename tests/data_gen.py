@@ -344,7 +344,7 @@ def tiny_overrides(cfg, data_root: Optional[str] = None, max_iters: int = 4,
                              max_iters=max_iters, val_interval=interval)
     over['default_hooks'] = dict(
         logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False),
-        checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=interval))
+        checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False, interval=interval))
     over['log_processor'] = dict(by_epoch=False)
     over['custom_hooks'] = [dict(type='CoLoRAReportHook', input_size=(crop, crop))]
     over['randomness'] = dict(seed=seed)

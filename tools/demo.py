@@ -23,7 +23,13 @@ from a server that imported the OpenMMLab stack once (:class:`ToolLauncher`;
 ``--no-fork``: plain ``python tools/X.py`` processes); every command is written to
 ``OUT/commands.sh`` and its output to ``OUT/logs/``. Independent runs (the three
 fine-tunings, the tests) go in parallel, ``--jobs`` at a time, each on one torch
-thread. The same ``--seed`` gives the same table (the times aside).
+thread. The same ``--seed`` gives the same table on the same machine (the times
+aside).
+
+``OUT`` must be new, empty, or the output of an earlier run: the demo writes a marker
+(``OUT/.colora_mm_demo``) first and refuses, before touching anything, a folder that
+is not empty and carries no marker. A later run replaces only the demo's own
+sub-folders (``data``, ``work_dirs``, ``checkpoints``, ``logs``, ``predictions``).
 """
 import argparse
 import json
@@ -449,8 +455,7 @@ class Demo:
         print(f'total {time.time() - self.start:.0f} s')
 
     def run(self) -> int:
-        for folder in (self.out, self.logs, self.ckpts, self.preds):
-            os.makedirs(folder, exist_ok=True)
+        claim_output_folder(self.out)
         for folder in (self.work, self.preds, self.logs, self.ckpts):
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
@@ -471,13 +476,42 @@ class Demo:
         return 0
 
 
+#: Written into every output folder the demo creates; the demo only ever clears (its own
+#: sub-folders of) a folder that carries it.
+MARKER = '.colora_mm_demo'
+
+
+def check_output_folder(out: str) -> None:
+    """Refuse an ``--out`` the demo did not create: it exists and is not empty, and
+    carries no :data:`MARKER`. Raises ValueError with the reason and the fix."""
+    if not osp.lexists(out):
+        return
+    if not osp.isdir(out):
+        raise ValueError(f'--out {out} exists and is not a folder; choose a new folder, '
+                         'e.g. --out demo_out')
+    if os.listdir(out) and not osp.isfile(osp.join(out, MARKER)):
+        raise ValueError(f'--out {out} exists, is not empty and was not written by '
+                         f'tools/demo.py (no {MARKER} in it); the demo replaces its '
+                         'data, work_dirs, checkpoints, logs and predictions sub-folders, '
+                         'so choose a new or empty folder, e.g. --out demo_out')
+
+
+def claim_output_folder(out: str) -> None:
+    """Create ``out`` (if needed) and mark it as the demo's."""
+    os.makedirs(out, exist_ok=True)
+    with open(osp.join(out, MARKER), 'w') as f:
+        f.write('Output folder of tools/demo.py: a later run replaces its data, '
+                'work_dirs, checkpoints, logs and predictions.\n')
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='CoLoRA demo on a CPU: synthetic domains, pretrain, fine-tune '
         '(full, LoRA, CoLoRA), merge, test, table and figure')
     parser.add_argument('--out', default='demo_out',
                         help='output folder (data, checkpoints, logs, results); '
-                        'default demo_out')
+                        'default demo_out. It must be new, empty or an earlier demo '
+                        'output (the demo marks its folders)')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the data and of every training run; default 0')
     parser.add_argument('--quick', action='store_true',
@@ -496,7 +530,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    return Demo(parse_args(argv)).run()
+    args = parse_args(argv)
+    try:
+        check_output_folder(osp.abspath(args.out))
+    except ValueError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return Demo(args).run()
 
 
 if __name__ == '__main__':

@@ -5,7 +5,8 @@
 #   bash tools/dist_train.sh CONFIG GPUS [train.py options]
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 PORT=29500 bash tools/dist_train.sh ...
 #
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: the checkout's .venv/bin/python when
+# tools/setup_env.sh has made it, else python).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 CONFIG GPUS [train.py options]" >&2
@@ -17,8 +18,11 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-PYTHON=${PYTHON:-python}
 HERE="$(cd "$(dirname "$0")" && pwd)"
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python
+  [ -x "$HERE/../.venv/bin/python" ] && PYTHON="$HERE/../.venv/bin/python"
+fi
 
 PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
 exec "$PYTHON" -m torch.distributed.run \

@@ -22,6 +22,11 @@ when every check passed:
   structure itself (plain folded layers, the branches that cannot fold), so any
   OpenMMLab tool or inference API loads OUT with that config.
 
+Never replaces a file it did not write: an existing OUT or OUT's ``.py`` is refused
+unless ``--force`` is given, and OUT itself may not end in ``.py``. Every check on the
+paths, the config and the checkpoint (including that the adapter settings recorded in
+the checkpoint are the config's; ``--allow-mismatch`` overrides) runs before any work.
+
 Exit status 2 with a one-line error (and nothing written) when the input is wrong.
 """
 import argparse
@@ -31,7 +36,8 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from train import (CLIError, check_state_dict_matches, load_config,  # noqa: E402
+from train import (CLIError, check_adapter, check_settings_match,  # noqa: E402
+                   check_state_dict_matches, load_config, read_checkpoint,
                    read_state_dict)
 
 #: CoLoRA backbone type -> the upstream type it was built on (in the config's scope).
@@ -63,6 +69,15 @@ def parse_args(argv=None):
         help='largest allowed |merged - unmerged| relative to max(1, max|unmerged|) '
         '(default 1e-4)')
     parser.add_argument(
+        '--force',
+        action='store_true',
+        help='replace an existing OUT and OUT.py (refused otherwise)')
+    parser.add_argument(
+        '--allow-mismatch',
+        action='store_true',
+        help='merge although the adapter settings recorded in the checkpoint differ '
+        "from the config's")
+    parser.add_argument(
         '--cfg-options',
         nargs='+',
         action=DictAction,
@@ -80,11 +95,16 @@ def _same_file(a, b):
     return osp.realpath(a) == osp.realpath(b)
 
 
-def check_paths(config, checkpoint, out):
-    """Refuse outputs that would overwrite an input."""
+def check_paths(config, checkpoint, out, force=False):
+    """Refuse outputs that would overwrite an input, and (unless ``force``) any
+    existing file."""
     out_config = config_path_for(out)
     if not osp.isfile(checkpoint):
         raise CLIError(f'checkpoint {checkpoint} does not exist')
+    if out.endswith('.py'):
+        raise CLIError(f'OUT {out} ends in .py, the name of the config merge.py writes '
+                       'beside OUT; name the checkpoint OUT.pth, e.g. '
+                       f'{osp.splitext(out)[0]}.pth')
     if _same_file(out, checkpoint):
         raise CLIError(f'OUT {out} is the input checkpoint; write the merged model to '
                        'another file')
@@ -97,6 +117,11 @@ def check_paths(config, checkpoint, out):
     parent = osp.dirname(osp.abspath(out))
     if not osp.isdir(parent):
         raise CLIError(f'folder {parent} (of OUT) does not exist')
+    if not force:
+        for path, what in ((out, 'OUT'), (out_config, "OUT's config")):
+            if osp.lexists(path):
+                raise CLIError(f'{what} {path} exists; choose another OUT, or pass '
+                               '--force to replace it')
 
 
 def _without_pretrained(model_cfg):
@@ -184,7 +209,7 @@ def merge(args):
     from colora_mm.adapters import (is_adapter_name, iter_adapted_layers,
                                     merge_adapters)
 
-    check_paths(args.config, args.checkpoint, args.out)
+    check_paths(args.config, args.checkpoint, args.out, args.force)
     cfg = load_config(args.config, args.cfg_options)
     backbone_type = cfg.model.get('backbone', {}).get('type')
     if backbone_type not in PLAIN_BACKBONES:
@@ -193,11 +218,15 @@ def merge(args):
     if (cfg.model.backbone.get('adapter') or {}).get('merged'):
         raise CLIError(f'{args.config} describes an already merged model '
                        '(model.backbone.adapter.merged=True); nothing to merge')
+    current = check_adapter(cfg, args.config)
+    source = read_checkpoint(args.checkpoint)
+    check_settings_match(source, args.checkpoint, current, args.config,
+                         args.allow_mismatch)
     model = build_model(cfg.model)
     if not any(True for _ in iter_adapted_layers(model)):
         raise CLIError(f'{args.config} has no adapters (full fine-tuning?): its '
                        'checkpoints are already plain; nothing to merge')
-    state = read_state_dict(args.checkpoint)
+    state = read_state_dict(args.checkpoint, source)
     if not any(is_adapter_name(k) for k in state):
         raise CLIError(f'checkpoint {args.checkpoint} holds no adapter tensors (no name '
                        "with an 'adapter_' component): it is a plain, full fine-tuning or "
@@ -258,6 +287,9 @@ def merge(args):
                 config=osp.abspath(args.config),
                 max_abs_difference=diff,
                 unfolded=list(unfolded))
+    if unfolded:   # the merged model still has adapters: record their settings
+        from colora_mm.engine.adapter_settings import META_KEY
+        meta[META_KEY] = current
     checkpoint = dict(meta=meta, state_dict={k: v.detach().cpu().contiguous()
                                              for k, v in merged_state.items()})
     text = header + out_cfg.pretty_text

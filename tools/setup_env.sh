@@ -32,7 +32,14 @@ FORCE_CUDA="${FORCE_CUDA:-0}"
 MMCV_FIND_LINKS="${MMCV_FIND_LINKS:-}"
 
 t0=$SECONDS
-step() { printf '[setup] %s\n' "$*"; }
+step_name=''; step_t0=$SECONDS
+step() {  # one line per step; a numbered step (N/M) or "done" first times the last one
+  if [[ "$1" =~ ^([0-9]+/[0-9]+|done) ]]; then
+    [ -n "$step_name" ] && printf '[setup]     step %s took %d s\n' "$step_name" $((SECONDS - step_t0))
+    step_name=${BASH_REMATCH[1]}; step_t0=$SECONDS
+  fi
+  printf '[setup] %s\n' "$*"
+}
 fail() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
 if [ -z "${PYTHON:-}" ]; then
@@ -49,9 +56,16 @@ else
 fi
 PY="$VENV/bin/python"
 # pip, quiet, without the notices about this machine's unused local index folders
+# and a heartbeat line every 30 s while it runs
 pip_q() {
+  local t=$SECONDS beat rc
+  ( while sleep 30 && kill -0 $$ 2>/dev/null; do
+      printf '[setup]     ... pip %s still running, %d s\n' "$1" $((SECONDS - t)); done ) &
+  beat=$!
   "$PY" -m pip --disable-pip-version-check "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
-  return "${PIPESTATUS[0]}"
+  rc=${PIPESTATUS[0]}
+  kill "$beat" 2>/dev/null; wait "$beat" 2>/dev/null || true
+  return "$rc"
 }
 have() {  # have DIST VERSION: is exactly that release installed (local tag ignored)?
   "$PY" - "$1" "$2" <<'PYEOF' 2>/dev/null

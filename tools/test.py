@@ -3,8 +3,12 @@
     python tools/test.py CONFIG CHECKPOINT [--work-dir D] [--out O] [--show-dir S]
     bash tools/dist_test.sh CONFIG CHECKPOINT 4
 
-The checkpoint must be that config's (same tensors, same shapes): anything else is
-refused with the list of differences instead of being evaluated half-loaded. Configs
+The checkpoint must be that config's (same tensors, same shapes, and the same adapter
+settings when the checkpoint records them; ``--allow-mismatch`` lets other settings
+through): anything else is refused with the list of differences instead of being
+evaluated half-loaded. The adapter spec, the data root and its sub-folders and the
+checkpoint are checked before the runner exists; a wrong one ends with one ``error:``
+line and exit status 2. Configs
 written by ``tools/merge.py`` work as they are (``adapter.merged=True`` builds the
 merged structure first). The metrics are logged and, on rank 0, also written to
 ``WORK_DIR/metrics.json``.
@@ -19,8 +23,9 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from train import (CLIError, check_data_roots, check_state_dict_matches,  # noqa: E402
-                   close_process_group, load_config, read_state_dict)
+from train import (CLIError, check_adapter, check_data_roots,  # noqa: E402
+                   check_settings_match, check_state_dict_matches, close_process_group,
+                   load_config, read_checkpoint, read_state_dict)
 
 
 def parse_args(argv=None):
@@ -54,6 +59,11 @@ def parse_args(argv=None):
         default='none',
         help='job launcher')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
+    parser.add_argument(
+        '--allow-mismatch',
+        action='store_true',
+        help='evaluate although the adapter settings recorded in the checkpoint differ '
+        "from the config's")
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
@@ -110,9 +120,15 @@ def setup_cfg(args):
 
 
 def check_checkpoint(cfg, args):
-    """Build the model once, as the runner will, and compare the checkpoint with it."""
+    """Check the adapter spec (on the meta device), the adapter settings recorded in
+    the checkpoint, then build the model once, as the runner will, and compare the
+    checkpoint's tensors with it."""
     from merge import build_model
-    state = read_state_dict(args.checkpoint)
+    current = check_adapter(cfg, args.config)
+    checkpoint = read_checkpoint(args.checkpoint)
+    check_settings_match(checkpoint, args.checkpoint, current, args.config,
+                         args.allow_mismatch)
+    state = read_state_dict(args.checkpoint, checkpoint)
     model_cfg = cfg.model.get('module', cfg.model) if args.tta else cfg.model
     model = build_model(model_cfg)
     check_state_dict_matches(model, state, args.checkpoint, args.config)

@@ -2,7 +2,16 @@
 
 The flags are those of mmseg's and mmdet's ``tools/train.py``; the config's
 ``default_scope`` picks the codebase. On a host without CUDA, ``--launcher pytorch``
-(``tools/dist_train.sh``) runs DDP on the CPU with the gloo backend.
+(``tools/dist_train.sh``) runs DDP on the CPU with the gloo backend: this script sets
+the backend and the DDP wrapper up itself.
+
+Before the runner (or a work dir) exists, the settings are checked, and a wrong one
+ends the run with one ``error:`` line naming the key, the value and the fix (exit
+status 2): the backbone's adapter spec (every key and its type, and the rank of every
+adapted layer: the backbone is built on the meta device), ``--amp`` against the devices
+present, local pretrained checkpoints, the data roots and their sub-folders, and for
+``--resume`` the checkpoint (the newest one that loads, when none is named) and the
+adapter settings it was trained with (``--allow-mismatch`` overrides).
 
     python tools/train.py configs/ade20k/colora_convnext_b.py --work-dir work_dirs/b
     bash tools/dist_train.sh configs/ade20k/colora_convnext_b.py 4 --amp
@@ -39,10 +48,15 @@ def parse_args(argv=None):
         help='resume from the given checkpoint, or without a value from the latest '
         'checkpoint in the work_dir')
     parser.add_argument(
+        '--allow-mismatch',
+        action='store_true',
+        help='resume although the adapter settings recorded in the checkpoint differ '
+        "from the config's")
+    parser.add_argument(
         '--amp',
         action='store_true',
         default=False,
-        help='enable automatic-mixed-precision training')
+        help='enable automatic-mixed-precision training (needs a GPU)')
     parser.add_argument(
         '--auto-scale-lr',
         action='store_true',
@@ -98,8 +112,9 @@ def _datasets(cfg, splits):
 
 
 def check_data_roots(cfg, splits):
-    """Fail early, naming the fix, when a dataset folder or annotation file is
-    missing (rather than deep inside a dataloader worker)."""
+    """Fail early, naming the fix, when a dataset folder, one of its sub-folders
+    (``data_prefix``) or its annotation file is missing or empty (rather than deep
+    inside a dataloader worker)."""
     for split, dataset in _datasets(cfg, splits):
         root = dataset.get('data_root') or ''
         hint = ('prepare the dataset as docs/data.md describes, or point the config at '
@@ -112,22 +127,193 @@ def check_data_roots(cfg, splits):
             if not osp.isfile(ann_path):
                 raise CLIError(f'{split}: annotation file {ann_path!r} does not exist; '
                                f'{hint}')
+        prefixes = dataset.get('data_prefix') or {}
+        for key, prefix in sorted(prefixes.items()):
+            if not isinstance(prefix, str) or not prefix:
+                continue
+            folder = prefix if osp.isabs(prefix) else osp.join(root, prefix)
+            if not osp.isdir(folder):
+                raise CLIError(f'{split}: data_prefix.{key} folder {folder!r} does not '
+                               f'exist; {hint}')
+            if not os.listdir(folder):
+                raise CLIError(f'{split}: data_prefix.{key} folder {folder!r} is empty; '
+                               f'{hint}')
 
 
-def read_state_dict(path):
-    """The model state dict of an mmengine checkpoint (or of a bare state dict).
+def model_cfg_of(cfg):
+    """The model config (the wrapped one of a test-time-augmentation model)."""
+    model = cfg.get('model') or {}
+    return model.get('module', model)
+
+
+def check_adapter(cfg, config):
+    """Check the backbone's adapter spec, key by key and type by type, then build the
+    backbone on the meta device (no memory, no weights): every adapted layer's rank
+    and shape is checked as in the real build. Returns the adapter settings record
+    (:mod:`colora_mm.engine.adapter_settings`).
+
+    Raises:
+        CLIError: naming the key, the value and the fix.
+    """
+    from colora_mm.engine.adapter_settings import (adapter_settings,
+                                                   build_backbone_cheaply,
+                                                   check_spec_types)
+    model = model_cfg_of(cfg)
+    backbone = model.get('backbone') if model else None
+    if not backbone:
+        return {}
+    if 'adapter' in backbone:
+        try:
+            check_spec_types(backbone['adapter'])
+        except ValueError as err:
+            raise CLIError(f'{config}: model.backbone.adapter: {err}; fix it in the '
+                           'config or with --cfg-options model.backbone.adapter.KEY=VALUE')
+    from mmengine.config import Config
+    try:
+        built = build_backbone_cheaply(Config(dict(model=dict(backbone=backbone),
+                                                   default_scope=cfg.default_scope)))
+    except (ValueError, TypeError, KeyError, AssertionError) as err:
+        where = 'model.backbone.adapter' if 'adapter' in backbone else 'model.backbone'
+        message = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
+        raise CLIError(f'{config}: {where} ({backbone.get("type")}): {message}')
+    return adapter_settings(built, prefix='backbone')
+
+
+def _pretrained_paths(node, key=''):
+    """``(config key, path)`` of every pretrained checkpoint a model config names."""
+    if isinstance(node, dict):
+        if node.get('type') == 'Pretrained' and isinstance(node.get('checkpoint'), str):
+            yield f'{key}.checkpoint', node['checkpoint']
+        for k, v in node.items():
+            if k == 'pretrained' and isinstance(v, str):
+                yield f'{key}.{k}', v
+            elif isinstance(v, (dict, list, tuple)):
+                yield from _pretrained_paths(v, f'{key}.{k}' if key else k)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _pretrained_paths(v, f'{key}.{i}')
+
+
+def check_pretrained(cfg):
+    """Every local pretrained checkpoint the model names exists (URLs are fetched by
+    mmengine and not checked here)."""
+    for key, path in _pretrained_paths(model_cfg_of(cfg), 'model'):
+        if '://' in path or osp.isfile(osp.expanduser(path)):
+            continue
+        raise CLIError(f'{key}={path!r} does not exist; download the checkpoint there, '
+                       f'or point the config at it with --cfg-options {key}=PATH')
+
+
+def accelerator_available():
+    import torch
+    from mmengine.device import (is_mlu_available, is_musa_available,
+                                 is_npu_available)
+    return (torch.cuda.is_available() or is_npu_available() or is_mlu_available()
+            or is_musa_available())
+
+
+def check_amp(cfg, amp_flag):
+    """Mixed precision (``AmpOptimWrapper``) needs a GPU (mmengine 0.10.7 refuses it
+    on a CPU, after the runner has started)."""
+    wrapper = (cfg.get('optim_wrapper') or {}).get('type', 'OptimWrapper')
+    if wrapper != 'AmpOptimWrapper' or accelerator_available():
+        return
+    if amp_flag:
+        raise CLIError('--amp: mixed precision needs a GPU (or NPU/MLU/MUSA) and this '
+                       'host has none; drop --amp')
+    raise CLIError("optim_wrapper.type='AmpOptimWrapper' (mixed precision) needs a GPU "
+                   'and this host has none; train in full precision with --cfg-options '
+                   'optim_wrapper.type=OptimWrapper')
+
+
+def read_checkpoint(path):
+    """A whole mmengine checkpoint, loaded on the CPU.
+
+    Raises:
+        CLIError: missing or unreadable file.
+    """
+    if not osp.isfile(path):
+        raise CLIError(f'checkpoint {path} does not exist')
+    from colora_mm.compat import load_from_local_trusted
+    try:
+        return load_from_local_trusted(path, map_location='cpu')
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a user error
+        raise CLIError(f'cannot read checkpoint {path}: {type(err).__name__}: '
+                       f'{str(err).splitlines()[0] if str(err) else ""}')
+
+
+def check_settings_match(checkpoint, path, current, config, allow_mismatch,
+                         flag='--allow-mismatch'):
+    """Refuse a checkpoint trained with other adapter settings than ``config``'s
+    (``current``: the config's record), listing every differing key."""
+    from colora_mm.engine.adapter_settings import (recorded_adapter_settings,
+                                                   settings_differences)
+    recorded = recorded_adapter_settings(checkpoint)
+    if recorded is None:
+        return
+    diffs = settings_differences(recorded, current)
+    if not diffs:
+        return
+    line = (f'checkpoint {path} does not match config {config}: it was trained with '
+            f'other adapter settings ({"; ".join(diffs)})')
+    if allow_mismatch:
+        print(f'warning: {line} ({flag} given: going on)', file=sys.stderr)
+        return
+    raise CLIError(f'{line}. Use the config the checkpoint was trained with (saved in '
+                   f'its work_dir), or pass {flag}')
+
+
+def resolve_resume(cfg, args, current):
+    """The checkpoint ``--resume`` continues from, checked: a named one must load;
+    without a name, the newest checkpoint of the work dir that loads (saying which
+    damaged ones it skipped). Its adapter settings must be the config's."""
+    from colora_mm.engine.checkpoint_hook import (describe_skipped,
+                                                  find_resumable_checkpoint,
+                                                  read_resumable)
+    if args.resume is None:
+        return
+    if args.resume == 'auto':
+        hook = (cfg.get('default_hooks') or {}).get('checkpoint') or {}
+        templates = [hook['filename_tmpl']] if hook.get('filename_tmpl') else []
+        try:
+            path, checkpoint, skipped = find_resumable_checkpoint(cfg.work_dir,
+                                                                  templates)
+        except ValueError as err:
+            raise CLIError(f'--resume: {err}; resume from another one with --resume '
+                           'PATH, or start again in a new --work-dir')
+        if path is None:
+            print(f'resume: no checkpoint in {cfg.work_dir}; training from the start')
+            return
+        if skipped:
+            print(describe_skipped(skipped, path))
+        cfg.load_from = path
+    else:
+        path = args.resume
+        try:
+            checkpoint = read_resumable(path)
+        except ValueError as err:
+            raise CLIError(f'--resume: checkpoint {path} {err}; name another checkpoint')
+    check_settings_match(checkpoint, path, current, args.config, args.allow_mismatch)
+
+
+def check_before_work(cfg, args):
+    """Every check of the settings that can fail, before the runner exists."""
+    current = check_adapter(cfg, args.config)
+    check_amp(cfg, args.amp)
+    check_pretrained(cfg)
+    resolve_resume(cfg, args, current)
+
+
+def read_state_dict(path, ckpt=None):
+    """The model state dict of an mmengine checkpoint (or of a bare state dict);
+    ``ckpt``: the checkpoint, when already loaded.
 
     Raises:
         CLIError: missing or unreadable file, no tensors in it.
     """
-    if not osp.isfile(path):
-        raise CLIError(f'checkpoint {path} does not exist')
     import torch
-    from colora_mm.compat import load_from_local_trusted
-    try:
-        ckpt = load_from_local_trusted(path, map_location='cpu')
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a user error
-        raise CLIError(f'cannot read checkpoint {path}: {type(err).__name__}: {err}')
+    if ckpt is None:
+        ckpt = read_checkpoint(path)
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(
             isinstance(v, torch.Tensor) for v in state.values()):
@@ -229,6 +415,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = setup_cfg(args)
+        check_before_work(cfg, args)
     except CLIError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

@@ -16,8 +16,10 @@ crop_size = (512, 512)
 
 train_cfg = dict(
     type='IterBasedTrainLoop', max_iters=max_iters, val_interval=interval)
+# Checkpoints written atomically, with the random generators; a resume skips a
+# damaged one (colora_mm.engine.AtomicCheckpointHook).
 default_hooks = dict(
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=interval))
+    checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False, interval=interval))
 custom_hooks = [dict(type='CoLoRAReportHook', input_size=crop_size)]
 
 optim_wrapper = dict(

@@ -35,6 +35,9 @@ optim_wrapper = dict(
     loss_scale='dynamic',
     optimizer=dict(
         type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=0.05))
+# Checkpoints written atomically, with the random generators, after every epoch
+# (upstream's interval); a resume skips a damaged one.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
 # Parameter and FLOPs report at the start of training, on one 800x1333 image.
 custom_hooks = [dict(type='CoLoRAReportHook', input_size=(800, 1333))]
 
