@@ -343,7 +343,7 @@ def test_vtab1k_config_numbers(path):
     assert (pre.mean, pre.std, pre.to_rgb) == (IMAGENET_MEAN, IMAGENET_STD, True)
     # checkpoints every 10 epochs (what a stopped run resumes from)
     ckpt = cfg.default_hooks.checkpoint
-    assert (ckpt.type, ckpt.by_epoch, ckpt.interval) == ('CheckpointHook', True, 10)
+    assert (ckpt.type, ckpt.by_epoch, ckpt.interval) == ('AtomicCheckpointHook', True, 10)
 
 
 def _build_tiny(cfg):

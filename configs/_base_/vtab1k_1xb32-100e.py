@@ -97,7 +97,7 @@ param_scheduler = [
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),
     checkpoint=dict(
-        type='CheckpointHook', by_epoch=True, interval=10, max_keep_ckpts=1,
+        type='AtomicCheckpointHook', by_epoch=True, interval=10, max_keep_ckpts=1,
         save_last=True))
 custom_hooks = [dict(type='CoLoRAReportHook', input_size=(image_size, image_size))]
 randomness = dict(seed=0, deterministic=False)
