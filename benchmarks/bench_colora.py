@@ -243,7 +243,7 @@ def measure_memory(method: str, args) -> dict:
 
 
 def bench_train(args, results: dict) -> None:
-    names = list(METHODS) + ([] if args.no_breakdown else list(BREAKDOWN))
+    names = list(args.methods) + ([] if args.no_breakdown else list(BREAKDOWN))
     steps, trainables = {}, {}
     for method in names:
         model, step, trainables[method] = build_trainer(method, args)
@@ -253,18 +253,19 @@ def bench_train(args, results: dict) -> None:
     del steps, model
     memory = {m: measure_memory(m, args) for m in names}
     results['train_memory'] = memory
-    full_t, lora_t = times['full'], times['lora']
-    full_m = memory['full']['delta']
+    full_t, lora_t = times.get('full'), times.get('lora')
+    full_m = memory['full']['delta'] if 'full' in memory else None
+    ratio = lambda a, b: f'{a / b:.2f}' if b else '-'  # noqa: E731
     rows = []
     for m in names:
         rows.append([m, f'{trainables[m] / 1e6:.2f}M', f'{times[m] * 1e3:.0f}',
-                     f'{times[m] / full_t:.2f}', f'{times[m] / lora_t:.2f}',
+                     ratio(times[m], full_t), ratio(times[m], lora_t),
                      f'{memory[m]["delta"] / 2 ** 20:.0f}',
-                     f'{memory[m]["delta"] / full_m:.2f}',
+                     ratio(memory[m]['delta'], full_m),
                      f'{memory[m]["peak"] / 2 ** 20:.0f}'])
     table(f'1. Training step, UperNet + CoLoRAConvNeXt-{args.arch} (head channels '
           f'{args.head_channels}), batch {args.batch} x {args.size}x{args.size}, '
-          f'{"AMP fp16" if args.amp else "fp32"}; memory: {memory["full"]["kind"]}, '
+          f'{"AMP fp16" if args.amp else "fp32"}; memory: {memory[names[0]]["kind"]}, '
           'fresh process per method',
           ['method', 'trainable', 'step ms', 'vs full', 'vs LoRA', 'train mem MiB',
            'mem vs full', 'peak MiB'], rows)
@@ -488,6 +489,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument('--head-channels', type=int, default=128,
                         help='UperNet channels (upstream: 512)')
     parser.add_argument('--memory-steps', type=int, default=2)
+    parser.add_argument('--methods', nargs='+', default=list(METHODS),
+                        help='adapter methods of table 1, any of '
+                        'colora_mm.adapters.METHODS (default: %(default)s)')
     parser.add_argument('--no-breakdown', action='store_true',
                         help='table 1 without the colora-nofilter / colora-pairs rows')
     parser.add_argument('--merge-size', type=int, default=224)

@@ -116,6 +116,7 @@ else:
     say('matplotlib: none (only drawing needs it: visualisers, tools/demo.py\'s figure, '
         "tools/analysis; '--include matplotlib' packs it)")
 arch = ''
+cpath = []
 if use_cuda:
     if not cuda:
         errors.append('FORCE_CUDA=1 but torch sees no GPU (or is a CPU build)')
@@ -138,6 +139,28 @@ if use_cuda:
             if m and m.group(1) != torch.version.cuda.split('.')[0]:
                 errors.append(f'nvcc {nv} and torch\'s CUDA {torch.version.cuda} differ in '
                               'their major version; set CUDA_HOME to a matching toolkit')
+            # torch's ATen/cuda headers include the cuBLAS / cuSPARSE / cuSOLVER headers;
+            # a toolkit with the compiler alone lacks them, while the nvidia-* wheels
+            # that CUDA torch depends on carry them (site-packages/nvidia/*/include)
+            wanted = ('cusparse.h', 'cublas_v2.h', 'cusolverDn.h')
+            missing = [h for h in wanted
+                       if not os.path.isfile(os.path.join(CUDA_HOME, 'include', h))]
+            if missing:
+                import glob
+                found = {}
+                for p in sys.path:
+                    for inc in sorted(glob.glob(os.path.join(p, 'nvidia', '*', 'include'))):
+                        for h in missing:
+                            if h not in found and os.path.isfile(os.path.join(inc, h)):
+                                found[h] = inc
+                if len(found) < len(missing):
+                    errors.append(f"{', '.join(h for h in missing if h not in found)} "
+                                  f'neither in {CUDA_HOME}/include nor in the nvidia-* '
+                                  'packages of this Python: set CUDA_HOME to a complete '
+                                  'CUDA toolkit')
+                cpath = sorted(set(found.values()))
+                say(f"{', '.join(missing)} not in {CUDA_HOME}/include: from "
+                    f"{', '.join(cpath)} (CPATH)")
 if errors:
     for e in errors:
         print(f'[offline] error: {e}', file=sys.stderr)
@@ -148,6 +171,7 @@ sites = [p for p in sys.path if os.path.basename(p) in ('site-packages', 'dist-p
          and os.path.isdir(p)]
 for key, value in dict(TORCH_FULL=ns['__version__'], USE_CUDA=int(use_cuda), ARCH=arch,
                        HAS_CV2=int(version('cv2') is not None),
+                       EXTRA_CPATH=os.pathsep.join(cpath),
                        PYTAG=f'cp{sys.version_info[0]}{sys.version_info[1]}',
                        NODE_SITES=os.pathsep.join(sites)).items():
     print(f'{key}={shlex.quote(str(value))}')
@@ -214,7 +238,7 @@ else
 fi
 WHEELS="$CACHE/mmcv-$MMCV_VERSION/torch-$TORCH_FULL-$variant"
 jobs="${MAX_JOBS:-$(nproc)}"
-build_env="MMCV_WITH_OPS=1 FORCE_CUDA=$USE_CUDA MAX_JOBS=$jobs${ARCH:+ TORCH_CUDA_ARCH_LIST=$ARCH}"
+build_env="MMCV_WITH_OPS=1 FORCE_CUDA=$USE_CUDA MAX_JOBS=$jobs${ARCH:+ TORCH_CUDA_ARCH_LIST=$ARCH}${EXTRA_CPATH:+ CPATH=$EXTRA_CPATH}"
 build_cmd="$build_env $PY -m pip wheel --no-deps --no-build-isolation --no-index -w DIST mmcv-$MMCV_VERSION/"
 wheel=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-"$PYTAG"-*.whl 2>/dev/null | head -n1 || true)
 if [ -n "$wheel" ]; then
@@ -233,6 +257,7 @@ else
   [ "$USE_CUDA" = 1 ] && total=$((total + $(ls "$src"/cuda/*.cu "$src"/cuda/*.cpp 2>/dev/null | wc -l)))
   step "4/6 compiling mmcv $MMCV_VERSION ops against torch $TORCH_FULL ($variant, $jobs jobs, $total sources; log: $log)"
   step "    $build_cmd"
+  if [ -n "$EXTRA_CPATH" ]; then export CPATH="$EXTRA_CPATH${CPATH:+:$CPATH}"; fi
   ( cd "$tmp" && env MMCV_WITH_OPS=1 FORCE_CUDA="$USE_CUDA" MAX_JOBS="$jobs" \
       ${ARCH:+TORCH_CUDA_ARCH_LIST="$ARCH"} PIP_CONFIG_FILE=/dev/null \
       "$PY" -m pip wheel --no-deps --no-build-isolation --no-index --disable-pip-version-check \
