@@ -117,6 +117,7 @@ else:
         "tools/analysis; '--include matplotlib' packs it)")
 arch = ''
 cpath = []
+cuda_home = ''
 if use_cuda:
     if not cuda:
         errors.append('FORCE_CUDA=1 but torch sees no GPU (or is a CPU build)')
@@ -126,6 +127,22 @@ if use_cuda:
         say(f'GPU: {torch.cuda.get_device_name()} (compute capability {major}.{minor}); '
             f'mmcv ops for TORCH_CUDA_ARCH_LIST={arch}')
         from torch.utils.cpp_extension import CUDA_HOME
+
+        def toolkit(home):
+            return bool(home) and all(os.path.isfile(os.path.join(home, *p)) for p in (
+                ('bin', 'nvcc'), ('include', 'cuda_runtime_api.h')))
+
+        if not os.environ.get('CUDA_HOME') and not toolkit(CUDA_HOME):
+            # torch guesses from `nvcc` on PATH, which may be a wrapper script
+            import glob
+            v = torch.version.cuda
+            for home in [f'/usr/local/cuda-{v}', '/usr/local/cuda'] + sorted(
+                    glob.glob(f"/usr/local/cuda-{v.split('.')[0]}.*"), reverse=True):
+                if toolkit(home):
+                    say(f'CUDA_HOME={home} (torch guessed {CUDA_HOME}, which is no toolkit)')
+                    CUDA_HOME = home
+                    break
+        cuda_home = CUDA_HOME or ''
         nvcc = os.path.join(CUDA_HOME or '', 'bin', 'nvcc')
         if not CUDA_HOME or not os.path.isfile(nvcc):
             errors.append('no CUDA compiler: set CUDA_HOME to the CUDA toolkit of '
@@ -142,6 +159,9 @@ if use_cuda:
             # torch's ATen/cuda headers include the cuBLAS / cuSPARSE / cuSOLVER headers;
             # a toolkit with the compiler alone lacks them, while the nvidia-* wheels
             # that CUDA torch depends on carry them (site-packages/nvidia/*/include)
+            if not os.path.isfile(os.path.join(CUDA_HOME, 'include', 'cuda_runtime_api.h')):
+                errors.append(f'{CUDA_HOME} (CUDA_HOME) has no include/cuda_runtime_api.h: '
+                              'set CUDA_HOME to the CUDA toolkit folder (bin/nvcc, include/)')
             wanted = ('cusparse.h', 'cublas_v2.h', 'cusolverDn.h')
             missing = [h for h in wanted
                        if not os.path.isfile(os.path.join(CUDA_HOME, 'include', h))]
@@ -171,7 +191,7 @@ sites = [p for p in sys.path if os.path.basename(p) in ('site-packages', 'dist-p
          and os.path.isdir(p)]
 for key, value in dict(TORCH_FULL=ns['__version__'], USE_CUDA=int(use_cuda), ARCH=arch,
                        HAS_CV2=int(version('cv2') is not None),
-                       EXTRA_CPATH=os.pathsep.join(cpath),
+                       EXTRA_CPATH=os.pathsep.join(cpath), BUILD_CUDA_HOME=cuda_home,
                        PYTAG=f'cp{sys.version_info[0]}{sys.version_info[1]}',
                        NODE_SITES=os.pathsep.join(sites)).items():
     print(f'{key}={shlex.quote(str(value))}')
@@ -238,7 +258,7 @@ else
 fi
 WHEELS="$CACHE/mmcv-$MMCV_VERSION/torch-$TORCH_FULL-$variant"
 jobs="${MAX_JOBS:-$(nproc)}"
-build_env="MMCV_WITH_OPS=1 FORCE_CUDA=$USE_CUDA MAX_JOBS=$jobs${ARCH:+ TORCH_CUDA_ARCH_LIST=$ARCH}${EXTRA_CPATH:+ CPATH=$EXTRA_CPATH}"
+build_env="MMCV_WITH_OPS=1 FORCE_CUDA=$USE_CUDA MAX_JOBS=$jobs${ARCH:+ TORCH_CUDA_ARCH_LIST=$ARCH}${BUILD_CUDA_HOME:+ CUDA_HOME=$BUILD_CUDA_HOME}${EXTRA_CPATH:+ CPATH=$EXTRA_CPATH}"
 build_cmd="$build_env $PY -m pip wheel --no-deps --no-build-isolation --no-index -w DIST mmcv-$MMCV_VERSION/"
 wheel=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-"$PYTAG"-*.whl 2>/dev/null | head -n1 || true)
 if [ -n "$wheel" ]; then
@@ -258,6 +278,7 @@ else
   step "4/6 compiling mmcv $MMCV_VERSION ops against torch $TORCH_FULL ($variant, $jobs jobs, $total sources; log: $log)"
   step "    $build_cmd"
   if [ -n "$EXTRA_CPATH" ]; then export CPATH="$EXTRA_CPATH${CPATH:+:$CPATH}"; fi
+  if [ -n "$BUILD_CUDA_HOME" ]; then export CUDA_HOME="$BUILD_CUDA_HOME"; fi
   ( cd "$tmp" && env MMCV_WITH_OPS=1 FORCE_CUDA="$USE_CUDA" MAX_JOBS="$jobs" \
       ${ARCH:+TORCH_CUDA_ARCH_LIST="$ARCH"} PIP_CONFIG_FILE=/dev/null \
       "$PY" -m pip wheel --no-deps --no-build-isolation --no-index --disable-pip-version-check \
