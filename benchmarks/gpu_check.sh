@@ -10,8 +10,9 @@
 #              compiled for the node's torch and its GPU (or a cached wheel), import check
 #   gpu_tests  pytest -m gpu tests/test_gpu.py: AMP fp16 / bf16 training steps, the range
 #              filter on CUDA against the CPU, merge on CUDA, CUDA checkpoint -> CPU
-#   bench      benchmarks/bench_colora.py --device cuda --amp: UperNet + ConvNeXt-B at
-#              512x512, 2 images, head channels 512; methods $METHODS; every table
+#   bench_train   benchmarks/bench_colora.py --device cuda --amp --only train: UperNet +
+#              ConvNeXt-B at 512x512, 2 images, head channels 512; methods $METHODS
+#   bench_tables  the same script's other tables (filter, merge, deltas) on CUDA
 #   demo       the demo's synthetic domains; tools/train.py of the demo's pretraining
 #              (full) and of its CoLoRA fine-tuning, both --amp, $DEMO_ITERS iterations
 #              each on CUDA; tools/test.py of the fine-tuned model (mIoU)
@@ -20,7 +21,8 @@
 # before a GPU is at hand.
 #
 # OUT_DIR receives: summary.md (stage times, the benchmark's tables, the demo's mIoU),
-# summary.json, bench.json and logs/{install,gpu_tests,bench,demo}.log.
+# summary.json, bench_train.json, bench_tables.json and
+# logs/{install,gpu_tests,bench,demo}.log.
 #
 # Environment: PYTHON (the node's interpreter with torch; default python3), COLORA_VENV
 # (default <checkout>/.venv; see tools/setup_offline.sh), METHODS (default
@@ -57,7 +59,7 @@ fi
 mkdir -p "$OUT/logs" || fail "cannot create $OUT"
 OUT="$(cd "$OUT" && pwd)"
 BUNDLE="$(cd "$BUNDLE" && pwd)"
-rm -f "$OUT"/logs/*.log "$OUT"/summary.* "$OUT"/bench.json "$OUT"/stages.tsv
+rm -f "$OUT"/logs/*.log "$OUT"/summary.* "$OUT"/bench_*.json "$OUT"/stages.tsv
 work=$(mktemp -d)      # the demo's data and work folders: many small files, not kept
 trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -98,16 +100,21 @@ else
     if [[ " $known " == *" $m "* ]]; then methods+=("$m"); else
       say "bench: method '$m' is not one of this colora_mm's ($known); left out"; fi
   done
+  # table 1 (training step) on its own, so that its numbers are kept if a later table fails
   if [ "$DRY" = 1 ]; then
     bench=(--device cpu --arch atto --size 64 --batch 1 --head-channels 16 --repeats 1
-           --memory-steps 1 --only train)
+           --memory-steps 1 --merge-size 32 --merge-batch 1)
   else
     bench=(--device cuda --amp --arch base --size 512 --batch 2 --head-channels 512
            --repeats 5)
   fi
   # shellcheck disable=SC2086
-  run_stage bench "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
-    --methods "${methods[@]}" --no-breakdown --json "$OUT/bench.json" ${BENCH_ARGS:-}
+  run_stage bench_train "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
+    --only train --methods "${methods[@]}" --no-breakdown --json "$OUT/bench_train.json" \
+    ${BENCH_ARGS:-}
+  # shellcheck disable=SC2086
+  run_stage bench_tables "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
+    --only filter merge deltas --json "$OUT/bench_tables.json" ${BENCH_ARGS:-}
 
   # 4. the demo config on CUDA
   if [ "$DRY" = 1 ]; then
@@ -162,9 +169,10 @@ try:
                          else 'cpu')
 except Exception as err:  # noqa: BLE001 - the summary is written whatever failed
     summary['torch'] = f'not importable: {err}'
-bench = os.path.join(out, 'bench.json')
-if os.path.isfile(bench):
-    summary['bench'] = json.load(open(bench))
+for part in ('train', 'tables'):
+    bench = os.path.join(out, f'bench_{part}.json')
+    if os.path.isfile(bench):
+        summary[f'bench_{part}'] = json.load(open(bench))
 metrics = os.path.join(test_dir, 'metrics.json')
 if os.path.isfile(metrics):
     summary['demo_miou'] = json.load(open(metrics)).get('mIoU')
@@ -202,5 +210,5 @@ PYEOF
 if [ "$total" -gt "$BUDGET_S" ]; then
   say "took $total s, over the $BUDGET_S s budget: the stage times above show which stage"
 fi
-say "wrote $OUT/summary.md, summary.json, bench.json, logs/"
+say "wrote $OUT/summary.md, summary.json, bench_train.json, bench_tables.json, logs/"
 exit "$failed"
