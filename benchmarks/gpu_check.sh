@@ -102,7 +102,7 @@ else
   done
   # table 1 (training step) on its own, so that its numbers are kept if a later table fails
   if [ "$DRY" = 1 ]; then
-    bench=(--device cpu --arch atto --size 64 --batch 1 --head-channels 16 --repeats 1
+    bench=(--device cpu --arch atto --size 64 --batch 2 --head-channels 16 --repeats 1
            --memory-steps 1 --merge-size 32 --merge-batch 1)
   else
     bench=(--device cuda --amp --arch base --size 512 --batch 2 --head-channels 512
@@ -196,7 +196,11 @@ if os.path.isfile(bench_log):
         line = line.rstrip('\n')
         if line[:3] in ('1. ', '2. ', '3. ', '4. '):     # a table's title
             lines += ['', line, '']
-        elif line.startswith(('|', 'device:', 'command:')):
+        elif line.startswith('device:'):
+            lines += ['', line]
+        elif line.startswith('command:'):
+            lines += ['', f'`{line[len("command: "):]}`']
+        elif line.startswith('|'):
             lines.append(line)
 if 'demo_miou' in summary:
     per_iter = summary.get('demo_finetune_s_per_iter')

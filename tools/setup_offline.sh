@@ -305,7 +305,9 @@ pip_off install --quiet --no-index --force-reinstall --no-deps "$wheel"
 
 # 5. this package, editable
 step "5/6 installing colora_mm in editable mode from $ROOT"
-pip_off install --quiet --no-index --no-deps --no-build-isolation -e "$ROOT"
+# PEP 660 in this environment: setuptools >= 80's `setup.py develop` would call pip
+# again with build isolation, which needs an index
+pip_off install --quiet --no-index --no-deps --no-build-isolation --use-pep517 -e "$ROOT"
 
 # 6. the whole stack imports (the check of tools/setup_env.sh, step 6)
 step "6/6 checking that the stack imports"
