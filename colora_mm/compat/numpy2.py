@@ -4,9 +4,10 @@ Made necessary by mmpretrain 1.2.0 (the latest release) together with numpy 2.4,
 removed ``np.in1d`` (deprecated since numpy 2.0 in favour of ``np.isin``):
 ``RetrievalRecall.calculate`` and ``RetrievalAveragePrecision`` (through
 ``_calculateAp_for_sample``) call it, so both metrics raise ``AttributeError`` on the
-numpy 2.x that current CUDA PyTorch environments ship. The rest of the OpenMMLab 2.x
-stack pinned here (mmcv 2.1.0, mmengine 0.10.7, mmseg 1.2.2, mmdet 3.3.0) uses no name
-that numpy 2 removed.
+numpy 2.x that current CUDA PyTorch environments ship. Of every ``np.<name>`` that
+mmcv 2.1.0, mmengine 0.10.7, mmseg 1.2.2, mmdet 3.3.0 and mmpretrain 1.2.0 use, numpy
+2.5 lacks only ``in1d`` and ``float`` (gone since numpy 1.24, used by mmcv's
+``pixel_group`` op and mmdet's YouTube-VIS evaluation, which colora_mm does not use).
 
 The fix gives that one module a view of numpy whose ``in1d`` is what numpy's was
 (``np.isin`` on the flattened first argument); numpy itself and every other module are
