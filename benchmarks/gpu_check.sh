@@ -191,7 +191,7 @@ lines.append(f'| total | {total} | {"within" if total <= budget else "OVER"} the
              f'{budget} s budget |')
 bench_log = os.path.join(out, 'logs', 'bench.log')
 if os.path.isfile(bench_log):
-    lines += ['', '## Benchmark (benchmarks/bench_colora.py)', '']
+    lines += ['', '## Benchmark (benchmarks/bench_colora.py)']
     for line in open(bench_log):
         line = line.rstrip('\n')
         if line[:3] in ('1. ', '2. ', '3. ', '4. '):     # a table's title

@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device'),
 ]
 
-#: Where the tests run (a module constant, so that their logic can be exercised elsewhere).
+#: Where the tests run (a module constant: their logic can be exercised elsewhere).
 DEVICE = 'cuda'
 SEG_KW = dict(out_indices=[0, 1, 2, 3], gap_before_final_norm=False,
               layer_scale_init_value=1.0, drop_path_rate=0.0)
@@ -235,7 +235,7 @@ def test_checkpoint_from_cuda_loads_on_cpu(tmp_path):
     path = tmp_path / 'cuda.pth'
     save_checkpoint(dict(state_dict=model.state_dict(), meta=dict(device=DEVICE)),
                     str(path))
-    on_cpu = backbone(seed=1)      # other initial values: everything must come from the file
+    on_cpu = backbone(seed=1)   # other initial values: all must come from the file
     load_checkpoint(on_cpu, str(path), map_location='cpu', strict=True)
     on_cpu.eval()
     for name, t in list(on_cpu.state_dict().items()):
