@@ -37,7 +37,9 @@ setup(
         'torchvision>=0.16',
         # mmseg 1.2.2 and mmdet 3.3.0 assert mmcv < 2.2.0 at import
         'mmcv>=2.0.0,<2.2.0',
-        'numpy>=1.23,<2',
+        # numpy 2: the test suite passes on 2.4 (tools/setup_offline.sh keeps a node's
+        # numpy 2.x; colora_mm.compat restores what mmpretrain 1.2.0 needs from it)
+        'numpy>=1.23',
         # colora_mm.compat patches mmengine 0.10.x internals
         'mmengine>=0.10.0,<0.11',
         'mmsegmentation>=1.2.0,<1.3',

@@ -29,3 +29,9 @@ def _default_scope_restored():
 _restore_default_scope = pytest.fixture(autouse=True)(_default_scope_restored)
 _restore_default_scope_per_module = pytest.fixture(
     autouse=True, scope='module')(_default_scope_restored)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'gpu: needs a CUDA device, skipped without one (tests/test_gpu.py; '
+        'run them with `pytest -m gpu`)')

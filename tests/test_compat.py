@@ -236,3 +236,32 @@ def _dist_worker(out_dir):
 
 if __name__ == '__main__':
     _dist_worker(sys.argv[1])
+
+
+def _fake_transformers(root, version):
+    """A ``transformers`` distribution of ``version`` whose modules lack what
+    mmpretrain's multi-modal models import (as transformers 5 does)."""
+    pkg = root / 'transformers'
+    pkg.mkdir()
+    (pkg / '__init__.py').write_text(f'__version__ = {version!r}\n')
+    info = root / f'transformers-{version}.dist-info'
+    info.mkdir()
+    (info / 'METADATA').write_text(
+        f'Metadata-Version: 2.1\nName: transformers\nVersion: {version}\n')
+    (info / 'RECORD').write_text('')
+
+
+def test_mmpretrain_models_import_with_transformers_5(tmp_path):
+    import subprocess
+    import sys
+    _fake_transformers(tmp_path, '5.1.0')
+    env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}'
+               + os.environ.get('PYTHONPATH', ''))
+    code = 'import {first}; import mmpretrain.models; print("imported")'
+    ok = subprocess.run([sys.executable, '-c', code.format(first='colora_mm')],
+                        capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and 'imported' in ok.stdout, ok.stderr[-2000:]
+    # without the fix the same import fails (the case the fix exists for)
+    bare = subprocess.run([sys.executable, '-c', code.format(first='mmengine')],
+                          capture_output=True, text=True, env=env)
+    assert bare.returncode != 0 and 'transformers' in bare.stderr

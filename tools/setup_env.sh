@@ -7,6 +7,9 @@
 #   MMCV_FIND_LINKS=https://download.openmmlab.com/mmcv/dist/cu121/torch2.1/index.html \
 #   TORCH_VERSION=2.1.2 TORCHVISION_VERSION=0.16.2 bash tools/setup_env.sh
 #                                            # GPU: OpenMMLab's prebuilt mmcv wheel
+#   bash tools/setup_env.sh --offline DIR    # a node without network, on its own torch:
+#                                            # tools/setup_offline.sh DIR (a bundle made
+#                                            # by tools/offline_bundle.sh)
 #
 # Steps: (1) virtual environment in the checkout (.venv), (2) torch + torchvision,
 # (3) mmcv 2.1.0 with its ops, compiled against that torch, (4) the OpenMMLab stack and
@@ -23,6 +26,10 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "${1:-}" = "--offline" ]; then
+  shift
+  exec bash "$ROOT/tools/setup_offline.sh" "$@"
+fi
 VENV="${COLORA_VENV:-$ROOT/.venv}"
 TORCH_VERSION="${TORCH_VERSION:-2.14.1}"
 TORCHVISION_VERSION="${TORCHVISION_VERSION:-0.29.1}"

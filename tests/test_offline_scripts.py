@@ -1,0 +1,72 @@
+"""tools/offline_bundle.sh, tools/setup_offline.sh and benchmarks/gpu_check.sh: the
+checks they make before any download or install (no network needed)."""
+import hashlib
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def run(*argv, env=None):
+    result = subprocess.run(['bash', *[str(a) for a in argv]], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300,
+                            env=dict(os.environ, **(env or {})))
+    return result.returncode, result.stdout + result.stderr
+
+
+def fake_bundle(folder, python=None, corrupt=False):
+    """A bundle folder with one file and its manifest (sha256 right or wrong)."""
+    os.makedirs(folder, exist_ok=True)
+    data = b'not really a wheel'
+    with open(osp.join(folder, 'addict-2.4.0-py3-none-any.whl'), 'wb') as f:
+        f.write(data + (b'!' if corrupt else b''))
+    python = python or f'{sys.version_info[0]}.{sys.version_info[1]}'
+    manifest = dict(python=python, platform='manylinux_2_28_x86_64', groups=['scipy'],
+                    total_bytes=len(data), files=[dict(
+                        name='addict', version='2.4.0',
+                        file='addict-2.4.0-py3-none-any.whl', bytes=len(data),
+                        sha256=hashlib.sha256(data).hexdigest())])
+    with open(osp.join(folder, 'manifest.json'), 'w') as f:
+        json.dump(manifest, f)
+    return folder
+
+
+def test_bundle_refuses_unknown_group_and_foreign_folder(tmp_path):
+    code, out = run('tools/offline_bundle.sh', tmp_path / 'b', '--include', 'tensorflow')
+    assert code == 1 and "unknown group 'tensorflow'" in out
+    (tmp_path / 'busy').mkdir()
+    (tmp_path / 'busy' / 'notes.txt').write_text('mine')
+    code, out = run('tools/offline_bundle.sh', tmp_path / 'busy')
+    assert code == 1 and 'is not a bundle' in out
+    assert (tmp_path / 'busy' / 'notes.txt').exists()       # nothing removed
+    code, out = run('tools/offline_bundle.sh', tmp_path / 'b', '--python', '3')
+    assert code == 1 and 'expected MAJOR.MINOR' in out
+
+
+def test_install_checks_the_bundle_before_anything(tmp_path):
+    env = dict(PYTHON=sys.executable, COLORA_VENV=str(tmp_path / 'venv'))
+    code, out = run('tools/setup_offline.sh', tmp_path / 'nothing', env=env)
+    assert code == 1 and 'not a bundle' in out
+    code, out = run('tools/setup_env.sh', '--offline',
+                    fake_bundle(tmp_path / 'bad', corrupt=True), env=env)
+    assert code == 1 and 'differs from the manifest (sha256)' in out
+    code, out = run('tools/setup_offline.sh', fake_bundle(tmp_path / 'py', python='3.4'),
+                    env=env)
+    assert code == 1 and 'the bundle is for Python 3.4' in out
+    assert not (tmp_path / 'venv').exists()                # stopped before step 2
+
+
+def test_gpu_check_needs_a_gpu_or_dry_run(tmp_path):
+    code, out = run('benchmarks/gpu_check.sh', tmp_path)
+    assert code == 1 and 'usage' in out
+    import torch
+    if torch.cuda.is_available():    # it would start installing
+        return
+    bundle = fake_bundle(tmp_path / 'bundle')
+    code, out = run('benchmarks/gpu_check.sh', bundle, tmp_path / 'out',
+                    env=dict(PYTHON=sys.executable))
+    assert code == 1 and 'sees no CUDA device' in out and '--dry-run' in out
+    assert not (tmp_path / 'out').exists()
