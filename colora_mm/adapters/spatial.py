@@ -9,10 +9,9 @@ A branch parallel to a spatial convolution, fed by that convolution's input::
 
 * ``'depthwise'`` (ConvNeXt's 7x7 depthwise conv): ``B`` is a 3x3 conv ``r -> C`` with
   ``groups = r`` (C divisible by r), ``scale = 1``. Cross-channel, so it never folds into
-  the depthwise kernel. Each group reads one channel, so on the CPU it runs as the 9
-  taps of each compressed channel times a ``(C/r x 9)`` matrix per group (one batched
-  matmul, :func:`grouped_up_conv`), which PyTorch's CPU grouped-convolution kernels
-  do not match; CUDA runs the grouped convolution itself (cuDNN).
+  the depthwise kernel. It runs as PyTorch's grouped convolution: on the CPU none of
+  the exact alternatives measured faster (``benchmarks/bench_colora.py --only
+  spatial``).
 * ``'dense'`` (ResNet's 3x3 ``conv2``): ``B`` is a 1x1 conv ``r -> C_out`` carrying the
   conv's stride, ``scale = 0.5``. Without the filter ``B A`` is a strided 1x1 conv and
   folds exactly into the centre tap of the 3x3 kernel.
@@ -23,62 +22,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .base import AdaptedLayer, Adapter, NotFoldableError, compute_dtype, no_autocast
 from .filter import RangeKernelFilter
 from .init import init_a_
 
 SPATIAL_STYLES = ('depthwise', 'dense')
-
-
-def _pairs(v) -> tuple:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-class _GroupedUpConv(torch.autograd.Function):
-    """Forward and backward of a one-channel-per-group convolution as unfolded taps
-    times per-group weights; backward unfolds ``z`` again rather than keeping the
-    ``k*k`` times larger unfolded copy."""
-
-    @staticmethod
-    def forward(ctx, z, weight, stride, padding):
-        n, r, h, w = z.shape
-        c, _, kh, kw = weight.shape
-        out_hw = [(size + 2 * p - k) // s + 1 for size, p, k, s in
-                  zip((h, w), padding, (kh, kw), stride)]
-        cols = F.unfold(z, (kh, kw), padding=padding, stride=stride)
-        cols = cols.view(n, r, kh * kw, out_hw[0] * out_hw[1])
-        out = torch.matmul(weight.view(r, c // r, kh * kw), cols)      # (N, r, C/r, L)
-        ctx.save_for_backward(z, weight)
-        ctx.stride, ctx.padding = stride, padding
-        return out.view(n, c, *out_hw)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, weight = ctx.saved_tensors
-        n, r, h, w = z.shape
-        c, _, kh, kw = weight.shape
-        g = grad.reshape(n, r, c // r, -1)
-        grad_z = grad_w = None
-        if ctx.needs_input_grad[1]:
-            cols = F.unfold(z, (kh, kw), padding=ctx.padding, stride=ctx.stride)
-            cols = cols.view(n, r, kh * kw, -1)
-            grad_w = (g @ cols.transpose(-1, -2)).sum(0).view_as(weight)
-        if ctx.needs_input_grad[0]:
-            grad_cols = weight.view(r, c // r, kh * kw).transpose(-1, -2) @ g
-            grad_z = F.fold(grad_cols.reshape(n, r * kh * kw, -1), (h, w), (kh, kw),
-                            padding=ctx.padding, stride=ctx.stride)
-        return grad_z, grad_w, None, None
-
-
-def grouped_up_conv(z: torch.Tensor, weight: torch.Tensor, stride=1,
-                    padding=1) -> torch.Tensor:
-    """``conv2d(z, weight, groups=r)`` for ``z (N, r, H, W)`` and ``weight (C, 1, k, k)``
-    (one input channel per group): each channel's ``k*k`` taps (``unfold``) times its
-    group's ``(C/r x k*k)`` weights, as one broadcast batched matmul. Exact (the same sums
-    in another order); used on the CPU. Keeps only ``z`` and the weight for backward."""
-    return _GroupedUpConv.apply(z, weight, _pairs(stride), _pairs(padding))
 
 
 def spatial_style(layer: AdaptedLayer) -> str:
@@ -94,23 +43,6 @@ def spatial_style(layer: AdaptedLayer) -> str:
                      'neither dense (groups=1) nor depthwise (groups=channels); the '
                      'spatial branch does not support it. Leave this layer out of '
                      '`spatial`.')
-
-
-class UpProjection(nn.Conv2d):
-    """The depthwise style's ``B``: a 3x3 conv ``r -> C`` with ``groups=r`` (one input
-    channel per group), run by :func:`grouped_up_conv` on the CPU and by the grouped
-    convolution elsewhere. Same parameters and state-dict keys as ``nn.Conv2d``."""
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.device.type != 'cpu':
-            return super().forward(z)
-        weight = self.weight
-        if torch.is_autocast_enabled('cpu'):
-            dtype = torch.get_autocast_dtype('cpu')
-            z, weight = z.to(dtype), weight.to(dtype)
-        elif weight.dtype != z.dtype:
-            weight = weight.to(z.dtype)
-        return grouped_up_conv(z, weight, self.stride, self.padding)
 
 
 class SpatialLowRankBranch(Adapter):
@@ -142,8 +74,8 @@ class SpatialLowRankBranch(Adapter):
                     f'{layer.describe()}: depthwise style needs C={c_out} divisible by '
                     f'r={rank} (B is a 3x3 conv with groups=r); pick gamma so that '
                     f'C // gamma divides C.')
-            self.up = UpProjection(rank, c_out, 3, stride=layer.stride, padding=1,
-                                   groups=rank, bias=False)
+            self.up = nn.Conv2d(rank, c_out, 3, stride=layer.stride, padding=1,
+                                groups=rank, bias=False)
             self.scale = 1.0 if scale is None else scale
         else:
             self.up = nn.Conv2d(rank, c_out, 1, stride=layer.stride, bias=False)

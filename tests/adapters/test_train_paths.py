@@ -11,7 +11,6 @@ from colora_mm.adapters import (AdapterSpec, CoLoRAPairLayer, inject_adapters,
                                 is_adapter_name, iter_adapted_layers, mark_trainable,
                                 merge_adapters, reset_adapters_from_weights)
 from colora_mm.adapters.paths import path_costs, prefer_activation_path
-from colora_mm.adapters.spatial import grouped_up_conv
 
 from adapter_nets import (ConvNeXtBlock, ConvPairNet, LinearPairNet, MixedPairNet,
                           colora_deltas64, max_abs_diff)
@@ -349,24 +348,6 @@ def test_bf16_autocast_outputs_stay_close_to_float32():
                 got = model(x)
                 assert model.fc1.adapter_branch.get_pair().delta(0).dtype == torch.float32
             assert _rel(got.float(), want) < 2e-2
-
-
-# ----------------------------------------------------------- spatial branch
-@pytest.mark.parametrize('shape,stride', [((2, 4, 9, 7), 1), ((1, 3, 8, 8), 2),
-                                          ((2, 6, 5, 12), 1)])
-def test_grouped_up_conv_equals_the_grouped_convolution(shape, stride):
-    n, r, h, w = shape
-    c = r * 5
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(c, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    want = F.conv2d(z, weight, None, stride, 1, 1, r)
-    got = grouped_up_conv(z, weight, stride, 1)
-    assert got.shape == want.shape and max_abs_diff(got, want) < 1e-12
-    v = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    gz, gw = torch.autograd.grad((want * v).sum(), (z, weight))
-    hz, hw = torch.autograd.grad((got * v).sum(), (z, weight))
-    assert max_abs_diff(hz, gz) < 1e-12 and max_abs_diff(hw, gw) < 1e-12
 
 
 def _saved_bytes(model, x):
