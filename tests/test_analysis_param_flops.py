@@ -138,8 +138,9 @@ PAPER_TOLERANCE = 1.1        # percent
 CONVNEXT_COLORA = [(kind, adapter) for kind, adapter in param_flops.default_variants(
     ['convnext_s', 'convnext_b'], ['colora'], None, None, sweep=True)]
 COLORA_CONVNEXT_CONFIGS = sorted(
-    glob.glob(osp.join(ROOT, 'configs', 'ade20k', 'upernet_colora*_convnext_*.py'))
-    + glob.glob(osp.join(ROOT, 'configs', 'coco', 'faster-rcnn_colora_convnext_*.py')))
+    p for p in glob.glob(osp.join(ROOT, 'configs', 'ade20k', 'upernet_colora*_convnext_*.py'))
+    + glob.glob(osp.join(ROOT, 'configs', 'coco', 'faster-rcnn_colora_convnext_*.py'))
+    if 'per-stage' not in p)          # per-layer settings: beyond the paper's set-ups
 
 
 def full_size(build_fn, *args):
