@@ -21,8 +21,10 @@
 # before a GPU is at hand.
 #
 # OUT_DIR receives: summary.md (stage times, the benchmark's tables, the demo's mIoU),
-# summary.json, bench_train.json, bench_tables.json and
-# logs/{install,gpu_tests,bench,demo}.log.
+# summary.json (the same, with the benchmark's full JSON), logs/{install,gpu_tests,bench,
+# demo}.log, and mmcv-build/torch-<version>-<variant>/mmcv-*.whl, the mmcv wheel
+# installed: put that folder into the bundle (BUNDLE_DIR/mmcv-build/) and the next install
+# on such a node skips the compile.
 #
 # Environment: PYTHON (the node's interpreter with torch; default python3), COLORA_VENV
 # (default <checkout>/.venv; see tools/setup_offline.sh), METHODS (default
@@ -59,7 +61,7 @@ fi
 mkdir -p "$OUT/logs" || fail "cannot create $OUT"
 OUT="$(cd "$OUT" && pwd)"
 BUNDLE="$(cd "$BUNDLE" && pwd)"
-rm -f "$OUT"/logs/*.log "$OUT"/summary.* "$OUT"/bench_*.json "$OUT"/stages.tsv
+rm -rf "$OUT"/logs/*.log "$OUT"/summary.* "$OUT"/stages.tsv "$OUT"/mmcv-build
 work=$(mktemp -d)      # the demo's data and work folders: many small files, not kept
 trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -85,6 +87,13 @@ run_stage() {
 if ! run_stage install "$OUT/logs/install.log" bash "$ROOT/tools/setup_offline.sh" "$BUNDLE"; then
   say "the install failed; the other stages need it (see $OUT/logs/install.log)"
 else
+  # the mmcv wheel installed, kept in OUT_DIR in the cache's layout: copied into a
+  # bundle's mmcv-build/, it spares the next install on such a node the compile
+  wheel=$(sed -n 's/^\[offline\]     mmcv wheel: //p' "$OUT/logs/install.log" | tail -n1)
+  if [ -n "$wheel" ] && [ -f "$wheel" ]; then
+    keep="$OUT/mmcv-build/$(basename "$(dirname "$wheel")" | tr '+' '_')"
+    mkdir -p "$keep" && cp "$wheel" "$keep/"
+  fi
   VENV="${COLORA_VENV:-$ROOT/.venv}"
   if [ "$VENV" = none ]; then PY="$(command -v "$PYTHON")"; else PY="$VENV/bin/python"; fi
   cd "$ROOT"
@@ -111,11 +120,11 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
   fi
   # shellcheck disable=SC2086
   run_stage bench_train "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
-    --only train --methods "${methods[@]}" --no-breakdown --json "$OUT/bench_train.json" \
+    --only train --methods "${methods[@]}" --no-breakdown --json "$work/bench_train.json" \
     ${BENCH_ARGS:-}
   # shellcheck disable=SC2086
   run_stage bench_tables "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
-    --only filter merge deltas --json "$OUT/bench_tables.json" ${BENCH_ARGS:-}
+    --only filter merge deltas --json "$work/bench_tables.json" ${BENCH_ARGS:-}
 
   # 4. the demo config on CUDA
   if [ "$DRY" = 1 ]; then
@@ -153,9 +162,10 @@ fi
 
 # 5. summary
 total=$((SECONDS - t_all))
-"${PY:-$PYTHON}" - "$OUT" "$total" "$BUDGET_S" "$DRY" "$work/test" "$work/colora" <<'PYEOF'
+"${PY:-$PYTHON}" - "$OUT" "$total" "$BUDGET_S" "$DRY" "$work" <<'PYEOF'
 import glob, json, os, sys
-out, total, budget, dry, test_dir, ft_dir = sys.argv[1:7]
+out, total, budget, dry, work = sys.argv[1:6]
+test_dir, ft_dir = os.path.join(work, 'test'), os.path.join(work, 'colora')
 total, budget = int(total), int(budget)
 stages = []
 for line in open(os.path.join(out, 'stages.tsv')):
@@ -171,7 +181,7 @@ try:
 except Exception as err:  # noqa: BLE001 - the summary is written whatever failed
     summary['torch'] = f'not importable: {err}'
 for part in ('train', 'tables'):
-    bench = os.path.join(out, f'bench_{part}.json')
+    bench = os.path.join(work, f'bench_{part}.json')
     if os.path.isfile(bench):
         summary[f'bench_{part}'] = json.load(open(bench))
 metrics = os.path.join(test_dir, 'metrics.json')
@@ -215,5 +225,5 @@ PYEOF
 if [ "$total" -gt "$BUDGET_S" ]; then
   say "took $total s, over the $BUDGET_S s budget: the stage times above show which stage"
 fi
-say "wrote $OUT/summary.md, summary.json, bench_train.json, bench_tables.json, logs/"
+say "wrote $OUT/summary.md, summary.json (with the benchmark's JSON), logs/, mmcv-build/"
 exit "$failed"

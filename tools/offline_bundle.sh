@@ -17,11 +17,11 @@
 #
 # Groups, the large optional parts (the bundle must stay under --max-mib, 64 by default):
 #   scipy       (in by default; ~34 MiB) imported by mmseg.models and mmdet.models
-#   opencv      (out; ~48 MiB) opencv-python-headless; else the node's OpenCV is used
+#   opencv      (out; 48-59 MiB) opencv-python-headless; else the node's OpenCV is used
 #   matplotlib  (out; ~16 MiB with fonttools, kiwisolver, ...) drawing only
 #   numpy, pillow (out) normally the node's, which torch / torchvision need anyway
-# scipy and opencv together do not fit in 64 MiB; a node with neither needs two bundles
-# or a larger limit.
+# opencv does not fit in 64 MiB beside the rest (about 16 MiB) even without scipy: a node
+# without OpenCV needs a larger limit or a second bundle.
 #
 # Environment: PYTHON (the interpreter whose pip downloads; default python3). pip's
 # own configuration (index, proxy) applies.
@@ -88,13 +88,14 @@ reqs="$OUT/requirements.txt"
 {
   echo "# tools/offline_bundle.sh: requirements/offline.txt and the groups packed here"
   grep -v '^\s*#' "$ROOT/requirements/offline.txt" | grep -v '^\s*$'
-  [ "${GROUPS_ON[scipy]}" = 1 ] && echo "scipy"
-  [ "${GROUPS_ON[opencv]}" = 1 ] && echo "opencv-python-headless>=4.10,<5"
-  [ "${GROUPS_ON[matplotlib]}" = 1 ] && echo "matplotlib"
-  [ "${GROUPS_ON[numpy]}" = 1 ] && echo "numpy"
-  [ "${GROUPS_ON[pillow]}" = 1 ] && echo "pillow"
+  # 4.10 and 4.11 run on numpy 1.x and 2.x and are the smallest (48 MiB; 4.12+: 52-59)
+  declare -A LINE=([scipy]="scipy" [opencv]="opencv-python-headless>=4.10,<4.12"
+                   [matplotlib]="matplotlib" [numpy]="numpy" [pillow]="pillow")
+  for g in scipy opencv matplotlib numpy pillow; do
+    if [ "${GROUPS_ON[$g]}" = 1 ]; then echo "${LINE[$g]}"; fi
+  done
 } > "$reqs"
-included=$(for g in "${!GROUPS_ON[@]}"; do [ "${GROUPS_ON[$g]}" = 1 ] && echo "$g"; done | sort | xargs)
+included=$(for g in "${!GROUPS_ON[@]}"; do if [ "${GROUPS_ON[$g]}" = 1 ]; then echo "$g"; fi; done | sort | xargs)
 step "target: CPython $PYVER, $PLATFORM; groups packed: ${included:-none}; limit $MAX_MIB MiB"
 
 pipdl() { "$PYTHON" -m pip --disable-pip-version-check download --quiet "$@"; }

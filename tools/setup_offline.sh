@@ -18,8 +18,9 @@
 # only (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability()), on every core;
 # a wheel already built for exactly this torch, architecture and Python is reused from the
 # cache (~/.cache/colora_mm/mmcv-2.1.0/torch-<torch version>-<cpu|cuda-ARCH>/, shared
-# with tools/setup_env.sh); (5) colora_mm in editable mode; (6) setup_env.sh's import
-# check, and pip check.
+# with tools/setup_env.sh) or from BUNDLE_DIR/mmcv-build/torch-<...>/ (the same layout,
+# '+' written '_', for nodes whose cache does not last); (5) colora_mm in editable mode; (6) setup_env.sh's
+# import check, and pip check.
 #
 # Versions: the node's numpy 2.x is kept; mmcv 2.1.0's ops do not use numpy's C API, and
 # the OpenMMLab 2.x code that runs here works with numpy 2 (the test suite passes on
@@ -258,11 +259,15 @@ else
 fi
 WHEELS="$CACHE/mmcv-$MMCV_VERSION/torch-$TORCH_FULL-$variant"
 jobs="${MAX_JOBS:-$(nproc)}"
-build_env="MMCV_WITH_OPS=1 FORCE_CUDA=$USE_CUDA MAX_JOBS=$jobs${ARCH:+ TORCH_CUDA_ARCH_LIST=$ARCH}${BUILD_CUDA_HOME:+ CUDA_HOME=$BUILD_CUDA_HOME}${EXTRA_CPATH:+ CPATH=$EXTRA_CPATH}"
+build_env="MMCV_WITH_OPS=1 FORCE_CUDA=$USE_CUDA MAX_JOBS=$jobs CFLAGS=-g0${ARCH:+ TORCH_CUDA_ARCH_LIST=$ARCH}${BUILD_CUDA_HOME:+ CUDA_HOME=$BUILD_CUDA_HOME}${EXTRA_CPATH:+ CPATH=$EXTRA_CPATH}"
 build_cmd="$build_env $PY -m pip wheel --no-deps --no-build-isolation --no-index -w DIST mmcv-$MMCV_VERSION/"
-wheel=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-"$PYTAG"-*.whl 2>/dev/null | head -n1 || true)
+# a wheel built before: in the cache, or carried in the bundle's mmcv-build/ folder (the
+# cache's layout; benchmarks/gpu_check.sh writes one there in its output)
+wheel=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-"$PYTAG"-*.whl \
+  "$DIR/mmcv-build/torch-${TORCH_FULL//+/_}-$variant"/mmcv-"$MMCV_VERSION"-"$PYTAG"-*.whl \
+  2>/dev/null | head -n1 || true)
 if [ -n "$wheel" ]; then
-  step "4/6 mmcv $MMCV_VERSION: cached wheel for torch $TORCH_FULL ($variant): $wheel"
+  step "4/6 mmcv $MMCV_VERSION: wheel built before for torch $TORCH_FULL ($variant): $wheel"
   step "    (without it: unpack $DIR/mmcv-$MMCV_VERSION.tar.gz, -std=c++17 -> c++20, then $build_cmd)"
 else
   mkdir -p "$CACHE"
@@ -279,8 +284,11 @@ else
   step "    $build_cmd"
   if [ -n "$EXTRA_CPATH" ]; then export CPATH="$EXTRA_CPATH${CPATH:+:$CPATH}"; fi
   if [ -n "$BUILD_CUDA_HOME" ]; then export CUDA_HOME="$BUILD_CUDA_HOME"; fi
-  ( cd "$tmp" && env MMCV_WITH_OPS=1 FORCE_CUDA="$USE_CUDA" MAX_JOBS="$jobs" \
+  # -g0 after Python's -g: no host debug information (a smaller wheel, a faster build)
+  ( cd "$tmp" && env -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS \
+      -u PIP_CONSTRAINT MMCV_WITH_OPS=1 FORCE_CUDA="$USE_CUDA" MAX_JOBS="$jobs" \
       ${ARCH:+TORCH_CUDA_ARCH_LIST="$ARCH"} PIP_CONFIG_FILE=/dev/null \
+      CFLAGS="${CFLAGS:+$CFLAGS }-g0" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }-g0" \
       "$PY" -m pip wheel --no-deps --no-build-isolation --no-index --disable-pip-version-check \
       -w "$tmp/dist" "$tmp/mmcv-$MMCV_VERSION" ) >"$log" 2>&1 &
   build=$!
@@ -301,6 +309,7 @@ else
   step "    compiled in $((SECONDS - t_build)) s; cached as $wheel"
 fi
 pip_off install --quiet --no-index --force-reinstall --no-deps "$wheel"
+step "    mmcv wheel: $wheel"
 [ "$VENV" = none ] || echo "torch-$TORCH_FULL-$variant" > "$VENV/.mmcv-built-for"
 
 # 5. this package, editable
