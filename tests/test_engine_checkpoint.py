@@ -90,7 +90,12 @@ def test_training_moved_partners_and_adapters(trained):
     ckpt = torch.load(trained['pretrained'], weights_only=True)['model']
     pair = 'backbone.stages.0.0.pointwise_conv1.adapter_branch.pair.'
     assert torch.count_nonzero(state[pair + 'B1']) > 0
-    partner = state[pair + 'partner_w2']
+    # the partner is the base weight plus a stored low-rank offset, non-zero after
+    # training (and after the fold, which records the folded part there)
+    left, right = state[pair + 'partner_l2'], state[pair + 'partner_r2']
+    assert left.shape[1] > 0 and torch.count_nonzero(left @ right) > 0
+    base = trained['model'].backbone.stages[0][0].pointwise_conv2.weight
+    partner = base.detach().t() + left @ right
     assert not torch.allclose(partner, ckpt['stages.0.0.pwconv2.weight'].t())
     logs = ''.join(p.read_text() for p in trained['work_dir'].glob('**/*.log'))
     assert 'CoLoRA report' in logs and 'backbone adapters' in logs
@@ -108,7 +113,7 @@ def test_load_from_restores_the_trained_model_exactly(trained):
     assert set(restored) == set(trained['state'])
     for key, value in trained['state'].items():
         assert torch.equal(restored[key], value), key
-    assert any('partner_w' in k for k in restored if is_adapter_name(k))
+    assert any('partner_l' in k for k in restored if is_adapter_name(k))
     x = torch.randn(2, 3, 32, 32)
     fresh.eval()
     trained['model'].eval()

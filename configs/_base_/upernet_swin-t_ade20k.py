@@ -16,3 +16,5 @@ model = dict(
             share_ratio=0.5,
             partner_policy='effective')))
 custom_hooks = [dict(type='CoLoRAReportHook', input_size=(512, 512))]
+# Checkpoints written atomically (upstream's interval and settings otherwise).
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))

@@ -565,6 +565,7 @@ def _spatial_choice(text: str) -> SpatialChoice:
     return value
 
 
+@torch.no_grad()     # counting only; the caller's grad mode is left as it was
 def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -599,7 +600,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
                      'its own adapter dict (edit the config instead).')
     input_size = tuple(args.input_size)
     flops = not args.params_only
-    torch.set_grad_enabled(False)
 
     rows: List[Row] = []
     plain_cache: Dict[str, int] = {}
