@@ -493,8 +493,13 @@ def test_swin_ade20k_configs_follow_upstream(tmp_path, method):
     # everything else is upstream's: heads, data, AdamW 6e-5 / 0.01 with no decay on
     # position tables and norms, warmup + poly, 160k iterations, 8 GPUs x 2 images
     for key in ('optim_wrapper', 'param_scheduler', 'train_cfg', 'train_dataloader',
-                'val_dataloader', 'default_hooks'):
+                'val_dataloader'):
         assert cfg[key] == up[key], key
+    # upstream's hooks, the checkpoint written atomically with upstream's settings
+    hooks, up_hooks = copy.deepcopy(cfg.default_hooks), copy.deepcopy(up.default_hooks)
+    assert hooks.checkpoint.pop('type') == 'AtomicCheckpointHook'
+    assert up_hooks.checkpoint.pop('type') == 'CheckpointHook'
+    assert hooks == up_hooks
     for key in ('decode_head', 'auxiliary_head', 'data_preprocessor', 'test_cfg'):
         assert cfg.model[key] == up.model[key], key
     assert cfg.optim_wrapper.optimizer.lr == 6e-5
