@@ -89,9 +89,7 @@ class Adapter(nn.Module):
         factors = self.low_rank(layer)
         if factors is None:
             return None
-        left, right = factors
-        with no_autocast(left.device):
-            return layer.as_weight_shape((left @ right).t())
+        return layer.delta_from_factors(*factors)
 
     def adapted_weight(self, layer: 'AdaptedLayer') -> Optional[torch.Tensor]:
         """The weight the weight path runs the base op with: ``W + dW``."""
@@ -213,6 +211,11 @@ class AdaptedLayer(nn.Module):
     def as_weight_shape(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.reshape(self.weight.shape)
 
+    def delta_from_factors(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``dW = L R`` (paper orientation) as this layer's weight-shaped update."""
+        with no_autocast(left.device):
+            return self.as_weight_shape((left @ right).t())
+
     def unmerged_weight(self) -> torch.Tensor:
         """The base weight without a merged update (``weight`` unless merged)."""
         if self.merged and self._merged_delta is not None:
@@ -275,9 +278,7 @@ class AdaptedLayer(nn.Module):
             self.last_path = 'activation'
         else:
             if factors is not None:
-                left, right = factors
-                with no_autocast(left.device):
-                    delta = self.as_weight_shape((left @ right).t())
+                delta = self.delta_from_factors(*factors)
                 weight = self.weight + delta.to(self.weight.dtype)
             else:
                 weight = adapter.adapted_weight(self)

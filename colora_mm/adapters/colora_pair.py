@@ -232,14 +232,6 @@ class CoLoRAPair(nn.Module):
         setattr(self, lname, left.detach().to(ref.dtype).contiguous())
         setattr(self, rname, right.detach().to(ref.dtype).contiguous())
 
-    @torch.no_grad()
-    def clear_partner_offsets(self) -> None:
-        """Partners = the current base weights (after pretrained weights are loaded)."""
-        for index, (din, dout) in enumerate(self.side_shapes()):
-            left, right = self.offset(index)
-            self.set_partner_offset(index, left.new_zeros(din, 0), right.new_zeros(0, dout))
-        self._pending = None
-
     # ------------------------------------------------------------------ deltas
     def _independent_factors(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
         """``(s_i A_i, B_i)``: the scaling goes on the thin factor."""
