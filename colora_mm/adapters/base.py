@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lowrank import low_rank_product, producer_recipe
+from .lowrank import linear_low_rank, low_rank_product, producer_recipe
 from .paths import TRAIN_PATHS, prefer_activation_path
 
 ADAPTER_PREFIX = 'adapter_'
@@ -272,9 +272,17 @@ class AdaptedLayer(nn.Module):
         adapter = self.adapter_branch
         factors = adapter.low_rank(self)
         if factors is not None and self.use_activation_path(x, factors[0].shape[1]):
-            out = self.base_forward(x)
-            # in place: nothing keeps the base op's output for backward
-            out = out.add_(self.low_rank_forward(x, *factors).to(out.dtype))
+            if not self.is_conv and not self.weight.requires_grad:
+                # one op: the update accumulates into the base GEMM's output
+                autocast = torch.is_autocast_enabled(x.device.type)
+                out = linear_low_rank(x, self.weight, self.bias, *factors,
+                                      dtype=torch.get_autocast_dtype(x.device.type)
+                                      if autocast else x.dtype)
+            else:
+                # out of place: F.linear's output can be a view, which an in-place
+                # sum would make autograd copy back in the backward pass
+                out = self.base_forward(x)
+                out = out + self.low_rank_forward(x, *factors).to(out.dtype)
             self.last_path = 'activation'
         else:
             if factors is not None:
@@ -286,7 +294,8 @@ class AdaptedLayer(nn.Module):
             self.last_path = None if weight is None else 'weight'
         extra = adapter.branch(self, x)
         if extra is not None:
-            out = out.add_(extra.to(out.dtype))
+            extra = extra.to(out.dtype)
+            out = out + extra if out._is_view() else out.add_(extra)
         adapter.after_forward(self, factors)
         return out
 

@@ -14,9 +14,22 @@ output, for one, is already kept by the ReLU, so that costs nothing extra either
 The recomputed ``x`` equals the forward one up to rounding (GELU: bit for bit;
 LayerNorm: ``(x - mean) rstd w + b`` in another order than the fused kernel), so the
 factor gradients agree with the plain autograd ones to float rounding.
+
+For a frozen ``nn.Linear`` (ConvNeXt's pointwise layers) :func:`linear_low_rank` runs
+base op and update as one op: ``z R`` accumulates into the base GEMM's output
+(``addmm_``) and ``dz L^T`` into the input gradient ``dy W``, so the update adds no
+output-sized tensor, no separate sum, and none of the copies autograd makes for an
+in-place sum on ``F.linear``'s (view) output.
+
+Both ops keep the thin products transposed, ``z^T = L^T x^T`` (``k x T``), and form
+every product with the rank ``k`` as the GEMM's row count: CPU GEMMs run a ``k``-row
+output several times faster than the same product as a ``k``-column one.
 """
 from __future__ import annotations
 
+import itertools
+import math
+from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -47,18 +60,76 @@ def producer_recipe(x: torch.Tensor) -> Optional[Recipe]:
 
 
 @torch.no_grad()
-def recompute(recipe: Recipe, dtype: torch.dtype) -> torch.Tensor:
+def recompute(recipe: Recipe, dtype: torch.dtype, index: tuple = ()) -> torch.Tensor:
+    """``x`` (or the part ``x[index]``, ``index`` over its leading axes), contiguous."""
     kind, tensors, extra = recipe
     if kind == 'gelu':
-        x = F.gelu(tensors[0], approximate=extra)
+        x = F.gelu(tensors[0][index], approximate=extra)
     else:
         inp, mean, rstd, weight, bias = tensors
-        x = (inp - mean) * rstd
+        inp, mean, rstd = inp[index], mean[index], rstd[index]
+        # into a contiguous buffer: LayerNorm's input is often a permuted view
+        # (ConvNeXt's channels-last), and the factor gradient needs x as a matrix
+        x = torch.empty(inp.shape, dtype=inp.dtype, device=inp.device)
+        torch.sub(inp, mean, out=x).mul_(rstd)
         if weight is not None:
-            x = x * weight
+            x.mul_(weight)
         if bias is not None:
-            x = x + bias
+            x.add_(bias)
     return x.to(dtype)
+
+
+#: Bytes of recomputed input per piece of the factor gradient: small enough for the
+#: piece to stay in cache between being recomputed and being multiplied.
+RECOMPUTE_PIECE_BYTES = 1 << 20
+
+
+def _pieces(recipe: Recipe, shape: torch.Size, itemsize: int):
+    """``(index, first_row, end_row)`` cutting ``x`` (``shape``) into pieces along its
+    leading axes, each a contiguous range of the flattened rows. Only axes the recipe
+    can slice are cut (not LayerNorm's normalised axes)."""
+    lead = list(shape[:-1])
+    cut = len(lead)
+    if recipe[0] == 'layer_norm':
+        mean = recipe[1][1]
+        cut = 0
+        while cut < len(lead) and mean.shape[cut] == lead[cut]:
+            cut += 1
+    max_rows = max(1, RECOMPUTE_PIECE_BYTES // max(1, shape[-1] * itemsize))
+    # the axis to step along: the first one whose inner rows fit in a piece
+    axis, inner = 0, math.prod(lead)
+    while axis < cut and inner > max_rows:
+        inner //= lead[axis]
+        axis += 1
+    if axis == 0:
+        yield (), 0, math.prod(lead)
+        return
+    axis -= 1
+    inner = math.prod(lead[axis + 1:])
+    step = max(1, max_rows // max(1, inner))
+    for outer in itertools.product(*(range(n) for n in lead[:axis])):
+        base = 0
+        for i, n in zip(outer, lead[:axis]):
+            base = base * n + i
+        for a in range(0, lead[axis], step):
+            b = min(a + step, lead[axis])
+            first = (base * lead[axis] + a) * inner
+            yield outer + (slice(a, b),), first, first + (b - a) * inner
+
+
+def factor_gradient_t(gzt: torch.Tensor, x: Optional[torch.Tensor],
+                      recipe: Optional[Recipe], shape: torch.Size,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``(x^T dz)^T = dz^T x`` (``k x d``) with ``x`` kept, or recomputed piece by piece
+    (each piece multiplied while it is still in cache)."""
+    if x is not None:
+        return gzt @ x.reshape(-1, x.shape[-1])
+    out = None
+    for index, first, end in _pieces(recipe, shape, torch.finfo(dtype).bits // 8):
+        piece = recompute(recipe, dtype, index).reshape(-1, shape[-1])
+        part = gzt[:, first:end]
+        out = part @ piece if out is None else out.addmm_(part, piece)
+    return out
 
 
 class LowRankProduct(torch.autograd.Function):
@@ -66,29 +137,30 @@ class LowRankProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, left, right, recipe):
-        z = x @ left
-        out = z @ right
+        x2 = x.reshape(-1, x.shape[-1])
+        zt = left.t() @ x2.t()
+        out = zt.t() @ right
         ctx.recipe = recipe
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         if recipe is None:
-            ctx.save_for_backward(left, right, z, x)
+            ctx.save_for_backward(left, right, zt, x)
         else:
-            ctx.save_for_backward(left, right, z)
-        return out
+            ctx.save_for_backward(left, right, zt)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        left, right, z, *kept = ctx.saved_tensors
+        left, right, zt, *kept = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(right.dtype)
         grad_x = grad_left = grad_right = None
         if ctx.needs_input_grad[2]:
-            grad_right = z.reshape(-1, z.shape[-1]).t() @ g
-        gz = g @ right.t()
+            grad_right = zt @ g
+        gzt = right @ g.t()
         if ctx.needs_input_grad[1]:
-            x = kept[0] if kept else recompute(ctx.recipe, ctx.x_dtype)
-            grad_left = x.reshape(-1, x.shape[-1]).t() @ gz
+            grad_left = factor_gradient_t(gzt, kept[0] if kept else None, ctx.recipe,
+                                          ctx.x_shape, ctx.x_dtype).t()
         if ctx.needs_input_grad[0]:
-            grad_x = (gz @ left.t()).reshape(ctx.x_shape)
+            grad_x = (gzt.t() @ left.t()).reshape(ctx.x_shape)
         return grad_x, grad_left, grad_right, None
 
 
@@ -104,3 +176,75 @@ def low_rank_product(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     if not grad:
         return (x @ left) @ right
     return LowRankProduct.apply(x, left, right, recipe)
+
+
+def _linear_low_rank(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     left: torch.Tensor, right: torch.Tensor) -> tuple:
+    """``(x W^T + b + z R, z^T)`` with ``z = x L``: two GEMMs into one output."""
+    zt = left.t() @ x2.t()
+    out = (torch.addmm(bias, x2, weight.t()) if bias is not None
+           else x2 @ weight.t())
+    return out.addmm_(zt.t(), right), zt
+
+
+class LinearLowRank(torch.autograd.Function):
+    """``x W^T + b + (x L) R`` for a frozen ``W`` on 2-D ``x``, as one op: the update
+    is accumulated into the base GEMM's output (and the input gradient
+    ``dy W + (dy R^T) L^T`` into one buffer), so no output-sized intermediate, sum or
+    in-place copy is formed. ``x`` is recomputed as in :class:`LowRankProduct` when its
+    producer allows."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, left, right, recipe, x_shape):
+        out, zt = _linear_low_rank(x2, weight, bias, left, right)
+        ctx.recipe = recipe
+        ctx.x_shape, ctx.x_dtype = x_shape, x2.dtype
+        ctx.has_bias = bias is not None
+        if recipe is None:
+            ctx.save_for_backward(weight, left, right, zt, x2)
+        else:
+            ctx.save_for_backward(weight, left, right, zt)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, left, right, zt, *kept = ctx.saved_tensors
+        g = g.to(right.dtype)
+        grad_x = grad_bias = grad_left = grad_right = None
+        if ctx.needs_input_grad[4]:
+            grad_right = zt @ g
+        gzt = right @ g.t()
+        if ctx.needs_input_grad[3]:
+            grad_left = factor_gradient_t(gzt, kept[0] if kept else None, ctx.recipe,
+                                          ctx.x_shape, ctx.x_dtype).t()
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(gzt.t(), left.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_bias, grad_left, grad_right, None, None
+
+
+def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    left: torch.Tensor, right: torch.Tensor,
+                    dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``F.linear(x, W, b) + (x L) R`` for a frozen ``W`` (``weight`` must not require a
+    gradient), all in ``dtype`` (default: ``x``'s; under autocast pass its dtype: the
+    op runs with autocast off on tensors cast to it)."""
+    if weight.requires_grad:
+        raise ValueError('linear_low_rank: the base weight must be frozen '
+                         '(requires_grad=False); use F.linear + low_rank_product.')
+    dtype = dtype or x.dtype
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, bias, left, right))
+    recipe = producer_recipe(x) if grad and left.requires_grad else None
+    autocast = torch.is_autocast_enabled(x.device.type)
+    ctx = torch.autocast(x.device.type, enabled=False) if autocast else nullcontext()
+    with ctx:
+        x, weight, left, right = (t.to(dtype) for t in (x, weight, left, right))
+        bias = bias.to(dtype) if bias is not None else None
+        x2 = x.reshape(-1, x.shape[-1])
+        if grad:
+            out = LinearLowRank.apply(x2, weight, bias, left, right, recipe, x.shape)
+        else:
+            out, _ = _linear_low_rank(x2, weight, bias, left, right)
+        return out.view(*x.shape[:-1], out.shape[-1])

@@ -101,7 +101,9 @@ class SpatialLowRankBranch(Adapter):
         z = self.down(x)
         if self.filter is not None:
             z = z + self.filter_lambda * self.filter(z)
-        return self.scale * self.up(z)
+        # the scale goes on the r compressed channels (B is linear), not on the
+        # C x H x W output; the depthwise style's scale 1 costs nothing
+        return self.up(z if self.scale == 1 else self.scale * z)
 
     @property
     def foldable(self) -> bool:

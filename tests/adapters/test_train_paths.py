@@ -386,3 +386,101 @@ def test_activation_path_keeps_no_copy_of_layernorm_or_gelu_outputs(method):
     inputs = tokens * (16 + 64) * 4            # LayerNorm output + GELU output, float32
     extra = sizes[method] - sizes['bitfit']
     assert extra < inputs / 4, (extra, inputs)
+
+
+def _producers():
+    return {'leaf': lambda u: u * 1.0,
+            'gelu': F.gelu,
+            'layer_norm': lambda u: F.layer_norm(u, (u.shape[-1],), torch.linspace(0.5, 1.5, u.shape[-1]),
+                                                 torch.linspace(-0.1, 0.1, u.shape[-1]))}
+
+
+@pytest.mark.parametrize('producer', ['leaf', 'gelu', 'layer_norm'])
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_fused_linear_low_rank_equals_the_separate_ops(producer, with_bias):
+    """``linear_low_rank`` (base GEMM and update into one output, one input-gradient
+    buffer) against ``F.linear(x, W, b) + (x L) R`` through plain autograd."""
+    from colora_mm.adapters.lowrank import linear_low_rank
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 5, 3, 8, generator=g, requires_grad=True)
+    weight = torch.randn(12, 8, generator=g)
+    bias = torch.randn(12, generator=g, requires_grad=True) if with_bias else None
+    left = torch.randn(8, 3, generator=g, requires_grad=True)
+    right = torch.randn(3, 12, generator=g, requires_grad=True)
+    leaves = [t for t in (u, bias, left, right) if t is not None]
+    v = torch.randn(2, 5, 3, 12, generator=g)
+    make = _producers()[producer]
+    out = linear_low_rank(make(u), weight, bias, left, right)
+    got = torch.autograd.grad((out * v).sum(), leaves)
+    x = make(u)
+    ref = F.linear(x, weight, bias) + (x @ left) @ right
+    want = torch.autograd.grad((ref * v).sum(), leaves)
+    assert out.shape == ref.shape and _rel(out, ref) < 1e-6
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-6
+
+
+def test_fused_linear_low_rank_output_takes_in_place_ops():
+    from colora_mm.adapters.lowrank import linear_low_rank
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 8, generator=g, requires_grad=True)
+    weight, bias = torch.randn(10, 8, generator=g), torch.randn(10, generator=g)
+    left = torch.randn(8, 2, generator=g, requires_grad=True)
+    right = torch.randn(2, 10, generator=g, requires_grad=True)
+    out = linear_low_rank(x, weight, bias, left, right)
+    out.mul_(2).relu_()
+    out.sum().backward()
+    ref = (2 * (F.linear(x, weight, bias) + (x @ left) @ right)).relu()
+    want = torch.autograd.grad(ref.sum(), (x, left, right))
+    for got, w in zip((x.grad, left.grad, right.grad), want):
+        assert _rel(got, w) < 1e-6
+
+
+def test_fused_linear_low_rank_refuses_a_trainable_base_weight():
+    from colora_mm.adapters.lowrank import linear_low_rank
+    weight = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match='base weight must be frozen'):
+        linear_low_rank(torch.randn(2, 3), weight, None, torch.randn(3, 1), torch.randn(1, 4))
+
+
+def test_activation_path_with_a_trainable_base_weight_trains_it_too():
+    """A base weight left trainable (e.g. by a custom trainable set) cannot take the
+    fused op: the layer sums base op and update instead, and the weight's gradient is
+    the weight path's."""
+    grads = {}
+    for path in ('activation', 'weight'):
+        model = _build(LinearPairNet, dict(method='lora', gamma=2), path)
+        model.fc1.weight.requires_grad_(True)
+        _, grads[path] = _run(model, _input(model))
+    assert _rel(grads['activation']['fc1.weight'], grads['weight']['fc1.weight']) < 1e-5
+    for n in grads['weight']:
+        assert _rel(grads['activation'][n], grads['weight'][n]) < 1e-5, n
+
+
+@pytest.mark.parametrize('producer', ['gelu', 'layer_norm', 'layer_norm_2d'])
+def test_factor_gradient_recomputed_in_pieces_equals_the_whole(monkeypatch, producer):
+    """The backward recomputes a LayerNorm or GELU input piece by piece (a few rows
+    at a time); with pieces of a few rows the factor gradients equal plain autograd's,
+    also for a LayerNorm over two axes (only the axes before them are cut)."""
+    from colora_mm.adapters import lowrank
+    monkeypatch.setattr(lowrank, 'RECOMPUTE_PIECE_BYTES', 3 * 8 * 4)
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 5, 4, 8, generator=g).permute(0, 2, 1, 3).requires_grad_()
+    make = {'gelu': F.gelu,
+            'layer_norm': lambda t: F.layer_norm(t, (8,)),
+            'layer_norm_2d': lambda t: F.layer_norm(t, (5, 8))}[producer]
+    weight, bias = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    left = torch.randn(8, 2, generator=g, requires_grad=True)
+    right = torch.randn(2, 6, generator=g, requires_grad=True)
+    v = torch.randn(3, 4, 5, 6, generator=g)
+    x = make(u)
+    assert lowrank.producer_recipe(x) is not None
+    pieces = list(lowrank._pieces(lowrank.producer_recipe(x), x.shape, 4))
+    assert len(pieces) > 1 and pieces[-1][2] == 3 * 4 * 5
+    out = lowrank.linear_low_rank(x, weight, bias, left, right)
+    got = torch.autograd.grad((out * v).sum(), (u, left, right))
+    x = make(u)
+    ref = F.linear(x, weight, bias) + (x @ left) @ right
+    want = torch.autograd.grad((ref * v).sum(), (u, left, right))
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-5
