@@ -81,7 +81,7 @@ def recompute(recipe: Recipe, dtype: torch.dtype, index: tuple = ()) -> torch.Te
 
 #: Bytes of recomputed input per piece of the factor gradient: small enough for the
 #: piece to stay in cache between being recomputed and being multiplied.
-RECOMPUTE_PIECE_BYTES = 1 << 20
+RECOMPUTE_PIECE_BYTES = 1 << 22
 
 
 def _pieces(recipe: Recipe, shape: torch.Size, itemsize: int):
