@@ -35,3 +35,23 @@ def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'gpu: needs a CUDA device, skipped without one (tests/test_gpu.py; '
         'run them with `pytest -m gpu`)')
+
+
+@pytest.fixture(scope='module')
+def fast_config_loading():
+    """Each upstream ``mmseg::``/``mmdet::`` base resolved once per module (see
+    data_gen.memoized_upstream_lookup); modules that load many configs use it."""
+    from data_gen import memoized_upstream_lookup
+    with memoized_upstream_lookup():
+        yield
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for what a module runs in this process: on a small, shared
+    CPU, OpenMP threads spinning against other processes make tiny models 10-100x
+    slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,20 +21,12 @@ import colora_mm  # noqa: E402,F401
 from colora_mm.adapters import (AdapterSpec, is_adapter_name,  # noqa: E402
                                 iter_adapted_layers, norm_parameter_names,
                                 reset_adapters_from_weights)
-from data_gen import (TINY_CHANNELS, memoized_upstream_lookup,  # noqa: E402
+from data_gen import (TINY_CHANNELS,  # noqa: E402
                       tiny_model_overrides)
 
+pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, OpenMP threads spinning against
-    other processes make tiny models 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 #: Configs beyond the paper's set-ups, checked by their own tests below.
@@ -88,12 +80,6 @@ def parse_name(path):
     info.setdefault('sr', None)
     info['method'] = METHODS[info['method']]
     return info
-
-
-@pytest.fixture(scope='module', autouse=True)
-def fast_config_loading():
-    with memoized_upstream_lookup():
-        yield
 
 
 _LOADED = {}

@@ -15,29 +15,14 @@ import pytest
 pytest.importorskip('mmdet')
 pytest.importorskip('pycocotools')
 
-from data_gen import (make_coco, memoized_upstream_lookup,  # noqa: E402
+from data_gen import (make_coco,  # noqa: E402
                       single_error, write_tiny_config)
+
+pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(ROOT, 'tools')
 COCO = osp.join(ROOT, 'configs', 'coco')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def fast_config_loading():
-    """Each upstream base resolved once (see data_gen.memoized_upstream_lookup)."""
-    with memoized_upstream_lookup():
-        yield
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread for what runs in this process (see test_configs.py)."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def python(tool, *argv):

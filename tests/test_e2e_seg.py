@@ -19,30 +19,15 @@ from PIL import Image
 
 pytest.importorskip('mmseg')
 
-from data_gen import (make_ade20k, memoized_upstream_lookup,  # noqa: E402
+from data_gen import (make_ade20k,  # noqa: E402
                       single_error, write_tiny_config)
+
+pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(ROOT, 'tools')
 ADE = osp.join(ROOT, 'configs', 'ade20k')
 TIMEOUT = 600
-
-
-@pytest.fixture(scope='module', autouse=True)
-def fast_config_loading():
-    """Each upstream base resolved once (see data_gen.memoized_upstream_lookup)."""
-    with memoized_upstream_lookup():
-        yield
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread for what runs in this process (see test_configs.py)."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(*argv, env=None):

@@ -2,7 +2,6 @@
 prepare (in-process, no training): the same flags for mmseg and mmdet configs, and
 the errors they give instead of starting a run."""
 import importlib.util
-import os
 import os.path as osp
 
 import pytest
@@ -12,19 +11,14 @@ pytest.importorskip('mmdet')
 
 import torch  # noqa: E402
 
-from data_gen import (make_ade20k, make_coco, memoized_upstream_lookup,  # noqa: E402
+from data_gen import (make_ade20k, make_coco,  # noqa: E402
                       write_tiny_config)
+
+pytestmark = pytest.mark.usefixtures('fast_config_loading')
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ADE_CFG = osp.join(ROOT, 'configs', 'ade20k', 'colora_convnext_b.py')
 COCO_CFG = osp.join(ROOT, 'configs', 'coco', 'faster-rcnn_lora_r50_fpn_2xb8-1x_coco.py')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def fast_config_loading():
-    """Each upstream base resolved once (see data_gen.memoized_upstream_lookup)."""
-    with memoized_upstream_lookup():
-        yield
 
 
 def load_tool(name):

@@ -19,27 +19,14 @@ from mmengine.registry import init_default_scope  # noqa: E402
 
 import colora_mm  # noqa: E402,F401
 from colora_mm.adapters import is_adapter_name, iter_adapted_layers  # noqa: E402
-from data_gen import (make_ade20k, memoized_upstream_lookup,  # noqa: E402
+from data_gen import (make_ade20k,  # noqa: E402
                       write_tiny_config)
+
+pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_config_loading():
-    """Each upstream base resolved once (see data_gen.memoized_upstream_lookup)."""
-    with memoized_upstream_lookup():
-        yield
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, OpenMP threads spinning against
-    other processes make tiny models 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 ADE = osp.join(ROOT, 'configs', 'ade20k')
 COCO = osp.join(ROOT, 'configs', 'coco')
 

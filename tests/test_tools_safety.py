@@ -24,27 +24,15 @@ import colora_mm  # noqa: E402,F401
 from colora_mm.engine import adapter_settings  # noqa: E402
 from colora_mm.engine.adapter_settings import (check_spec_types,  # noqa: E402
                                                settings_differences)
-from data_gen import (make_ade20k, memoized_upstream_lookup,  # noqa: E402
+from data_gen import (make_ade20k,  # noqa: E402
                       single_error, write_tiny_config)
+
+pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ADE = osp.join(ROOT, 'configs', 'ade20k')
 COLORA = osp.join(ADE, 'colora_convnext_b.py')
 LORA = osp.join(ADE, 'upernet_lora_convnext_b_4xb4-160k_ade20k-512x512.py')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def fast_config_loading():
-    with memoized_upstream_lookup():
-        yield
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_tool(name):

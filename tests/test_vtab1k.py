@@ -23,10 +23,12 @@ from colora_mm.datasets import (GROUPS, TASKS, VTABLayoutError, get_task,  # noq
 from colora_mm.evaluation import (format_markdown, paper_row,  # noqa: E402
                                   summarize)
 from colora_mm.evaluation.vtab1k_table import PAPER_VTAB1K, format_params  # noqa: E402
-from data_gen import memoized_upstream_lookup, single_error  # noqa: E402
+from data_gen import single_error  # noqa: E402
 from helpers_ckpt import (REDUCED_CONVNEXT, convnext_original_checkpoint,  # noqa: E402
                           save, torchvision_resnet_state_dict)
 from vtab1k_gen import make_vtab1k, write_tiny_vtab1k_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TESTS = osp.join(ROOT, 'tests')
@@ -34,20 +36,6 @@ TOOLS = osp.join(ROOT, 'tools')
 CONFIG = osp.join(ROOT, 'configs', 'vtab1k',
                   'colora_convnext_s_1xb32-100e_vtab1k-224x224.py')
 TWO_TASKS = ('patch_camelyon', 'kitti')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def fast_config_loading():
-    with memoized_upstream_lookup():
-        yield
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_tool(name, path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from colora_mm.adapters import (AdapterSpec, CoLoRAPairLayer, inject_adapters,
+from colora_mm.adapters import (AdapterSpec, inject_adapters,
                                 is_adapter_name, iter_adapted_layers, mark_trainable,
                                 merge_adapters, reset_adapters_from_weights)
 from colora_mm.adapters.paths import path_costs, prefer_activation_path
