@@ -21,7 +21,7 @@
 Every tool runs in its own process with the command line a user would type, forked
 from a server that imported the OpenMMLab stack once (:class:`ToolLauncher`;
 ``--no-fork``: plain ``python tools/X.py`` processes); every command is written to
-``OUT/commands.sh`` and its output to ``OUT/logs/``. Independent runs (the three
+``OUT/commands.sh`` and its output to ``OUT/logs/``. Independent runs (the four
 fine-tunings, the tests) go in parallel, ``--jobs`` at a time, each on one torch
 thread. The same ``--seed`` gives the same table on the same machine (the times
 aside).
@@ -461,8 +461,9 @@ class Demo:
             os.makedirs(folder)
         tasks = self.plan()
         self.num_steps = len(tasks) + 2
+        methods = ', '.join(label for _, label, _ in METHODS)
         print(f'colora_mm demo: pretrain a small ConvNeXt on one synthetic domain, adapt '
-              f'it to another with full fine-tuning, LoRA and CoLoRA (seed {self.seed}'
+              f'it to another with {methods} (seed {self.seed}'
               f'{", quick" if self.quick else ""}, {self.jobs} job'
               f'{"s" if self.jobs > 1 else ""}); output in {_show(self.out)}/',
               flush=True)
