@@ -132,6 +132,20 @@ def factor_gradient_t(gzt: torch.Tensor, x: Optional[torch.Tensor],
     return out
 
 
+def _factor_gradients(ctx, g: torch.Tensor, right: torch.Tensor, zt: torch.Tensor,
+                      kept: list, need_left: bool, need_right: bool) -> tuple:
+    """``(dz^T, dL, dR)`` from the output gradient ``g`` (2-D): ``dz^T = R g^T``,
+    ``dR = z^T g`` and ``dL = (dz^T x)^T`` with ``x`` kept or recomputed (``ctx``
+    holds the recipe and ``x``'s shape and dtype); a gradient not needed is None."""
+    grad_right = zt @ g if need_right else None
+    gzt = right @ g.t()
+    grad_left = None
+    if need_left:
+        grad_left = factor_gradient_t(gzt, kept[0] if kept else None, ctx.recipe,
+                                      ctx.x_shape, ctx.x_dtype).t()
+    return gzt, grad_left, grad_right
+
+
 class LowRankProduct(torch.autograd.Function):
     """``(x @ left) @ right`` over the last axis of ``x``; see the module doc."""
 
@@ -152,13 +166,9 @@ class LowRankProduct(torch.autograd.Function):
     def backward(ctx, grad):
         left, right, zt, *kept = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(right.dtype)
-        grad_x = grad_left = grad_right = None
-        if ctx.needs_input_grad[2]:
-            grad_right = zt @ g
-        gzt = right @ g.t()
-        if ctx.needs_input_grad[1]:
-            grad_left = factor_gradient_t(gzt, kept[0] if kept else None, ctx.recipe,
-                                          ctx.x_shape, ctx.x_dtype).t()
+        gzt, grad_left, grad_right = _factor_gradients(
+            ctx, g, right, zt, kept, *ctx.needs_input_grad[1:3])
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (gzt.t() @ left.t()).reshape(ctx.x_shape)
         return grad_x, grad_left, grad_right, None
@@ -210,13 +220,9 @@ class LinearLowRank(torch.autograd.Function):
     def backward(ctx, g):
         weight, left, right, zt, *kept = ctx.saved_tensors
         g = g.to(right.dtype)
-        grad_x = grad_bias = grad_left = grad_right = None
-        if ctx.needs_input_grad[4]:
-            grad_right = zt @ g
-        gzt = right @ g.t()
-        if ctx.needs_input_grad[3]:
-            grad_left = factor_gradient_t(gzt, kept[0] if kept else None, ctx.recipe,
-                                          ctx.x_shape, ctx.x_dtype).t()
+        gzt, grad_left, grad_right = _factor_gradients(
+            ctx, g, right, zt, kept, *ctx.needs_input_grad[3:5])
+        grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = (g @ weight).addmm_(gzt.t(), left.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
