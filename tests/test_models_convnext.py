@@ -125,6 +125,15 @@ def test_frozen_stages_freeze_adapters_and_survive_train():
     assert not model.stages[0].training and model.stages[1].training
 
 
+def test_train_and_eval_return_the_module_and_keep_the_freezing():
+    """Unlike the upstream ConvNeXt's, ``train()``/``eval()`` return the module (they
+    chain, as for any nn.Module) and still apply ``frozen_stages``."""
+    model = build(frozen_stages=1)
+    assert model.eval() is model and not model.training
+    assert model.train() is model and model.stages[1].training
+    assert not model.stages[0].training
+
+
 @pytest.mark.parametrize('method', ['colora', 'lora', 'pissa', 'hira', 'conv_adapter'])
 def test_fresh_adapters_compute_the_upstream_model(method):
     from mmpretrain.models.backbones import ConvNeXt
@@ -344,7 +353,7 @@ def test_merged_structure_matches_a_merged_model():
         reference = model(x)
     merge_adapters(model)
     deploy = build(adapter=dict(method='colora', merged=True))
-    deploy.eval()   # mmpretrain's ConvNeXt.train() returns None
+    deploy.eval()
     assert not isinstance(deploy.stages[0][0].pointwise_conv1, AdaptedLayer)
     assert [n for n, _ in iter_adapted_layers(deploy)] == \
         [n for n, _ in iter_adapted_layers(model)]

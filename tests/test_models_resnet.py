@@ -86,9 +86,10 @@ def test_mmdet_defaults_freeze_stem_and_stage1_adapters_included():
     assert not model.layer2[0].conv1.weight.requires_grad
     assert not model.layer1.training
     # norm_eval: every BatchNorm in eval mode, after every train()
-    model.train()
+    assert model.train() is model             # chains, unlike the upstream train()
     assert all(not m.training for m in model.modules() if isinstance(m, _BatchNorm))
     assert model.layer2[0].conv2.training     # the rest trains
+    assert model.eval() is model and not model.layer2[0].conv2.training
 
 
 def test_norm_cfg_requires_grad_false_is_honoured():

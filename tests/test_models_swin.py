@@ -111,6 +111,7 @@ def test_trainable_set_is_adapters_biases_and_norms():
 
 def test_frozen_stages_freeze_adapters_too():
     model = build(frozen_stages=2)
+    assert model.train() is model and model.eval() is model   # they chain
     model.train()
     for name, p in model.named_parameters():
         if name.startswith(('stages.0.', 'stages.1.', 'patch_embed.', 'norm0', 'norm1')):

@@ -59,6 +59,13 @@ class AdaptedBackboneMixin:
         ``inject_adapters`` keywords (Swin's attention projections). Default: none."""
         return []
 
+    def train(self, mode: bool = True):
+        """The upstream ``train`` (stage freezing, ``norm_eval``), returning the module
+        as ``nn.Module.train`` does, so that ``model.eval()`` and ``model.train()``
+        chain; the upstream backbones return None."""
+        super().train(mode)
+        return self
+
     # ------------------------------------------------------------ construction
     def _setup_adapters(self, adapter: Optional[dict]) -> None:
         self.adapter_spec = AdapterSpec.from_dict(adapter)
