@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 pytest.importorskip('mmpretrain')
 
@@ -179,6 +180,26 @@ def test_fresh_colora_resnet_computes_mmpretrains_resnet():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters()
         if is_adapter_name(n) or n.endswith('.bias') or n in norms}
+
+
+def test_mmpretrain_resnet_train_and_eval_chain_and_keep_freezing():
+    """mmpretrain's ResNet.train() returns None; the adapted one returns the module,
+    re-applies ``frozen_stages`` and ``norm_eval`` and leaves the rest training."""
+    from mmpretrain.registry import MODELS
+    model = MODELS.build(dict(type='CoLoRAResNet', depth=50, base_channels=16,
+                              stem_channels=16, frozen_stages=1, norm_eval=True,
+                              adapter=dict(method='colora')))
+    assert model.train() is model
+    assert not model.layer1.training and not model.bn1.training
+    assert all(not m.training for m in model.modules() if isinstance(m, _BatchNorm))
+    assert model.layer2[0].conv2.training and model.layer2[0].conv2.adapter_branch.training
+    for name, p in model.named_parameters():
+        if name.startswith(('conv1.', 'bn1.', 'layer1.')):
+            assert not p.requires_grad, name
+    assert model.layer2[0].conv1.adapter_branch.pair.A1.requires_grad
+    assert model.eval() is model
+    assert not any(m.training for m in model.modules())
+    assert model.train(True).train(False) is model and not model.layer2[0].conv2.training
 
 
 def test_convnext_classifier_loads_the_original_release(tmp_path):
