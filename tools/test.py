@@ -159,9 +159,11 @@ def main(argv=None):
     from mmengine.dist import is_main_process
     try:
         metrics = runner.test()
-        main_process = is_main_process()
-    finally:
-        close_process_group()
+    except BaseException:
+        close_process_group(wait_for_peers=False)
+        raise
+    main_process = is_main_process()
+    close_process_group()
     if main_process:
         path = osp.join(cfg.work_dir, 'metrics.json')
         with open(path, 'w') as f:

@@ -427,16 +427,26 @@ def main(argv=None):
         runner = RUNNERS.build(cfg)
     try:
         runner.train()
-    finally:
-        close_process_group()
+    except BaseException:
+        close_process_group(wait_for_peers=False)
+        raise
+    close_process_group()
     return 0
 
 
-def close_process_group():
-    """End a distributed run cleanly: a gloo group left open can abort the process at
-    interpreter exit ("terminate called without an active exception")."""
+def close_process_group(wait_for_peers=True):
+    """End a distributed run cleanly.
+
+    A gloo group torn down while a peer is still finishing its last collective (the
+    final metrics broadcast, say) can abort the process at interpreter exit
+    ("terminate called without an active exception", SIGABRT), so after a run that
+    succeeded every rank waits at a barrier before the group is destroyed. After a
+    failure the barrier is skipped: the peers may never reach it.
+    """
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 
