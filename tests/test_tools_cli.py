@@ -133,3 +133,37 @@ def test_dist_scripts_pass_the_usual_variables():
             assert f'${var}' in text or f'"${var}"' in text, (script, var)
         assert 'torch.distributed.run' in text and '--launcher pytorch' in text
         assert positional in text
+
+
+def _close_worker(rank, port, out_dir):
+    import os
+    import time
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    if rank == 1:
+        time.sleep(1.0)                     # the peer still finishing its work
+    arrived = time.time()
+    train.close_process_group()
+    closed = time.time()
+    with open(osp.join(out_dir, f'rank{rank}.txt'), 'w') as f:
+        f.write(f'{arrived} {closed} {int(dist.is_initialized())}')
+
+
+def test_close_process_group_waits_for_every_rank(tmp_path):
+    """After a successful distributed run no rank destroys the gloo group while a peer
+    is still working (a group torn down under a peer aborted rank 0 at exit)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_close_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    times = {}
+    for rank in (0, 1):
+        arrived, closed, initialized = open(tmp_path / f'rank{rank}.txt').read().split()
+        times[rank] = float(arrived), float(closed)
+        assert initialized == '0'           # the group is gone on every rank
+    assert times[0][1] >= times[1][0]       # rank 0 left only once rank 1 had arrived
