@@ -723,7 +723,11 @@ def bench_spatial(args, results: dict) -> None:
     runs, against each exact alternative (checked equal first)."""
     dev = args.device
     rows, out = [], []
-    dims = dict(tiny=96, small=96, base=128).get(args.arch, 96)
+    from mmpretrain.models.backbones.convnext import ConvNeXt
+    if args.arch not in ConvNeXt.arch_settings:
+        raise SystemExit(f'--arch {args.arch}: not one of mmpretrain\'s ConvNeXt archs '
+                         f'({", ".join(ConvNeXt.arch_settings)})')
+    dims = ConvNeXt.arch_settings[args.arch]['channels'][0]
     totals = {name: 0.0 for name in ['grouped conv'] + list(UP_CANDIDATES)}
     for stage in range(4):
         c, hw = dims * 2 ** stage, args.size // (4 * 2 ** stage)

@@ -12,7 +12,7 @@
 #              filter on CUDA against the CPU, merge on CUDA, CUDA checkpoint -> CPU
 #   bench_train   benchmarks/bench_colora.py --device cuda --amp --only train: UperNet +
 #              ConvNeXt-B at 512x512, 2 images, head channels 512; methods $METHODS
-#   bench_tables  the same script's other tables (filter, merge, deltas) on CUDA
+#   bench_tables  the same script's other tables (filter, spatial, merge, deltas) on CUDA
 #   demo       the demo's synthetic domains; tools/train.py of the demo's pretraining
 #              (full) and of its CoLoRA fine-tuning, both --amp, $DEMO_ITERS iterations
 #              each on CUDA; tools/test.py of the fine-tuned model (mIoU)
@@ -124,7 +124,7 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
     ${BENCH_ARGS:-}
   # shellcheck disable=SC2086
   run_stage bench_tables "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
-    --only filter merge deltas --json "$work/bench_tables.json" ${BENCH_ARGS:-}
+    --only filter spatial merge deltas --json "$work/bench_tables.json" ${BENCH_ARGS:-}
 
   # 4. the demo config on CUDA
   if [ "$DRY" = 1 ]; then
@@ -163,7 +163,7 @@ fi
 # 5. summary
 total=$((SECONDS - t_all))
 "${PY:-$PYTHON}" - "$OUT" "$total" "$BUDGET_S" "$DRY" "$work" <<'PYEOF'
-import glob, json, os, sys
+import glob, json, os, re, sys
 out, total, budget, dry, work = sys.argv[1:6]
 test_dir, ft_dir = os.path.join(work, 'test'), os.path.join(work, 'colora')
 total, budget = int(total), int(budget)
@@ -205,7 +205,7 @@ if os.path.isfile(bench_log):
     lines += ['', '## Benchmark (benchmarks/bench_colora.py)']
     for line in open(bench_log):
         line = line.rstrip('\n')
-        if line[:3] in ('1. ', '2. ', '3. ', '4. '):     # a table's title
+        if re.match(r'\d+[a-z]?\. ', line):         # a table's title (1., 1b., 2b., ...)
             lines += ['', line, '']
         elif line.startswith('device:'):
             lines += ['', line]
