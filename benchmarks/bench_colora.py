@@ -492,7 +492,9 @@ def bench_train(args, results: dict) -> None:
           '(torch.profiler\'s memory timeline; CUDA: max_memory_allocated growth); kept = '
           'tensors autograd saves for backward in one step + gradients and AdamW moments '
           'of the trainable parameters, counted from the tensors)')
-    print(f'(timed steps: {faults:.0f} minor page faults per step, malloc {args.malloc})')
+    if args.device == 'cpu':
+        print(f'(timed steps: {faults:.0f} minor page faults per step, '
+              f'malloc {args.malloc})')
     print('\nTraining path of the pointwise layers in the timed steps:')
     for m in names:
         if paths[m]:
