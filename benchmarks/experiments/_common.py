@@ -1,0 +1,42 @@
+"""Shared set-up of the experiment scripts: ``benchmarks/`` on the path, one thread,
+freed memory retained (as ``bench_colora.py --malloc retain``), and interleaved timing
+that keeps every repeat so that ratios can be taken per repeat."""
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))                 # benchmarks/
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the checkout
+
+import torch  # noqa: E402
+
+import bench_colora  # noqa: E402
+
+
+def setup(retain: bool = True, threads: int = 1) -> str:
+    torch.set_num_threads(threads)
+    kept = retain and bench_colora.retain_freed_memory()
+    return f'{threads} thread(s), malloc {"retain" if kept else "default"}'
+
+
+def interleaved_runs(fns: Dict[str, Callable], repeats: int,
+                     warmup: int = 2) -> Dict[str, List[float]]:
+    """Every callable once per repeat, in turn; all the times (seconds)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(a: List[float], b: List[float]) -> float:
+    """Median over repeats of a[i] / b[i]."""
+    return statistics.median(x / y for x, y in zip(a, b))
