@@ -197,6 +197,13 @@ def interleaved(fns: Dict[str, Callable], device: str, repeats: int,
                 warmup: int = 2) -> Dict[str, float]:
     """Median times of several callables run in turn (A B A B ...), so that a change
     in machine load hits all of them alike."""
+    times = interleaved_times(fns, device, repeats, warmup)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def interleaved_times(fns: Dict[str, Callable], device: str, repeats: int,
+                      warmup: int = 2) -> Dict[str, List[float]]:
+    """Every time (seconds) of several callables run in turn, one list per callable."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -208,7 +215,7 @@ def interleaved(fns: Dict[str, Callable], device: str, repeats: int,
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def machine(device: str) -> str:

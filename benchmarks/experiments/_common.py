@@ -4,7 +4,6 @@ that keeps every repeat so that ratios can be taken per repeat."""
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,17 +23,8 @@ def setup(retain: bool = True, threads: int = 1) -> str:
 
 def interleaved_runs(fns: Dict[str, Callable], repeats: int,
                      warmup: int = 2) -> Dict[str, List[float]]:
-    """Every callable once per repeat, in turn; all the times (seconds)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+    """Every callable once per repeat, in turn, on the CPU; all the times (seconds)."""
+    return bench_colora.interleaved_times(fns, 'cpu', repeats, warmup)
 
 
 def median_ratio(a: List[float], b: List[float]) -> float:
