@@ -919,6 +919,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         parser.error('--amp needs --device cuda (mmengine AMP on CPU is not supported).')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device visible.')
+    for flag, value in (('--size', args.size), ('--merge-size', args.merge_size)):
+        if value < 32:
+            parser.error(f'{flag} {value}: at least 32 (ConvNeXt\'s last stage is 1/32 of '
+                         'the input; table 2b times a branch at every stage)')
     if args.memory_worker:
         memory_worker(args.memory_worker, args)
         return {}

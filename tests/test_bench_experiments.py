@@ -1,5 +1,6 @@
 """benchmarks/experiments: every variant they time still equals what the package
-computes (the scripts assert it before timing), and they print their tables."""
+computes (the scripts assert it before timing), and they print their tables; bench_colora
+refuses an input size its tables cannot run at, with a clear message."""
 import os.path as osp
 import subprocess
 import sys
@@ -29,3 +30,12 @@ def test_merged_branch_variants_match_the_package():
     assert 'Self time per forward pass' in out
     for name in ('as is', 'down as matmul', 'up channels-last', 'both', 'no-grad filter'):
         assert f'| {name} | ' in out
+
+
+@pytest.mark.parametrize('flag', ['--size', '--merge-size'])
+def test_bench_colora_refuses_an_input_smaller_than_the_backbone_stride(flag):
+    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
+                          '--only', 'spatial', flag, '16'], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2
+    assert f'{flag} 16: at least 32' in res.stderr
