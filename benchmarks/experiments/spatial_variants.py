@@ -1,19 +1,25 @@
 """The spatial branch's up-projection (3x3, ``r -> C``, ``groups=r``): where the
 grouped convolution's time goes, and formulations beyond table 2b of
 ``bench_colora.py``, forward + backward from the output gradient at the shapes of
-CoLoRAConvNeXt-T (batch 2 at 256x256, spatial ranks C // 16 and C // 32):
+CoLoRAConvNeXt-T (batch 2 at 256x256, spatial ranks C // 16 and C // 32; ``--channels``,
+``--size``, ``--batch`` for other shapes, e.g. ConvNeXt-B at 512: 128, 512, 2):
 
 * ``forward``: the grouped conv's forward alone;
 * ``split, unfold`` / ``split, conv2d_weight``: forward by the grouped conv, backward
   as two separate calls (input gradient by ``conv_transpose2d``; weight gradient by
   ``unfold`` + one batched matmul, or by ``torch.nn.grad.conv2d_weight``);
-* ``compiled taps``: the nine taps as shifted multiply-adds, compiled by
-  ``torch.compile`` (Inductor; needs a C++ compiler, about 5 s per shape; skipped with
-  a note when it cannot run).
+* ``eager taps``: the nine taps as shifted multiply-adds, op by op;
+* ``compiled taps``: the same, compiled by ``torch.compile`` (Inductor: a C++ compiler
+  on the CPU, Triton on CUDA; about 5 s per shape; skipped with a note when it cannot
+  run).
 
 Each is checked against the grouped conv (values and both gradients) first.
 
+On CUDA (``--device cuda``) each timed call runs ``--inner`` times (default 20) between
+two synchronisations, so that launch latency does not decide the ratios.
+
     python benchmarks/experiments/spatial_variants.py [--repeats 30] [--no-compile]
+        [--device cuda] [--channels 96 --size 256 --batch 2]
 """
 import argparse
 import importlib
@@ -22,7 +28,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from _common import interleaved_runs, setup
+from _common import bench_colora, setup
 
 
 class SplitBackward(torch.autograd.Function):
@@ -59,12 +65,32 @@ def shifted_taps(z, w):
     return out.reshape(n, c, h, wd)
 
 
+def repeated(fn, n):
+    def run():
+        for _ in range(n):
+            fn()
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--repeats', type=int, default=30)
     parser.add_argument('--no-compile', action='store_true')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--inner', type=int, default=None,
+                        help='calls per timed run (default 1 on the CPU, 20 on CUDA)')
+    parser.add_argument('--channels', type=int, default=96, help='stage-1 width')
+    parser.add_argument('--size', type=int, default=256, help='input size (stage 1: /4)')
+    parser.add_argument('--batch', type=int, default=2)
     args = parser.parse_args()
-    print(setup())
+    if args.size < 32 or args.size % 32:
+        parser.error(f'--size {args.size}: a multiple of 32 (the last stage is 1/32)')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device visible')
+    dev = args.device
+    inner = args.inner or (20 if dev == 'cuda' else 1)
+    print(setup() if dev == 'cpu' else bench_colora.machine(dev)
+          + f'; {inner} calls per timed run')
     compiled = None
     if not args.no_compile:
         try:
@@ -73,22 +99,22 @@ def main():
                 if hasattr(config, limit):
                     setattr(config, limit, 64)
             compiled = torch.compile(shifted_taps, dynamic=False)
-            z = torch.randn(1, 2, 8, 8, requires_grad=True)
-            torch.autograd.grad(compiled(z, torch.randn(4, 1, 3, 3)).sum(), z)
+            z = torch.randn(1, 2, 8, 8, device=dev, requires_grad=True)
+            torch.autograd.grad(compiled(z, torch.randn(4, 1, 3, 3, device=dev)).sum(), z)
         except Exception as err:  # noqa: BLE001 - reported, the rest still runs
             print(f'(compiled taps skipped: torch.compile failed: {type(err).__name__})')
             compiled = None
-    names = ['grouped conv', 'forward', 'split, unfold', 'split, conv2d_weight'] + (
-        ['compiled taps'] if compiled else [])
+    names = ['grouped conv', 'forward', 'split, unfold', 'split, conv2d_weight',
+             'eager taps'] + (['compiled taps'] if compiled else [])
     totals = dict.fromkeys(names, 0.0)
     print('| stage | r | ' + ' | '.join(f'{k} ms' for k in names) + ' |')
     print('|' + '---|' * (len(names) + 2))
     for stage in range(4):
-        c, hw = 96 * 2 ** stage, 64 // 2 ** stage
+        c, hw = args.channels * 2 ** stage, args.size // 4 // 2 ** stage
         for r in (c // 16, c // 32):
-            z = torch.randn(2, r, hw, hw, requires_grad=True)
-            w = (torch.randn(c, 1, 3, 3) * 0.02).requires_grad_()
-            g = torch.randn(2, c, hw, hw)
+            z = torch.randn(args.batch, r, hw, hw, device=dev, requires_grad=True)
+            w = (torch.randn(c, 1, 3, 3, device=dev) * 0.02).requires_grad_()
+            g = torch.randn(args.batch, c, hw, hw, device=dev)
             ref = torch.autograd.grad(F.conv2d(z, w, None, 1, 1, 1, r), (z, w), g)
             fns = {
                 'grouped conv': lambda: torch.autograd.grad(
@@ -98,6 +124,7 @@ def main():
                     SplitBackward.apply(z, w, 'unfold'), (z, w), g),
                 'split, conv2d_weight': lambda: torch.autograd.grad(
                     SplitBackward.apply(z, w, 'conv2d_weight'), (z, w), g),
+                'eager taps': lambda: torch.autograd.grad(shifted_taps(z, w), (z, w), g),
             }
             if compiled:
                 fns['compiled taps'] = lambda: torch.autograd.grad(compiled(z, w), (z, w), g)
@@ -107,7 +134,9 @@ def main():
                 for a, b in zip(fn(), ref):
                     err = ((a - b).abs().max() / b.abs().max()).item()
                     assert err < 1e-5, f'{name} differs from the grouped conv: {err:.1e}'
-            times = interleaved_runs(fns, args.repeats)
+            times = bench_colora.interleaved_times(
+                {k: repeated(f, inner) for k, f in fns.items()}, dev, args.repeats)
+            times = {k: [t / inner for t in v] for k, v in times.items()}
             med = {k: statistics.median(v) for k, v in times.items()}
             for k in names:
                 totals[k] += med[k]
