@@ -70,3 +70,40 @@ def test_gpu_check_needs_a_gpu_or_dry_run(tmp_path):
                     env=dict(PYTHON=sys.executable))
     assert code == 1 and 'sees no CUDA device' in out and '--dry-run' in out
     assert not (tmp_path / 'out').exists()
+
+
+def test_bundle_carries_the_mmcv_wheels_built_for_its_python(tmp_path):
+    """offline_bundle.sh with a stand-in pip (no network): the cached mmcv wheels of the
+    target Python go into mmcv-build/ in setup_offline.sh's layout, others stay out."""
+    stub = tmp_path / 'python3'
+    stub.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+  case " $* " in *" --version "*) echo pip; exit 0 ;; esac
+  prev=""; for a in "$@"; do [ "$prev" = -d ] && dir="$a"; prev="$a"; done
+  case " $* " in
+    *" mmcv=="*) : > "$dir/mmcv-2.1.0.tar.gz" ;;
+    *) : > "$dir/addict-2.4.0-py3-none-any.whl" ;;
+  esac
+  exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    stub.chmod(0o755)
+    cache = tmp_path / 'cache' / 'mmcv-2.1.0'
+    for folder, name in (('torch-2.11.0+cu130-cpu', 'cp312-cp312'),
+                         ('torch-2.11.0+cu130-cuda-9.0', 'cp312-cp312'),
+                         ('torch-2.14.1+cu130-cpu', 'cp311-cp311')):
+        os.makedirs(cache / folder)
+        (cache / folder / f'mmcv-2.1.0-{name}-linux_x86_64.whl').write_bytes(b'w')
+    env = dict(PYTHON=str(stub), COLORA_CACHE=str(tmp_path / 'cache'))
+    code, out = run('tools/offline_bundle.sh', tmp_path / 'b', '--python', '3.12', env=env)
+    assert code == 0, out
+    built = sorted(osp.relpath(osp.join(d, f), tmp_path / 'b' / 'mmcv-build')
+                   for d, _, fs in os.walk(tmp_path / 'b' / 'mmcv-build') for f in fs)
+    assert built == ['torch-2.11.0_cu130-cpu/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl',
+                     'torch-2.11.0_cu130-cuda-9.0/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl']
+    assert '2 mmcv wheel(s) built before' in out
+    code, out = run('tools/offline_bundle.sh', tmp_path / 'b', '--python', '3.12',
+                    '--no-mmcv-wheels', env=env)
+    assert code == 0, out
+    assert not osp.exists(tmp_path / 'b' / 'mmcv-build')

@@ -4,8 +4,9 @@
 #
 #   bash tools/offline_bundle.sh OUT_DIR [--python 3.12] [--platform manylinux_2_28_x86_64]
 #                                [--include GROUP]... [--exclude GROUP]... [--max-mib 64]
+#                                [--no-mmcv-wheels]
 #
-# OUT_DIR receives, flat (pip's --find-links folder):
+# OUT_DIR receives, flat (pip's --find-links folder) but for mmcv-build/:
 #   * wheels for the target Python and platform of mmengine, mmsegmentation, mmdet and
 #     mmpretrain (versions from requirements/runtime.txt) and of requirements/offline.txt
 #     with everything they pull in, except torch, torchvision and what those bring
@@ -13,7 +14,11 @@
 #   * mmcv-2.1.0.tar.gz, mmcv's source release, compiled on the node against its torch
 #     (its build requirements setuptools < 81, wheel and ninja are among the wheels);
 #   * requirements.txt (what setup_offline.sh installs), stack.txt (the four pinned
-#     packages), manifest.json and manifest.tsv (name, version, file, bytes, sha256).
+#     packages), manifest.json and manifest.tsv (name, version, file, bytes, sha256);
+#   * mmcv-build/torch-<version, + as _>-<cpu|cuda-arch>/: every mmcv wheel for the target
+#     Python built before on this machine (COLORA_CACHE, as setup_env.sh and
+#     setup_offline.sh keep them), so a node whose torch matches one skips the compile
+#     (--no-mmcv-wheels leaves them out).
 #
 # Groups, the large optional parts (the bundle must stay under --max-mib, 64 by default):
 #   scipy       (in by default; ~34 MiB) imported by mmseg.models and mmdet.models
@@ -23,7 +28,8 @@
 # opencv does not fit in 64 MiB beside the rest (about 16 MiB) even without scipy: a node
 # without OpenCV needs a larger limit or a second bundle.
 #
-# Environment: PYTHON (the interpreter whose pip downloads; default python3). pip's
+# Environment: PYTHON (the interpreter whose pip downloads; default python3),
+# COLORA_CACHE (default ~/.cache/colora_mm: where built mmcv wheels are looked for). pip's
 # own configuration (index, proxy) applies.
 set -euo pipefail
 
@@ -32,9 +38,9 @@ MMCV_VERSION="2.1.0"
 
 fail() { printf '[bundle] error: %s\n' "$*" >&2; exit 1; }
 step() { printf '[bundle] %s\n' "$*"; }
-usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
-OUT="" PYVER="3.12" PLATFORM="manylinux_2_28_x86_64" MAX_MIB=64
+OUT="" PYVER="3.12" PLATFORM="manylinux_2_28_x86_64" MAX_MIB=64 MMCV_WHEELS=1
 declare -A GROUPS_ON=([scipy]=1 [opencv]=0 [matplotlib]=0 [numpy]=0 [pillow]=0)
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -46,6 +52,7 @@ while [ $# -gt 0 ]; do
       [ "$1" = --include ] && GROUPS_ON[$g]=1 || GROUPS_ON[$g]=0
       shift 2 ;;
     --max-mib) MAX_MIB="${2:?--max-mib needs a number}"; shift 2 ;;
+    --no-mmcv-wheels) MMCV_WHEELS=0; shift ;;
     -h|--help) usage; exit 0 ;;
     -*) fail "unknown option $1 (see --help)" ;;
     *) [ -z "$OUT" ] || fail "one OUT_DIR only (got '$OUT' and '$1')"; OUT="$1"; shift ;;
@@ -114,6 +121,18 @@ PIP_CONSTRAINT="$cons" PIP_BUILD_CONSTRAINT="$cons" \
   pipdl --no-deps --no-binary :all: -d "$OUT" "mmcv==$MMCV_VERSION"
 [ -f "$OUT/mmcv-$MMCV_VERSION.tar.gz" ] || fail "pip did not save mmcv-$MMCV_VERSION.tar.gz"
 
+# mmcv wheels built before for this Python, in the layout setup_offline.sh looks for
+CACHE="${COLORA_CACHE:-$HOME/.cache/colora_mm}"
+pytag="cp${PYVER//./}"
+if [ "$MMCV_WHEELS" = 1 ]; then
+  for whl in "$CACHE/mmcv-$MMCV_VERSION"/torch-*/mmcv-"$MMCV_VERSION"-"$pytag"-*.whl; do
+    [ -f "$whl" ] || continue
+    dest="$OUT/mmcv-build/$(basename "$(dirname "$whl")" | tr '+' '_')"
+    mkdir -p "$dest" && cp "$whl" "$dest/"
+    step "    mmcv wheel built before: $(basename "$dest")/$(basename "$whl")"
+  done
+fi
+
 step "3/3 manifest"
 "$PYTHON" - "$OUT" "$PYVER" "$PLATFORM" "$MAX_MIB" "$included" <<'PYEOF'
 import hashlib, json, os, re, sys, time
@@ -157,14 +176,19 @@ with open(os.path.join(out, 'manifest.tsv'), 'w') as f:
         f.write(f"{e['name']}\t{e['version']}\t{e['bytes']}\t{e['sha256']}\t{e['file']}\n")
 for e in sorted(files, key=lambda e: -e['bytes']):
     print(f"[bundle]   {e['bytes'] / 2**20:7.2f} MiB  {e['name']} {e['version']}")
-folder = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+folder = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+built = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out)
+               for f in fs if f.endswith('.whl') and d != out)
+for rel in built:
+    print(f"[bundle]   {os.path.getsize(os.path.join(out, rel)) / 2**20:7.2f} MiB  {rel}")
 print(f'[bundle] {len(files)} files, {folder / 2**20:.1f} MiB in {out} '
-      f'(node provides: {", ".join(manifest["node_provides"])})')
+      f'(node provides: {", ".join(manifest["node_provides"])})'
+      + (f'; {len(built)} mmcv wheel(s) built before' if built else ''))
 if folder > float(max_mib) * 2**20:
     big = ', '.join(f"{e['name']} {e['bytes'] / 2**20:.0f} MiB"
                     for e in sorted(files, key=lambda e: -e['bytes'])[:3])
     sys.exit(f'[bundle] error: {folder / 2**20:.1f} MiB is over the {max_mib} MiB limit '
              f'(largest: {big}); leave a group to the node (--exclude GROUP) or raise '
-             '--max-mib')
+             '--max-mib' + (', or --no-mmcv-wheels' if built else ''))
 PYEOF
 step "done in $((SECONDS - t0)) s: bash tools/setup_offline.sh $OUT on the node"
