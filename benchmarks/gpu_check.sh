@@ -30,7 +30,10 @@
 # (default <checkout>/.venv; see tools/setup_offline.sh), METHODS (default
 # "full limit lora peft-lora hira colora": rows of bench_colora.py; others are left out,
 # named), DEMO_ITERS (default 300), BENCH_ARGS (extra arguments to bench_colora.py),
-# BUDGET_S (default 600: the summary says when the whole run took longer).
+# BUDGET_S (default 600: the summary says when the whole run took longer); the install's
+# own (tools/setup_offline.sh), e.g. FORCE_CUDA=0: mmcv with CPU ops only, enough for
+# this check (it runs no mmcv op on CUDA), and with a bundle that carries such a wheel
+# (tools/offline_bundle.sh packs the ones built before) no compile at all.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,7 +44,7 @@ BUNDLE="" OUT="" DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) fail "unknown option $a (see --help)" ;;
     *) if [ -z "$BUNDLE" ]; then BUNDLE="$a"; elif [ -z "$OUT" ]; then OUT="$a";
        else fail "usage: bash benchmarks/gpu_check.sh BUNDLE_DIR OUT_DIR [--dry-run]"; fi ;;
