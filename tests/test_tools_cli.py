@@ -142,10 +142,10 @@ def _close_worker(rank, port, out_dir):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=2)
-    if rank == 1:
-        time.sleep(1.0)                     # the peer still finishing its work
-    arrived = time.time()
-    train.close_process_group()
+    with train.process_group_closed():
+        if rank == 1:
+            time.sleep(1.0)                 # the peer still finishing its work
+        arrived = time.time()
     closed = time.time()
     with open(osp.join(out_dir, f'rank{rank}.txt'), 'w') as f:
         f.write(f'{arrived} {closed} {int(dist.is_initialized())}')
@@ -167,3 +167,15 @@ def test_close_process_group_waits_for_every_rank(tmp_path):
         times[rank] = float(arrived), float(closed)
         assert initialized == '0'           # the group is gone on every rank
     assert times[0][1] >= times[1][0]       # rank 0 left only once rank 1 had arrived
+
+
+def test_process_group_closed_skips_the_barrier_after_a_failure(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, 'close_process_group',
+                        lambda wait_for_peers=True: calls.append(wait_for_peers))
+    with train.process_group_closed():
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        with train.process_group_closed():
+            raise KeyboardInterrupt
+    assert calls == [True, False]

@@ -24,8 +24,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import (CLIError, check_adapter, check_data_roots,  # noqa: E402
-                   check_settings_match, check_state_dict_matches, close_process_group,
-                   load_config, read_checkpoint, read_state_dict)
+                   check_settings_match, check_state_dict_matches, load_config,
+                   process_group_closed, read_checkpoint, read_state_dict)
 
 
 def parse_args(argv=None):
@@ -157,13 +157,9 @@ def main(argv=None):
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     from mmengine.dist import is_main_process
-    try:
+    with process_group_closed():
         metrics = runner.test()
-    except BaseException:
-        close_process_group(wait_for_peers=False)
-        raise
-    main_process = is_main_process()
-    close_process_group()
+        main_process = is_main_process()
     if main_process:
         path = osp.join(cfg.work_dir, 'metrics.json')
         with open(path, 'w') as f:

@@ -17,6 +17,7 @@ adapter settings it was trained with (``--allow-mismatch`` overrides).
     bash tools/dist_train.sh configs/ade20k/colora_convnext_b.py 4 --amp
 """
 import argparse
+import contextlib
 import os
 import os.path as osp
 import sys
@@ -425,13 +426,21 @@ def main(argv=None):
         runner = Runner.from_cfg(cfg)
     else:
         runner = RUNNERS.build(cfg)
-    try:
+    with process_group_closed():
         runner.train()
+    return 0
+
+
+@contextlib.contextmanager
+def process_group_closed():
+    """Run the block, then :func:`close_process_group`: waiting for every rank after
+    a block that succeeded, at once after one that raised (which is re-raised)."""
+    try:
+        yield
     except BaseException:
         close_process_group(wait_for_peers=False)
         raise
     close_process_group()
-    return 0
 
 
 def close_process_group(wait_for_peers=True):
