@@ -179,3 +179,89 @@ def test_process_group_closed_skips_the_barrier_after_a_failure(monkeypatch):
         with train.process_group_closed():
             raise KeyboardInterrupt
     assert calls == [True, False]
+
+
+def _test_data_folders(config):
+    cfg = train.load_config(config)
+    dataset = cfg.test_dataloader.dataset
+    return dataset.data_root, osp.join(dataset.data_root, dataset.data_prefix.seg_map_path)
+
+
+def test_test_outputs_stay_out_of_the_dataset(configs, tmp_path, capsys):
+    """--out and --show-dir in a dataset folder (predictions named like the ground
+    truth would replace it) are refused before anything runs; the files stay."""
+    import os
+    ckpt = tmp_path / 'x.pth'
+    torch.save({}, ckpt)
+    root, annotations = _test_data_folders(configs['seg'])
+    before = {f: os.path.getmtime(osp.join(annotations, f)) for f in os.listdir(annotations)}
+    for flag, path in (('--out', annotations), ('--out', osp.join(annotations, 'sub')),
+                       ('--show-dir', annotations), ('--out', root)):
+        assert test.main([configs['seg'], str(ckpt), flag, path]) == 2
+        message = _error(capsys)
+        assert f'{flag} {path!r} is in the dataset folder' in message, message
+    after = {f: os.path.getmtime(osp.join(annotations, f)) for f in os.listdir(annotations)}
+    assert after == before
+    # beside the dataset (in its root, outside the image and annotation folders): fine
+    cfg = test.setup_cfg(test.parse_args([configs['seg'], str(ckpt), '--out',
+                                          osp.join(root, 'predictions')]))
+    assert cfg.test_evaluator.output_dir == osp.join(root, 'predictions')
+
+
+def test_work_dir_and_out_of_the_wrong_kind(configs, tmp_path, capsys):
+    ckpt = tmp_path / 'x.pth'
+    torch.save({}, ckpt)
+    a_file = tmp_path / 'notes.txt'
+    a_file.write_text('keep me')
+    assert train.main([configs['seg'], '--work-dir', str(a_file)]) == 2
+    assert 'is a file, not a folder' in _error(capsys)
+    assert test.main([configs['seg'], str(ckpt), '--work-dir', str(a_file)]) == 2
+    assert 'is a file, not a folder' in _error(capsys)
+    assert test.main([configs['seg'], str(ckpt), '--out', str(a_file)]) == 2
+    assert 'written into a folder' in _error(capsys)
+    assert test.main([configs['det'], str(ckpt), '--out', str(tmp_path)]) == 2
+    assert 'one .pkl file' in _error(capsys)
+    assert a_file.read_text() == 'keep me'
+
+
+def _recorded_checkpoint(path, method):
+    from colora_mm.engine.adapter_settings import META_KEY
+    torch.save(dict(meta={META_KEY: {'backbone': dict(method=method)}},
+                    state_dict={'backbone.x': torch.zeros(1)}), path)
+    return str(path)
+
+
+def test_load_from_is_checked_like_resume(configs, tmp_path, capsys):
+    """A local load_from must exist; one trained with other adapters (whose tensors
+    mmengine's non-strict load would drop) is refused; one without adapter tensors
+    (full fine-tuning) starts any method."""
+    missing = tmp_path / 'missing.pth'
+    assert train.main([configs['seg'], '--cfg-options', f'load_from={missing}']) == 2
+    message = _error(capsys)
+    assert message.startswith('error: load_from: checkpoint') and 'does not exist' in message
+
+    def check(path, *flags):
+        args = train.parse_args([configs['seg'], *flags, '--cfg-options',
+                                 f'load_from={path}'])
+        train.check_before_work(train.setup_cfg(args), args)
+
+    lora = _recorded_checkpoint(tmp_path / 'lora.pth', 'lora')
+    with pytest.raises(train.CLIError, match=r'load_from\) does not match config .*'
+                       r'other adapter settings'):
+        check(lora)
+    check(lora, '--allow-mismatch')                       # overridden, with a warning
+    assert 'warning' in capsys.readouterr().err
+    check(_recorded_checkpoint(tmp_path / 'full.pth', 'full'))
+    check('https://download.openmmlab.com/some/model.pth')   # fetched by mmengine
+
+
+def test_merged_checkpoint_with_the_adapter_config_names_the_merged_one(configs, tmp_path,
+                                                                        capsys):
+    ckpt = tmp_path / 'merged.pth'
+    torch.save(dict(meta=dict(merged_from='/some/iter_10.pth'),
+                    state_dict={'backbone.x': torch.zeros(1)}), ckpt)
+    assert test.main([configs['seg'], str(ckpt)]) == 2
+    message = _error(capsys)
+    assert 'does not match config' in message
+    assert f'merged checkpoint (tools/merge.py): test it with the config written beside ' \
+           f'it, {tmp_path / "merged.py"}' in message

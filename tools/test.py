@@ -24,7 +24,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import (CLIError, check_adapter, check_data_roots,  # noqa: E402
-                   check_settings_match, check_state_dict_matches, load_config,
+                   check_output_outside_data, check_settings_match,
+                   check_state_dict_matches, check_work_dir, load_config,
                    process_group_closed, read_checkpoint, read_state_dict)
 
 
@@ -96,6 +97,16 @@ def setup_cfg(args):
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
+    check_work_dir(cfg.work_dir)
+    for flag, path in (('--out', args.out), ('--show-dir', args.show_dir)):
+        if path:
+            check_output_outside_data(cfg, flag, path)
+    if args.out is not None and osp.isdir(args.out) and cfg.default_scope == 'mmdet':
+        raise CLIError(f'--out {args.out!r} is a folder; detection results are written '
+                       'as one .pkl file')
+    if args.out is not None and osp.isfile(args.out) and cfg.default_scope != 'mmdet':
+        raise CLIError(f'--out {args.out!r} is a file; segmentation predictions are '
+                       'written into a folder')
     if args.show or args.show_dir:
         trigger_visualization_hook(cfg, args)
     if args.tta:
@@ -131,7 +142,16 @@ def check_checkpoint(cfg, args):
     state = read_state_dict(args.checkpoint, checkpoint)
     model_cfg = cfg.model.get('module', cfg.model) if args.tta else cfg.model
     model = build_model(model_cfg)
-    check_state_dict_matches(model, state, args.checkpoint, args.config)
+    try:
+        check_state_dict_matches(model, state, args.checkpoint, args.config)
+    except CLIError as err:
+        meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+        if isinstance(meta, dict) and meta.get('merged_from'):
+            from merge import config_path_for
+            raise CLIError(f'{err} It is a merged checkpoint (tools/merge.py): test it '
+                           f'with the config written beside it, '
+                           f'{config_path_for(args.checkpoint)}')
+        raise
 
 
 def make_runner(cfg):

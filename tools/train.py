@@ -11,7 +11,9 @@ status 2): the backbone's adapter spec (every key and its type, and the rank of 
 adapted layer: the backbone is built on the meta device), ``--amp`` against the devices
 present, local pretrained checkpoints, the data roots and their sub-folders, and for
 ``--resume`` the checkpoint (the newest one that loads, when none is named) and the
-adapter settings it was trained with (``--allow-mismatch`` overrides).
+adapter settings it was trained with (``--allow-mismatch`` overrides), and a local
+``load_from`` checkpoint likewise (one trained without adapter tensors, e.g. full
+fine-tuning, initialises any config).
 
     python tools/train.py configs/ade20k/colora_convnext_b.py --work-dir work_dirs/b
     bash tools/dist_train.sh configs/ade20k/colora_convnext_b.py 4 --amp
@@ -51,8 +53,8 @@ def parse_args(argv=None):
     parser.add_argument(
         '--allow-mismatch',
         action='store_true',
-        help='resume although the adapter settings recorded in the checkpoint differ '
-        "from the config's")
+        help='resume (or start from load_from) although the adapter settings recorded '
+        "in the checkpoint differ from the config's")
     parser.add_argument(
         '--amp',
         action='store_true',
@@ -139,6 +141,45 @@ def check_data_roots(cfg, splits):
             if not os.listdir(folder):
                 raise CLIError(f'{split}: data_prefix.{key} folder {folder!r} is empty; '
                                f'{hint}')
+
+
+ALL_SPLITS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+
+
+def dataset_folders(cfg, splits=ALL_SPLITS):
+    """``(split, folder, holds_files)`` for every local folder the config's datasets
+    read: each ``data_prefix`` folder (holding the files), and ``data_root`` (holding
+    them itself when no prefix names a sub-folder)."""
+    for split, dataset in _datasets(cfg, splits):
+        root = dataset.get('data_root') or ''
+        prefixes = [p for p in (dataset.get('data_prefix') or {}).values()
+                    if isinstance(p, str) and p]
+        if root:
+            yield split, root, not prefixes
+        for prefix in prefixes:
+            yield split, prefix if osp.isabs(prefix) else osp.join(root, prefix), True
+
+
+def check_output_outside_data(cfg, flag, path):
+    """Refuse an output path in a dataset's folder, where what a tool writes would
+    replace or mix with the dataset's own files (predictions named like the ground
+    truth, say)."""
+    out = osp.realpath(osp.expanduser(path))
+    for split, folder, holds_files in dataset_folders(cfg):
+        real = osp.realpath(osp.expanduser(folder))
+        inside = holds_files and out.startswith(real.rstrip(os.sep) + os.sep)
+        if out == real or inside:
+            raise CLIError(f'{flag} {path!r} is in the dataset folder {folder!r} of '
+                           f'{split}: the files written there could replace the '
+                           f"dataset's own; write them to a folder outside the dataset, "
+                           f'e.g. {flag} work_dirs/out')
+
+
+def check_work_dir(path):
+    """The work dir may exist, as a folder."""
+    if osp.exists(path) and not osp.isdir(path):
+        raise CLIError(f'--work-dir {path!r} is a file, not a folder; name a folder '
+                       '(it is created when missing)')
 
 
 def model_cfg_of(cfg):
@@ -297,12 +338,39 @@ def resolve_resume(cfg, args, current):
     check_settings_match(checkpoint, path, current, args.config, args.allow_mismatch)
 
 
+# Methods whose checkpoints hold no adapter tensors: their weights initialise any config.
+ADAPTER_FREE_METHODS = ('full', 'bitfit')
+
+
+def check_load_from(cfg, args, current):
+    """``load_from`` (weights only; ``--resume`` is checked on its own): a local
+    checkpoint must exist and load. mmengine loads it non-strictly, so one trained with
+    other adapter settings would lose its adapter tensors (the fine-tuning) while the
+    run goes on: such a checkpoint is refused unless ``--allow-mismatch``. One without
+    adapter tensors (full fine-tuning, bitfit, an upstream model) initialises the base
+    weights of any config. URLs are fetched by mmengine and not checked here."""
+    path = cfg.get('load_from')
+    if args.resume is not None or not path or not isinstance(path, str) or '://' in path:
+        return
+    try:
+        checkpoint = read_checkpoint(osp.expanduser(path))
+    except CLIError as err:
+        raise CLIError(f'load_from: {err}; point load_from at an existing checkpoint '
+                       '(--cfg-options load_from=PATH) or remove it (load_from=None)')
+    from colora_mm.engine.adapter_settings import recorded_adapter_settings
+    recorded = recorded_adapter_settings(checkpoint) or {}
+    if any(s.get('method') not in ADAPTER_FREE_METHODS for s in recorded.values()):
+        check_settings_match(checkpoint, f'{path} (load_from)', current, args.config,
+                             args.allow_mismatch)
+
+
 def check_before_work(cfg, args):
     """Every check of the settings that can fail, before the runner exists."""
     current = check_adapter(cfg, args.config)
     check_amp(cfg, args.amp)
     check_pretrained(cfg)
     resolve_resume(cfg, args, current)
+    check_load_from(cfg, args, current)
 
 
 def read_state_dict(path, ckpt=None):
@@ -375,6 +443,7 @@ def setup_cfg(args):
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
+    check_work_dir(cfg.work_dir)
 
     if args.amp:
         wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
