@@ -157,6 +157,13 @@ def resolve_names(model: nn.Module, targets: Iterable[str], what: str) -> List[s
 
 
 def _pointwise_shapes(name: str, module: nn.Module) -> Tuple[int, int]:
+    if isinstance(module, AdaptedLayer):
+        # before the shape checks: a wrapper is neither Linear nor Conv2d
+        where = (module.describe() if module.layer_name == name
+                 else f'{name}, adapted as {module.describe()},')
+        raise ValueError(f'{where} already carries an adapter '
+                         f'({module.adapter_branch.method}); inject once per layer: adapt '
+                         'a fresh model, or leave this layer out of the targets.')
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)

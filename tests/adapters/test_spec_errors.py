@@ -166,3 +166,25 @@ def test_bitfit_injects_nothing_and_trains_biases_and_norms():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.bias',
                          'pwconv2.bias'}
+
+
+@pytest.mark.parametrize('method', ['colora', 'lora', 'pissa', 'hira'])
+def test_injecting_twice_names_the_adapted_layer(method):
+    model = ConvNeXtBlock(channels=16)
+    inject_adapters(model, AdapterSpec(method='colora', gamma=2), pairs=model.pairs,
+                    spatial=model.spatial)
+    before = {n: type(m) for n, m in model.named_modules()}
+    msg = _raises(lambda: inject_adapters(model, AdapterSpec(method=method, gamma=2),
+                                          pairs=model.pairs),
+                  'pwconv1 (Linear, 16->64', 'already carries an adapter (colora)',
+                  'inject once per layer')
+    assert 'not a pointwise layer' not in msg
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_injecting_twice_into_a_parent_names_the_layer_there():
+    outer = nn.Sequential(LinearPairNet())
+    inject_adapters(outer[0], AdapterSpec(method='lora', gamma=2), pointwise=['fc1'])
+    _raises(lambda: inject_adapters(outer, AdapterSpec(method='lora', gamma=2),
+                                    pointwise=['0.fc1']),
+            '0.fc1, adapted as fc1 (Linear, 12->20', 'already carries an adapter (lora)')
