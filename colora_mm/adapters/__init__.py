@@ -8,8 +8,8 @@ from .hira import HiRA
 from .inject import (DEFAULT_GAMMA, METHODS, AdapterSpec, adapter_state_dict,
                      inject_adapters, is_peft_trainable, iter_adapted_layers,
                      mark_trainable, merge_adapters, norm_parameter_names,
-                     reset_adapters_from_weights, resolve_names, trainable_report,
-                     unmerge_adapters)
+                     reset_adapters_from_weights, resolve_names, spec_type_error,
+                     spec_types, trainable_report, unmerge_adapters)
 from .lora import LoRA, LowRankFactors, PiSSA
 from .spatial import SpatialLowRankBranch, spatial_style
 
@@ -19,7 +19,7 @@ __all__ = [
     'gaussian_kernel1d', 'reflect_indices', 'HiRA', 'DEFAULT_GAMMA', 'METHODS',
     'AdapterSpec', 'adapter_state_dict', 'inject_adapters', 'is_peft_trainable',
     'iter_adapted_layers', 'mark_trainable', 'merge_adapters', 'norm_parameter_names',
-    'reset_adapters_from_weights', 'resolve_names', 'trainable_report',
-    'unmerge_adapters', 'LoRA', 'LowRankFactors', 'PiSSA', 'SpatialLowRankBranch',
+    'reset_adapters_from_weights', 'resolve_names', 'spec_type_error', 'spec_types',
+    'trainable_report', 'unmerge_adapters', 'LoRA', 'LowRankFactors', 'PiSSA', 'SpatialLowRankBranch',
     'spatial_style',
 ]

@@ -6,7 +6,11 @@ is an error, so a renamed upstream module can never silently disable an adapter.
 """
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 import re
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -32,7 +36,9 @@ NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 @dataclass
 class AdapterSpec:
     """What to inject. ``AdapterSpec.from_dict`` takes the same keys as a config's
-    ``adapter=dict(...)``.
+    ``adapter=dict(...)``. Every value, the overrides' included, is checked against the
+    type declared here when the spec is made (integers count as numbers, booleans as
+    neither; numpy scalars as the Python values they hold).
 
     Args:
         method (str): ``'colora'``, ``'lora'``, ``'pissa'``, ``'hira'``,
@@ -81,11 +87,24 @@ class AdapterSpec:
     overrides: Sequence[dict] = ()
 
     def __post_init__(self) -> None:
+        for f in fields(self):   # numpy scalars (from configs) as the Python values
+            setattr(self, f.name, _plain(getattr(self, f.name)))
         if self.method is None:
             self.method = 'full'
         if self.method not in METHODS:
             raise ValueError(f'AdapterSpec: method={self.method!r}; expected one of '
                              f'{METHODS}.')
+        for key in ('gamma', 'spatial_gamma'):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, numbers.Integral) or value <= 0):
+                raise ValueError(f'AdapterSpec: {key}={value!r} ({type(value).__name__}) '
+                                 'must be a positive integer (the rank divisor r = width '
+                                 '// gamma) or None.')
+        for f in fields(self):
+            error = spec_type_error(f.name, getattr(self, f.name))
+            if error:
+                raise ValueError(f'AdapterSpec: {error}.')
         if not 0.0 <= self.share_ratio <= 1.0:
             raise ValueError(f'AdapterSpec: share_ratio={self.share_ratio} must lie in '
                              '[0, 1].')
@@ -95,12 +114,6 @@ class AdapterSpec:
         if self.partner_policy not in PARTNER_POLICIES:
             raise ValueError(f'AdapterSpec: partner_policy={self.partner_policy!r}; '
                              f'expected one of {PARTNER_POLICIES}.')
-        for key in ('gamma', 'spatial_gamma'):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value <= 0):
-                raise ValueError(f'AdapterSpec: {key}={value!r} must be a positive '
-                                 'integer (the rank divisor r = width // gamma).')
         self.overrides = check_overrides(self)
 
     @classmethod
@@ -127,6 +140,81 @@ class AdapterSpec:
     def spatial_rank_divisor(self) -> int:
         """Divisor of CoLoRA's spatial branch rank: ``spatial_gamma``, else ``gamma``."""
         return self.spatial_gamma if self.spatial_gamma is not None else self.rank_divisor
+
+
+# ------------------------------------------------------------------ spec types
+_TYPE_NAMES = {bool: 'True or False', int: 'an integer', float: 'a number',
+               str: 'a string', type(None): 'None', dict: 'a dict',
+               list: 'a list', tuple: 'a tuple'}
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds; anything else as it is."""
+    if type(value).__module__ == 'numpy' and getattr(value, 'ndim', None) == 0:
+        return value.item()
+    return value
+
+
+def _fits(value, annotation) -> bool:
+    """Does ``value`` have the type ``annotation`` declares (unknown types: yes).
+    Integers are numbers, booleans are neither."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        return any(_fits(value, option) for option in typing.get_args(annotation))
+    container = origin or annotation
+    if container is type(None):
+        return value is None
+    if container is bool:
+        return isinstance(value, bool)
+    if container is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if container is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if container in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if container in (str, dict):
+        return isinstance(value, container)
+    return True   # Any, Sequence[dict]...: the spec checks them itself
+
+
+def _expected(annotation) -> str:
+    if typing.get_origin(annotation) is typing.Union:
+        return ' or '.join(_expected(a) for a in typing.get_args(annotation))
+    container = typing.get_origin(annotation) or annotation
+    return _TYPE_NAMES.get(container, getattr(container, '__name__', str(container)))
+
+
+@functools.lru_cache(maxsize=None)
+def spec_types() -> Dict[str, object]:
+    """``{field: annotation}`` of :class:`AdapterSpec`."""
+    return typing.get_type_hints(AdapterSpec)
+
+
+def spec_type_error(key: str, value) -> Optional[str]:
+    """Why ``value`` cannot be :class:`AdapterSpec`'s ``key``, as
+    ``"key=value (type) must be <type>[; the fix]"``; None when it has the declared type
+    (or ``key`` is no field). Numpy scalars count as the Python values they hold."""
+    annotation = spec_types().get(key)
+    value = _plain(value)
+    if annotation is None or _fits(value, annotation):
+        return None
+    message = f'{key}={value!r} ({type(value).__name__}) must be {_expected(annotation)}'
+    if not isinstance(value, str):
+        return message
+    text = value.strip()
+    if _fits(True, annotation):
+        if text.lower() in ('true', 'false'):
+            return (f'{message}; write {key}={text.capitalize()} without quotes (a '
+                    'non-empty string counts as true)')
+        return f'{message}; write {key}=True or {key}=False without quotes'
+    for number in (int, float):
+        try:
+            parsed = number(text)
+        except ValueError:
+            continue
+        if _fits(parsed, annotation) and math.isfinite(parsed):
+            return f'{message}; write {key}={text} without quotes'
+    return message
 
 
 # ---------------------------------------------------------------------- targets

@@ -15,14 +15,13 @@ the spec is compared without a change here.
 from __future__ import annotations
 
 import copy
-import typing
 from dataclasses import fields
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from colora_mm.adapters import AdapterSpec
+from colora_mm.adapters import AdapterSpec, spec_type_error, spec_types
 
 #: Where the record lives in a checkpoint's ``meta``.
 META_KEY = 'adapter_settings'
@@ -149,42 +148,9 @@ def recorded_adapter_settings(checkpoint: dict) -> Optional[Dict[str, dict]]:
 
 
 # ------------------------------------------------------------------ spec types
-_DESCRIPTIONS = {bool: 'True or False', int: 'an integer', float: 'a number',
-                 str: 'a string', type(None): 'None', dict: 'a dict',
-                 list: 'a list', tuple: 'a tuple'}
-
-
-def _fits(value, annotation) -> bool:
-    """Does ``value`` have the type ``annotation`` declares (unknown types: yes)."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union:
-        return any(_fits(value, option) for option in typing.get_args(annotation))
-    container = origin or annotation
-    if container is type(None):
-        return value is None
-    if container is bool:
-        return isinstance(value, bool)
-    if container is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if container is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if container in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if container in (str, dict):
-        return isinstance(value, container)
-    return True   # Any, classes...: the spec checks them itself
-
-
-def _expected(annotation) -> str:
-    if typing.get_origin(annotation) is typing.Union:
-        return ' or '.join(_expected(a) for a in typing.get_args(annotation))
-    container = typing.get_origin(annotation) or annotation
-    return _DESCRIPTIONS.get(container, getattr(container, '__name__', str(container)))
-
-
 def check_spec_types(adapter: Optional[dict]) -> None:
     """Check every key of a config's ``adapter=dict(...)`` against the types
-    :class:`AdapterSpec` declares (new fields included).
+    :class:`AdapterSpec` declares (new fields included), as the spec itself does.
 
     Raises:
         ValueError: naming the key, the value and the expected type, or the keys
@@ -192,11 +158,10 @@ def check_spec_types(adapter: Optional[dict]) -> None:
     """
     if adapter is None:
         return
-    hints = typing.get_type_hints(AdapterSpec)
     for key, value in dict(adapter).items():
-        if key not in hints:
+        if key not in spec_types():
             raise ValueError(f'unknown key {key}={value!r}; the keys are '
                              f'{", ".join(f.name for f in fields(AdapterSpec))}')
-        if not _fits(value, hints[key]):
-            raise ValueError(f'{key}={value!r} ({type(value).__name__}) must be '
-                             f'{_expected(hints[key])}')
+        error = spec_type_error(key, value)
+        if error:
+            raise ValueError(error)

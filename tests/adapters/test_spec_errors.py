@@ -188,3 +188,49 @@ def test_injecting_twice_into_a_parent_names_the_layer_there():
     _raises(lambda: inject_adapters(outer, AdapterSpec(method='lora', gamma=2),
                                     pointwise=['0.fc1']),
             '0.fc1, adapted as fc1 (Linear, 12->20', 'already carries an adapter (lora)')
+
+
+def test_zero_and_integer_floats_are_accepted():
+    spec = AdapterSpec(method='colora', filter_lambda=0, share_ratio=1, scaling=1)
+    assert (spec.filter_lambda, spec.share_ratio, spec.scaling) == (0, 1, 1)
+
+
+@pytest.mark.parametrize('key,value,fragments', [
+    ('use_filter', 'False', ["use_filter='False' (str)", 'True or False',
+                             'write use_filter=False without quotes']),
+    ('use_filter', 'false', ['write use_filter=False without quotes']),
+    ('spatial', 'False', ["spatial='False' (str)", 'write spatial=False']),
+    ('merged', 'no', ["merged='no' (str)", 'True or False',
+                      'merged=True or merged=False without quotes']),
+    ('use_filter', 1, ['use_filter=1 (int)', 'True or False']),
+    ('share_ratio', '0.5', ["share_ratio='0.5' (str)", 'a number',
+                            'write share_ratio=0.5 without quotes']),
+    ('share_ratio', None, ['share_ratio=None (NoneType)', 'a number']),
+    ('filter_lambda', '0.2', ["filter_lambda='0.2' (str)", 'a number']),
+    ('scaling', True, ['scaling=True (bool)', 'a number']),
+    ('act', 3, ['act=3 (int)', 'a string']),
+    ('partner_policy', 1, ['partner_policy=1 (int)', 'a string']),
+    ('gamma', '8', ["gamma='8' (str)", 'positive integer']),
+])
+def test_spec_values_must_have_their_types(key, value, fragments):
+    _raises(lambda: AdapterSpec(**{key: value}), 'AdapterSpec', *fragments)
+    _raises(lambda: AdapterSpec.from_dict({'method': 'colora', key: value}), *fragments)
+    model = LinearPairNet()
+    _raises(lambda: inject_adapters(model, {'method': 'colora', 'gamma': 2, key: value},
+                                    pairs=model.pairs), *fragments)
+    assert not list(iter_adapted_layers(model))
+
+
+def test_numpy_scalars_are_taken_as_python_values():
+    np = pytest.importorskip('numpy')
+    spec = AdapterSpec(method='colora', gamma=np.int64(2), share_ratio=np.float32(0.5),
+                       filter_lambda=np.float64(0), use_filter=np.bool_(False),
+                       spatial_gamma=np.int32(4), scaling=np.float64(1.5))
+    plain = AdapterSpec(method='colora', gamma=2, share_ratio=0.5, filter_lambda=0.0,
+                        use_filter=False, spatial_gamma=4, scaling=1.5)
+    assert spec == plain
+    assert all(type(getattr(spec, k)) is type(getattr(plain, k))
+               for k in ('gamma', 'share_ratio', 'use_filter', 'spatial_gamma'))
+    _raises(lambda: AdapterSpec(gamma=np.float64(2.0)), 'gamma=2.0', 'positive integer')
+    _raises(lambda: AdapterSpec(use_filter=np.int64(0)), 'use_filter=0 (int)',
+            'True or False')
