@@ -49,14 +49,14 @@ class AdapterSpec:
             (colora 16, lora/pissa/hira 20, conv_adapter 4). Defaults to None.
         share_ratio (float): CoLoRA's shared fraction of the rank. Defaults to 0.5.
         use_filter (bool): CoLoRA's range filter in the spatial branch. Defaults to True.
-        filter_lambda (float): Filter weight ``lambda``. Defaults to 0.2.
+        filter_lambda (float): Filter weight ``lambda`` (finite). Defaults to 0.2.
         partner_policy (str): ``'effective'`` or ``'frozen'``. Defaults to 'effective'.
         spatial (bool): CoLoRA's spatial branch on the spatial convs. Defaults to True.
         spatial_gamma (int, optional): Rank divisor of the spatial branch,
             ``r = C // spatial_gamma``; None takes ``gamma``. The paper's ConvNeXt
             #Param figures (Tables 5-8) are reproduced with ``2 * gamma``, which the
             paper-reproduction configs set. Defaults to None.
-        scaling (float): LoRA/PiSSA ``alpha / r``. Defaults to 2.0.
+        scaling (float): LoRA/PiSSA ``alpha / r`` (finite, > 0). Defaults to 2.0.
         act (str): Conv-Adapter activation, ``'relu'`` or ``'gelu'``. Defaults to 'relu'.
         train_path (str): How low-rank updates (CoLoRA pair, LoRA, PiSSA) are applied
             in the forward pass: ``'activation'`` (``base(x) + (x L) R``),
@@ -108,6 +108,14 @@ class AdapterSpec:
         if not 0.0 <= self.share_ratio <= 1.0:
             raise ValueError(f'AdapterSpec: share_ratio={self.share_ratio} must lie in '
                              '[0, 1].')
+        if not math.isfinite(self.filter_lambda):
+            raise ValueError(f'AdapterSpec: filter_lambda={self.filter_lambda!r} must be '
+                             'a finite number (the weight lambda of the range filter; '
+                             'default 0.2).')
+        if not (math.isfinite(self.scaling) and self.scaling > 0):
+            raise ValueError(f'AdapterSpec: scaling={self.scaling!r} must be a finite '
+                             'number > 0 (LoRA/PiSSA alpha / r, which multiplies the '
+                             'update and its gradients; default 2.0).')
         if self.train_path not in TRAIN_PATHS:
             raise ValueError(f'AdapterSpec: train_path={self.train_path!r}; expected one '
                              f'of {TRAIN_PATHS}.')

@@ -331,6 +331,9 @@ def test_pair_adapters_are_the_colora_pair_everywhere_else():
     (dict(share_ratio='0.75'), ["share_ratio='0.75' (str)", 'must be a number',
                                 'write share_ratio=0.75 without quotes']),
     (dict(gamma=True), ['gamma=True (bool)', 'positive integer']),
+    (dict(filter_lambda=float('nan')), ['filter_lambda=nan', 'finite']),
+    (dict(filter_lambda=float('inf')), ['filter_lambda=inf', 'finite']),
+    (dict(scaling=0), ['scaling=0', '> 0']),
     (dict(method='none', gamma='8'), ["gamma='8' (str)", 'positive integer']),
 ])
 def test_override_values_are_checked_like_the_spec(override, fragments):

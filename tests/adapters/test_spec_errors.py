@@ -190,9 +190,29 @@ def test_injecting_twice_into_a_parent_names_the_layer_there():
             '0.fc1, adapted as fc1 (Linear, 12->20', 'already carries an adapter (lora)')
 
 
+@pytest.mark.parametrize('key,value,fragments', [
+    ('filter_lambda', float('nan'), ['filter_lambda=nan', 'finite']),
+    ('filter_lambda', float('inf'), ['filter_lambda=inf', 'finite']),
+    ('filter_lambda', float('-inf'), ['filter_lambda=-inf', 'finite']),
+    ('scaling', 0, ['scaling=0', 'finite number > 0']),
+    ('scaling', 0.0, ['scaling=0.0', '> 0']),
+    ('scaling', -2.0, ['scaling=-2.0', '> 0']),
+    ('scaling', float('nan'), ['scaling=nan', 'finite']),
+    ('scaling', float('inf'), ['scaling=inf', 'finite'])])
+def test_float_settings_must_be_finite_and_scaling_positive(key, value, fragments):
+    for method in ('colora', 'lora', 'pissa'):
+        _raises(lambda: AdapterSpec(method=method, **{key: value}), 'AdapterSpec',
+                *fragments)
+    model = LinearPairNet()
+    _raises(lambda: inject_adapters(model, dict(method='lora', gamma=2, **{key: value}),
+                                    pairs=model.pairs), *fragments)
+    assert not list(iter_adapted_layers(model))
+
+
 def test_zero_and_integer_floats_are_accepted():
     spec = AdapterSpec(method='colora', filter_lambda=0, share_ratio=1, scaling=1)
     assert (spec.filter_lambda, spec.share_ratio, spec.scaling) == (0, 1, 1)
+    AdapterSpec(method='colora', share_ratio=0)
 
 
 @pytest.mark.parametrize('key,value,fragments', [
