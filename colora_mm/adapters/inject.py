@@ -30,6 +30,18 @@ from .spatial import SpatialLowRankBranch
 
 METHODS = ('colora', 'lora', 'pissa', 'hira', 'conv_adapter', 'bitfit', 'full')
 DEFAULT_GAMMA = {'colora': 16, 'lora': 20, 'pissa': 20, 'hira': 20, 'conv_adapter': 4}
+#: The :class:`AdapterSpec` fields each method reads besides ``method``; it ignores the
+#: others (:func:`spec_keys_used`). ``bitfit`` and ``full`` inject no adapter.
+METHOD_KEYS = {
+    'colora': ('gamma', 'share_ratio', 'use_filter', 'filter_lambda', 'partner_policy',
+               'spatial', 'spatial_gamma', 'train_path', 'merged', 'overrides'),
+    'lora': ('gamma', 'scaling', 'train_path', 'merged', 'overrides'),
+    'pissa': ('gamma', 'scaling', 'train_path', 'merged', 'overrides'),
+    'hira': ('gamma', 'merged', 'overrides'),
+    'conv_adapter': ('gamma', 'act', 'merged', 'overrides'),
+    'bitfit': (),
+    'full': (),
+}
 NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -148,6 +160,22 @@ class AdapterSpec:
     def spatial_rank_divisor(self) -> int:
         """Divisor of CoLoRA's spatial branch rank: ``spatial_gamma``, else ``gamma``."""
         return self.spatial_gamma if self.spatial_gamma is not None else self.rank_divisor
+
+
+def spec_keys_used(method: Optional[str]) -> Tuple[str, ...]:
+    """The :class:`AdapterSpec` fields that change what ``method`` builds,
+    ``'method'`` first (None is ``'full'``): ``('method',)`` for ``'bitfit'`` and
+    ``'full'``; LoRA reads ``gamma`` and ``scaling`` but not CoLoRA's ``share_ratio``.
+    Two specs of one method with equal values for these keys build the same model.
+
+    Raises:
+        ValueError: ``method`` is none of :data:`METHODS`.
+    """
+    method = 'full' if method is None else method
+    if not isinstance(method, str) or method not in METHOD_KEYS:
+        raise ValueError(f'spec_keys_used: method={method!r}; expected one of '
+                         f'{METHODS}.')
+    return ('method',) + METHOD_KEYS[method]
 
 
 # ------------------------------------------------------------------ spec types

@@ -9,8 +9,10 @@ adapted backbone of the model. For a checkpoint without that record, the setting
 rebuilt from the config text mmengine saves in ``meta['cfg']``.
 
 Every field of :class:`~colora_mm.adapters.AdapterSpec` is compared except
-:data:`NON_MODEL_KEYS` (how the same model is stored or trained), so a field added to
-the spec is compared without a change here.
+:data:`NON_MODEL_KEYS` (how the same model is stored or trained) and the fields a
+method ignores (:func:`~colora_mm.adapters.spec_keys_used`: LoRA's ``share_ratio``,
+every field of full fine-tuning), so a field added to the spec is compared without a
+change here.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from colora_mm.adapters import AdapterSpec, spec_type_error, spec_types
+from colora_mm.adapters import (AdapterSpec, spec_keys_used, spec_type_error,
+                                spec_types)
 
 #: Where the record lives in a checkpoint's ``meta``.
 META_KEY = 'adapter_settings'
@@ -58,6 +61,16 @@ def _resolved(settings: dict) -> dict:
     return out
 
 
+def _ignored_keys(method) -> set:
+    """The spec fields ``method`` ignores; none for a method this version does not
+    know (every field is then compared)."""
+    try:
+        used = spec_keys_used(method)
+    except ValueError:
+        return set()
+    return {f.name for f in fields(AdapterSpec)} - set(used)
+
+
 def settings_differences(recorded: Dict[str, dict], current: Dict[str, dict]) -> List[str]:
     """What differs between two records, one ``'module.key: checkpoint X, config Y'``
     item per model-changing difference (empty when the models are the same)."""
@@ -72,9 +85,9 @@ def settings_differences(recorded: Dict[str, dict], current: Dict[str, dict]) ->
                          f"(method {current[name].get('method')!r})")
             continue
         a, b = _resolved(recorded[name]), _resolved(current[name])
-        if a.get('method') == b.get('method') == 'full':
-            continue   # full fine-tuning: no adapter, the other fields mean nothing
-        for key in sorted((set(a) | set(b)) - NON_MODEL_KEYS):
+        # What both methods read (a different method is a difference itself).
+        ignored = _ignored_keys(a.get('method')) | _ignored_keys(b.get('method'))
+        for key in sorted((set(a) | set(b)) - NON_MODEL_KEYS - ignored):
             va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
             if va != vb:
                 show = lambda v: 'unset' if v is _MISSING else repr(v)  # noqa: E731
