@@ -11,6 +11,7 @@ import math
 import numbers
 import re
 import typing
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -56,7 +57,9 @@ class AdapterSpec:
         method (str): ``'colora'``, ``'lora'``, ``'pissa'``, ``'hira'``,
             ``'conv_adapter'``, ``'bitfit'`` (no adapter: biases and normalisation
             layers only, the trainable set every PEFT method here shares) or ``'full'``
-            (full fine-tuning). Defaults to 'colora'.
+            (full fine-tuning). A method ignores the keys it does not read
+            (:func:`spec_keys_used`; ``'bitfit'`` and ``'full'`` read none): set to a
+            value other than the default, they give a warning. Defaults to 'colora'.
         gamma (int, optional): Rank divisor; None takes the method's default
             (colora 16, lora/pissa/hira 20, conv_adapter 4). Defaults to None.
         share_ratio (float): CoLoRA's shared fraction of the rank. Defaults to 0.5.
@@ -135,6 +138,32 @@ class AdapterSpec:
             raise ValueError(f'AdapterSpec: partner_policy={self.partner_policy!r}; '
                              f'expected one of {PARTNER_POLICIES}.')
         self.overrides = check_overrides(self)
+        self._warn_ignored_keys()
+
+    def _warn_ignored_keys(self) -> None:
+        """Warn about keys the method does not read that are set to a value other
+        than their default: they change nothing (other methods' keys are accepted, so
+        that one table of settings can serve every method)."""
+        used = spec_keys_used(self.method)
+        ignored = [f'{f.name}={getattr(self, f.name)!r}' for f in fields(self)
+                   if f.name not in used and getattr(self, f.name) != f.default]
+        if not ignored:
+            return
+        one = len(ignored) == 1
+        if METHOD_KEYS[self.method]:
+            what = (f'does not read {", ".join(ignored)} (it reads '
+                    f'{", ".join(used[1:])}); {"it has" if one else "they have"}')
+        else:
+            trains = ('biases and normalisation layers train alone'
+                      if self.method == 'bitfit' else 'every parameter trains')
+            what = (f'injects no adapter ({trains}); {", ".join(ignored)} '
+                    f'{"has" if one else "have"}')
+        warnings.warn(
+            f'AdapterSpec: method={self.method!r} {what} no effect. Drop '
+            f'{"it" if one else "them"} (a config that inherits another method\'s '
+            f'adapter: adapter=dict(_delete_=True, method={self.method!r}, ...)), or '
+            f'pick a method that reads {"it" if one else "them"}.', UserWarning,
+            stacklevel=4)
 
     @classmethod
     def from_dict(cls, cfg: Union[None, dict, 'AdapterSpec']) -> 'AdapterSpec':

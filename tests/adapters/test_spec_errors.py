@@ -210,8 +210,9 @@ def test_float_settings_must_be_finite_and_scaling_positive(key, value, fragment
 
 
 def test_zero_and_integer_floats_are_accepted():
-    spec = AdapterSpec(method='colora', filter_lambda=0, share_ratio=1, scaling=1)
-    assert (spec.filter_lambda, spec.share_ratio, spec.scaling) == (0, 1, 1)
+    spec = AdapterSpec(method='colora', filter_lambda=0, share_ratio=1)
+    assert (spec.filter_lambda, spec.share_ratio) == (0, 1)
+    assert AdapterSpec(method='lora', scaling=1).scaling == 1
     AdapterSpec(method='colora', share_ratio=0)
 
 
@@ -245,12 +246,59 @@ def test_numpy_scalars_are_taken_as_python_values():
     np = pytest.importorskip('numpy')
     spec = AdapterSpec(method='colora', gamma=np.int64(2), share_ratio=np.float32(0.5),
                        filter_lambda=np.float64(0), use_filter=np.bool_(False),
-                       spatial_gamma=np.int32(4), scaling=np.float64(1.5))
+                       spatial_gamma=np.int32(4))
     plain = AdapterSpec(method='colora', gamma=2, share_ratio=0.5, filter_lambda=0.0,
-                        use_filter=False, spatial_gamma=4, scaling=1.5)
+                        use_filter=False, spatial_gamma=4)
+    assert AdapterSpec(method='lora', scaling=np.float64(1.5)).scaling == 1.5
     assert spec == plain
     assert all(type(getattr(spec, k)) is type(getattr(plain, k))
                for k in ('gamma', 'share_ratio', 'use_filter', 'spatial_gamma'))
     _raises(lambda: AdapterSpec(gamma=np.float64(2.0)), 'gamma=2.0', 'positive integer')
     _raises(lambda: AdapterSpec(use_filter=np.int64(0)), 'use_filter=0 (int)',
             'True or False')
+
+
+@pytest.mark.parametrize('method', ['bitfit', 'full', None])
+@pytest.mark.parametrize('settings,fragments', [
+    (dict(gamma=8), ['gamma=8 has no effect', 'Drop it']),
+    (dict(use_filter=False, scaling=3.0), ['use_filter=False, scaling=3.0 have no effect',
+                                           'Drop them']),
+    (dict(train_path='weight'), ["train_path='weight'"]),
+    (dict(merged=True), ['merged=True']),
+])
+def test_settings_without_an_adapter_give_a_warning(method, settings, fragments):
+    name = 'full' if method is None else method
+    for make in (lambda: AdapterSpec(method=method, **settings),
+                 lambda: AdapterSpec.from_dict(dict(method=method, **settings))):
+        with pytest.warns(UserWarning) as record:
+            spec = make()
+        assert spec.method == name
+        msg = str(record[0].message)
+        for fragment in (f'method={name!r} injects no adapter', *fragments,
+                         f"adapter=dict(_delete_=True, method={name!r}, ...)"):
+            assert fragment in msg, msg
+
+
+def test_keys_an_adapter_method_does_not_read_give_a_warning():
+    with pytest.warns(UserWarning) as record:
+        spec = AdapterSpec(method='lora', gamma=8, share_ratio=0.9, use_filter=False)
+    assert spec.share_ratio == 0.9                      # accepted, as before
+    msg = str(record[0].message)
+    for fragment in ("method='lora' does not read share_ratio=0.9, use_filter=False",
+                     'it reads gamma, scaling', 'they have no effect'):
+        assert fragment in msg, msg
+    with pytest.warns(UserWarning, match=r"method='lora' does not read share_ratio=0\.3"):
+        AdapterSpec(method='lora', overrides=[dict(pattern='fc1', share_ratio=0.3)])
+
+
+@pytest.mark.parametrize('spec', [
+    dict(method='bitfit'), dict(method='full', gamma=None, share_ratio=0.5),
+    dict(method='lora', gamma=8, scaling=1.0, train_path='weight'),
+    dict(method='colora', gamma=8, use_filter=False, spatial_gamma=16),
+    dict(method='conv_adapter', act='gelu')])
+def test_keys_the_method_reads_or_defaults_give_no_warning(spec):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        made = AdapterSpec.from_dict(spec)
+        assert AdapterSpec.from_dict(made.to_dict()) == made
