@@ -74,6 +74,34 @@ def test_basic_block_depth_needs_full_finetuning():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize('codebase', ['mmseg', 'mmdet'])
+@pytest.mark.parametrize('depth', [18, 34])
+def test_bitfit_and_full_work_on_basic_block_depths(codebase, depth):
+    from colora_mm.adapters import norm_parameter_names
+    model = build(codebase, adapter=dict(method='bitfit'), depth=depth)
+    assert model.adapted_layer_names == []
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
+    norms = norm_parameter_names(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable == {n for n, _ in model.named_parameters()
+                                       if n in norms or n.endswith('.bias')}
+    outs = model.eval()(torch.randn(1, 3, 64, 64))
+    assert len(outs) == 4
+    model = build(codebase, adapter=dict(method='full'), depth=depth)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize('method', ['colora', 'lora', 'conv_adapter'])
+def test_adapter_methods_on_basic_blocks_point_to_bitfit_and_full(method):
+    with pytest.raises(ValueError) as info:
+        build(adapter=dict(method=method), depth=18)
+    msg = str(info.value)
+    for fragment in ('layer1.0 is a BasicBlock', f"adapter method '{method}'",
+                     'depth 50', "method='bitfit'", "method='full'",
+                     'work with BasicBlock ResNets'):
+        assert fragment in msg, msg
+
+
 def test_mmdet_defaults_freeze_stem_and_stage1_adapters_included():
     model = build('mmdet', frozen_stages=1)    # mmdet's default norm_eval=True
     model.train()

@@ -172,6 +172,48 @@ def test_settings_differences_cover_every_spec_field():
                                 {'backbone': dict(method='full', gamma=3)}) == []
 
 
+def test_settings_differences_compare_only_what_the_methods_read():
+    from colora_mm.adapters import AdapterSpec
+    lora = AdapterSpec(method='lora', gamma=8).to_dict()
+    ignored = dict(lora, use_filter=False, share_ratio=0.9, partner_policy='frozen',
+                   filter_lambda=0.5, spatial=False, spatial_gamma=4, act='gelu')
+    assert settings_differences({'backbone': lora}, {'backbone': ignored}) == []
+    assert settings_differences({'backbone': lora}, {'backbone': dict(
+        lora, scaling=1.0)}) == ['backbone.adapter.scaling: checkpoint 2.0, config 1.0']
+    full = AdapterSpec(method='full').to_dict()
+    assert settings_differences({'backbone': full}, {'backbone': lora}) == [
+        "backbone.adapter.method: checkpoint 'full', config 'lora'"]
+    # both read gamma: a different rank divisor is listed beside the method
+    colora = AdapterSpec(method='colora').to_dict()
+    assert settings_differences({'backbone': colora}, {'backbone': lora}) == [
+        'backbone.adapter.gamma: checkpoint 16, config 8',
+        "backbone.adapter.method: checkpoint 'colora', config 'lora'"]
+    conv = AdapterSpec(method='conv_adapter').to_dict()
+    assert settings_differences({'backbone': conv}, {'backbone': dict(
+        conv, scaling=0.5, partner_policy='frozen')}) == []
+    assert settings_differences({'backbone': conv}, {'backbone': dict(
+        conv, act='gelu')}) == ["backbone.adapter.act: checkpoint 'relu', config 'gelu'"]
+
+
+def test_test_and_merge_accept_settings_the_method_ignores(data, tmp_path, capsys):
+    ckpt = save_checkpoint(data['lora'], tmp_path / 'iter_2.pth', cfg_text=True)
+    options = {'model.backbone.adapter.use_filter': False,
+               'model.backbone.adapter.share_ratio': 0.9,
+               'model.backbone.adapter.partner_policy': 'frozen'}
+    cfg = Config.fromfile(data['lora'])
+    cfg.merge_from_dict(options)
+    init_default_scope(cfg.default_scope)
+    with pytest.warns(UserWarning, match="method='lora' does not read share_ratio=0.9"):
+        current = train.check_adapter(cfg, data['lora'])
+    assert current['backbone']['share_ratio'] == 0.9
+    # what tools/test.py and tools/merge.py run before any work: no error
+    train.check_settings_match(torch.load(ckpt, weights_only=False), ckpt, current,
+                               data['lora'], allow_mismatch=False)
+    assert _run_merge(data['lora'], ckpt, tmp_path / 'm.pth', '--cfg-options',
+                      *(f'{k}={v}' for k, v in options.items())) == 0
+    assert 'warning: checkpoint' not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('source', ['record', 'cfg'])
 def test_test_and_merge_refuse_other_adapter_settings(data, tmp_path, capsys, source):
     ckpt = save_checkpoint(data['colora'], tmp_path / 'iter_2.pth',

@@ -6,7 +6,12 @@ is an error, so a renamed upstream module can never silently disable an adapter.
 """
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 import re
+import typing
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -26,31 +31,47 @@ from .spatial import SpatialLowRankBranch
 
 METHODS = ('colora', 'lora', 'pissa', 'hira', 'conv_adapter', 'bitfit', 'full')
 DEFAULT_GAMMA = {'colora': 16, 'lora': 20, 'pissa': 20, 'hira': 20, 'conv_adapter': 4}
+#: The :class:`AdapterSpec` fields each method reads besides ``method``; it ignores the
+#: others (:func:`spec_keys_used`). ``bitfit`` and ``full`` inject no adapter.
+METHOD_KEYS = {
+    'colora': ('gamma', 'share_ratio', 'use_filter', 'filter_lambda', 'partner_policy',
+               'spatial', 'spatial_gamma', 'train_path', 'merged', 'overrides'),
+    'lora': ('gamma', 'scaling', 'train_path', 'merged', 'overrides'),
+    'pissa': ('gamma', 'scaling', 'train_path', 'merged', 'overrides'),
+    'hira': ('gamma', 'merged', 'overrides'),
+    'conv_adapter': ('gamma', 'act', 'merged', 'overrides'),
+    'bitfit': (),
+    'full': (),
+}
 NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass
 class AdapterSpec:
     """What to inject. ``AdapterSpec.from_dict`` takes the same keys as a config's
-    ``adapter=dict(...)``.
+    ``adapter=dict(...)``. Every value, the overrides' included, is checked against the
+    type declared here when the spec is made (integers count as numbers, booleans as
+    neither; numpy scalars as the Python values they hold).
 
     Args:
         method (str): ``'colora'``, ``'lora'``, ``'pissa'``, ``'hira'``,
             ``'conv_adapter'``, ``'bitfit'`` (no adapter: biases and normalisation
             layers only, the trainable set every PEFT method here shares) or ``'full'``
-            (full fine-tuning). Defaults to 'colora'.
+            (full fine-tuning). A method ignores the keys it does not read
+            (:func:`spec_keys_used`; ``'bitfit'`` and ``'full'`` read none): set to a
+            value other than the default, they give a warning. Defaults to 'colora'.
         gamma (int, optional): Rank divisor; None takes the method's default
             (colora 16, lora/pissa/hira 20, conv_adapter 4). Defaults to None.
         share_ratio (float): CoLoRA's shared fraction of the rank. Defaults to 0.5.
         use_filter (bool): CoLoRA's range filter in the spatial branch. Defaults to True.
-        filter_lambda (float): Filter weight ``lambda``. Defaults to 0.2.
+        filter_lambda (float): Filter weight ``lambda`` (finite). Defaults to 0.2.
         partner_policy (str): ``'effective'`` or ``'frozen'``. Defaults to 'effective'.
         spatial (bool): CoLoRA's spatial branch on the spatial convs. Defaults to True.
         spatial_gamma (int, optional): Rank divisor of the spatial branch,
             ``r = C // spatial_gamma``; None takes ``gamma``. The paper's ConvNeXt
             #Param figures (Tables 5-8) are reproduced with ``2 * gamma``, which the
             paper-reproduction configs set. Defaults to None.
-        scaling (float): LoRA/PiSSA ``alpha / r``. Defaults to 2.0.
+        scaling (float): LoRA/PiSSA ``alpha / r`` (finite, > 0). Defaults to 2.0.
         act (str): Conv-Adapter activation, ``'relu'`` or ``'gelu'``. Defaults to 'relu'.
         train_path (str): How low-rank updates (CoLoRA pair, LoRA, PiSSA) are applied
             in the forward pass: ``'activation'`` (``base(x) + (x L) R``),
@@ -81,27 +102,68 @@ class AdapterSpec:
     overrides: Sequence[dict] = ()
 
     def __post_init__(self) -> None:
+        for f in fields(self):   # numpy scalars (from configs) as the Python values
+            setattr(self, f.name, _plain(getattr(self, f.name)))
         if self.method is None:
             self.method = 'full'
         if self.method not in METHODS:
             raise ValueError(f'AdapterSpec: method={self.method!r}; expected one of '
                              f'{METHODS}.')
+        for key in ('gamma', 'spatial_gamma'):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, numbers.Integral) or value <= 0):
+                raise ValueError(f'AdapterSpec: {key}={value!r} ({type(value).__name__}) '
+                                 'must be a positive integer (the rank divisor r = width '
+                                 '// gamma) or None.')
+        for f in fields(self):
+            error = spec_type_error(f.name, getattr(self, f.name))
+            if error:
+                raise ValueError(f'AdapterSpec: {error}.')
         if not 0.0 <= self.share_ratio <= 1.0:
             raise ValueError(f'AdapterSpec: share_ratio={self.share_ratio} must lie in '
                              '[0, 1].')
+        if not math.isfinite(self.filter_lambda):
+            raise ValueError(f'AdapterSpec: filter_lambda={self.filter_lambda!r} must be '
+                             'a finite number (the weight lambda of the range filter; '
+                             'default 0.2).')
+        if not (math.isfinite(self.scaling) and self.scaling > 0):
+            raise ValueError(f'AdapterSpec: scaling={self.scaling!r} must be a finite '
+                             'number > 0 (LoRA/PiSSA alpha / r, which multiplies the '
+                             'update and its gradients; default 2.0).')
         if self.train_path not in TRAIN_PATHS:
             raise ValueError(f'AdapterSpec: train_path={self.train_path!r}; expected one '
                              f'of {TRAIN_PATHS}.')
         if self.partner_policy not in PARTNER_POLICIES:
             raise ValueError(f'AdapterSpec: partner_policy={self.partner_policy!r}; '
                              f'expected one of {PARTNER_POLICIES}.')
-        for key in ('gamma', 'spatial_gamma'):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value <= 0):
-                raise ValueError(f'AdapterSpec: {key}={value!r} must be a positive '
-                                 'integer (the rank divisor r = width // gamma).')
         self.overrides = check_overrides(self)
+        self._warn_ignored_keys()
+
+    def _warn_ignored_keys(self) -> None:
+        """Warn about keys the method does not read that are set to a value other
+        than their default: they change nothing (other methods' keys are accepted, so
+        that one table of settings can serve every method)."""
+        used = spec_keys_used(self.method)
+        ignored = [f'{f.name}={getattr(self, f.name)!r}' for f in fields(self)
+                   if f.name not in used and getattr(self, f.name) != f.default]
+        if not ignored:
+            return
+        one = len(ignored) == 1
+        if METHOD_KEYS[self.method]:
+            what = (f'does not read {", ".join(ignored)} (it reads '
+                    f'{", ".join(used[1:])}); {"it has" if one else "they have"}')
+        else:
+            trains = ('biases and normalisation layers train alone'
+                      if self.method == 'bitfit' else 'every parameter trains')
+            what = (f'injects no adapter ({trains}); {", ".join(ignored)} '
+                    f'{"has" if one else "have"}')
+        warnings.warn(
+            f'AdapterSpec: method={self.method!r} {what} no effect. Drop '
+            f'{"it" if one else "them"} (a config that inherits another method\'s '
+            f'adapter: adapter=dict(_delete_=True, method={self.method!r}, ...)), or '
+            f'pick a method that reads {"it" if one else "them"}.', UserWarning,
+            stacklevel=4)
 
     @classmethod
     def from_dict(cls, cfg: Union[None, dict, 'AdapterSpec']) -> 'AdapterSpec':
@@ -127,6 +189,97 @@ class AdapterSpec:
     def spatial_rank_divisor(self) -> int:
         """Divisor of CoLoRA's spatial branch rank: ``spatial_gamma``, else ``gamma``."""
         return self.spatial_gamma if self.spatial_gamma is not None else self.rank_divisor
+
+
+def spec_keys_used(method: Optional[str]) -> Tuple[str, ...]:
+    """The :class:`AdapterSpec` fields that change what ``method`` builds,
+    ``'method'`` first (None is ``'full'``): ``('method',)`` for ``'bitfit'`` and
+    ``'full'``; LoRA reads ``gamma`` and ``scaling`` but not CoLoRA's ``share_ratio``.
+    Two specs of one method with equal values for these keys build the same model.
+
+    Raises:
+        ValueError: ``method`` is none of :data:`METHODS`.
+    """
+    method = 'full' if method is None else method
+    if not isinstance(method, str) or method not in METHOD_KEYS:
+        raise ValueError(f'spec_keys_used: method={method!r}; expected one of '
+                         f'{METHODS}.')
+    return ('method',) + METHOD_KEYS[method]
+
+
+# ------------------------------------------------------------------ spec types
+_TYPE_NAMES = {bool: 'True or False', int: 'an integer', float: 'a number',
+               str: 'a string', type(None): 'None', dict: 'a dict',
+               list: 'a list', tuple: 'a tuple'}
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds; anything else as it is."""
+    if type(value).__module__ == 'numpy' and getattr(value, 'ndim', None) == 0:
+        return value.item()
+    return value
+
+
+def _fits(value, annotation) -> bool:
+    """Does ``value`` have the type ``annotation`` declares (unknown types: yes).
+    Integers are numbers, booleans are neither."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        return any(_fits(value, option) for option in typing.get_args(annotation))
+    container = origin or annotation
+    if container is type(None):
+        return value is None
+    if container is bool:
+        return isinstance(value, bool)
+    if container is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if container is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if container in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if container in (str, dict):
+        return isinstance(value, container)
+    return True   # Any, Sequence[dict]...: the spec checks them itself
+
+
+def _expected(annotation) -> str:
+    if typing.get_origin(annotation) is typing.Union:
+        return ' or '.join(_expected(a) for a in typing.get_args(annotation))
+    container = typing.get_origin(annotation) or annotation
+    return _TYPE_NAMES.get(container, getattr(container, '__name__', str(container)))
+
+
+@functools.lru_cache(maxsize=None)
+def spec_types() -> Dict[str, object]:
+    """``{field: annotation}`` of :class:`AdapterSpec`."""
+    return typing.get_type_hints(AdapterSpec)
+
+
+def spec_type_error(key: str, value) -> Optional[str]:
+    """Why ``value`` cannot be :class:`AdapterSpec`'s ``key``, as
+    ``"key=value (type) must be <type>[; the fix]"``; None when it has the declared type
+    (or ``key`` is no field). Numpy scalars count as the Python values they hold."""
+    annotation = spec_types().get(key)
+    value = _plain(value)
+    if annotation is None or _fits(value, annotation):
+        return None
+    message = f'{key}={value!r} ({type(value).__name__}) must be {_expected(annotation)}'
+    if not isinstance(value, str):
+        return message
+    text = value.strip()
+    if _fits(True, annotation):
+        if text.lower() in ('true', 'false'):
+            return (f'{message}; write {key}={text.capitalize()} without quotes (a '
+                    'non-empty string counts as true)')
+        return f'{message}; write {key}=True or {key}=False without quotes'
+    for number in (int, float):
+        try:
+            parsed = number(text)
+        except ValueError:
+            continue
+        if _fits(parsed, annotation) and math.isfinite(parsed):
+            return f'{message}; write {key}={text} without quotes'
+    return message
 
 
 # ---------------------------------------------------------------------- targets
@@ -157,6 +310,13 @@ def resolve_names(model: nn.Module, targets: Iterable[str], what: str) -> List[s
 
 
 def _pointwise_shapes(name: str, module: nn.Module) -> Tuple[int, int]:
+    if isinstance(module, AdaptedLayer):
+        # before the shape checks: a wrapper is neither Linear nor Conv2d
+        where = (module.describe() if module.layer_name == name
+                 else f'{name}, adapted as {module.describe()},')
+        raise ValueError(f'{where} already carries an adapter '
+                         f'({module.adapter_branch.method}); inject once per layer: adapt '
+                         'a fresh model, or leave this layer out of the targets.')
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)

@@ -111,11 +111,14 @@ def check_overrides(spec) -> Tuple[dict, ...]:
                 f"{where}: method={method!r}, but the spec's method is {spec.method!r}. "
                 "An override can switch its layers off (method='none') or change "
                 "the method's settings, not mix adapter methods.")
-        if method != NO_ADAPTER:
-            try:
-                dataclasses.replace(spec, overrides=(), **settings)
-            except ValueError as err:
-                raise ValueError(f'{where}: {err}') from None
+        # Validated like the global spec (with method='none', the other keys too),
+        # and kept as the spec holds them (numpy scalars as Python values).
+        values = {k: v for k, v in settings.items() if k != 'method'}
+        try:
+            checked = dataclasses.replace(spec, overrides=(), **values)
+        except ValueError as err:
+            raise ValueError(f'{where}: {err}') from None
+        settings.update((k, getattr(checked, k)) for k in values)
         out.append(dict(settings, pattern=pattern))
     return tuple(out)
 

@@ -9,20 +9,23 @@ adapted backbone of the model. For a checkpoint without that record, the setting
 rebuilt from the config text mmengine saves in ``meta['cfg']``.
 
 Every field of :class:`~colora_mm.adapters.AdapterSpec` is compared except
-:data:`NON_MODEL_KEYS` (how the same model is stored or trained), so a field added to
-the spec is compared without a change here.
+:data:`NON_MODEL_KEYS` (how the same model is stored or trained) and the fields a
+method ignores (:func:`~colora_mm.adapters.spec_keys_used`: LoRA's ``share_ratio``,
+every field of full fine-tuning), so a field added to the spec is compared without a
+change here.
 """
 from __future__ import annotations
 
 import copy
-import typing
+import warnings
 from dataclasses import fields
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from colora_mm.adapters import AdapterSpec
+from colora_mm.adapters import (AdapterSpec, spec_keys_used, spec_type_error,
+                                spec_types)
 
 #: Where the record lives in a checkpoint's ``meta``.
 META_KEY = 'adapter_settings'
@@ -48,7 +51,9 @@ def _resolved(settings: dict) -> dict:
     """Every field with its default filled in and the method defaults resolved
     (``gamma=None`` is the method's rank divisor), so equal models compare equal."""
     try:
-        spec = AdapterSpec.from_dict(dict(settings))
+        with warnings.catch_warnings():   # the keys a method ignores: not compared
+            warnings.simplefilter('ignore', UserWarning)
+            spec = AdapterSpec.from_dict(dict(settings))
     except (TypeError, ValueError):   # written by another version of AdapterSpec
         return dict(settings)
     out = spec.to_dict()
@@ -57,6 +62,16 @@ def _resolved(settings: dict) -> dict:
         if key in out and hasattr(spec, resolved):
             out[key] = getattr(spec, resolved)
     return out
+
+
+def _ignored_keys(method) -> set:
+    """The spec fields ``method`` ignores; none for a method this version does not
+    know (every field is then compared)."""
+    try:
+        used = spec_keys_used(method)
+    except ValueError:
+        return set()
+    return {f.name for f in fields(AdapterSpec)} - set(used)
 
 
 def settings_differences(recorded: Dict[str, dict], current: Dict[str, dict]) -> List[str]:
@@ -73,9 +88,9 @@ def settings_differences(recorded: Dict[str, dict], current: Dict[str, dict]) ->
                          f"(method {current[name].get('method')!r})")
             continue
         a, b = _resolved(recorded[name]), _resolved(current[name])
-        if a.get('method') == b.get('method') == 'full':
-            continue   # full fine-tuning: no adapter, the other fields mean nothing
-        for key in sorted((set(a) | set(b)) - NON_MODEL_KEYS):
+        # What both methods read (a different method is a difference itself).
+        ignored = _ignored_keys(a.get('method')) | _ignored_keys(b.get('method'))
+        for key in sorted((set(a) | set(b)) - NON_MODEL_KEYS - ignored):
             va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
             if va != vb:
                 show = lambda v: 'unset' if v is _MISSING else repr(v)  # noqa: E731
@@ -149,42 +164,9 @@ def recorded_adapter_settings(checkpoint: dict) -> Optional[Dict[str, dict]]:
 
 
 # ------------------------------------------------------------------ spec types
-_DESCRIPTIONS = {bool: 'True or False', int: 'an integer', float: 'a number',
-                 str: 'a string', type(None): 'None', dict: 'a dict',
-                 list: 'a list', tuple: 'a tuple'}
-
-
-def _fits(value, annotation) -> bool:
-    """Does ``value`` have the type ``annotation`` declares (unknown types: yes)."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union:
-        return any(_fits(value, option) for option in typing.get_args(annotation))
-    container = origin or annotation
-    if container is type(None):
-        return value is None
-    if container is bool:
-        return isinstance(value, bool)
-    if container is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if container is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if container in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if container in (str, dict):
-        return isinstance(value, container)
-    return True   # Any, classes...: the spec checks them itself
-
-
-def _expected(annotation) -> str:
-    if typing.get_origin(annotation) is typing.Union:
-        return ' or '.join(_expected(a) for a in typing.get_args(annotation))
-    container = typing.get_origin(annotation) or annotation
-    return _DESCRIPTIONS.get(container, getattr(container, '__name__', str(container)))
-
-
 def check_spec_types(adapter: Optional[dict]) -> None:
     """Check every key of a config's ``adapter=dict(...)`` against the types
-    :class:`AdapterSpec` declares (new fields included).
+    :class:`AdapterSpec` declares (new fields included), as the spec itself does.
 
     Raises:
         ValueError: naming the key, the value and the expected type, or the keys
@@ -192,11 +174,10 @@ def check_spec_types(adapter: Optional[dict]) -> None:
     """
     if adapter is None:
         return
-    hints = typing.get_type_hints(AdapterSpec)
     for key, value in dict(adapter).items():
-        if key not in hints:
+        if key not in spec_types():
             raise ValueError(f'unknown key {key}={value!r}; the keys are '
                              f'{", ".join(f.name for f in fields(AdapterSpec))}')
-        if not _fits(value, hints[key]):
-            raise ValueError(f'{key}={value!r} ({type(value).__name__}) must be '
-                             f'{_expected(hints[key])}')
+        error = spec_type_error(key, value)
+        if error:
+            raise ValueError(error)

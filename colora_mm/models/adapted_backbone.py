@@ -79,9 +79,11 @@ class AdaptedBackboneMixin:
                 "with_cp=False, or adapter partner_policy='frozen'.")
         self.adapted_layer_names: List[str] = []
         if self.adapter_spec.method != 'full':
-            pairs, spatial = self.adapter_targets()
-            self.adapted_layer_names = list(inject_adapters(
-                self, self.adapter_spec, pairs=pairs, spatial=spatial))
+            if self.adapter_spec.method != 'bitfit':
+                # bitfit trains biases and norms: no target layers, any architecture
+                pairs, spatial = self.adapter_targets()
+                self.adapted_layer_names = list(inject_adapters(
+                    self, self.adapter_spec, pairs=pairs, spatial=spatial))
             for extra_spec, targets in self.extra_adapters():
                 self.adapted_layer_names += list(inject_adapters(self, extra_spec,
                                                                  **targets))

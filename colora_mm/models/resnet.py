@@ -27,7 +27,8 @@ class ResNetAdapterMixin(AdaptedBackboneMixin):
     Args:
         adapter (dict, optional): The adapter spec (see
             :class:`colora_mm.adapters.AdapterSpec`); None or ``method='full'`` is full
-            fine-tuning. Defaults to None.
+            fine-tuning. The adapter methods need Bottleneck blocks (depth 50, 101,
+            152); ``'bitfit'`` and ``'full'`` work at any depth. Defaults to None.
         **kwargs: The upstream ``ResNet``'s arguments (``depth``, ``frozen_stages``,
             ``norm_eval``, ``norm_cfg``, ``init_cfg``...). ``init_cfg=dict(
             type='Pretrained', checkpoint=...)`` accepts torchvision checkpoints
@@ -45,11 +46,15 @@ class ResNetAdapterMixin(AdaptedBackboneMixin):
             for j, block in enumerate(getattr(self, layer_name)):
                 name = f'{layer_name}.{j}'
                 if not hasattr(block, 'conv3'):
+                    spec = getattr(self, 'adapter_spec', None)
+                    method = f' {spec.method!r}' if spec is not None else ''
                     raise ValueError(
                         f'{type(self).__name__}(depth={self.depth}): {name} is a '
                         f'{type(block).__name__} without the 1x1-3x3-1x1 layout the '
-                        'pairs (conv1, conv3) need; use depth 50, 101 or 152, or '
-                        "adapter=dict(method='full').")
+                        f'adapter method{method} targets (pairs (conv1, conv3), spatial '
+                        'conv2); use depth 50, 101 or 152, or '
+                        "adapter=dict(method='bitfit') or adapter=dict(method='full'), "
+                        'which need no target layers and work with BasicBlock ResNets.')
                 pairs.append((f'{name}.conv1', f'{name}.conv3'))
                 spatial.append(f'{name}.conv2')
         return pairs, spatial

@@ -322,3 +322,31 @@ def test_pair_adapters_are_the_colora_pair_everywhere_else():
     model, layers = inject(dict(method='colora', gamma=8, overrides=MIXED), spatial=())
     assert all(isinstance(m.adapter_branch, CoLoRAPairLayer) for m in layers.values())
     assert len(layers) == 2 * sum(Staged.depths[1:])
+
+
+@pytest.mark.parametrize('override,fragments', [
+    (dict(use_filter='false'), ["use_filter='false' (str)", 'True or False',
+                                'write use_filter=False without quotes']),
+    (dict(spatial='False'), ["spatial='False' (str)", 'True or False']),
+    (dict(share_ratio='0.75'), ["share_ratio='0.75' (str)", 'must be a number',
+                                'write share_ratio=0.75 without quotes']),
+    (dict(gamma=True), ['gamma=True (bool)', 'positive integer']),
+    (dict(filter_lambda=float('nan')), ['filter_lambda=nan', 'finite']),
+    (dict(filter_lambda=float('inf')), ['filter_lambda=inf', 'finite']),
+    (dict(scaling=0), ['scaling=0', '> 0']),
+    (dict(method='none', gamma='8'), ["gamma='8' (str)", 'positive integer']),
+])
+def test_override_values_are_checked_like_the_spec(override, fragments):
+    overrides = [dict(pattern='stages.3.*', **override)]
+    _raises(lambda: AdapterSpec.from_dict(dict(method='colora', overrides=overrides)),
+            "overrides[0] (pattern 'stages.3.*')", *fragments)
+
+
+def test_override_values_from_numpy_are_kept_as_python_values():
+    np = pytest.importorskip('numpy')
+    spec = AdapterSpec(method='colora', overrides=[
+        dict(pattern='stages.3.*', gamma=np.int64(8), share_ratio=np.float32(0.75),
+             use_filter=np.bool_(False))])
+    assert spec.overrides == (dict(pattern='stages.3.*', gamma=8, share_ratio=0.75,
+                                   use_filter=False),)
+    assert type(spec.overrides[0]['gamma']) is int

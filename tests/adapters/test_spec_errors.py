@@ -166,3 +166,139 @@ def test_bitfit_injects_nothing_and_trains_biases_and_norms():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.bias',
                          'pwconv2.bias'}
+
+
+@pytest.mark.parametrize('method', ['colora', 'lora', 'pissa', 'hira'])
+def test_injecting_twice_names_the_adapted_layer(method):
+    model = ConvNeXtBlock(channels=16)
+    inject_adapters(model, AdapterSpec(method='colora', gamma=2), pairs=model.pairs,
+                    spatial=model.spatial)
+    before = {n: type(m) for n, m in model.named_modules()}
+    msg = _raises(lambda: inject_adapters(model, AdapterSpec(method=method, gamma=2),
+                                          pairs=model.pairs),
+                  'pwconv1 (Linear, 16->64', 'already carries an adapter (colora)',
+                  'inject once per layer')
+    assert 'not a pointwise layer' not in msg
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_injecting_twice_into_a_parent_names_the_layer_there():
+    outer = nn.Sequential(LinearPairNet())
+    inject_adapters(outer[0], AdapterSpec(method='lora', gamma=2), pointwise=['fc1'])
+    _raises(lambda: inject_adapters(outer, AdapterSpec(method='lora', gamma=2),
+                                    pointwise=['0.fc1']),
+            '0.fc1, adapted as fc1 (Linear, 12->20', 'already carries an adapter (lora)')
+
+
+@pytest.mark.parametrize('key,value,fragments', [
+    ('filter_lambda', float('nan'), ['filter_lambda=nan', 'finite']),
+    ('filter_lambda', float('inf'), ['filter_lambda=inf', 'finite']),
+    ('filter_lambda', float('-inf'), ['filter_lambda=-inf', 'finite']),
+    ('scaling', 0, ['scaling=0', 'finite number > 0']),
+    ('scaling', 0.0, ['scaling=0.0', '> 0']),
+    ('scaling', -2.0, ['scaling=-2.0', '> 0']),
+    ('scaling', float('nan'), ['scaling=nan', 'finite']),
+    ('scaling', float('inf'), ['scaling=inf', 'finite'])])
+def test_float_settings_must_be_finite_and_scaling_positive(key, value, fragments):
+    for method in ('colora', 'lora', 'pissa'):
+        _raises(lambda: AdapterSpec(method=method, **{key: value}), 'AdapterSpec',
+                *fragments)
+    model = LinearPairNet()
+    _raises(lambda: inject_adapters(model, dict(method='lora', gamma=2, **{key: value}),
+                                    pairs=model.pairs), *fragments)
+    assert not list(iter_adapted_layers(model))
+
+
+def test_zero_and_integer_floats_are_accepted():
+    spec = AdapterSpec(method='colora', filter_lambda=0, share_ratio=1)
+    assert (spec.filter_lambda, spec.share_ratio) == (0, 1)
+    assert AdapterSpec(method='lora', scaling=1).scaling == 1
+    AdapterSpec(method='colora', share_ratio=0)
+
+
+@pytest.mark.parametrize('key,value,fragments', [
+    ('use_filter', 'False', ["use_filter='False' (str)", 'True or False',
+                             'write use_filter=False without quotes']),
+    ('use_filter', 'false', ['write use_filter=False without quotes']),
+    ('spatial', 'False', ["spatial='False' (str)", 'write spatial=False']),
+    ('merged', 'no', ["merged='no' (str)", 'True or False',
+                      'merged=True or merged=False without quotes']),
+    ('use_filter', 1, ['use_filter=1 (int)', 'True or False']),
+    ('share_ratio', '0.5', ["share_ratio='0.5' (str)", 'a number',
+                            'write share_ratio=0.5 without quotes']),
+    ('share_ratio', None, ['share_ratio=None (NoneType)', 'a number']),
+    ('filter_lambda', '0.2', ["filter_lambda='0.2' (str)", 'a number']),
+    ('scaling', True, ['scaling=True (bool)', 'a number']),
+    ('act', 3, ['act=3 (int)', 'a string']),
+    ('partner_policy', 1, ['partner_policy=1 (int)', 'a string']),
+    ('gamma', '8', ["gamma='8' (str)", 'positive integer']),
+])
+def test_spec_values_must_have_their_types(key, value, fragments):
+    _raises(lambda: AdapterSpec(**{key: value}), 'AdapterSpec', *fragments)
+    _raises(lambda: AdapterSpec.from_dict({'method': 'colora', key: value}), *fragments)
+    model = LinearPairNet()
+    _raises(lambda: inject_adapters(model, {'method': 'colora', 'gamma': 2, key: value},
+                                    pairs=model.pairs), *fragments)
+    assert not list(iter_adapted_layers(model))
+
+
+def test_numpy_scalars_are_taken_as_python_values():
+    np = pytest.importorskip('numpy')
+    spec = AdapterSpec(method='colora', gamma=np.int64(2), share_ratio=np.float32(0.5),
+                       filter_lambda=np.float64(0), use_filter=np.bool_(False),
+                       spatial_gamma=np.int32(4))
+    plain = AdapterSpec(method='colora', gamma=2, share_ratio=0.5, filter_lambda=0.0,
+                        use_filter=False, spatial_gamma=4)
+    assert AdapterSpec(method='lora', scaling=np.float64(1.5)).scaling == 1.5
+    assert spec == plain
+    assert all(type(getattr(spec, k)) is type(getattr(plain, k))
+               for k in ('gamma', 'share_ratio', 'use_filter', 'spatial_gamma'))
+    _raises(lambda: AdapterSpec(gamma=np.float64(2.0)), 'gamma=2.0', 'positive integer')
+    _raises(lambda: AdapterSpec(use_filter=np.int64(0)), 'use_filter=0 (int)',
+            'True or False')
+
+
+@pytest.mark.parametrize('method', ['bitfit', 'full', None])
+@pytest.mark.parametrize('settings,fragments', [
+    (dict(gamma=8), ['gamma=8 has no effect', 'Drop it']),
+    (dict(use_filter=False, scaling=3.0), ['use_filter=False, scaling=3.0 have no effect',
+                                           'Drop them']),
+    (dict(train_path='weight'), ["train_path='weight'"]),
+    (dict(merged=True), ['merged=True']),
+])
+def test_settings_without_an_adapter_give_a_warning(method, settings, fragments):
+    name = 'full' if method is None else method
+    for make in (lambda: AdapterSpec(method=method, **settings),
+                 lambda: AdapterSpec.from_dict(dict(method=method, **settings))):
+        with pytest.warns(UserWarning) as record:
+            spec = make()
+        assert spec.method == name
+        msg = str(record[0].message)
+        for fragment in (f'method={name!r} injects no adapter', *fragments,
+                         f"adapter=dict(_delete_=True, method={name!r}, ...)"):
+            assert fragment in msg, msg
+
+
+def test_keys_an_adapter_method_does_not_read_give_a_warning():
+    with pytest.warns(UserWarning) as record:
+        spec = AdapterSpec(method='lora', gamma=8, share_ratio=0.9, use_filter=False)
+    assert spec.share_ratio == 0.9                      # accepted, as before
+    msg = str(record[0].message)
+    for fragment in ("method='lora' does not read share_ratio=0.9, use_filter=False",
+                     'it reads gamma, scaling', 'they have no effect'):
+        assert fragment in msg, msg
+    with pytest.warns(UserWarning, match=r"method='lora' does not read share_ratio=0\.3"):
+        AdapterSpec(method='lora', overrides=[dict(pattern='fc1', share_ratio=0.3)])
+
+
+@pytest.mark.parametrize('spec', [
+    dict(method='bitfit'), dict(method='full', gamma=None, share_ratio=0.5),
+    dict(method='lora', gamma=8, scaling=1.0, train_path='weight'),
+    dict(method='colora', gamma=8, use_filter=False, spatial_gamma=16),
+    dict(method='conv_adapter', act='gelu')])
+def test_keys_the_method_reads_or_defaults_give_no_warning(spec):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        made = AdapterSpec.from_dict(spec)
+        assert AdapterSpec.from_dict(made.to_dict()) == made
