@@ -17,8 +17,8 @@ from mmengine.registry import HOOKS
 
 from colora_mm.adapters import iter_adapted_layers
 
-from .complexity import (format_stage_table, measure_flops, parameter_parts,
-                         stage_summary)
+from .complexity import (DEFAULT_TOTAL_STRIDE, check_input_size, format_stage_table,
+                         measure_flops, parameter_parts, stage_summary, total_stride)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -106,8 +106,9 @@ class CoLoRAReportHook(Hook):
     path (activation or weight) each stage's low-rank updates took.
 
     Args:
-        input_size (tuple[int, int]): ``(H, W)`` of the image the FLOPs are counted on.
-            Defaults to (512, 512).
+        input_size (int | tuple[int, int]): ``(H, W)`` of the image the FLOPs are
+            counted on, or one int for a square; each side at least the backbone's
+            total stride (32). Defaults to (512, 512).
         in_channels (int): Image channels. Defaults to 3.
         count_flops (bool): Run the one-image forward pass for the FLOPs part.
             Defaults to True.
@@ -117,12 +118,21 @@ class CoLoRAReportHook(Hook):
 
     def __init__(self, input_size: Sequence[int] = (512, 512), in_channels: int = 3,
                  count_flops: bool = True) -> None:
-        self.input_size = tuple(input_size)
+        self.input_size = self._checked_size(input_size, DEFAULT_TOTAL_STRIDE)
         self.in_channels = in_channels
         self.count_flops = count_flops
         self.report: Optional[dict] = None
         #: ``{stage: {path: count}}`` after the first training iteration.
         self.paths: Optional[Dict[str, Dict[str, int]]] = None
+
+    @staticmethod
+    def _checked_size(size, minimum):
+        try:
+            return check_input_size(size, minimum)
+        except ValueError as err:
+            raise ValueError(f'CoLoRAReportHook: input_size={err}; set it to the '
+                             'training crop, e.g. input_size=(512, 512) (or count_flops='
+                             'False to skip the FLOPs count).') from None
 
     def before_train(self, runner) -> None:
         model = _unwrap(runner.model)
@@ -130,6 +140,8 @@ class CoLoRAReportHook(Hook):
         flops = None
         if self.count_flops:
             backbone = getattr(model, 'backbone', model)
+            # A backbone of a larger stride than the default (a five-stage ConvNeXt).
+            self._checked_size(self.input_size, total_stride(backbone))
             flops = measure_flops(backbone, self.input_size, self.in_channels)
         table = format_report(parts, flops, self.input_size)
         stages = stage_summary(getattr(model, 'backbone', model))
