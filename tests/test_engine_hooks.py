@@ -256,6 +256,32 @@ def test_merge_reinit_leaves_outputs_unchanged(method, adapter):
 def test_merge_reinit_interval_validation():
     with pytest.raises(ValueError, match='interval=0'):
         MergeReinitHook(interval=0)
+    for bad in ('10', 10.0, True, None):
+        with pytest.raises(TypeError, match=f'interval={bad!r} .* must be an int'):
+            MergeReinitHook(interval=bad)
+
+
+@pytest.mark.parametrize('method,adapter', [
+    ('full', {}), ('conv_adapter', {}), ('colora', dict(share_ratio=1.0))])
+def test_merge_reinit_refuses_a_model_with_nothing_to_fold(method, adapter):
+    model = convnext(method, ONE_BLOCK_CONVNEXT, **adapter)
+    with pytest.raises(ValueError, match='nothing to fold') as info:
+        MergeReinitHook(interval=5).before_train(fake_runner(model))
+    message = str(info.value)
+    assert 'Remove MergeReinitHook from custom_hooks' in message
+    if method == 'full':
+        assert 'no adapters (full fine-tuning)' in message
+    else:
+        assert 'layer-independent' in message
+
+
+@pytest.mark.parametrize('method,adapter', [
+    ('colora', {}), ('lora', {}), ('pissa', {}), ('hira', {}),
+    ('colora', dict(share_ratio=1.0, overrides=[dict(pattern='stages.3.*',
+                                                     share_ratio=0.5)]))])
+def test_merge_reinit_accepts_a_model_with_independent_parts(method, adapter):
+    model = convnext(method, ONE_BLOCK_CONVNEXT, **adapter)
+    MergeReinitHook(interval=5).before_train(fake_runner(model))
 
 
 def test_hooks_are_registered_in_every_scope():

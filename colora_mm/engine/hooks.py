@@ -214,6 +214,11 @@ class MergeReinitHook(Hook):
     not change) and reset their optimizer state. Under distributed training the result
     is broadcast from rank 0, so that every replica stays identical.
 
+    It needs adapters with a layer-independent low-rank part (CoLoRA with
+    ``share_ratio < 1``, LoRA, PiSSA, HiRA): on any other model (full fine-tuning,
+    Conv-Adapter, CoLoRA with ``share_ratio=1``) it would never fold anything, and
+    ``before_train`` raises.
+
     Args:
         interval (int): Iterations between merges. Defaults to 1000.
     """
@@ -221,9 +226,30 @@ class MergeReinitHook(Hook):
     priority = 'LOW'
 
     def __init__(self, interval: int = 1000) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int):
+            raise TypeError(f'MergeReinitHook: interval={interval!r} '
+                            f'({type(interval).__name__}) must be an int, the training '
+                            'iterations between merges, e.g. interval=1000.')
         if interval <= 0:
-            raise ValueError(f'MergeReinitHook: interval={interval} must be positive.')
+            raise ValueError(f'MergeReinitHook: interval={interval} must be positive, '
+                             'the training iterations between merges, e.g. '
+                             'interval=1000.')
         self.interval = interval
+
+    def before_train(self, runner) -> None:
+        layers = list(iter_adapted_layers(_unwrap(runner.model)))
+        if any(layer.adapter_branch.has_independent_part for _, layer in layers):
+            return
+        if layers:
+            kinds = sorted({type(layer.adapter_branch).__name__ for _, layer in layers})
+            what = (f'no adapter of the model has a layer-independent low-rank part '
+                    f'(its adapters: {", ".join(kinds)})')
+        else:
+            what = 'the model has no adapters (full fine-tuning)'
+        raise ValueError(f'MergeReinitHook: {what}, so there is nothing to fold and '
+                         f're-initialise every {self.interval} iterations. Remove '
+                         'MergeReinitHook from custom_hooks; it applies to CoLoRA '
+                         '(share_ratio < 1), LoRA, PiSSA and HiRA.')
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
