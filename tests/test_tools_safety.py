@@ -147,6 +147,24 @@ def test_merge_never_replaces_a_file_it_did_not_write(data, tmp_path, capsys):
     assert merged_meta['adapter_settings']['backbone']['method'] == 'colora'
 
 
+@pytest.mark.parametrize('shape,message', [
+    (['0'], '--shape 0: each side must be at least 32'),
+    (['4'], '--shape 4: each side must be at least 32'),
+    (['-8'], '--shape -8: each side must be at least 32'),
+    (['64', '16'], '--shape 64 16: each side must be at least 32'),
+    (['64', '64', '3'], '--shape 64 64 3: give one side (a square input) or H W')])
+def test_merge_checks_shape_before_work(data, tmp_path, capsys, shape, message):
+    ckpt = tmp_path / 'iter_2.pth'
+    ckpt.write_bytes(b'not read: the shape is checked first')
+    before = sorted(os.listdir(tmp_path))
+    assert merge_tool.main([data['colora'], str(ckpt), str(tmp_path / 'out.pth'),
+                            '--shape', *shape]) == 2
+    line = error_line(capsys)
+    assert message in line
+    assert 'CoLoRAConvNeXt' in line or len(shape) > 2
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_merge_existing_out_message(data, tmp_path, capsys):
     ckpt = save_checkpoint(data['colora'], tmp_path / 'iter_2.pth')
     (tmp_path / 'out.pth').write_bytes(b'x')

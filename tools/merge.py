@@ -23,9 +23,11 @@ when every check passed:
   OpenMMLab tool or inference API loads OUT with that config.
 
 Never replaces a file it did not write: an existing OUT or OUT's ``.py`` is refused
-unless ``--force`` is given, and OUT itself may not end in ``.py``. Every check on the
-paths, the config and the checkpoint (including that the adapter settings recorded in
-the checkpoint are the config's; ``--allow-mismatch`` overrides) runs before any work.
+unless ``--force`` is given, and OUT itself may not end in ``.py``. ``--shape`` takes
+sides of at least the backbone's total stride (32). Every check on the paths,
+``--shape``, the config and the checkpoint (including that the adapter settings
+recorded in the checkpoint are the config's; ``--allow-mismatch`` overrides) runs
+before any work.
 
 Exit status 2 with a one-line error (and nothing written) when the input is wrong.
 """
@@ -61,7 +63,8 @@ def parse_args(argv=None):
         type=int,
         nargs='+',
         default=[224],
-        help='H [W] of the random input the outputs are compared on (default 224)')
+        help='H [W] of the random input the outputs are compared on (default 224; each '
+        "side at least the backbone's total stride, 32)")
     parser.add_argument(
         '--tolerance',
         type=float,
@@ -122,6 +125,24 @@ def check_paths(config, checkpoint, out, force=False):
             if osp.lexists(path):
                 raise CLIError(f'{what} {path} exists; choose another OUT, or pass '
                                '--force to replace it')
+
+
+def check_shape(shape, backbone_cfg):
+    """``(H, W)`` of ``--shape`` (one value: a square), each side at least the
+    backbone's total stride."""
+    from colora_mm.engine.complexity import total_stride
+    given = ' '.join(str(v) for v in shape)
+    if len(shape) > 2:
+        raise CLIError(f'--shape {given}: give one side (a square input) or H W, e.g. '
+                       '--shape 224 or --shape 512 1024')
+    height, width = (shape * 2)[:2]
+    stride = total_stride(backbone_cfg)
+    if min(height, width) < stride:
+        raise CLIError(f'--shape {given}: each side must be at least {stride}, the total '
+                       f'stride of {backbone_cfg.get("type")} (a smaller input leaves '
+                       'its last stage without a pixel); pass e.g. --shape '
+                       f'{max(stride, 64)} or leave out --shape (224)')
+    return height, width
 
 
 def _without_pretrained(model_cfg):
@@ -218,6 +239,7 @@ def merge(args):
     if (cfg.model.backbone.get('adapter') or {}).get('merged'):
         raise CLIError(f'{args.config} describes an already merged model '
                        '(model.backbone.adapter.merged=True); nothing to merge')
+    height, width = check_shape(args.shape, cfg.model.backbone)
     current = check_adapter(cfg, args.config)
     source = read_checkpoint(args.checkpoint)
     check_settings_match(source, args.checkpoint, current, args.config,
@@ -234,7 +256,6 @@ def merge(args):
     check_state_dict_matches(model, state, args.checkpoint, args.config)
     model.load_state_dict(state, strict=True)
 
-    height, width = (args.shape * 2)[:2] if len(args.shape) == 1 else args.shape[:2]
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(1, 3, height, width, generator=generator)
     reference = features(model, inputs)
