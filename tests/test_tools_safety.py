@@ -147,6 +147,24 @@ def test_merge_never_replaces_a_file_it_did_not_write(data, tmp_path, capsys):
     assert merged_meta['adapter_settings']['backbone']['method'] == 'colora'
 
 
+def test_merge_refuses_a_folder_out(data, tmp_path, capsys):
+    ckpt = save_checkpoint(data['colora'], tmp_path / 'iter_2.pth')
+    (tmp_path / 'outdir').mkdir()
+    (tmp_path / 'outdir' / 'keep.txt').write_text('x')
+    before = sorted(str(p) for p in tmp_path.rglob('*'))
+    for out in (tmp_path / 'outdir', f'{tmp_path / "outdir"}{os.sep}'):
+        assert _run_merge(data['colora'], ckpt, out, '--force') == 2
+        line = error_line(capsys)
+        assert f'OUT {out} names a folder' in line
+        assert str(tmp_path / 'outdir' / 'merged.pth') in line
+    # OUT's config a folder
+    (tmp_path / 'm.py').mkdir()
+    before.append(str(tmp_path / 'm.py'))
+    assert _run_merge(data['colora'], ckpt, tmp_path / 'm.pth', '--force') == 2
+    assert f"OUT's config {tmp_path / 'm.py'} is a folder" in error_line(capsys)
+    assert sorted(str(p) for p in tmp_path.rglob('*')) == sorted(before)
+
+
 @pytest.mark.parametrize('shape,message', [
     (['0'], '--shape 0: each side must be at least 32'),
     (['4'], '--shape 4: each side must be at least 32'),

@@ -23,11 +23,11 @@ when every check passed:
   OpenMMLab tool or inference API loads OUT with that config.
 
 Never replaces a file it did not write: an existing OUT or OUT's ``.py`` is refused
-unless ``--force`` is given, and OUT itself may not end in ``.py``. ``--shape`` takes
-sides of at least the backbone's total stride (32). Every check on the paths,
-``--shape``, the config and the checkpoint (including that the adapter settings
-recorded in the checkpoint are the config's; ``--allow-mismatch`` overrides) runs
-before any work.
+unless ``--force`` is given, and OUT may not be a folder nor end in ``.py``.
+``--shape`` takes sides of at least the backbone's total stride (32). Every check on
+the paths, ``--shape``, the config and the checkpoint (including that the adapter
+settings recorded in the checkpoint are the config's; ``--allow-mismatch`` overrides)
+runs before any work.
 
 Exit status 2 with a one-line error (and nothing written) when the input is wrong.
 """
@@ -99,15 +99,21 @@ def _same_file(a, b):
 
 
 def check_paths(config, checkpoint, out, force=False):
-    """Refuse outputs that would overwrite an input, and (unless ``force``) any
-    existing file."""
+    """Refuse outputs that would overwrite an input or a folder, and (unless
+    ``force``) any existing file."""
     out_config = config_path_for(out)
     if not osp.isfile(checkpoint):
         raise CLIError(f'checkpoint {checkpoint} does not exist')
+    if osp.isdir(out) or out.endswith(('/', os.sep)):
+        raise CLIError(f'OUT {out} names a folder; OUT is the merged checkpoint file (its '
+                       'config goes beside it, with .py): name a file, e.g. '
+                       f'{osp.join(out, "merged.pth")}')
     if out.endswith('.py'):
         raise CLIError(f'OUT {out} ends in .py, the name of the config merge.py writes '
                        'beside OUT; name the checkpoint OUT.pth, e.g. '
                        f'{osp.splitext(out)[0]}.pth')
+    if osp.isdir(out_config):
+        raise CLIError(f"OUT's config {out_config} is a folder; choose another OUT")
     if _same_file(out, checkpoint):
         raise CLIError(f'OUT {out} is the input checkpoint; write the merged model to '
                        'another file')
