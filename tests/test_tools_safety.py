@@ -140,11 +140,42 @@ def test_merge_never_replaces_a_file_it_did_not_write(data, tmp_path, capsys):
     assert _run_merge(data['colora'], ckpt, tmp_path / 'merged.py') == 2
     assert 'ends in .py' in error_line(capsys)
 
-    assert _run_merge(data['colora'], ckpt, out, '--force') == 0
-    assert out.is_file() and 'Written by tools/merge.py' in (tmp_path /
-                                                             'merged.py').read_text()
+    # --force replaces only a config merge.py wrote: this one stays.
+    assert _run_merge(data['colora'], ckpt, out, '--force') == 2
+    line = error_line(capsys)
+    assert f"OUT's config {tmp_path / 'merged.py'} exists and was not written by " \
+        'tools/merge.py' in line and 'move that file away' in line
+    assert (tmp_path / 'merged.py').read_text() == '# my config\n'
+    assert not out.exists()
+
+    (tmp_path / 'merged.py').unlink()
+    assert _run_merge(data['colora'], ckpt, out) == 0
+    assert out.is_file() and (tmp_path / 'merged.py').read_text().startswith(
+        merge_tool.MARKER)
     merged_meta = torch.load(out, weights_only=False)['meta']
     assert merged_meta['adapter_settings']['backbone']['method'] == 'colora'
+    # Its own output: replaced with --force.
+    out.write_bytes(b'old')
+    assert _run_merge(data['colora'], ckpt, out, '--force') == 0
+    assert torch.load(out, weights_only=False)['meta']['adapter_settings']
+
+
+def test_merge_keeps_a_repository_config_beside_out(data, tmp_path, capsys):
+    """OUT named after a config (configs/x.pth beside configs/x.py): x.py is not
+    replaced, with or without --force."""
+    ckpt = save_checkpoint(data['colora'], tmp_path / 'iter_2.pth')
+    folder = tmp_path / 'configs'
+    folder.mkdir()
+    mine = folder / 'finetune_lora_target.py'
+    mine.write_text(open(LORA).read())
+    before = mine.read_text()
+    for extra in ((), ('--force',)):
+        assert _run_merge(data['colora'], ckpt, folder / 'finetune_lora_target.pth',
+                          *extra) == 2
+        line = error_line(capsys)
+        assert f'{mine} exists and was not written by tools/merge.py' in line
+        assert mine.read_text() == before
+        assert sorted(os.listdir(folder)) == ['finetune_lora_target.py']
 
 
 def test_merge_refuses_a_folder_out(data, tmp_path, capsys):

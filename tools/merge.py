@@ -23,11 +23,12 @@ when every check passed:
   OpenMMLab tool or inference API loads OUT with that config.
 
 Never replaces a file it did not write: an existing OUT or OUT's ``.py`` is refused
-unless ``--force`` is given, and OUT may not be a folder nor end in ``.py``.
-``--shape`` takes sides of at least the backbone's total stride (32). Every check on
-the paths, ``--shape``, the config and the checkpoint (including that the adapter
-settings recorded in the checkpoint are the config's; ``--allow-mismatch`` overrides)
-runs before any work.
+unless ``--force`` is given, and even then an OUT's ``.py`` whose first line is not the
+one merge.py writes (:data:`MARKER`) is kept; OUT may not be a folder nor end in
+``.py``. ``--shape`` takes sides of at least the backbone's total stride (32). Every
+check on the paths, ``--shape``, the config and the checkpoint (including that the
+adapter settings recorded in the checkpoint are the config's; ``--allow-mismatch``
+overrides) runs before any work.
 
 Exit status 2 with a one-line error (and nothing written) when the input is wrong.
 """
@@ -47,6 +48,8 @@ PLAIN_BACKBONES = {'CoLoRAConvNeXt': 'mmpretrain.ConvNeXt', 'CoLoRAResNet': 'Res
                    'CoLoRASwin': 'SwinTransformer'}
 #: Config keys of the CoLoRA backbones that the upstream classes do not take.
 ADAPTER_KEYS = ('adapter', 'attn_adapter', 'adapter_spatial')
+#: The first line of every config merge.py writes: ``--force`` replaces only these.
+MARKER = '# Written by tools/merge.py'
 
 
 def parse_args(argv=None):
@@ -98,9 +101,19 @@ def _same_file(a, b):
     return osp.realpath(a) == osp.realpath(b)
 
 
+def written_by_merge(path):
+    """Whether the file ``path`` is a config merge.py wrote (its first line starts
+    with :data:`MARKER`)."""
+    try:
+        with open(path, errors='replace') as f:
+            return f.readline().startswith(MARKER)
+    except OSError:
+        return False
+
+
 def check_paths(config, checkpoint, out, force=False):
-    """Refuse outputs that would overwrite an input or a folder, and (unless
-    ``force``) any existing file."""
+    """Refuse outputs that would overwrite an input, a folder, a config merge.py did
+    not write (even with ``force``), and (unless ``force``) any existing file."""
     out_config = config_path_for(out)
     if not osp.isfile(checkpoint):
         raise CLIError(f'checkpoint {checkpoint} does not exist')
@@ -126,6 +139,10 @@ def check_paths(config, checkpoint, out, force=False):
     parent = osp.dirname(osp.abspath(out))
     if not osp.isdir(parent):
         raise CLIError(f'folder {parent} (of OUT) does not exist')
+    if osp.lexists(out_config) and not written_by_merge(out_config):
+        raise CLIError(f"OUT's config {out_config} exists and was not written by "
+                       f"tools/merge.py (its first line is not {MARKER!r}); it is kept, "
+                       '--force or not: choose another OUT, or move that file away')
     if not force:
         for path, what in ((out, 'OUT'), (out_config, "OUT's config")):
             if osp.lexists(path):
@@ -287,16 +304,15 @@ def merge(args):
         out_cfg = copy.deepcopy(cfg)
         out_cfg.model.backbone.adapter['merged'] = True
         out_cfg.model.backbone['init_cfg'] = None
-        header = ('# Written by tools/merge.py for the merged checkpoint beside it: the '
-                  'adapters of\n# the layers below could not fold and keep their branch; '
+        header = (f'{MARKER} for the merged checkpoint beside it: the adapters of'
+                  '\n# the layers below could not fold and keep their branch; '
                   'every other adapter is\n# folded into its layer '
                   '(model.backbone.adapter.merged=True builds this structure).\n'
                   + ''.join(f'#   {n}\n' for n in unfolded))
         check = build_model(out_cfg.model)
     else:
         out_cfg = plain_config(cfg)
-        header = ('# Written by tools/merge.py: every adapter folded, the model is the '
-                  'upstream one.\n')
+        header = f'{MARKER}: every adapter folded, the model is the upstream one.\n'
         check = build_model(out_cfg.model)
         leftovers = [k for k in merged_state if is_adapter_name(k)]
         if leftovers:
