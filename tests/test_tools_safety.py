@@ -115,6 +115,23 @@ def test_demo_accepts_new_empty_and_its_own_folders(tmp_path):
         demo.check_output_folder(str(tmp_path / 'empty'))
 
 
+@pytest.mark.parametrize('argv,message', [
+    (['--jobs', '-2'], '--jobs -2: must be at least 1'),
+    (['--jobs', '0'], '--jobs 0: must be at least 1'),
+    (['--threads', '-1'], '--threads -1: must be at least 1'),
+    (['--threads', '0'], '--threads 0: must be at least 1')])
+def test_demo_checks_jobs_and_threads_before_work(tmp_path, capsys, argv, message):
+    out = tmp_path / 'demo'
+    with pytest.raises(SystemExit) as info:
+        demo.main(argv + ['--quick', '--out', str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f'demo.py: error: {message}' in err or f'error: {message}' in err
+    assert not out.exists() and os.listdir(tmp_path) == []
+    args = demo.parse_args(['--jobs', '2', '--threads', '1'])
+    assert (args.jobs, args.threads) == (2, 1)
+
+
 # ------------------------------------------------------------------ merge outputs
 def _run_merge(*argv):
     return merge_tool.main([str(a) for a in argv] + ['--shape', '64'])
