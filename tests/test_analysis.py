@@ -157,3 +157,63 @@ def test_refuses_a_checkpoint_of_another_model(tmp_path):
         correlation.weight_update_study(build('lora'), [a, b])
     with pytest.raises(ValueError, match='at least two'):
         correlation.expand_checkpoints([a])
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    model = build('full')
+    return [save(model, tmp_path / f'iter_{i}.pth', i) for i in (1, 2)]
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys, two_checkpoints):
+    """Bad input: one ``error:`` line naming the file or the argument, exit status 2,
+    nothing written."""
+    a, b = two_checkpoints
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'notes.pth').write_text('# not a checkpoint\n')
+    (tmp_path / 'a_file').write_text('x')
+    out = tmp_path / 'out'
+    cases = [
+        ([str(tmp_path / 'nothere.pth')],
+         f'checkpoint {tmp_path / "nothere.pth"} does not exist'),
+        ([a, str(tmp_path / 'nothere.pth')],
+         f'checkpoint {tmp_path / "nothere.pth"} does not exist'),
+        ([a], f'need at least two checkpoints (the study compares consecutive ones), got '
+         f'1: {a}'),
+        ([str(tmp_path / 'empty')], f'folder {tmp_path / "empty"} holds no iter_*.pth'),
+        ([a, b, '--config', str(tmp_path / 'nothere.py')],
+         f'config file {tmp_path / "nothere.py"} does not exist'),
+        ([a, b, '--backbone', 'vit_b'], '--backbone vit_b: use convnext_b'),
+        ([a, str(tmp_path / 'notes.pth'), '--backbone', 'convnext_atto'],
+         f'cannot read checkpoint {tmp_path / "notes.pth"}'),
+        ([a, b, '--backbone', 'convnext_atto', '--method', 'lora'],
+         f'{a} does not match the model'),
+        ([a, b, '--out-dir', str(tmp_path / 'a_file')],
+         f'--out-dir {tmp_path / "a_file"} is a file'),
+    ]
+    for argv, message in cases:
+        if '--out-dir' not in argv:
+            argv = argv + ['--out-dir', str(out)]
+        assert correlation.cli(argv) == 2, argv
+        captured = capsys.readouterr()
+        line, = captured.err.strip().splitlines()
+        assert line.startswith(f'error: {message}'), (argv, line)
+        assert not out.exists()
+    assert (tmp_path / 'a_file').read_text() == 'x'
+    assert correlation.cli([a, b, '--backbone', 'convnext_atto', '--method', 'full',
+                            '--out-dir', str(out)]) == 0
+    assert (out / 'mean_singular_values.csv').is_file()
+
+
+def test_script_exit_status(tmp_path):
+    import os
+    import subprocess
+    result = subprocess.run([sys.executable, osp.join(TOOLS, 'correlation.py'),
+                             'nothere.pth', '--out-dir', str(tmp_path / 'out')],
+                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                            env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1'))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == 'error: checkpoint nothere.pth does not exist'
+    assert 'Traceback' not in result.stderr
+    assert not (tmp_path / 'out').exists()

@@ -2,6 +2,7 @@
 built backbones (parameters, matmul MACs of the weight updates, branch MACs, merged
 inference), on small ConvNeXt and ResNet backbones."""
 import glob
+import os
 import importlib
 import os.path as osp
 import sys
@@ -247,3 +248,54 @@ def test_per_stage_tables(capsys, tmp_path):
     out = capsys.readouterr().out
     assert 'resnet50 lora: adapters per stage' in out and 'layer4' in out
     assert [s['stage'] for s in rows[0].stages] == ['layer1', 'layer2', 'layer3', 'layer4']
+
+
+# ----------------------------------------------------------------- the command line
+DEMO_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'demo', '*.py')))
+
+
+def test_demo_configs_with_an_arch_dict(capsys):
+    """The demo's ConvNeXt has its own depths and channels (an arch dict): a custom
+    arch, counted like any other."""
+    assert len(DEMO_CONFIGS) == 5
+    assert param_flops.kind_of(dict(type='CoLoRAConvNeXt', arch=dict(
+        depths=[1, 1, 2, 1], channels=[16, 32, 64, 128]))) == 'convnext_custom'
+    assert param_flops.kind_of(dict(type='CoLoRAConvNeXt', arch='base')) == 'convnext_b'
+    rows = param_flops.main(DEMO_CONFIGS + ['--params-only'])
+    assert [r.backbone for r in rows] == ['convnext_custom'] * len(DEMO_CONFIGS)
+    assert all(r.paper_m is None for r in rows)
+    # the per-stage config's stage tables
+    assert 'finetune_colora-per-stage_target: adapters per stage' in capsys.readouterr().out
+    # and its FLOPs at the demo's 64x64 images
+    lora = [p for p in DEMO_CONFIGS if p.endswith('finetune_lora_target.py')]
+    row, = param_flops.main(lora + ['--input-size', '64', '64'])
+    assert row.infer_plain > 0 and row.update_counted > 0
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['nothere.py', '--params-only'], 'config file nothere.py does not exist'),
+    (['--backbone', 'resnet50', '--method', 'lora', '--input-size', '0', '0'],
+     '--input-size 0 0: each side must be at least 32'),
+    (['--backbone', 'resnet50', '--method', 'lora', '--input-size', '-8', '8'],
+     '--input-size -8 8: each side must be at least 32'),
+    (['CONFIG', '--input-size', '16', '64'],
+     '--input-size 16 64: each side must be at least 32')])
+def test_user_errors_are_one_line(capsys, argv, message):
+    argv = [DEMO_CONFIGS[0] if a == 'CONFIG' else a for a in argv]
+    assert param_flops.cli(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    line, = captured.err.strip().splitlines()
+    assert line.startswith(f'error: {message}')
+
+
+def test_script_exit_status(tmp_path):
+    import subprocess
+    result = subprocess.run([sys.executable, osp.join(TOOLS, 'param_flops.py'),
+                             str(tmp_path / 'missing.py'), '--params-only'],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1'))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f'error: config file {tmp_path / "missing.py"} does not exist'
+    assert 'Traceback' not in result.stderr

@@ -15,6 +15,7 @@ from colora_mm.adapters import (CoLoRAPairLayer, is_adapter_name,  # noqa: E402
                                 iter_adapted_layers)
 from colora_mm.engine import (CoLoRAReportHook, MergeReinitHook,  # noqa: E402
                               measure_flops, parameter_parts)
+from colora_mm.engine.complexity import total_stride  # noqa: E402
 from colora_mm.models import CoLoRAConvNeXt, SegCoLoRAResNet  # noqa: E402
 from helpers_ckpt import REDUCED_CONVNEXT, convnext_original_checkpoint  # noqa: E402
 
@@ -153,6 +154,40 @@ def test_report_hook_logs_the_training_path_of_each_stage(caplog):
     assert hook.paths == first
 
 
+def test_report_hook_checks_input_size():
+    """An int is a square; a side below the backbone's total stride (32), or a value
+    that is not one or two ints, is refused when the hook is built."""
+    assert CoLoRAReportHook(input_size=64).input_size == (64, 64)
+    assert CoLoRAReportHook(input_size=[64, 96]).input_size == (64, 96)
+    for bad, message in (((16, 16), 'at least 32'), (0, 'at least 32'),
+                         ((-8, 64), 'at least 32'), ('64', 'not an image size'),
+                         ((64,), 'not an image size'), ((64, 64, 3), 'not an image size'),
+                         ((64.0, 64), 'not an image size'), (True, 'not an image size')):
+        with pytest.raises(ValueError, match=message) as info:
+            CoLoRAReportHook(input_size=bad)
+        assert str(info.value).startswith(f'CoLoRAReportHook: input_size={bad!r}')
+        assert 'e.g. input_size=(512, 512)' in str(info.value)
+
+
+def test_report_hook_checks_input_size_against_the_backbone():
+    """A five-stage ConvNeXt halves once more: 64, not 32, is its smallest side."""
+    arch = dict(depths=[1, 1, 1, 1, 1], channels=[32, 32, 32, 64, 64])
+    backbone = CoLoRAConvNeXt(arch=arch, out_indices=[0, 1, 2, 3, 4],
+                              gap_before_final_norm=False, adapter=dict(method='lora'))
+    assert total_stride(backbone) == 64
+    assert total_stride(dict(type='CoLoRAConvNeXt', arch=arch)) == 64
+    assert total_stride(dict(type='CoLoRAConvNeXt', arch='base')) == 32
+    assert total_stride(dict(type='CoLoRAResNet', depth=50)) == 32
+    model = Segmentor(backbone, 64)
+    hook = CoLoRAReportHook(input_size=(32, 32))
+    with pytest.raises(ValueError, match=r'input_size=\(32, 32\): each side must be at '
+                       'least 64'):
+        hook.before_train(fake_runner(model))
+    CoLoRAReportHook(input_size=(64, 64)).before_train(fake_runner(model))
+    CoLoRAReportHook(input_size=(32, 32), count_flops=False).before_train(
+        fake_runner(model))
+
+
 def test_report_hook_on_resnet_without_flops():
     model = Segmentor(SegCoLoRAResNet(depth=50, base_channels=16, stem_channels=16,
                                       adapter=dict(method='colora')), 512)
@@ -221,6 +256,32 @@ def test_merge_reinit_leaves_outputs_unchanged(method, adapter):
 def test_merge_reinit_interval_validation():
     with pytest.raises(ValueError, match='interval=0'):
         MergeReinitHook(interval=0)
+    for bad in ('10', 10.0, True, None):
+        with pytest.raises(TypeError, match=f'interval={bad!r} .* must be an int'):
+            MergeReinitHook(interval=bad)
+
+
+@pytest.mark.parametrize('method,adapter', [
+    ('full', {}), ('conv_adapter', {}), ('colora', dict(share_ratio=1.0))])
+def test_merge_reinit_refuses_a_model_with_nothing_to_fold(method, adapter):
+    model = convnext(method, ONE_BLOCK_CONVNEXT, **adapter)
+    with pytest.raises(ValueError, match='nothing to fold') as info:
+        MergeReinitHook(interval=5).before_train(fake_runner(model))
+    message = str(info.value)
+    assert 'Remove MergeReinitHook from custom_hooks' in message
+    if method == 'full':
+        assert 'no adapters (full fine-tuning)' in message
+    else:
+        assert 'layer-independent' in message
+
+
+@pytest.mark.parametrize('method,adapter', [
+    ('colora', {}), ('lora', {}), ('pissa', {}), ('hira', {}),
+    ('colora', dict(share_ratio=1.0, overrides=[dict(pattern='stages.3.*',
+                                                     share_ratio=0.5)]))])
+def test_merge_reinit_accepts_a_model_with_independent_parts(method, adapter):
+    model = convnext(method, ONE_BLOCK_CONVNEXT, **adapter)
+    MergeReinitHook(interval=5).before_train(fake_runner(model))
 
 
 def test_hooks_are_registered_in_every_scope():

@@ -115,6 +115,23 @@ def test_demo_accepts_new_empty_and_its_own_folders(tmp_path):
         demo.check_output_folder(str(tmp_path / 'empty'))
 
 
+@pytest.mark.parametrize('argv,message', [
+    (['--jobs', '-2'], '--jobs -2: must be at least 1'),
+    (['--jobs', '0'], '--jobs 0: must be at least 1'),
+    (['--threads', '-1'], '--threads -1: must be at least 1'),
+    (['--threads', '0'], '--threads 0: must be at least 1')])
+def test_demo_checks_jobs_and_threads_before_work(tmp_path, capsys, argv, message):
+    out = tmp_path / 'demo'
+    with pytest.raises(SystemExit) as info:
+        demo.main(argv + ['--quick', '--out', str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f'demo.py: error: {message}' in err or f'error: {message}' in err
+    assert not out.exists() and os.listdir(tmp_path) == []
+    args = demo.parse_args(['--jobs', '2', '--threads', '1'])
+    assert (args.jobs, args.threads) == (2, 1)
+
+
 # ------------------------------------------------------------------ merge outputs
 def _run_merge(*argv):
     return merge_tool.main([str(a) for a in argv] + ['--shape', '64'])
@@ -140,11 +157,78 @@ def test_merge_never_replaces_a_file_it_did_not_write(data, tmp_path, capsys):
     assert _run_merge(data['colora'], ckpt, tmp_path / 'merged.py') == 2
     assert 'ends in .py' in error_line(capsys)
 
-    assert _run_merge(data['colora'], ckpt, out, '--force') == 0
-    assert out.is_file() and 'Written by tools/merge.py' in (tmp_path /
-                                                             'merged.py').read_text()
+    # --force replaces only a config merge.py wrote: this one stays.
+    assert _run_merge(data['colora'], ckpt, out, '--force') == 2
+    line = error_line(capsys)
+    assert f"OUT's config {tmp_path / 'merged.py'} exists and was not written by " \
+        'tools/merge.py' in line and 'move that file away' in line
+    assert (tmp_path / 'merged.py').read_text() == '# my config\n'
+    assert not out.exists()
+
+    (tmp_path / 'merged.py').unlink()
+    assert _run_merge(data['colora'], ckpt, out) == 0
+    assert out.is_file() and (tmp_path / 'merged.py').read_text().startswith(
+        merge_tool.MARKER)
     merged_meta = torch.load(out, weights_only=False)['meta']
     assert merged_meta['adapter_settings']['backbone']['method'] == 'colora'
+    # Its own output: replaced with --force.
+    out.write_bytes(b'old')
+    assert _run_merge(data['colora'], ckpt, out, '--force') == 0
+    assert torch.load(out, weights_only=False)['meta']['adapter_settings']
+
+
+def test_merge_keeps_a_repository_config_beside_out(data, tmp_path, capsys):
+    """OUT named after a config (configs/x.pth beside configs/x.py): x.py is not
+    replaced, with or without --force."""
+    ckpt = save_checkpoint(data['colora'], tmp_path / 'iter_2.pth')
+    folder = tmp_path / 'configs'
+    folder.mkdir()
+    mine = folder / 'finetune_lora_target.py'
+    mine.write_text(open(LORA).read())
+    before = mine.read_text()
+    for extra in ((), ('--force',)):
+        assert _run_merge(data['colora'], ckpt, folder / 'finetune_lora_target.pth',
+                          *extra) == 2
+        line = error_line(capsys)
+        assert f'{mine} exists and was not written by tools/merge.py' in line
+        assert mine.read_text() == before
+        assert sorted(os.listdir(folder)) == ['finetune_lora_target.py']
+
+
+def test_merge_refuses_a_folder_out(data, tmp_path, capsys):
+    ckpt = save_checkpoint(data['colora'], tmp_path / 'iter_2.pth')
+    (tmp_path / 'outdir').mkdir()
+    (tmp_path / 'outdir' / 'keep.txt').write_text('x')
+    before = sorted(str(p) for p in tmp_path.rglob('*'))
+    for out in (tmp_path / 'outdir', f'{tmp_path / "outdir"}{os.sep}'):
+        assert _run_merge(data['colora'], ckpt, out, '--force') == 2
+        line = error_line(capsys)
+        assert f'OUT {out} names a folder' in line
+        assert str(tmp_path / 'outdir' / 'merged.pth') in line
+    # OUT's config a folder
+    (tmp_path / 'm.py').mkdir()
+    before.append(str(tmp_path / 'm.py'))
+    assert _run_merge(data['colora'], ckpt, tmp_path / 'm.pth', '--force') == 2
+    assert f"OUT's config {tmp_path / 'm.py'} is a folder" in error_line(capsys)
+    assert sorted(str(p) for p in tmp_path.rglob('*')) == sorted(before)
+
+
+@pytest.mark.parametrize('shape,message', [
+    (['0'], '--shape 0: each side must be at least 32'),
+    (['4'], '--shape 4: each side must be at least 32'),
+    (['-8'], '--shape -8: each side must be at least 32'),
+    (['64', '16'], '--shape 64 16: each side must be at least 32'),
+    (['64', '64', '3'], '--shape 64 64 3: give one side (a square input) or H W')])
+def test_merge_checks_shape_before_work(data, tmp_path, capsys, shape, message):
+    ckpt = tmp_path / 'iter_2.pth'
+    ckpt.write_bytes(b'not read: the shape is checked first')
+    before = sorted(os.listdir(tmp_path))
+    assert merge_tool.main([data['colora'], str(ckpt), str(tmp_path / 'out.pth'),
+                            '--shape', *shape]) == 2
+    line = error_line(capsys)
+    assert message in line
+    assert 'CoLoRAConvNeXt' in line or len(shape) > 2
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_merge_existing_out_message(data, tmp_path, capsys):

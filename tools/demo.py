@@ -527,7 +527,12 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=None,
                         help='torch threads of each tool process (OMP_NUM_THREADS); '
                         'default: $OMP_NUM_THREADS, else 1')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value in (('--jobs', args.jobs), ('--threads', args.threads)):
+        if value is not None and value < 1:
+            parser.error(f'{flag} {value}: must be at least 1 (leave it out for the '
+                         'default)')
+    return args
 
 
 def main(argv=None) -> int:

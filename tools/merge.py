@@ -23,9 +23,12 @@ when every check passed:
   OpenMMLab tool or inference API loads OUT with that config.
 
 Never replaces a file it did not write: an existing OUT or OUT's ``.py`` is refused
-unless ``--force`` is given, and OUT itself may not end in ``.py``. Every check on the
-paths, the config and the checkpoint (including that the adapter settings recorded in
-the checkpoint are the config's; ``--allow-mismatch`` overrides) runs before any work.
+unless ``--force`` is given, and even then an OUT's ``.py`` whose first line is not the
+one merge.py writes (:data:`MARKER`) is kept; OUT may not be a folder nor end in
+``.py``. ``--shape`` takes sides of at least the backbone's total stride (32). Every
+check on the paths, ``--shape``, the config and the checkpoint (including that the
+adapter settings recorded in the checkpoint are the config's; ``--allow-mismatch``
+overrides) runs before any work.
 
 Exit status 2 with a one-line error (and nothing written) when the input is wrong.
 """
@@ -45,6 +48,8 @@ PLAIN_BACKBONES = {'CoLoRAConvNeXt': 'mmpretrain.ConvNeXt', 'CoLoRAResNet': 'Res
                    'CoLoRASwin': 'SwinTransformer'}
 #: Config keys of the CoLoRA backbones that the upstream classes do not take.
 ADAPTER_KEYS = ('adapter', 'attn_adapter', 'adapter_spatial')
+#: The first line of every config merge.py writes: ``--force`` replaces only these.
+MARKER = '# Written by tools/merge.py'
 
 
 def parse_args(argv=None):
@@ -61,7 +66,8 @@ def parse_args(argv=None):
         type=int,
         nargs='+',
         default=[224],
-        help='H [W] of the random input the outputs are compared on (default 224)')
+        help='H [W] of the random input the outputs are compared on (default 224; each '
+        "side at least the backbone's total stride, 32)")
     parser.add_argument(
         '--tolerance',
         type=float,
@@ -95,16 +101,32 @@ def _same_file(a, b):
     return osp.realpath(a) == osp.realpath(b)
 
 
+def written_by_merge(path):
+    """Whether the file ``path`` is a config merge.py wrote (its first line starts
+    with :data:`MARKER`)."""
+    try:
+        with open(path, errors='replace') as f:
+            return f.readline().startswith(MARKER)
+    except OSError:
+        return False
+
+
 def check_paths(config, checkpoint, out, force=False):
-    """Refuse outputs that would overwrite an input, and (unless ``force``) any
-    existing file."""
+    """Refuse outputs that would overwrite an input, a folder, a config merge.py did
+    not write (even with ``force``), and (unless ``force``) any existing file."""
     out_config = config_path_for(out)
     if not osp.isfile(checkpoint):
         raise CLIError(f'checkpoint {checkpoint} does not exist')
+    if osp.isdir(out) or out.endswith(('/', os.sep)):
+        raise CLIError(f'OUT {out} names a folder; OUT is the merged checkpoint file (its '
+                       'config goes beside it, with .py): name a file, e.g. '
+                       f'{osp.join(out, "merged.pth")}')
     if out.endswith('.py'):
         raise CLIError(f'OUT {out} ends in .py, the name of the config merge.py writes '
                        'beside OUT; name the checkpoint OUT.pth, e.g. '
                        f'{osp.splitext(out)[0]}.pth')
+    if osp.isdir(out_config):
+        raise CLIError(f"OUT's config {out_config} is a folder; choose another OUT")
     if _same_file(out, checkpoint):
         raise CLIError(f'OUT {out} is the input checkpoint; write the merged model to '
                        'another file')
@@ -117,11 +139,33 @@ def check_paths(config, checkpoint, out, force=False):
     parent = osp.dirname(osp.abspath(out))
     if not osp.isdir(parent):
         raise CLIError(f'folder {parent} (of OUT) does not exist')
+    if osp.lexists(out_config) and not written_by_merge(out_config):
+        raise CLIError(f"OUT's config {out_config} exists and was not written by "
+                       f"tools/merge.py (its first line is not {MARKER!r}); it is kept, "
+                       '--force or not: choose another OUT, or move that file away')
     if not force:
         for path, what in ((out, 'OUT'), (out_config, "OUT's config")):
             if osp.lexists(path):
                 raise CLIError(f'{what} {path} exists; choose another OUT, or pass '
                                '--force to replace it')
+
+
+def check_shape(shape, backbone_cfg):
+    """``(H, W)`` of ``--shape`` (one value: a square), each side at least the
+    backbone's total stride."""
+    from colora_mm.engine.complexity import total_stride
+    given = ' '.join(str(v) for v in shape)
+    if len(shape) > 2:
+        raise CLIError(f'--shape {given}: give one side (a square input) or H W, e.g. '
+                       '--shape 224 or --shape 512 1024')
+    height, width = (shape * 2)[:2]
+    stride = total_stride(backbone_cfg)
+    if min(height, width) < stride:
+        raise CLIError(f'--shape {given}: each side must be at least {stride}, the total '
+                       f'stride of {backbone_cfg.get("type")} (a smaller input leaves '
+                       'its last stage without a pixel); pass e.g. --shape '
+                       f'{max(stride, 64)} or leave out --shape (224)')
+    return height, width
 
 
 def _without_pretrained(model_cfg):
@@ -218,6 +262,7 @@ def merge(args):
     if (cfg.model.backbone.get('adapter') or {}).get('merged'):
         raise CLIError(f'{args.config} describes an already merged model '
                        '(model.backbone.adapter.merged=True); nothing to merge')
+    height, width = check_shape(args.shape, cfg.model.backbone)
     current = check_adapter(cfg, args.config)
     source = read_checkpoint(args.checkpoint)
     check_settings_match(source, args.checkpoint, current, args.config,
@@ -234,7 +279,6 @@ def merge(args):
     check_state_dict_matches(model, state, args.checkpoint, args.config)
     model.load_state_dict(state, strict=True)
 
-    height, width = (args.shape * 2)[:2] if len(args.shape) == 1 else args.shape[:2]
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(1, 3, height, width, generator=generator)
     reference = features(model, inputs)
@@ -260,16 +304,15 @@ def merge(args):
         out_cfg = copy.deepcopy(cfg)
         out_cfg.model.backbone.adapter['merged'] = True
         out_cfg.model.backbone['init_cfg'] = None
-        header = ('# Written by tools/merge.py for the merged checkpoint beside it: the '
-                  'adapters of\n# the layers below could not fold and keep their branch; '
+        header = (f'{MARKER} for the merged checkpoint beside it: the adapters of'
+                  '\n# the layers below could not fold and keep their branch; '
                   'every other adapter is\n# folded into its layer '
                   '(model.backbone.adapter.merged=True builds this structure).\n'
                   + ''.join(f'#   {n}\n' for n in unfolded))
         check = build_model(out_cfg.model)
     else:
         out_cfg = plain_config(cfg)
-        header = ('# Written by tools/merge.py: every adapter folded, the model is the '
-                  'upstream one.\n')
+        header = f'{MARKER}: every adapter folded, the model is the upstream one.\n'
         check = build_model(out_cfg.model)
         leftovers = [k for k in merged_state if is_adapter_name(k)]
         if leftovers:

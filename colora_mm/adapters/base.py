@@ -18,6 +18,8 @@ An adapter answers a small contract:
 * ``branch(layer, x)``: the output of a parallel branch, or ``None``;
 * ``foldable``: whether the whole adaptation is a weight update that can be baked into
   the base weight, and ``fold_delta(layer)``, that update;
+* ``has_independent_part``: whether ``fold_independent_(layer)`` folds anything (a
+  layer-independent low-rank part; what ``MergeReinitHook`` folds and re-initialises);
 * ``after_forward(layer, factors)``: called after every forward pass with the factors
   (or ``None``) that were applied;
 * ``reset_from_weights(layer)``: re-derive state that depends on the base weights (partner
@@ -79,6 +81,11 @@ class Adapter(nn.Module):
 
     @property
     def foldable(self) -> bool:
+        return False
+
+    @property
+    def has_independent_part(self) -> bool:
+        """Whether :meth:`fold_independent_` folds anything. Default: no."""
         return False
 
     def low_rank(self, layer: 'AdaptedLayer') -> Optional[tuple]:

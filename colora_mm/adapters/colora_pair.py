@@ -375,6 +375,11 @@ class CoLoRAPairLayer(Adapter):
     def foldable(self) -> bool:
         return True
 
+    @property
+    def has_independent_part(self) -> bool:
+        """The pair has an independent part (``rl > 0``, i.e. ``share_ratio < 1``)."""
+        return self.get_pair().rl > 0
+
     def low_rank(self, layer: AdaptedLayer) -> tuple:
         return self.get_pair().factors(self.index)
 

@@ -61,6 +61,10 @@ class LowRankFactors(Adapter):
     def foldable(self) -> bool:
         return True
 
+    @property
+    def has_independent_part(self) -> bool:
+        return True
+
     @torch.no_grad()
     def fold_independent_(self, layer: AdaptedLayer) -> list:
         layer.weight.add_(self.delta_weight(layer).to(layer.weight.dtype))

@@ -22,7 +22,7 @@ pointwise layer on ``hw`` pixels costs ``hw d d'``). Two kinds of adapter overhe
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -133,6 +133,56 @@ def weight_update_flops(layer: AdaptedLayer) -> int:
     if isinstance(adapter, LoRA):       # PiSSA included
         return (adapter.rank + 1) * d_in * d_out
     return 0
+
+
+#: The total stride (input side / last stage side) of the backbones colora_mm adapts:
+#: ConvNeXt (a /4 stem, three /2 downsamplings), ResNet and Swin.
+DEFAULT_TOTAL_STRIDE = 32
+
+
+def total_stride(backbone) -> int:
+    """The total downsampling factor of a backbone, given as a built module or as its
+    config dict: ``4 * 2 ** (stages - 1)`` for ConvNeXt (its arch's number of stages),
+    :data:`DEFAULT_TOTAL_STRIDE` otherwise. An input side below it leaves the last
+    stage without a pixel (ConvNeXt's unpadded stem and downsampling convolutions fail
+    on it)."""
+    if isinstance(backbone, nn.Module):
+        if any('ConvNeXt' in c.__name__ for c in type(backbone).__mro__):
+            stages = len(getattr(backbone, 'stages', ())) or 4
+            return 4 * 2 ** (stages - 1)
+        return DEFAULT_TOTAL_STRIDE
+    if isinstance(backbone, dict) and 'ConvNeXt' in str(backbone.get('type', '')):
+        arch = backbone.get('arch')
+        depths = arch.get('depths') if isinstance(arch, dict) else None
+        stages = len(depths) if isinstance(depths, (list, tuple)) and depths else 4
+        return 4 * 2 ** (stages - 1)
+    return DEFAULT_TOTAL_STRIDE
+
+
+def check_input_size(size, minimum: int = DEFAULT_TOTAL_STRIDE) -> Tuple[int, int]:
+    """``(H, W)`` of an image size given as an int (a square side) or a pair of ints,
+    each side at least ``minimum`` (the backbone's :func:`total_stride`).
+
+    Raises:
+        ValueError: saying what is wrong with ``size``; the caller names itself and the
+            setting.
+    """
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(size):
+        sides = (size, size)
+    elif (isinstance(size, (list, tuple)) and len(size) == 2
+          and all(is_int(v) for v in size)):
+        sides = tuple(size)
+    else:
+        raise ValueError(f'{size!r} is not an image size: give an int (a square side) '
+                         'or a pair (H, W) of ints')
+    if min(sides) < minimum:
+        raise ValueError(f'{size!r}: each side must be at least {minimum}, the '
+                         "backbone's total stride (a smaller image leaves its last "
+                         'stage without a pixel)')
+    return sides
 
 
 def _pixels(t: torch.Tensor, channels_last: bool) -> int:

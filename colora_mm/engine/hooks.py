@@ -17,8 +17,8 @@ from mmengine.registry import HOOKS
 
 from colora_mm.adapters import iter_adapted_layers
 
-from .complexity import (format_stage_table, measure_flops, parameter_parts,
-                         stage_summary)
+from .complexity import (DEFAULT_TOTAL_STRIDE, check_input_size, format_stage_table,
+                         measure_flops, parameter_parts, stage_summary, total_stride)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -106,8 +106,9 @@ class CoLoRAReportHook(Hook):
     path (activation or weight) each stage's low-rank updates took.
 
     Args:
-        input_size (tuple[int, int]): ``(H, W)`` of the image the FLOPs are counted on.
-            Defaults to (512, 512).
+        input_size (int | tuple[int, int]): ``(H, W)`` of the image the FLOPs are
+            counted on, or one int for a square; each side at least the backbone's
+            total stride (32). Defaults to (512, 512).
         in_channels (int): Image channels. Defaults to 3.
         count_flops (bool): Run the one-image forward pass for the FLOPs part.
             Defaults to True.
@@ -117,12 +118,21 @@ class CoLoRAReportHook(Hook):
 
     def __init__(self, input_size: Sequence[int] = (512, 512), in_channels: int = 3,
                  count_flops: bool = True) -> None:
-        self.input_size = tuple(input_size)
+        self.input_size = self._checked_size(input_size, DEFAULT_TOTAL_STRIDE)
         self.in_channels = in_channels
         self.count_flops = count_flops
         self.report: Optional[dict] = None
         #: ``{stage: {path: count}}`` after the first training iteration.
         self.paths: Optional[Dict[str, Dict[str, int]]] = None
+
+    @staticmethod
+    def _checked_size(size, minimum):
+        try:
+            return check_input_size(size, minimum)
+        except ValueError as err:
+            raise ValueError(f'CoLoRAReportHook: input_size={err}; set it to the '
+                             'training crop, e.g. input_size=(512, 512) (or count_flops='
+                             'False to skip the FLOPs count).') from None
 
     def before_train(self, runner) -> None:
         model = _unwrap(runner.model)
@@ -130,6 +140,8 @@ class CoLoRAReportHook(Hook):
         flops = None
         if self.count_flops:
             backbone = getattr(model, 'backbone', model)
+            # A backbone of a larger stride than the default (a five-stage ConvNeXt).
+            self._checked_size(self.input_size, total_stride(backbone))
             flops = measure_flops(backbone, self.input_size, self.in_channels)
         table = format_report(parts, flops, self.input_size)
         stages = stage_summary(getattr(model, 'backbone', model))
@@ -202,6 +214,11 @@ class MergeReinitHook(Hook):
     not change) and reset their optimizer state. Under distributed training the result
     is broadcast from rank 0, so that every replica stays identical.
 
+    It needs adapters with a layer-independent low-rank part (CoLoRA with
+    ``share_ratio < 1``, LoRA, PiSSA, HiRA): on any other model (full fine-tuning,
+    Conv-Adapter, CoLoRA with ``share_ratio=1``) it would never fold anything, and
+    ``before_train`` raises.
+
     Args:
         interval (int): Iterations between merges. Defaults to 1000.
     """
@@ -209,9 +226,30 @@ class MergeReinitHook(Hook):
     priority = 'LOW'
 
     def __init__(self, interval: int = 1000) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int):
+            raise TypeError(f'MergeReinitHook: interval={interval!r} '
+                            f'({type(interval).__name__}) must be an int, the training '
+                            'iterations between merges, e.g. interval=1000.')
         if interval <= 0:
-            raise ValueError(f'MergeReinitHook: interval={interval} must be positive.')
+            raise ValueError(f'MergeReinitHook: interval={interval} must be positive, '
+                             'the training iterations between merges, e.g. '
+                             'interval=1000.')
         self.interval = interval
+
+    def before_train(self, runner) -> None:
+        layers = list(iter_adapted_layers(_unwrap(runner.model)))
+        if any(layer.adapter_branch.has_independent_part for _, layer in layers):
+            return
+        if layers:
+            kinds = sorted({type(layer.adapter_branch).__name__ for _, layer in layers})
+            what = (f'no adapter of the model has a layer-independent low-rank part '
+                    f'(its adapters: {", ".join(kinds)})')
+        else:
+            what = 'the model has no adapters (full fine-tuning)'
+        raise ValueError(f'MergeReinitHook: {what}, so there is nothing to fold and '
+                         f're-initialise every {self.interval} iterations. Remove '
+                         'MergeReinitHook from custom_hooks; it applies to CoLoRA '
+                         '(share_ratio < 1), LoRA, PiSSA and HiRA.')
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:

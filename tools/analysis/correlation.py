@@ -20,7 +20,9 @@ semantics); plain models on their weights.
         --backbone convnext_b --method full --out-dir out/
 
 A directory argument expands to its ``iter_*.pth`` / ``epoch_*.pth`` files in numeric
-order. Writes ``mean_singular_values.csv`` (one row per interval and block) and
+order. A missing file, fewer than two checkpoints, a checkpoint of another model or an
+``--out-dir`` that is a file ends the run with one ``error:`` line, exit status 2,
+before anything is written. Writes ``mean_singular_values.csv`` (one row per interval and block) and
 ``mean_singular_values.png`` (one small subplot per block, curves W1 and W2), and prints
 the median over blocks of the Pearson correlation of the two curves.
 """
@@ -42,7 +44,7 @@ import torch.nn as nn
 from colora_mm.adapters import AdaptedLayer
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from param_flops import BACKBONES, _registry, build_backbone  # noqa: E402
+from param_flops import BACKBONES, CLIError, _registry, build_backbone  # noqa: E402
 
 
 # ---------------------------------------------------------------------- the pairs
@@ -92,19 +94,29 @@ def _number(path: str) -> Tuple[int, str]:
 
 
 def expand_checkpoints(paths: Sequence[str]) -> List[str]:
-    """Files as given; a directory becomes its iter_*/epoch_* checkpoints in order."""
+    """Files as given; a directory becomes its iter_*/epoch_* checkpoints in order.
+
+    Raises:
+        CLIError: a path that does not exist, a folder without checkpoints, fewer than
+            two checkpoints in all.
+    """
     out = []
     for path in paths:
         if osp.isdir(path):
             found = [p for pat in ('iter_*.pth', 'epoch_*.pth')
                      for p in glob.glob(osp.join(path, pat))]
             if not found:
-                raise FileNotFoundError(f'{path}: no iter_*.pth or epoch_*.pth inside.')
+                raise CLIError(f'folder {path} holds no iter_*.pth or epoch_*.pth '
+                               'checkpoint; give the work dir of a run, or the files')
             out.extend(sorted(found, key=_number))
-        else:
+        elif osp.isfile(path):
             out.append(path)
+        else:
+            raise CLIError(f'checkpoint {path} does not exist')
     if len(out) < 2:
-        raise ValueError(f'need at least two checkpoints, got {out}.')
+        raise CLIError(f'need at least two checkpoints (the study compares consecutive '
+                       f'ones), got {len(out)}: {", ".join(out)}; give two or more files '
+                       'in training order, or a work dir holding them')
     return out
 
 
@@ -120,8 +132,14 @@ def load_into(model: nn.Module, path: str) -> str:
     """Load an mmengine checkpoint (or a bare state dict) into ``model``, strictly for
     the model's tensors; a segmentor/detector checkpoint loads into a bare backbone.
     Returns the checkpoint's label (its iteration or epoch when recorded)."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as err:   # not a checkpoint: pickle, zip or torch errors
+        raise CLIError(f'cannot read checkpoint {path}: '
+                       f'{str(err).splitlines()[0] if str(err) else type(err).__name__}')
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(state, dict):
+        raise CLIError(f'{path} holds no state dict ({type(state).__name__})')
     state = {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
     own = model.state_dict()
     if not any(k in own for k in state) and any(k.startswith('backbone.') for k in state):
@@ -129,7 +147,7 @@ def load_into(model: nn.Module, path: str) -> str:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(
+        raise CLIError(
             f'{path} does not match the model ({type(model).__name__}): missing '
             f'{missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected '
             f'{unexpected[:5]}{"..." if len(unexpected) > 5 else ""}. Build the model '
@@ -227,6 +245,8 @@ def plot_grid(rows: Sequence[Dict], path: str, title: str = '') -> None:
 def build_model(args) -> nn.Module:
     if args.config:
         from mmengine.config import Config
+        if not osp.isfile(args.config):
+            raise CLIError(f'config file {args.config} does not exist')
         cfg = Config.fromfile(args.config)
         model_cfg = cfg.model
         if model_cfg.get('backbone') is not None:
@@ -246,11 +266,13 @@ def build_model(args) -> nn.Module:
         return _registry('mmseg').build(dict(type='CoLoRAConvNeXt',
                                              arch=args.backbone[len('convnext_'):],
                                              adapter=adapter))
-    raise ValueError(f'--backbone {args.backbone}: use {sorted(BACKBONES)} or '
-                     'convnext_<mmpretrain arch>, or give --config.')
+    raise CLIError(f'--backbone {args.backbone}: use {", ".join(sorted(BACKBONES))} or '
+                   'convnext_<mmpretrain arch>, or give --config')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
+    """Run the study, write its files, return its rows; a user error raises
+    :class:`CLIError` (:func:`cli` prints it as one line)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('checkpoints', nargs='+',
@@ -268,6 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parser.parse_args(argv)
 
     checkpoints = expand_checkpoints(args.checkpoints)
+    if osp.exists(args.out_dir) and not osp.isdir(args.out_dir):
+        raise CLIError(f'--out-dir {args.out_dir} is a file; name a folder (made if '
+                       'missing)')
     model = build_model(args)
     rows = weight_update_study(model, checkpoints,
                                torch.float32 if args.float32 else torch.float64)
@@ -288,5 +313,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     return rows
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        main(argv)
+    except CLIError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(cli())

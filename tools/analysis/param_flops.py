@@ -49,9 +49,12 @@ each variant is followed by a table per backbone stage: adapted layers, the adap
 kinds and ranks, and their parameter count.
 
 Counting runs the model once per variant on fake tensors (shapes only), so ConvNeXt-B
-at 512x512 takes seconds; ``--params-only`` skips the FLOPs. Nothing here re-derives an
-adapter from key strings: the adapters are found as :class:`AdaptedLayer` objects and
-asked through their contract.
+at 512x512 takes seconds; ``--params-only`` skips the FLOPs. A config whose ConvNeXt
+has its own ``arch`` dict (the demo's) is reported as ``convnext_custom``. A missing
+config or an ``--input-size`` side below the backbone's total stride (32) ends the run
+with one ``error:`` line, exit status 2. Nothing here re-derives an adapter from key
+strings: the adapters are found as :class:`AdaptedLayer` objects and asked through
+their contract.
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from colora_mm.adapters import (AdaptedLayer, AdapterSpec, ConvAdapter, CoLoRAPairLayer,
                                 HiRA, LoRA, SpatialLowRankBranch, is_adapter_name,
                                 iter_adapted_layers, merge_adapters, trainable_report)
-from colora_mm.engine.complexity import (format_stage_table, stage_summary,
+from colora_mm.engine.complexity import (DEFAULT_TOTAL_STRIDE, format_stage_table,
+                                         stage_summary, total_stride,
                                          weight_update_flops)
 
 BACKBONES = {
@@ -83,6 +87,12 @@ BACKBONES = {
                    num_heads=(3, 6, 12, 24), window_size=7),
 }
 BASELINES = ('colora', 'lora', 'pissa', 'hira', 'conv_adapter', 'full')
+
+
+class CLIError(ValueError):
+    """A user error: the command line prints it as one ``error:`` line and exits with
+    status 2 (a ValueError for the functions' other callers)."""
+
 
 #: The appendix's #Param (millions), keyed by (backbone, method, gamma, share_ratio);
 #: gamma None = the method's default. Tables 5-7 (VTAB-1k) and Table 8 (ADE20K).
@@ -424,10 +434,14 @@ def build_backbone(kind: str, adapter: dict) -> nn.Module:
 
 
 def kind_of(backbone_cfg: dict) -> str:
+    """The backbone's name in the tables: ``convnext_s``, ``resnet50``...; a ConvNeXt
+    with an arch dict (its own depths and channels) is ``convnext_custom``."""
     t = backbone_cfg.get('type', '')
     if 'ConvNeXt' in t:
-        return {'small': 'convnext_s', 'base': 'convnext_b'}.get(
-            backbone_cfg.get('arch'), f'convnext_{backbone_cfg.get("arch")}')
+        arch = backbone_cfg.get('arch')
+        if isinstance(arch, dict):
+            return 'convnext_custom'
+        return {'small': 'convnext_s', 'base': 'convnext_b'}.get(arch, f'convnext_{arch}')
     if 'ResNet' in t:
         return f'resnet{backbone_cfg.get("depth")}'
     if 'Swin' in t:
@@ -439,6 +453,8 @@ def kind_of(backbone_cfg: dict) -> str:
 def backbone_from_config(path: str) -> Tuple[nn.Module, dict, str]:
     """The backbone of an mmseg/mmdet config, built without pretrained weights."""
     from mmengine.config import Config
+    if not osp.isfile(path):
+        raise CLIError(f'config file {path} does not exist')
     cfg = Config.fromfile(path)
     backbone_cfg = copy.deepcopy(cfg.model.backbone.to_dict()
                                  if hasattr(cfg.model.backbone, 'to_dict')
@@ -553,6 +569,16 @@ def variant_name(kind: str, adapter: dict) -> str:
     return name
 
 
+def check_input_size(input_size: Sequence[int], stride: int = DEFAULT_TOTAL_STRIDE,
+                     what: str = 'ConvNeXt, ResNet and Swin') -> None:
+    """``--input-size H W``: each side at least the backbone's total stride."""
+    if min(input_size) < stride:
+        raise CLIError(f'--input-size {input_size[0]} {input_size[1]}: each side must be '
+                       f'at least {stride}, the total stride of {what} (a smaller image '
+                       'leaves the last stage without a pixel); e.g. --input-size 512 '
+                       '512, the default')
+
+
 def _spatial_choice(text: str) -> SpatialChoice:
     if text in ('gamma', 'paper'):
         return text
@@ -567,6 +593,8 @@ def _spatial_choice(text: str) -> SpatialChoice:
 
 @torch.no_grad()     # counting only; the caller's grad mode is left as it was
 def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
+    """Print the table and return its rows; a user error raises :class:`CLIError`
+    (:func:`cli` prints it as one line)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('configs', nargs='*', help='mmseg/mmdet configs (their backbone '
@@ -600,12 +628,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
                      'its own adapter dict (edit the config instead).')
     input_size = tuple(args.input_size)
     flops = not args.params_only
+    for path in args.configs:
+        if not osp.isfile(path):
+            raise CLIError(f'config file {path} does not exist')
+    check_input_size(input_size)
 
     rows: List[Row] = []
     plain_cache: Dict[str, int] = {}
     if args.configs:
         for path in args.configs:
             model, adapter, kind = backbone_from_config(path)
+            check_input_size(input_size, total_stride(model),
+                             f'the backbone of {path}')
             rows.append(analyse(model, osp.splitext(osp.basename(path))[0], kind, adapter,
                                 input_size, flops=flops))
     else:
@@ -632,5 +666,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     return rows
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        main(argv)
+    except CLIError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(cli())
