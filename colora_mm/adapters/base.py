@@ -276,6 +276,14 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_forward(x)
+        width = (x.shape[-3] if x.dim() >= 3 else None) if self.is_conv else x.shape[-1]
+        if width is not None and width != self.in_channels:
+            # before the low-rank ops, whose matmul error would show their own shapes
+            where = 'its channel dim' if self.is_conv else 'its last dim (features)'
+            raise ValueError(f'{self.describe()}: input {tuple(x.shape)} has {width} '
+                             f'in {where}; the layer takes {self.in_channels}. Feed it '
+                             'what the upstream layer takes (the adapter does not change '
+                             'the layer\'s shapes).')
         adapter = self.adapter_branch
         factors = adapter.low_rank(self)
         if factors is not None and self.use_activation_path(x, factors[0].shape[1]):

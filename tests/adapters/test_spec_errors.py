@@ -302,3 +302,25 @@ def test_keys_the_method_reads_or_defaults_give_no_warning(spec):
         warnings.simplefilter('error')
         made = AdapterSpec.from_dict(spec)
         assert AdapterSpec.from_dict(made.to_dict()) == made
+
+
+@pytest.mark.parametrize('method', ['lora', 'hira', 'colora'])
+def test_input_of_the_wrong_width_names_the_layer(method):
+    """Before the low-rank ops (whose matmul error would show their own, transposed
+    shapes): the layer, the input's shape and the width the layer takes."""
+    import torch
+    net = ConvNeXtBlock(16) if method == 'colora' else LinearPairNet()
+    inject_adapters(net, AdapterSpec(method=method, gamma=4), pairs=net.pairs,
+                    spatial=net.spatial,
+                    pointwise=[n for pair in net.pairs for n in pair])
+    name, layer = next((n, m) for n, m in iter_adapted_layers(net) if not m.is_conv)
+    x = torch.randn(2, 5, layer.in_channels + 1)
+    _raises(lambda: layer(x), f'{name} (Linear', f'input {tuple(x.shape)} has '
+            f'{layer.in_channels + 1} in its last dim', f'takes {layer.in_channels}')
+    assert layer(torch.randn(2, 5, layer.in_channels)).shape[-1] == layer.out_channels
+    if method == 'colora':
+        name, conv = next((n, m) for n, m in iter_adapted_layers(net) if m.is_conv)
+        x = torch.randn(1, conv.in_channels + 2, 8, 8)
+        _raises(lambda: conv(x), f'{name} (Conv2d', f'in its channel dim',
+                f'takes {conv.in_channels}')
+        assert conv(torch.randn(1, conv.in_channels, 8, 8)).shape[1] == conv.out_channels
