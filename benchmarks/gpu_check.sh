@@ -13,6 +13,8 @@
 #   bench_train   benchmarks/bench_colora.py --device cuda --amp --only train: UperNet +
 #              ConvNeXt-B at 512x512, 2 images, head channels 512; methods $METHODS
 #   bench_tables  the same script's other tables (filter, spatial, merge, deltas) on CUDA
+#   spatial_variants  benchmarks/experiments/spatial_variants.py on CUDA at ConvNeXt-B's
+#              shapes: the up-projection's formulations, Triton-compiled taps included
 #   demo       the demo's synthetic domains; tools/train.py of the demo's pretraining
 #              (full) and of its CoLoRA fine-tuning, both --amp, $DEMO_ITERS iterations
 #              each on CUDA; tools/test.py of the fine-tuned model (mIoU)
@@ -44,7 +46,7 @@ BUNDLE="" OUT="" DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,36p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,38p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) fail "unknown option $a (see --help)" ;;
     *) if [ -z "$BUNDLE" ]; then BUNDLE="$a"; elif [ -z "$OUT" ]; then OUT="$a";
        else fail "usage: bash benchmarks/gpu_check.sh BUNDLE_DIR OUT_DIR [--dry-run]"; fi ;;
@@ -129,6 +131,16 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
   run_stage bench_tables "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
     --only filter spatial merge deltas --json "$work/bench_tables.json" ${BENCH_ARGS:-}
 
+  # the up-projection's formulations beyond table 2b (split backward, eager and compiled
+  # shifted taps: Triton on CUDA), for the choice of its kernel per device
+  if [ "$DRY" = 1 ]; then
+    exp=(--channels 16 --size 64 --batch 2 --repeats 1 --no-compile)
+  else
+    exp=(--device cuda --channels 128 --size 512 --batch 2 --repeats 10)
+  fi
+  run_stage spatial_variants "$OUT/logs/bench.log" "$PY" \
+    benchmarks/experiments/spatial_variants.py "${exp[@]}"
+
   # 4. the demo config on CUDA
   if [ "$DRY" = 1 ]; then
     iters=4 warm=1 ntrain=16 nval=8 batch=4 amp=()
@@ -210,6 +222,8 @@ if os.path.isfile(bench_log):
         line = line.rstrip('\n')
         if re.match(r'\d+[a-z]?\. ', line):         # a table's title (1., 1b., 2b., ...)
             lines += ['', line, '']
+        elif line.startswith('experiment: '):         # benchmarks/experiments/*.py
+            lines += ['', line[len('experiment: '):], '']
         elif line.startswith('device:'):
             lines += ['', line]
         elif line.startswith('command:'):

@@ -104,6 +104,10 @@ def main():
         except Exception as err:  # noqa: BLE001 - reported, the rest still runs
             print(f'(compiled taps skipped: torch.compile failed: {type(err).__name__})')
             compiled = None
+    print(f'experiment: spatial up-projection (3x3, r -> C, groups=r), forward + backward, '
+          f'median ms (benchmarks/experiments/spatial_variants.py; {dev}, stage widths '
+          f'{args.channels}-{args.channels * 8}, batch {args.batch} at {args.size}x'
+          f'{args.size})')
     names = ['grouped conv', 'forward', 'split, unfold', 'split, conv2d_weight',
              'eager taps'] + (['compiled taps'] if compiled else [])
     totals = dict.fromkeys(names, 0.0)
@@ -112,6 +116,8 @@ def main():
     for stage in range(4):
         c, hw = args.channels * 2 ** stage, args.size // 4 // 2 ** stage
         for r in (c // 16, c // 32):
+            if r < 1:          # too narrow a stage for this rank divisor
+                continue
             z = torch.randn(args.batch, r, hw, hw, device=dev, requires_grad=True)
             w = (torch.randn(c, 1, 3, 3, device=dev) * 0.02).requires_grad_()
             g = torch.randn(args.batch, c, hw, hw, device=dev)
