@@ -265,3 +265,35 @@ def test_merged_checkpoint_with_the_adapter_config_names_the_merged_one(configs,
     assert 'does not match config' in message
     assert f'merged checkpoint (tools/merge.py): test it with the config written beside ' \
            f'it, {tmp_path / "merged.py"}' in message
+
+
+def test_cfg_options_typos_are_refused(configs, capsys):
+    """A misspelt top-level key would merge as a new key the run ignores; an option
+    without '=' is a usage error, not a traceback."""
+    assert train.main([configs['seg'], '--cfg-options', 'modle.backbone.adapter.gamma=8']) == 2
+    message = _error(capsys)
+    assert "no top-level key 'modle'" in message
+    assert 'did you mean model.backbone.adapter.gamma?' in message
+    # a key the runner reads, though the config does not set it, is taken
+    assert train_cfg(configs['seg'], '--cfg-options', 'experiment_name=x').experiment_name == 'x'
+    for tool, argv in ((train, [configs['seg']]), (test, [configs['seg'], 'x.pth'])):
+        with pytest.raises(SystemExit) as info:
+            tool.parse_args(argv + ['--cfg-options', 'model.backbone.adapter.gamma'])
+        assert info.value.code == 2
+        assert 'write each option as KEY=VALUE' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('script, argv, fragment', [
+    ('dist_train.sh', ['nothere.py', '2'], 'config file nothere.py does not exist'),
+    ('dist_train.sh', ['{seg}', '0'], "GPUS='0' must be a positive number"),
+    ('dist_train.sh', ['2', '{seg}'], 'config file 2 does not exist'),
+    ('dist_test.sh', ['{seg}', 'nothere.pth', '2'], 'checkpoint nothere.pth does not exist'),
+    ('dist_test.sh', ['{seg}', '{seg}', 'two'], "GPUS='two' must be a positive number"),
+])
+def test_dist_scripts_check_their_arguments(configs, script, argv, fragment):
+    import subprocess
+    argv = [a.format(seg=configs['seg']) for a in argv]
+    fragment = fragment.format(seg=configs['seg'])
+    res = subprocess.run(['bash', osp.join(ROOT, 'tools', script), *argv],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and fragment in res.stderr, res.stderr

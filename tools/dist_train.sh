@@ -18,6 +18,15 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
+USAGE="CONFIG GPUS [train.py options]"
+if [ ! -f "$CONFIG" ]; then
+  echo "error: config file $CONFIG does not exist (usage: $0 $USAGE)" >&2
+  exit 2
+fi
+if ! [[ "$GPUS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: GPUS='$GPUS' must be a positive number of processes per node, e.g. 2 (usage: $0 $USAGE)" >&2
+  exit 2
+fi
 HERE="$(cd "$(dirname "$0")" && pwd)"
 if [ -z "${PYTHON:-}" ]; then
   PYTHON=python

@@ -40,8 +40,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import (CLIError, check_adapter, check_settings_match,  # noqa: E402
-                   check_state_dict_matches, load_config, read_checkpoint,
-                   read_state_dict)
+                   check_state_dict_matches, load_config, parse_with_clear_errors,
+                   read_checkpoint, read_state_dict)
 
 #: CoLoRA backbone type -> the upstream type it was built on (in the config's scope).
 PLAIN_BACKBONES = {'CoLoRAConvNeXt': 'mmpretrain.ConvNeXt', 'CoLoRAResNet': 'ResNet',
@@ -88,7 +88,7 @@ def parse_args(argv=None):
         nargs='+',
         action=DictAction,
         help='override settings of the config, key=value')
-    return parser.parse_args(argv)
+    return parse_with_clear_errors(parser, argv)
 
 
 def config_path_for(out):

@@ -26,7 +26,8 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import (CLIError, check_adapter, check_data_roots,  # noqa: E402
                    check_output_outside_data, check_settings_match,
                    check_state_dict_matches, check_work_dir, load_config,
-                   process_group_closed, read_checkpoint, read_state_dict)
+                   parse_with_clear_errors, process_group_closed, read_checkpoint,
+                   read_state_dict)
 
 
 def parse_args(argv=None):
@@ -66,7 +67,7 @@ def parse_args(argv=None):
         help='evaluate although the adapter settings recorded in the checkpoint differ '
         "from the config's")
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_with_clear_errors(parser, argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args

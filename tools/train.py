@@ -75,7 +75,7 @@ def parse_args(argv=None):
         default='none',
         help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_with_clear_errors(parser, argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
@@ -94,6 +94,7 @@ def load_config(path, cfg_options=None):
     from mmengine.registry import init_default_scope
     cfg = Config.fromfile(path)
     if cfg_options:
+        check_option_keys(cfg, cfg_options, path)
         cfg.merge_from_dict(cfg_options)
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
@@ -101,6 +102,41 @@ def load_config(path, cfg_options=None):
                        f'{" or ".join(SCOPES)} configs')
     init_default_scope(scope)
     return cfg
+
+
+def runner_keys():
+    """The top-level config keys mmengine's ``Runner`` reads (its arguments)."""
+    import inspect
+
+    from mmengine.runner import Runner
+    return set(inspect.signature(Runner.__init__).parameters) - {'self'}
+
+
+def check_option_keys(cfg, cfg_options, path):
+    """Refuse a ``--cfg-options`` key whose first part is neither in the config nor a
+    key the runner reads (``modle.backbone...``: merged as a new key, it would be
+    ignored while the run goes on), with the nearest key as the likely fix."""
+    import difflib
+    known = set(cfg.keys()) | runner_keys()
+    for key in cfg_options:
+        top = key.split('.', 1)[0]
+        if top in known:
+            continue
+        near = difflib.get_close_matches(top, sorted(known), n=1)
+        hint = (f'did you mean {near[0]}{key[len(top):]}?' if near else
+                f'the top-level keys of {path} are ' + ', '.join(sorted(cfg.keys())))
+        raise CLIError(f'--cfg-options {key}: {path} has no top-level key {top!r} and '
+                       f'the runner reads none, so the option would be ignored; {hint}')
+
+
+def parse_with_clear_errors(parser, argv):
+    """``parser.parse_args``; mmengine's ``DictAction`` raises a bare ValueError for a
+    ``--cfg-options`` item without ``=``: made a usage error."""
+    try:
+        return parser.parse_args(argv)
+    except ValueError as err:
+        parser.error(f'--cfg-options: {err}; write each option as KEY=VALUE '
+                     '(e.g. model.backbone.adapter.gamma=8)')
 
 
 def _datasets(cfg, splits):
