@@ -450,7 +450,10 @@ def test_launchers_use_the_checkout_venv(tmp_path, script):
     venv_python.write_text('#!/bin/sh\necho "venv python $*"\n')
     venv_python.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != 'PYTHON'}
-    args = ['CFG', '2'] if script == 'dist_train.sh' else ['CFG', 'CKPT', '2']
+    (tmp_path / 'cfg.py').write_text('')           # the launchers check that they exist
+    (tmp_path / 'ckpt.pth').write_bytes(b'')
+    cfg, ckpt = str(tmp_path / 'cfg.py'), str(tmp_path / 'ckpt.pth')
+    args = [cfg, '2'] if script == 'dist_train.sh' else [cfg, ckpt, '2']
     proc = subprocess.run(['bash', str(launcher), *args], capture_output=True, text=True,
                           env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
