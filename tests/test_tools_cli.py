@@ -297,3 +297,18 @@ def test_dist_scripts_check_their_arguments(configs, script, argv, fragment):
     res = subprocess.run(['bash', osp.join(ROOT, 'tools', script), *argv],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and fragment in res.stderr, res.stderr
+
+
+def test_backbone_keys_it_does_not_take_are_named(configs, capsys):
+    assert train.main([configs['seg'], '--cfg-options',
+                       'model.backbone.adpater.gamma=8']) == 2
+    message = _error(capsys)
+    assert 'model.backbone.adpater is not an argument of CoLoRAConvNeXt; did you mean ' \
+           'model.backbone.adapter?' in message, message
+
+
+def test_upstream_assertions_are_blamed_on_the_backbone_settings():
+    err = train.backbone_error(AssertionError('window size must be positive'),
+                               dict(type='CoLoRASwin', adapter=dict()), 'c.py')
+    assert err.startswith('c.py: model.backbone (CoLoRASwin): the upstream backbone ')
+    assert 'AssertionError: window size must be positive' in err

@@ -31,6 +31,8 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
                         category=UserWarning)
 
 SCOPES = ('mmseg', 'mmdet')
+#: Arguments the CoLoRA backbones add to the upstream ones.
+ADAPTER_ARGS = ('adapter', 'attn_adapter', 'adapter_spatial')
 
 
 class CLIError(Exception):
@@ -250,11 +252,33 @@ def check_adapter(cfg, config):
     try:
         built = build_backbone_cheaply(Config(dict(model=dict(backbone=backbone),
                                                    default_scope=cfg.default_scope)))
-    except (ValueError, TypeError, KeyError, AssertionError) as err:
-        where = 'model.backbone.adapter' if 'adapter' in backbone else 'model.backbone'
-        message = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
-        raise CLIError(f'{config}: {where} ({backbone.get("type")}): {message}')
+    except (ValueError, TypeError, KeyError, AssertionError, IndexError) as err:
+        raise CLIError(backbone_error(err, backbone, config))
     return adapter_settings(built, prefix='backbone')
+
+
+def backbone_error(err, backbone, config):
+    """One line for an exception raised while building the backbone: a key the
+    backbone does not take named with the nearest one it does; an upstream assertion or
+    index error blamed on the backbone's settings, not on the adapter."""
+    import difflib
+    import re
+    kind = backbone.get('type')
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ''
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", text)
+    if isinstance(err, TypeError) and unexpected:
+        key = unexpected.group(1)
+        near = difflib.get_close_matches(
+            key, [k for k in backbone if k != key] + list(ADAPTER_ARGS), n=1)
+        fix = f'did you mean model.backbone.{near[0]}?' if near else 'remove it'
+        return f'{config}: model.backbone.{key} is not an argument of {kind}; {fix}'
+    message = text.strip("'\"") or type(err).__name__
+    if isinstance(err, (AssertionError, IndexError)):
+        return (f'{config}: model.backbone ({kind}): the upstream backbone refused its '
+                f'settings ({type(err).__name__}: {message}); check the backbone keys '
+                '(arch, depths, widths, heads, window and input sizes)')
+    where = 'model.backbone.adapter' if 'adapter' in backbone else 'model.backbone'
+    return f'{config}: {where} ({kind}): {message}'
 
 
 def _pretrained_paths(node, key=''):
