@@ -495,3 +495,74 @@ def test_multi_gpu_runs_go_through_torchrun(vtab):
     assert tail == [osp.join(TOOLS, 'vtab1k.py'), config, '--run-one', 'dtd', '2',
                     '--work-dir', 'W', '--gpus', '4', '--launcher', 'pytorch',
                     '--data-root', root, '--cfg-options', 'train_cfg.max_epochs=3']
+
+
+# ----------------------------------------------------------------- stored runs
+def copy_run(work, dest, task='kitti', seed=0):
+    """A work dir holding a copy of one finished run of ``work``."""
+    import shutil
+    shutil.copytree(work / task / f'seed_{seed}', dest / task / f'seed_{seed}')
+    return dest
+
+
+def test_results_record_the_model_they_were_trained_with(benchmark, vtab):
+    work, _, _ = benchmark
+    _, _, _, killing = vtab
+    with open(work / 'kitti' / 'seed_0' / 'result.json') as f:
+        definition = json.load(f)['definition']
+    assert definition['config'] == osp.abspath(killing)
+    assert (definition['backbone'], definition['method']) == ('CoLoRAConvNeXt', 'colora')
+    assert definition['model']['backbone']['type'] == 'CoLoRAConvNeXt'
+    assert definition['adapter_settings']['backbone']['method'] == 'colora'
+    # the summary keeps one line per run
+    with open(work / 'results.json') as f:
+        assert 'definition' not in json.load(f)['runs']['kitti']['0']
+
+
+@pytest.mark.parametrize('options, differs', [
+    (['--cfg-options', 'model.backbone.adapter.gamma=4'], 'adapter.gamma: stored'),
+    ([], "backbone: stored 'CoLoRAConvNeXt', config 'CoLoRAResNet'"),
+])
+@pytest.mark.parametrize('summary_only', [False, True])
+def test_a_result_of_another_model_is_refused(benchmark, vtab, tmp_path, capsys,
+                                              options, differs, summary_only):
+    work, _, _ = benchmark
+    base, root, config, _ = vtab
+    if not options:     # another config: a ResNet where a ConvNeXt was trained
+        config = write_tiny_vtab1k_config(
+            osp.join(ROOT, 'configs', 'vtab1k', 'colora_r50_1xb32-100e_vtab1k-224x224.py'),
+            str(tmp_path / 'tiny_r50.py'), data_root=root)
+    dest = copy_run(work, tmp_path / 'w')
+    before = sorted(os.listdir(dest))
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(dest),
+                      *options, *(['--summary-only'] if summary_only else [])])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = single_error(captured.out + captured.err)
+    run_dir = str(dest / 'kitti' / 'seed_0')
+    assert f'{run_dir} holds the result of another model' in error, error
+    assert differs in error and 'another --work-dir' in error, error
+    assert f'remove {run_dir}' in error
+    assert sorted(os.listdir(dest)) == before     # no results.json / results.md
+
+
+def test_a_result_without_a_record_is_taken_with_a_note(benchmark, vtab, tmp_path,
+                                                        capsys):
+    work, _, _ = benchmark
+    _, _, config, _ = vtab
+    dest = copy_run(work, tmp_path / 'w')
+    path = dest / 'kitti' / 'seed_0' / 'result.json'
+    with open(path) as f:
+        result = json.load(f)
+    del result['definition']        # as the earlier version wrote it
+    with open(path, 'w') as f:
+        json.dump(result, f)
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(dest)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f'note: {path} has no record of the model' in out
+    assert '[1/1] kitti seed 0: done before' in out
+    with open(dest / 'results.json') as f:
+        assert json.load(f)['runs']['kitti']['0']['top1'] == result['top1']
