@@ -566,3 +566,43 @@ def test_a_result_without_a_record_is_taken_with_a_note(benchmark, vtab, tmp_pat
     assert '[1/1] kitti seed 0: done before' in out
     with open(dest / 'results.json') as f:
         assert json.load(f)['runs']['kitti']['0']['top1'] == result['top1']
+
+
+def stopped_run(tmp_path, vtab, settings_of_config=True, damaged=False):
+    """A work dir with kitti seed 0 stopped after its first epoch: a checkpoint
+    recording the adapter settings of the tiny config (or a damaged file)."""
+    _, _, config, _ = vtab
+    run_dir = tmp_path / 'w' / 'kitti' / 'seed_0'
+    run_dir.mkdir(parents=True)
+    path = run_dir / 'epoch_1.pth'
+    if damaged:
+        path.write_bytes(b'not a checkpoint')
+    else:
+        tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+        settings = tool.check_adapter(tool.load_config(config, {}), config)
+        torch.save(dict(state_dict={}, meta=dict(epoch=1, iter=2,
+                                                 adapter_settings=settings)), path)
+    (run_dir / 'last_checkpoint').write_text(str(path))
+    return tmp_path / 'w', run_dir, path
+
+
+@pytest.mark.parametrize('damaged', [False, True])
+def test_a_stopped_run_resumes_only_with_its_adapter_settings(vtab, tmp_path, capsys,
+                                                               damaged):
+    _, _, config, _ = vtab
+    work, run_dir, path = stopped_run(tmp_path, vtab, damaged=damaged)
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(work),
+                      '--cfg-options', 'model.backbone.adapter.partner_policy=frozen',
+                      'model.backbone.adapter.use_filter=False'])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = single_error(captured.out + captured.err)
+    if damaged:
+        assert f'no checkpoint in {run_dir} can be resumed from' in error, error
+    else:
+        assert f'checkpoint {path} does not match config {config}' in error, error
+        assert 'adapter.partner_policy' in error and 'adapter.use_filter' in error, error
+    assert f'remove {run_dir} to run kitti seed 0 again from the start' in error, error
+    assert sorted(os.listdir(work)) == ['kitti']          # nothing written
+    assert sorted(os.listdir(run_dir)) == ['epoch_1.pth', 'last_checkpoint']

@@ -11,7 +11,8 @@ checkpoint. Each ``result.json`` records the model it was trained with (the conf
 the backbone and method, the model config with ``--cfg-options`` and the adapter
 settings of the built backbone); a stored result of another model is refused before any
 work, naming what differs (a result without that record, written by an earlier version,
-is taken with a note). After every run ``W/results.json`` (every result, the per-task mean and
+is taken with a note). So is a stopped run whose checkpoint was trained with other
+adapter settings than the config's, or whose checkpoints are all damaged. After every run ``W/results.json`` (every result, the per-task mean and
 standard deviation over the seeds, the group averages) and ``W/results.md`` (tables laid
 out like the paper's Tables 5-7, with ``--paper`` the paper's row beside ours) are
 rewritten. One progress line per task and seed, with the estimated time left.
@@ -41,7 +42,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from train import CLIError, check_adapter  # noqa: E402
+from train import CLIError, check_adapter, check_settings_match  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -400,6 +401,31 @@ def check_stored_results(args, tasks, definition):
     return notes
 
 
+def check_resumable(args, cfg, tasks, current):
+    """Every stopped run that would resume (its ``last_checkpoint`` there), before any
+    work: the checkpoint it resumes from (the newest that loads) must have been trained
+    with the config's adapter settings (``current``)."""
+    from colora_mm.engine.checkpoint_hook import find_resumable_checkpoint
+    hook = (cfg.get('default_hooks') or {}).get('checkpoint') or {}
+    templates = [hook['filename_tmpl']] if hook.get('filename_tmpl') else []
+    for task in tasks:
+        for seed in args.seeds:
+            run_dir = osp.join(args.work_dir, task.name, f'seed_{seed}')
+            if (osp.isfile(osp.join(run_dir, 'result.json'))
+                    or not osp.isfile(osp.join(run_dir, 'last_checkpoint'))):
+                continue
+            try:
+                path, checkpoint, _ = find_resumable_checkpoint(run_dir, templates)
+            except ValueError as err:
+                raise CLIError(f'{err}; remove {run_dir} to run {task.name} seed {seed} '
+                               'again from the start')
+            if path is not None:
+                check_settings_match(
+                    checkpoint, path, current, args.config, False,
+                    flag=f'another --work-dir (or remove {run_dir} to run {task.name} '
+                    f'seed {seed} again from the start)')
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -429,6 +455,7 @@ def main(argv=None):
             return 0
         if not args.summary_only:
             check_layout(cfg, tasks)
+            check_resumable(args, cfg, tasks, current)
         notes = check_stored_results(args, tasks, definition)
     except CLIError as err:
         print(f'error: {err}', file=sys.stderr)
