@@ -463,6 +463,15 @@ def test_check_data_accepts_a_complete_task(vtab, capsys):
     (['--tasks', 'cifar10'], "--tasks: unknown VTAB-1k task 'cifar10'"),
     (['--gpus', '3'], '--gpus 3 does not divide the batch of 4'),
     (['--data-root', '/nonexistent/vtab'], 'VTAB-1k root /nonexistent/vtab does not exist'),
+    (['--cfg-options', 'model.backbone.adpater.gamma=8'],
+     "unexpected keyword argument 'adpater"),
+    (['--cfg-options', 'model.backbone.adapter.gamma=2.5'], 'gamma'),
+    pytest.param(['--cfg-options', 'optim_wrapper.type=AmpOptimWrapper'],
+                 "optim_wrapper.type='AmpOptimWrapper' (mixed precision) needs a GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                          reason='mixed precision runs on the GPU')),
+    (['--cfg-options', 'model.backbone.init_cfg.type=Pretrained'],
+     '--cfg-options: init_cfg='),
 ])
 def test_tool_refuses_bad_arguments(vtab, tmp_path, capsys, argv, message):
     _, _, config, _ = vtab
@@ -471,6 +480,22 @@ def test_tool_refuses_bad_arguments(vtab, tmp_path, capsys, argv, message):
     captured = capsys.readouterr()
     assert code == 2
     assert message in single_error(captured.out + captured.err)
+    assert not (tmp_path / 'w').exists()
+
+
+def test_tool_refuses_a_missing_pretrained_checkpoint(vtab, tmp_path, capsys):
+    _, root, _, _ = vtab
+    config = write_tiny_vtab1k_config(CONFIG, str(tmp_path / 'tiny.py'), data_root=root,
+                                      extra=dict(model=dict(backbone=dict(init_cfg=dict(
+                                          type='Pretrained',
+                                          checkpoint='/nonexistent/convnext.pth')))))
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0',
+                      '--work-dir', str(tmp_path / 'w')])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert ("model.backbone.init_cfg.checkpoint='/nonexistent/convnext.pth' does not "
+            'exist') in single_error(captured.out + captured.err)
     assert not (tmp_path / 'w').exists()
 
 

@@ -17,6 +17,11 @@ standard deviation over the seeds, the group averages) and ``W/results.md`` (tab
 out like the paper's Tables 5-7, with ``--paper`` the paper's row beside ours) are
 rewritten. One progress line per task and seed, with the estimated time left.
 
+Before any run (or folder) exists, the settings are checked as tools/train.py checks
+them: the backbone's adapter spec (built on the meta device), mixed precision against the
+devices present, local pretrained checkpoints, the data layout; a wrong one ends with one
+``error:`` line (exit status 2).
+
 The task is set in the config for each run (``train_dataloader.dataset.task``,
 ``test_dataloader.dataset.task``, ``model.head.num_classes``). With ``--gpus N > 1``
 each run is launched on N processes by torchrun (DDP through mmengine, the batch of 32
@@ -42,7 +47,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from train import CLIError, check_adapter, check_settings_match  # noqa: E402
+from train import (CLIError, check_adapter, check_amp, check_pretrained,  # noqa: E402
+                   check_settings_match)
 
 
 def parse_args(argv=None):
@@ -104,7 +110,11 @@ def load_config(path, cfg_options, data_root=None):
     from mmengine.config import Config
     cfg = Config.fromfile(path)
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except (TypeError, KeyError) as err:
+            message = str(err).strip("'\"").splitlines()[0] if str(err) else ''
+            raise CLIError(f'--cfg-options: {message or type(err).__name__}')
     if cfg.get('default_scope') != 'mmpretrain':
         raise CLIError(f'{path}: default_scope={cfg.get("default_scope")!r}; VTAB-1k '
                        'runs need an mmpretrain classification config (configs/vtab1k)')
@@ -454,6 +464,8 @@ def main(argv=None):
                     definition)
             return 0
         if not args.summary_only:
+            check_amp(cfg, False)
+            check_pretrained(cfg)
             check_layout(cfg, tasks)
             check_resumable(args, cfg, tasks, current)
         notes = check_stored_results(args, tasks, definition)
