@@ -463,6 +463,8 @@ def test_check_data_accepts_a_complete_task(vtab, capsys):
     (['--tasks', 'cifar10'], "--tasks: unknown VTAB-1k task 'cifar10'"),
     (['--gpus', '3'], '--gpus 3 does not divide the batch of 4'),
     (['--data-root', '/nonexistent/vtab'], 'VTAB-1k root /nonexistent/vtab does not exist'),
+    (['--seeds', '0', '-1'], '--seeds -1: a seed is a whole number from 0 to 4294967295'),
+    (['--seeds', str(2 ** 32)], f'--seeds {2 ** 32}: a seed is a whole number'),
     (['--cfg-options', 'model.backbone.adpater.gamma=8'],
      "unexpected keyword argument 'adpater"),
     (['--cfg-options', 'model.backbone.adapter.gamma=2.5'], 'gamma'),
@@ -631,3 +633,41 @@ def test_a_stopped_run_resumes_only_with_its_adapter_settings(vtab, tmp_path, ca
     assert f'remove {run_dir} to run kitti seed 0 again from the start' in error, error
     assert sorted(os.listdir(work)) == ['kitti']          # nothing written
     assert sorted(os.listdir(run_dir)) == ['epoch_1.pth', 'last_checkpoint']
+
+
+@pytest.mark.parametrize('where', ['work_dir', 'task'])
+def test_tool_refuses_a_file_as_work_dir(vtab, tmp_path, capsys, where):
+    _, _, config, _ = vtab
+    work = tmp_path / 'w'
+    if where == 'work_dir':
+        work.write_text('a file')
+        named = f"--work-dir {str(work)!r} is a file"
+    else:
+        work.mkdir()
+        (work / 'kitti').write_text('a file')
+        named = f'{work / "kitti"} is a file where the runs of kitti go'
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(work)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert named in single_error(captured.out + captured.err)
+    if where == 'task':
+        assert sorted(os.listdir(work)) == ['kitti']
+
+
+@pytest.mark.parametrize('summary_only', [False, True])
+def test_a_damaged_result_is_named(benchmark, vtab, tmp_path, capsys, summary_only):
+    work, _, _ = benchmark
+    _, _, config, _ = vtab
+    dest = copy_run(work, tmp_path / 'w')
+    path = dest / 'kitti' / 'seed_0' / 'result.json'
+    path.write_text('{"task": "kitti", "se')       # cut off while written
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(dest),
+                      *(['--summary-only'] if summary_only else [])])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = single_error(captured.out + captured.err)
+    assert f'{path} is damaged (JSONDecodeError' in error, error
+    assert f'remove {path.parent} to run that task and seed again' in error, error
+    assert sorted(os.listdir(dest)) == ['kitti']

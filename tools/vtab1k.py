@@ -48,7 +48,7 @@ if REPO not in sys.path:
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 from train import (CLIError, check_adapter, check_amp, check_pretrained,  # noqa: E402
-                   check_settings_match)
+                   check_settings_match, check_work_dir)
 
 
 def parse_args(argv=None):
@@ -338,6 +338,10 @@ def collect(work_dir, tasks=None, seeds=None):
             continue
         for name in sorted(os.listdir(folder)):
             path = osp.join(folder, name, 'result.json')
+            number = name[len('seed_'):]
+            if (seeds is not None and number.lstrip('-').isdigit()
+                    and int(number) not in seeds):
+                continue      # another run's, not read
             if name.startswith('seed_') and osp.isfile(path):
                 result = read_result(path)
                 if seeds is None or int(result['seed']) in seeds:
@@ -346,9 +350,23 @@ def collect(work_dir, tasks=None, seeds=None):
 
 
 def read_result(path):
-    """A run's ``result.json``."""
-    with open(path) as f:
-        return json.load(f)
+    """A run's ``result.json``.
+
+    Raises:
+        CLIError: it cannot be read, or holds no ``seed`` and ``top1``.
+    """
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        if not isinstance(result, dict) or not {'seed', 'top1'} <= set(result):
+            raise ValueError('no seed and top1 in it')
+        int(result['seed'])
+        float(result['top1'])
+    except (OSError, ValueError, TypeError) as err:   # JSONDecodeError is a ValueError
+        raise CLIError(f'{path} is damaged ({type(err).__name__}: '
+                       f'{str(err).splitlines()[0] if str(err) else ""}); remove '
+                       f'{osp.dirname(path)} to run that task and seed again')
+    return result
 
 
 def write_results(work_dir, cfg_path, identity, runs, tasks, with_paper):
@@ -441,6 +459,10 @@ def main(argv=None):
     try:
         if args.gpus < 1:
             raise CLIError(f'--gpus {args.gpus}: give 1 or more')
+        for seed in args.seeds:
+            if not 0 <= seed < 2 ** 32:
+                raise CLIError(f'--seeds {seed}: a seed is a whole number from 0 to '
+                               f'{2 ** 32 - 1}')
         from colora_mm.datasets import VTABLayoutError, get_task, resolve_tasks
         try:
             tasks = resolve_tasks(args.tasks)
@@ -451,6 +473,14 @@ def main(argv=None):
         if args.work_dir is None:
             args.work_dir = osp.join('work_dirs', 'vtab1k',
                                      osp.splitext(osp.basename(args.config))[0])
+        check_work_dir(args.work_dir)
+        for task in tasks:
+            for path in (osp.join(args.work_dir, task.name),
+                         *(osp.join(args.work_dir, task.name, f'seed_{s}')
+                           for s in args.seeds)):
+                if osp.exists(path) and not osp.isdir(path):
+                    raise CLIError(f'{path} is a file where the runs of {task.name} go; '
+                                   'move it away, or give another --work-dir')
         batch = cfg.train_dataloader.batch_size
         if batch % args.gpus:
             raise CLIError(f'--gpus {args.gpus} does not divide the batch of {batch} '
