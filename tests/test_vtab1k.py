@@ -671,3 +671,33 @@ def test_a_damaged_result_is_named(benchmark, vtab, tmp_path, capsys, summary_on
     assert f'{path} is damaged (JSONDecodeError' in error, error
     assert f'remove {path.parent} to run that task and seed again' in error, error
     assert sorted(os.listdir(dest)) == ['kitti']
+
+
+def test_a_stopped_run_of_another_model_is_refused(vtab, tmp_path, capsys):
+    """The adapter settings are the same; the backbone's drop-path rate is not."""
+    _, _, config, _ = vtab
+    work, run_dir, _ = stopped_run(tmp_path, vtab)
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    cfg = tool.load_config(config, {})
+    definition = tool.run_definition(cfg, config, tool.check_adapter(cfg, config))
+    tool.write_json(str(run_dir / 'definition.json'), definition)
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(work),
+                      '--cfg-options', 'model.backbone.drop_path_rate=0.3'])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = single_error(captured.out + captured.err)
+    assert f'{run_dir} holds a stopped run of another model than {config}' in error, error
+    assert 'model.backbone.drop_path_rate: stored ' in error and ', config 0.3' in error
+    assert f'remove {run_dir} to run kitti seed 0 again' in error, error
+    assert sorted(os.listdir(run_dir)) == ['definition.json', 'epoch_1.pth',
+                                           'last_checkpoint']
+
+
+def test_a_run_records_its_model_when_it_starts(benchmark, vtab):
+    work, _, _ = benchmark
+    _, _, _, killing = vtab
+    with open(work / 'kitti' / 'seed_1' / 'definition.json') as f:
+        started = json.load(f)
+    with open(work / 'kitti' / 'seed_1' / 'result.json') as f:
+        assert json.load(f)['definition'] == started
+    assert started['config'] == osp.abspath(killing)

@@ -11,8 +11,9 @@ checkpoint. Each ``result.json`` records the model it was trained with (the conf
 the backbone and method, the model config with ``--cfg-options`` and the adapter
 settings of the built backbone); a stored result of another model is refused before any
 work, naming what differs (a result without that record, written by an earlier version,
-is taken with a note). So is a stopped run whose checkpoint was trained with other
-adapter settings than the config's, or whose checkpoints are all damaged. After every run ``W/results.json`` (every result, the per-task mean and
+is taken with a note). So is a stopped run started with another model (each run writes
+``definition.json``, the same record, when it starts), or whose checkpoint was trained
+with other adapter settings than the config's, or whose checkpoints are all damaged. After every run ``W/results.json`` (every result, the per-task mean and
 standard deviation over the seeds, the group averages) and ``W/results.md`` (tables laid
 out like the paper's Tables 5-7, with ``--paper`` the paper's row beside ours) are
 rewritten. One progress line per task and seed, with the estimated time left.
@@ -156,6 +157,10 @@ def model_identity(cfg):
         kind = 'resnet50'
     adapter = backbone.get('adapter') or {}
     return kind, adapter.get('method', 'full')
+
+
+#: A run dir's record of the model it was started with (:func:`run_definition`).
+DEFINITION = 'definition.json'
 
 
 def _plain_json(value):
@@ -429,10 +434,11 @@ def check_stored_results(args, tasks, definition):
     return notes
 
 
-def check_resumable(args, cfg, tasks, current):
+def check_resumable(args, cfg, tasks, current, definition):
     """Every stopped run that would resume (its ``last_checkpoint`` there), before any
-    work: the checkpoint it resumes from (the newest that loads) must have been trained
-    with the config's adapter settings (``current``)."""
+    work: the model it was started with (``definition.json``, when there) must be
+    ``definition``'s, and the checkpoint it resumes from (the newest that loads) must
+    have been trained with the config's adapter settings (``current``)."""
     from colora_mm.engine.checkpoint_hook import find_resumable_checkpoint
     hook = (cfg.get('default_hooks') or {}).get('checkpoint') or {}
     templates = [hook['filename_tmpl']] if hook.get('filename_tmpl') else []
@@ -442,6 +448,23 @@ def check_resumable(args, cfg, tasks, current):
             if (osp.isfile(osp.join(run_dir, 'result.json'))
                     or not osp.isfile(osp.join(run_dir, 'last_checkpoint'))):
                 continue
+            record = osp.join(run_dir, DEFINITION)
+            if osp.isfile(record):
+                try:
+                    with open(record) as f:
+                        stored = json.load(f)
+                    diffs = definition_differences(stored, definition)
+                except (OSError, ValueError, TypeError, AttributeError) as err:
+                    raise CLIError(f'{record} is damaged ({type(err).__name__}); remove '
+                                   f'{run_dir} to run {task.name} seed {seed} again from '
+                                   'the start')
+                if diffs:
+                    raise CLIError(
+                        f'{run_dir} holds a stopped run of another model than '
+                        f'{args.config} (started with {stored.get("config")}): '
+                        f'{"; ".join(diffs)}. Give this config another --work-dir, or '
+                        f'remove {run_dir} to run {task.name} seed {seed} again from the '
+                        'start with it')
             try:
                 path, checkpoint, _ = find_resumable_checkpoint(run_dir, templates)
             except ValueError as err:
@@ -497,7 +520,7 @@ def main(argv=None):
             check_amp(cfg, False)
             check_pretrained(cfg)
             check_layout(cfg, tasks)
-            check_resumable(args, cfg, tasks, current)
+            check_resumable(args, cfg, tasks, current, definition)
         notes = check_stored_results(args, tasks, definition)
     except CLIError as err:
         print(f'error: {err}', file=sys.stderr)
@@ -522,6 +545,8 @@ def main(argv=None):
             resuming = osp.isfile(osp.join(run_dir, 'last_checkpoint'))
             print(f'{head}: {"resuming" if resuming else "starting"} '
                   f'({task.column}, {task.num_classes} classes)', flush=True)
+            os.makedirs(run_dir, exist_ok=True)
+            write_json(osp.join(run_dir, DEFINITION), definition)
             start = time.time()
             if args.gpus > 1:
                 port = int(os.environ.get('PORT', 0)) or free_port()
