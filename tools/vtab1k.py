@@ -12,8 +12,9 @@ the backbone and method, the model config with ``--cfg-options`` and the adapter
 settings of the built backbone); a stored result of another model is refused before any
 work, naming what differs (a result without that record, written by an earlier version,
 is taken with a note). So is a stopped run started with another model (each run writes
-``definition.json``, the same record, when it starts), or whose checkpoint was trained
-with other adapter settings than the config's, or whose checkpoints are all damaged. After every run ``W/results.json`` (every result, the per-task mean and
+``definition.json``, the same record, when it starts), or one whose checkpoint was trained
+with other adapter settings than the config's, or whose checkpoints are all damaged.
+After every run ``W/results.json`` (every result, the per-task mean and
 standard deviation over the seeds, the group averages) and ``W/results.md`` (tables laid
 out like the paper's Tables 5-7, with ``--paper`` the paper's row beside ours) are
 rewritten. One progress line per task and seed, with the estimated time left.
@@ -169,7 +170,8 @@ def _plain_json(value):
 
 
 def run_definition(cfg, config, settings):
-    """What defines a run's model, recorded in its ``result.json``: the config path,
+    """What defines a run's model, recorded in its ``definition.json`` when it starts
+    and in its ``result.json``: the config path,
     the backbone and method (:func:`model_identity`), the model config as loaded (with
     ``--cfg-options``, before the task sets the head's classes) and the adapter
     settings of the built backbone (``settings``: :func:`train.check_adapter`'s
