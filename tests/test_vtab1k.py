@@ -463,6 +463,17 @@ def test_check_data_accepts_a_complete_task(vtab, capsys):
     (['--tasks', 'cifar10'], "--tasks: unknown VTAB-1k task 'cifar10'"),
     (['--gpus', '3'], '--gpus 3 does not divide the batch of 4'),
     (['--data-root', '/nonexistent/vtab'], 'VTAB-1k root /nonexistent/vtab does not exist'),
+    (['--seeds', '0', '-1'], '--seeds -1: a seed is a whole number from 0 to 4294967295'),
+    (['--seeds', str(2 ** 32)], f'--seeds {2 ** 32}: a seed is a whole number'),
+    (['--cfg-options', 'model.backbone.adpater.gamma=8'],
+     "unexpected keyword argument 'adpater"),
+    (['--cfg-options', 'model.backbone.adapter.gamma=2.5'], 'gamma'),
+    pytest.param(['--cfg-options', 'optim_wrapper.type=AmpOptimWrapper'],
+                 "optim_wrapper.type='AmpOptimWrapper' (mixed precision) needs a GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                          reason='mixed precision runs on the GPU')),
+    (['--cfg-options', 'model.backbone.init_cfg.type=Pretrained'],
+     '--cfg-options: init_cfg='),
 ])
 def test_tool_refuses_bad_arguments(vtab, tmp_path, capsys, argv, message):
     _, _, config, _ = vtab
@@ -471,6 +482,22 @@ def test_tool_refuses_bad_arguments(vtab, tmp_path, capsys, argv, message):
     captured = capsys.readouterr()
     assert code == 2
     assert message in single_error(captured.out + captured.err)
+    assert not (tmp_path / 'w').exists()
+
+
+def test_tool_refuses_a_missing_pretrained_checkpoint(vtab, tmp_path, capsys):
+    _, root, _, _ = vtab
+    config = write_tiny_vtab1k_config(CONFIG, str(tmp_path / 'tiny.py'), data_root=root,
+                                      extra=dict(model=dict(backbone=dict(init_cfg=dict(
+                                          type='Pretrained',
+                                          checkpoint='/nonexistent/convnext.pth')))))
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0',
+                      '--work-dir', str(tmp_path / 'w')])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert ("model.backbone.init_cfg.checkpoint='/nonexistent/convnext.pth' does not "
+            'exist') in single_error(captured.out + captured.err)
     assert not (tmp_path / 'w').exists()
 
 
@@ -495,3 +522,182 @@ def test_multi_gpu_runs_go_through_torchrun(vtab):
     assert tail == [osp.join(TOOLS, 'vtab1k.py'), config, '--run-one', 'dtd', '2',
                     '--work-dir', 'W', '--gpus', '4', '--launcher', 'pytorch',
                     '--data-root', root, '--cfg-options', 'train_cfg.max_epochs=3']
+
+
+# ----------------------------------------------------------------- stored runs
+def copy_run(work, dest, task='kitti', seed=0):
+    """A work dir holding a copy of one finished run of ``work``."""
+    import shutil
+    shutil.copytree(work / task / f'seed_{seed}', dest / task / f'seed_{seed}')
+    return dest
+
+
+def test_results_record_the_model_they_were_trained_with(benchmark, vtab):
+    work, _, _ = benchmark
+    _, _, _, killing = vtab
+    with open(work / 'kitti' / 'seed_0' / 'result.json') as f:
+        definition = json.load(f)['definition']
+    assert definition['config'] == osp.abspath(killing)
+    assert (definition['backbone'], definition['method']) == ('CoLoRAConvNeXt', 'colora')
+    assert definition['model']['backbone']['type'] == 'CoLoRAConvNeXt'
+    assert definition['adapter_settings']['backbone']['method'] == 'colora'
+    # the summary keeps one line per run
+    with open(work / 'results.json') as f:
+        assert 'definition' not in json.load(f)['runs']['kitti']['0']
+
+
+@pytest.mark.parametrize('options, differs', [
+    (['--cfg-options', 'model.backbone.adapter.gamma=4'], 'adapter.gamma: stored'),
+    ([], "backbone: stored 'CoLoRAConvNeXt', config 'CoLoRAResNet'"),
+])
+@pytest.mark.parametrize('summary_only', [False, True])
+def test_a_result_of_another_model_is_refused(benchmark, vtab, tmp_path, capsys,
+                                              options, differs, summary_only):
+    work, _, _ = benchmark
+    base, root, config, _ = vtab
+    if not options:     # another config: a ResNet where a ConvNeXt was trained
+        config = write_tiny_vtab1k_config(
+            osp.join(ROOT, 'configs', 'vtab1k', 'colora_r50_1xb32-100e_vtab1k-224x224.py'),
+            str(tmp_path / 'tiny_r50.py'), data_root=root)
+    dest = copy_run(work, tmp_path / 'w')
+    before = sorted(os.listdir(dest))
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(dest),
+                      *options, *(['--summary-only'] if summary_only else [])])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = single_error(captured.out + captured.err)
+    run_dir = str(dest / 'kitti' / 'seed_0')
+    assert f'{run_dir} holds the result of another model' in error, error
+    assert differs in error and 'another --work-dir' in error, error
+    assert f'remove {run_dir}' in error
+    assert sorted(os.listdir(dest)) == before     # no results.json / results.md
+
+
+def test_a_result_without_a_record_is_taken_with_a_note(benchmark, vtab, tmp_path,
+                                                        capsys):
+    work, _, _ = benchmark
+    _, _, config, _ = vtab
+    dest = copy_run(work, tmp_path / 'w')
+    path = dest / 'kitti' / 'seed_0' / 'result.json'
+    with open(path) as f:
+        result = json.load(f)
+    del result['definition']        # as the earlier version wrote it
+    with open(path, 'w') as f:
+        json.dump(result, f)
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(dest)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f'note: {path} has no record of the model' in out
+    assert '[1/1] kitti seed 0: done before' in out
+    with open(dest / 'results.json') as f:
+        assert json.load(f)['runs']['kitti']['0']['top1'] == result['top1']
+
+
+def stopped_run(tmp_path, vtab, settings_of_config=True, damaged=False):
+    """A work dir with kitti seed 0 stopped after its first epoch: a checkpoint
+    recording the adapter settings of the tiny config (or a damaged file)."""
+    _, _, config, _ = vtab
+    run_dir = tmp_path / 'w' / 'kitti' / 'seed_0'
+    run_dir.mkdir(parents=True)
+    path = run_dir / 'epoch_1.pth'
+    if damaged:
+        path.write_bytes(b'not a checkpoint')
+    else:
+        tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+        settings = tool.check_adapter(tool.load_config(config, {}), config)
+        torch.save(dict(state_dict={}, meta=dict(epoch=1, iter=2,
+                                                 adapter_settings=settings)), path)
+    (run_dir / 'last_checkpoint').write_text(str(path))
+    return tmp_path / 'w', run_dir, path
+
+
+@pytest.mark.parametrize('damaged', [False, True])
+def test_a_stopped_run_resumes_only_with_its_adapter_settings(vtab, tmp_path, capsys,
+                                                               damaged):
+    _, _, config, _ = vtab
+    work, run_dir, path = stopped_run(tmp_path, vtab, damaged=damaged)
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(work),
+                      '--cfg-options', 'model.backbone.adapter.partner_policy=frozen',
+                      'model.backbone.adapter.use_filter=False'])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = single_error(captured.out + captured.err)
+    if damaged:
+        assert f'no checkpoint in {run_dir} can be resumed from' in error, error
+    else:
+        assert f'checkpoint {path} does not match config {config}' in error, error
+        assert 'adapter.partner_policy' in error and 'adapter.use_filter' in error, error
+    assert f'remove {run_dir} to run kitti seed 0 again from the start' in error, error
+    assert sorted(os.listdir(work)) == ['kitti']          # nothing written
+    assert sorted(os.listdir(run_dir)) == ['epoch_1.pth', 'last_checkpoint']
+
+
+@pytest.mark.parametrize('where', ['work_dir', 'task'])
+def test_tool_refuses_a_file_as_work_dir(vtab, tmp_path, capsys, where):
+    _, _, config, _ = vtab
+    work = tmp_path / 'w'
+    if where == 'work_dir':
+        work.write_text('a file')
+        named = f"--work-dir {str(work)!r} is a file"
+    else:
+        work.mkdir()
+        (work / 'kitti').write_text('a file')
+        named = f'{work / "kitti"} is a file where the runs of kitti go'
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(work)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert named in single_error(captured.out + captured.err)
+    if where == 'task':
+        assert sorted(os.listdir(work)) == ['kitti']
+
+
+@pytest.mark.parametrize('summary_only', [False, True])
+def test_a_damaged_result_is_named(benchmark, vtab, tmp_path, capsys, summary_only):
+    work, _, _ = benchmark
+    _, _, config, _ = vtab
+    dest = copy_run(work, tmp_path / 'w')
+    path = dest / 'kitti' / 'seed_0' / 'result.json'
+    path.write_text('{"task": "kitti", "se')       # cut off while written
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(dest),
+                      *(['--summary-only'] if summary_only else [])])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = single_error(captured.out + captured.err)
+    assert f'{path} is damaged (JSONDecodeError' in error, error
+    assert f'remove {path.parent} to run that task and seed again' in error, error
+    assert sorted(os.listdir(dest)) == ['kitti']
+
+
+def test_a_stopped_run_of_another_model_is_refused(vtab, tmp_path, capsys):
+    """The adapter settings are the same; the backbone's drop-path rate is not."""
+    _, _, config, _ = vtab
+    work, run_dir, _ = stopped_run(tmp_path, vtab)
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    cfg = tool.load_config(config, {})
+    definition = tool.run_definition(cfg, config, tool.check_adapter(cfg, config))
+    tool.write_json(str(run_dir / 'definition.json'), definition)
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(work),
+                      '--cfg-options', 'model.backbone.drop_path_rate=0.3'])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = single_error(captured.out + captured.err)
+    assert f'{run_dir} holds a stopped run of another model than {config}' in error, error
+    assert 'model.backbone.drop_path_rate: stored ' in error and ', config 0.3' in error
+    assert f'remove {run_dir} to run kitti seed 0 again' in error, error
+    assert sorted(os.listdir(run_dir)) == ['definition.json', 'epoch_1.pth',
+                                           'last_checkpoint']
+
+
+def test_a_run_records_its_model_when_it_starts(benchmark, vtab):
+    work, _, _ = benchmark
+    _, _, _, killing = vtab
+    with open(work / 'kitti' / 'seed_1' / 'definition.json') as f:
+        started = json.load(f)
+    with open(work / 'kitti' / 'seed_1' / 'result.json') as f:
+        assert json.load(f)['definition'] == started
+    assert started['config'] == osp.abspath(killing)

@@ -7,10 +7,22 @@
 For each task and seed: train on ``train800val200`` (the config's schedule, the seed as
 ``randomness.seed``), test top-1 on ``test``, write ``W/<task>/seed_<seed>/result.json``.
 A task/seed with a result is skipped; one that was stopped resumes from its last
-checkpoint. After every run ``W/results.json`` (every result, the per-task mean and
+checkpoint. Each ``result.json`` records the model it was trained with (the config path,
+the backbone and method, the model config with ``--cfg-options`` and the adapter
+settings of the built backbone); a stored result of another model is refused before any
+work, naming what differs (a result without that record, written by an earlier version,
+is taken with a note). So is a stopped run started with another model (each run writes
+``definition.json``, the same record, when it starts), or one whose checkpoint was trained
+with other adapter settings than the config's, or whose checkpoints are all damaged.
+After every run ``W/results.json`` (every result, the per-task mean and
 standard deviation over the seeds, the group averages) and ``W/results.md`` (tables laid
 out like the paper's Tables 5-7, with ``--paper`` the paper's row beside ours) are
 rewritten. One progress line per task and seed, with the estimated time left.
+
+Before any run (or folder) exists, the settings are checked as tools/train.py checks
+them: the backbone's adapter spec (built on the meta device), mixed precision against the
+devices present, local pretrained checkpoints, the data layout; a wrong one ends with one
+``error:`` line (exit status 2).
 
 The task is set in the config for each run (``train_dataloader.dataset.task``,
 ``test_dataloader.dataset.task``, ``model.head.num_classes``). With ``--gpus N > 1``
@@ -18,6 +30,7 @@ each run is launched on N processes by torchrun (DDP through mmengine, the batch
 split over them); otherwise the runs execute in this process, one after the other.
 """
 import argparse
+import copy
 import json
 import os
 import os.path as osp
@@ -34,10 +47,10 @@ HERE = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(HERE)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from train import (CLIError, check_adapter, check_amp, check_pretrained,  # noqa: E402
+                   check_settings_match, check_work_dir)
 
 
 def parse_args(argv=None):
@@ -99,7 +112,11 @@ def load_config(path, cfg_options, data_root=None):
     from mmengine.config import Config
     cfg = Config.fromfile(path)
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except (TypeError, KeyError) as err:
+            message = str(err).strip("'\"").splitlines()[0] if str(err) else ''
+            raise CLIError(f'--cfg-options: {message or type(err).__name__}')
     if cfg.get('default_scope') != 'mmpretrain':
         raise CLIError(f'{path}: default_scope={cfg.get("default_scope")!r}; VTAB-1k '
                        'runs need an mmpretrain classification config (configs/vtab1k)')
@@ -143,6 +160,82 @@ def model_identity(cfg):
     return kind, adapter.get('method', 'full')
 
 
+#: A run dir's record of the model it was started with (:func:`run_definition`).
+DEFINITION = 'definition.json'
+
+
+def _plain_json(value):
+    """``value`` as JSON holds it (tuples as lists, other objects by ``repr``)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
+def run_definition(cfg, config, settings):
+    """What defines a run's model, recorded in its ``definition.json`` when it starts
+    and in its ``result.json``: the config path,
+    the backbone and method (:func:`model_identity`), the model config as loaded (with
+    ``--cfg-options``, before the task sets the head's classes) and the adapter
+    settings of the built backbone (``settings``: :func:`train.check_adapter`'s
+    record)."""
+    backbone, method = model_identity(cfg)
+    model = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
+    return dict(config=osp.abspath(config), backbone=backbone, method=method,
+                model=_plain_json(copy.deepcopy(model)),
+                adapter_settings=_plain_json(settings))
+
+
+def _flat(node, key='model'):
+    if isinstance(node, dict):
+        out = {}
+        for k in node:
+            out.update(_flat(node[k], f'{key}.{k}'))
+        return out or {key: {}}
+    return {key: node}
+
+
+def definition_differences(stored, current):
+    """What differs between the record of a stored run and this config's: the
+    backbone and method, every model config key, the adapter settings (as
+    :func:`~colora_mm.engine.adapter_settings.settings_differences` compares them)."""
+    from colora_mm.engine.adapter_settings import settings_differences
+    diffs = [f'{key}: stored {stored.get(key)!r}, config {current[key]!r}'
+             for key in ('backbone', 'method') if stored.get(key) != current[key]]
+    old, new = _flat(stored.get('model') or {}), _flat(current['model'])
+    # the backbone's adapter keys are compared as built (defaults resolved) below
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, '?') != new.get(k, '?')
+                  and not (k.startswith('model.backbone.')
+                           and 'adapter' in k.split('.')[2]))
+    show = lambda flat, k: repr(flat[k]) if k in flat else 'unset'  # noqa: E731
+    if diffs:       # another backbone or method: its keys say no more
+        return diffs
+    diffs += [f'{k}: stored {show(old, k)}, config {show(new, k)}' for k in keys[:4]]
+    if len(keys) > 4:
+        diffs.append(f'{len(keys) - 4} more model keys')
+    diffs += [d.replace('checkpoint', 'stored run') for d in settings_differences(
+        stored.get('adapter_settings') or {}, current['adapter_settings'])]
+    return diffs
+
+
+def check_stored_result(result, run_dir, definition, config):
+    """Refuse a stored result of another model than ``definition``'s; one written
+    without a record (by an earlier version of this tool) is taken, with a note.
+    Returns the note, or None."""
+    stored = result.get('definition')
+    if not isinstance(stored, dict):
+        return (f'note: {osp.join(run_dir, "result.json")} has no record of the model '
+                'it was trained with (written by an earlier version of this tool); it is '
+                f'taken as {config}\'s. Remove {run_dir} to run it again')
+    diffs = definition_differences(stored, definition)
+    if diffs:
+        raise CLIError(f'{run_dir} holds the result of another model than {config} '
+                       f'(trained with {stored.get("config")}): {"; ".join(diffs)}. Give '
+                       f'this config another --work-dir, or remove {run_dir} to run it '
+                       'again with this config')
+    if stored.get('config') != definition['config']:
+        return (f'note: {run_dir} was trained with {stored.get("config")}, '
+                f'the same model as {config}')
+    return None
+
+
 # ---------------------------------------------------------------- one run
 def backbone_trainable(model):
     """#Param as the paper counts it: what trains inside the backbone."""
@@ -156,9 +249,11 @@ def write_json(path, data):
     os.replace(tmp, path)
 
 
-def run_one(cfg, task, seed, run_dir, launcher='none', keep_checkpoints=False):
+def run_one(cfg, task, seed, run_dir, launcher='none', keep_checkpoints=False,
+            definition=None):
     """Train and test one task/seed with mmengine's Runner; rank 0 writes
-    ``run_dir/result.json``. Returns the result."""
+    ``run_dir/result.json`` (with ``definition``: :func:`run_definition`). Returns the
+    result."""
     from mmengine.dist import get_rank, get_world_size
     from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
@@ -188,7 +283,7 @@ def run_one(cfg, task, seed, run_dir, launcher='none', keep_checkpoints=False):
                                       if p.requires_grad),
                   num_classes=task.num_classes, resumed=bool(resumed),
                   epochs=runner.train_loop.max_epochs, gpus=world,
-                  seconds=round(time.time() - start, 1))
+                  seconds=round(time.time() - start, 1), definition=definition)
     if get_rank() == 0:
         write_json(osp.join(run_dir, 'result.json'), result)
         if not keep_checkpoints:
@@ -250,12 +345,35 @@ def collect(work_dir, tasks=None, seeds=None):
             continue
         for name in sorted(os.listdir(folder)):
             path = osp.join(folder, name, 'result.json')
+            number = name[len('seed_'):]
+            if (seeds is not None and number.lstrip('-').isdigit()
+                    and int(number) not in seeds):
+                continue      # another run's, not read
             if name.startswith('seed_') and osp.isfile(path):
-                with open(path) as f:
-                    result = json.load(f)
+                result = read_result(path)
                 if seeds is None or int(result['seed']) in seeds:
                     out.setdefault(task.name, {})[int(result['seed'])] = result
     return out
+
+
+def read_result(path):
+    """A run's ``result.json``.
+
+    Raises:
+        CLIError: it cannot be read, or holds no ``seed`` and ``top1``.
+    """
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        if not isinstance(result, dict) or not {'seed', 'top1'} <= set(result):
+            raise ValueError('no seed and top1 in it')
+        int(result['seed'])
+        float(result['top1'])
+    except (OSError, ValueError, TypeError) as err:   # JSONDecodeError is a ValueError
+        raise CLIError(f'{path} is damaged ({type(err).__name__}: '
+                       f'{str(err).splitlines()[0] if str(err) else ""}); remove '
+                       f'{osp.dirname(path)} to run that task and seed again')
+    return result
 
 
 def write_results(work_dir, cfg_path, identity, runs, tasks, with_paper):
@@ -266,8 +384,8 @@ def write_results(work_dir, cfg_path, identity, runs, tasks, with_paper):
     params = next((r['params'] for seeds in runs.values() for r in seeds.values()), None)
     backbone, method = identity
     data = dict(config=cfg_path, backbone=backbone, method=method, params=params,
-                runs={t: {str(s): r for s, r in seeds.items()}
-                      for t, seeds in runs.items()},
+                runs={t: {str(s): {k: v for k, v in r.items() if k != 'definition'}
+                          for s, r in seeds.items()} for t, seeds in runs.items()},
                 tasks=summary['tasks'], groups=summary['groups'])
     write_json(osp.join(work_dir, 'results.json'), data)
     groups = group_of_tasks(tasks)
@@ -302,11 +420,74 @@ def check_layout(cfg, tasks):
             raise CLIError(str(err))
 
 
+def check_stored_results(args, tasks, definition):
+    """Every stored result of the selected runs, before any work: one of another model
+    is refused. Returns the notes to print."""
+    notes = []
+    for task in tasks:
+        for seed in args.seeds:
+            run_dir = osp.join(args.work_dir, task.name, f'seed_{seed}')
+            path = osp.join(run_dir, 'result.json')
+            if osp.isfile(path):
+                note = check_stored_result(read_result(path), run_dir, definition,
+                                           args.config)
+                if note:
+                    notes.append(note)
+    return notes
+
+
+def check_resumable(args, cfg, tasks, current, definition):
+    """Every stopped run that would resume (its ``last_checkpoint`` there), before any
+    work: the model it was started with (``definition.json``, when there) must be
+    ``definition``'s, and the checkpoint it resumes from (the newest that loads) must
+    have been trained with the config's adapter settings (``current``)."""
+    from colora_mm.engine.checkpoint_hook import find_resumable_checkpoint
+    hook = (cfg.get('default_hooks') or {}).get('checkpoint') or {}
+    templates = [hook['filename_tmpl']] if hook.get('filename_tmpl') else []
+    for task in tasks:
+        for seed in args.seeds:
+            run_dir = osp.join(args.work_dir, task.name, f'seed_{seed}')
+            if (osp.isfile(osp.join(run_dir, 'result.json'))
+                    or not osp.isfile(osp.join(run_dir, 'last_checkpoint'))):
+                continue
+            record = osp.join(run_dir, DEFINITION)
+            if osp.isfile(record):
+                try:
+                    with open(record) as f:
+                        stored = json.load(f)
+                    diffs = definition_differences(stored, definition)
+                except (OSError, ValueError, TypeError, AttributeError) as err:
+                    raise CLIError(f'{record} is damaged ({type(err).__name__}); remove '
+                                   f'{run_dir} to run {task.name} seed {seed} again from '
+                                   'the start')
+                if diffs:
+                    raise CLIError(
+                        f'{run_dir} holds a stopped run of another model than '
+                        f'{args.config} (started with {stored.get("config")}): '
+                        f'{"; ".join(diffs)}. Give this config another --work-dir, or '
+                        f'remove {run_dir} to run {task.name} seed {seed} again from the '
+                        'start with it')
+            try:
+                path, checkpoint, _ = find_resumable_checkpoint(run_dir, templates)
+            except ValueError as err:
+                raise CLIError(f'{err}; remove {run_dir} to run {task.name} seed {seed} '
+                               'again from the start')
+            if path is not None:
+                check_settings_match(
+                    checkpoint, path, current, args.config, False,
+                    flag=f'another --work-dir (or remove {run_dir} to run {task.name} '
+                    f'seed {seed} again from the start)')
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         if args.gpus < 1:
             raise CLIError(f'--gpus {args.gpus}: give 1 or more')
+        for seed in args.seeds:
+            if not 0 <= seed < 2 ** 32:
+                raise CLIError(f'--seeds {seed}: a seed is a whole number from 0 to '
+                               f'{2 ** 32 - 1}')
         from colora_mm.datasets import VTABLayoutError, get_task, resolve_tasks
         try:
             tasks = resolve_tasks(args.tasks)
@@ -317,20 +498,37 @@ def main(argv=None):
         if args.work_dir is None:
             args.work_dir = osp.join('work_dirs', 'vtab1k',
                                      osp.splitext(osp.basename(args.config))[0])
+        check_work_dir(args.work_dir)
+        for task in tasks:
+            for path in (osp.join(args.work_dir, task.name),
+                         *(osp.join(args.work_dir, task.name, f'seed_{s}')
+                           for s in args.seeds)):
+                if osp.exists(path) and not osp.isdir(path):
+                    raise CLIError(f'{path} is a file where the runs of {task.name} go; '
+                                   'move it away, or give another --work-dir')
         batch = cfg.train_dataloader.batch_size
         if batch % args.gpus:
             raise CLIError(f'--gpus {args.gpus} does not divide the batch of {batch} '
                            '(train_dataloader.batch_size, the total over all GPUs)')
+        current = check_adapter(cfg, args.config)
+        definition = run_definition(cfg, args.config, current)
         if args.run_one is not None:      # inside torchrun
             task, seed = get_task(args.run_one[0]), int(args.run_one[1])
             run_dir = osp.join(args.work_dir, task.name, f'seed_{seed}')
-            run_one(cfg, task, seed, run_dir, args.launcher, args.keep_checkpoints)
+            run_one(cfg, task, seed, run_dir, args.launcher, args.keep_checkpoints,
+                    definition)
             return 0
         if not args.summary_only:
+            check_amp(cfg, False)
+            check_pretrained(cfg)
             check_layout(cfg, tasks)
+            check_resumable(args, cfg, tasks, current, definition)
+        notes = check_stored_results(args, tasks, definition)
     except CLIError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
+    for note in notes:
+        print(note, flush=True)
 
     identity = model_identity(cfg)
     names = [t.name for t in tasks]
@@ -343,13 +541,14 @@ def main(argv=None):
             result_path = osp.join(run_dir, 'result.json')
             head = f'[{index}/{len(jobs)}] {task.name} seed {seed}'
             if osp.isfile(result_path):
-                with open(result_path) as f:
-                    done = json.load(f)
+                done = read_result(result_path)
                 print(f'{head}: done before, top-1 {done["top1"]:.2f}', flush=True)
                 continue
             resuming = osp.isfile(osp.join(run_dir, 'last_checkpoint'))
             print(f'{head}: {"resuming" if resuming else "starting"} '
                   f'({task.column}, {task.num_classes} classes)', flush=True)
+            os.makedirs(run_dir, exist_ok=True)
+            write_json(osp.join(run_dir, DEFINITION), definition)
             start = time.time()
             if args.gpus > 1:
                 port = int(os.environ.get('PORT', 0)) or free_port()
@@ -359,12 +558,12 @@ def main(argv=None):
                           f'processes failed (exit status {code}); see {run_dir}',
                           file=sys.stderr)
                     return 1
-                with open(result_path) as f:
-                    result = json.load(f)
+                result = read_result(result_path)
             else:
                 one = load_config(args.config, options, args.data_root)
                 result = run_one(one, task, seed, run_dir,
-                                 keep_checkpoints=args.keep_checkpoints)
+                                 keep_checkpoints=args.keep_checkpoints,
+                                 definition=definition)
             timed.append(time.time() - start)
             left = sum(1 for t, s in jobs[index:] if not osp.isfile(
                 osp.join(args.work_dir, t.name, f'seed_{s}', 'result.json')))
