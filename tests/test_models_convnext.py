@@ -395,3 +395,41 @@ def test_half_autocast_on_a_constant_image_is_finite(dtype, value):
     tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     for g, w in zip(got, want):
         assert (g.float() - w).abs().max() <= tol * max(w.abs().max().item(), 1.0)
+
+
+def _read_error(path_or_url):
+    from colora_mm.models.pretrained import PretrainedCheckpointError
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=str(path_or_url)))
+    with pytest.raises(PretrainedCheckpointError) as info:
+        model.init_weights()
+    text = str(info.value)
+    assert 'CoLoRAConvNeXt' in text and str(path_or_url) in text
+    assert '--cfg-options model.backbone.init_cfg.checkpoint=LOCAL_PATH' in text
+    assert '\n' not in text
+    return info.value
+
+
+def test_empty_checkpoint_file_names_the_backbone_and_the_fix(tmp_path):
+    path = tmp_path / 'empty.pth'
+    path.write_bytes(b'')
+    err = _read_error(path)
+    assert 'empty' in str(err) and isinstance(err.__cause__, EOFError)
+
+
+def test_truncated_checkpoint_file_names_the_backbone_and_the_fix(tmp_path):
+    path = save(convnext_original_checkpoint(REDUCED_CONVNEXT, seed=11),
+                tmp_path / 'whole.pth')
+    data = open(path, 'rb').read()
+    cut = tmp_path / 'cut.pth'
+    cut.write_bytes(data[:len(data) // 2])
+    err = _read_error(cut)
+    assert 'truncated' in str(err) and isinstance(err.__cause__, RuntimeError)
+
+
+def test_unreachable_url_names_the_backbone_and_the_fix(tmp_path, monkeypatch):
+    from urllib.error import URLError
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    # port 9 (discard) on the loopback: refused at once, online or not
+    err = _read_error('http://127.0.0.1:9/colora_missing_checkpoint.pth')
+    assert 'could not be downloaded' in str(err)
+    assert isinstance(err.__cause__, URLError)

@@ -261,6 +261,45 @@ def drop_classifier(sd: Dict[str, torch.Tensor], prefixes: Tuple[str, ...],
 
 
 # --------------------------------------------------------------------- loading
+class PretrainedCheckpointError(RuntimeError):
+    """A pretrained checkpoint could not be read (the loader's error is the cause)."""
+
+
+_REMOTE = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def _read_failure_message(owner: str, source: str, exc: BaseException) -> str:
+    """One message for a checkpoint that could not be read: the backbone, the source,
+    what went wrong (in one line) and the fix."""
+    import pickle
+    from urllib.error import URLError
+    detail = (str(exc).strip().splitlines() or [''])[0]
+    cause = f'{type(exc).__name__}: {detail}' if detail else type(exc).__name__
+    remote = bool(_REMOTE.match(source)) and not source.startswith('file://')
+    if isinstance(exc, URLError) or (remote and isinstance(exc, OSError)):
+        what = f'it could not be downloaded (no network access?) ({cause})'
+    elif isinstance(exc, FileNotFoundError):
+        what = f'there is no such file ({cause})'
+    elif isinstance(exc, EOFError):
+        what = f'the file is empty or ends early ({cause})'
+    elif isinstance(exc, RuntimeError) and ('PytorchStreamReader' in detail
+                                            or 'zip archive' in detail):
+        what = f'the file is truncated or corrupt, not a whole torch.save file ({cause})'
+    elif isinstance(exc, pickle.UnpicklingError):
+        what = f'the file is not a PyTorch checkpoint, or is corrupt ({cause})'
+    else:
+        what = cause
+    key = 'model.backbone.init_cfg.checkpoint'
+    if remote:
+        fix = (f'download it on a machine with network access and pass '
+               f'--cfg-options {key}=LOCAL_PATH')
+    else:
+        fix = (f'download the checkpoint again (or fix the path) and pass '
+               f'--cfg-options {key}=LOCAL_PATH')
+    return (f'{owner}: cannot read the pretrained checkpoint {source} '
+            f'(init_cfg.checkpoint): {what}. Fix: {fix}.')
+
+
 Converter = Callable[[Dict[str, torch.Tensor], str, Dict[str, str]], Tuple[Dict, Dict]]
 
 
@@ -296,9 +335,13 @@ def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: 
     if isinstance(checkpoint, dict):
         raw, source = checkpoint, '<dict>'
     else:
-        raw = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location,
-                                               logger=logger)
         source = str(checkpoint)
+        try:
+            raw = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location,
+                                                   logger=logger)
+        except Exception as exc:
+            raise PretrainedCheckpointError(
+                _read_failure_message(owner, source, exc)) from exc
     dropped: Dict[str, str] = {}
     notes: List[str] = []
     sd = select_prefix(unwrap_state_dict(raw), prefix, dropped, notes)
