@@ -131,7 +131,8 @@ class AdaptedBackboneMixin:
             self.pretrained_report = load_pretrained(
                 self, cfg['checkpoint'], self.convert_pretrained,
                 prefix=cfg.get('prefix'), map_location=cfg.get('map_location', 'cpu'),
-                expected_missing=self.expected_missing)
+                expected_missing=self.expected_missing,
+                allow_partial=bool(cfg.get('allow_partial', False)))
         reset_adapters_from_weights(self)
 
     def extra_repr(self) -> str:
