@@ -378,3 +378,12 @@ def test_stage_width_divisible_by_heads(codebase):
     _raises(lambda: build(codebase, arch=dict(REDUCED_SWIN, num_heads=(1, 2, 3, 8))),
             'stage 2 is embed_dims * 2**2 = 32 * 4 = 128 wide',
             'num_heads[2]=3 does not divide', 'divisors of 128')
+
+
+def test_checkpoint_of_another_depth_is_an_error():
+    """Swin-S weights (18 blocks in stage 2) in a Swin-T (6): here 4 blocks in 2."""
+    ckpt = swin_original_checkpoint(dict(REDUCED_SWIN, depths=(2, 2, 4, 2)), seed=7)
+    _raises(lambda: build('mmdet', init_cfg=dict(type='Pretrained',
+                                                 checkpoint=ckpt)).init_weights(),
+            'CoLoRASwin', '2 blocks/layers the backbone lacks',
+            'stages.2.blocks.2, stages.2.blocks.3', 'allow_partial=True')
