@@ -73,7 +73,9 @@ class SwinAdapterMixin(AdaptedBackboneMixin):
             ``init_cfg``...). ``init_cfg=dict(type='Pretrained', checkpoint=...)``
             accepts the original Swin release and OpenMMLab checkpoints; mmdet's
             ``convert_weights`` is accepted and not needed (the layout is recognised
-            from the keys).
+            from the keys). A checkpoint of another depth (whole blocks missing or
+            extra) is an error unless the ``init_cfg`` also sets ``allow_partial=True``
+            (see :func:`colora_mm.models.load_pretrained`).
     """
 
     def __init__(self, *args, adapter: Optional[dict] = None,
