@@ -395,3 +395,73 @@ def test_half_autocast_on_a_constant_image_is_finite(dtype, value):
     tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     for g, w in zip(got, want):
         assert (g.float() - w).abs().max() <= tol * max(w.abs().max().item(), 1.0)
+
+
+def _read_error(path_or_url):
+    from colora_mm.models.pretrained import PretrainedCheckpointError
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=str(path_or_url)))
+    with pytest.raises(PretrainedCheckpointError) as info:
+        model.init_weights()
+    text = str(info.value)
+    assert 'CoLoRAConvNeXt' in text and str(path_or_url) in text
+    assert '--cfg-options model.backbone.init_cfg.checkpoint=LOCAL_PATH' in text
+    assert '\n' not in text
+    return info.value
+
+
+def test_empty_checkpoint_file_names_the_backbone_and_the_fix(tmp_path):
+    path = tmp_path / 'empty.pth'
+    path.write_bytes(b'')
+    err = _read_error(path)
+    assert 'empty' in str(err) and isinstance(err.__cause__, EOFError)
+
+
+def test_truncated_checkpoint_file_names_the_backbone_and_the_fix(tmp_path):
+    path = save(convnext_original_checkpoint(REDUCED_CONVNEXT, seed=11),
+                tmp_path / 'whole.pth')
+    data = open(path, 'rb').read()
+    cut = tmp_path / 'cut.pth'
+    cut.write_bytes(data[:len(data) // 2])
+    err = _read_error(cut)
+    assert 'truncated' in str(err) and isinstance(err.__cause__, RuntimeError)
+
+
+def test_unreachable_url_names_the_backbone_and_the_fix(tmp_path, monkeypatch):
+    from urllib.error import URLError
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    # port 9 (discard) on the loopback: refused at once, online or not
+    err = _read_error('http://127.0.0.1:9/colora_missing_checkpoint.pth')
+    assert 'could not be downloaded' in str(err)
+    assert isinstance(err.__cause__, URLError)
+
+
+def _other_depth(depths):
+    return dict(REDUCED_CONVNEXT, depths=depths)
+
+
+def test_checkpoint_with_fewer_blocks_is_an_error():
+    """A ConvNeXt-T checkpoint in a ConvNeXt-S config: same widths, fewer blocks."""
+    ckpt = convnext_original_checkpoint(_other_depth([1, 1, 2, 1]), seed=12)
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=ckpt))
+    with pytest.raises(ValueError, match=r'CoLoRAConvNeXt.*1 blocks/layers of the backbone '
+                       r'are not in it.*stages\.2\.2.*allow_partial=True'):
+        model.init_weights()
+
+
+def test_checkpoint_with_more_blocks_is_an_error():
+    ckpt = convnext_original_checkpoint(_other_depth([1, 1, 5, 1]), seed=13)
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=ckpt))
+    with pytest.raises(ValueError, match=r'2 blocks/layers the backbone lacks.*'
+                       r'stages\.2\.3, stages\.2\.4.*allow_partial=True'):
+        model.init_weights()
+
+
+def test_allow_partial_loads_a_checkpoint_of_another_depth():
+    ckpt = convnext_original_checkpoint(_other_depth([1, 1, 2, 1]), seed=14)
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=ckpt, allow_partial=True))
+    model.init_weights()
+    report = model.pretrained_report
+    assert report.missing_blocks == ['stages.2.2'] and not report.clean
+    assert any('allow_partial' in note for note in report.notes)
+    torch.testing.assert_close(model.stages[2][1].depthwise_conv.weight,
+                               ckpt['model']['stages.2.1.dwconv.weight'])

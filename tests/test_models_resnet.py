@@ -278,3 +278,24 @@ def test_dilated_resnet_as_in_mmseg_pspnet_configs():
         for a, b in zip(plain(x), outs):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert outs[-1].shape[-2:] == (8, 8)
+
+
+@pytest.mark.parametrize('codebase', ['mmseg', 'mmdet'])
+def test_checkpoint_of_another_depth_is_an_error(codebase):
+    """ResNet-50 weights in a ResNet-101 (layer3: 6 blocks of 23), and the reverse."""
+    sd = torchvision_resnet_state_dict((3, 4, 6, 3), REDUCED_RESNET['base_channels'], seed=6)
+    model = build(codebase, depth=101)
+    model.init_cfg = dict(type='Pretrained', checkpoint=sd)
+    with pytest.raises(ValueError, match=r'CoLoRAResNet.*17 blocks/layers of the backbone '
+                       r'are not in it.*layer3\.6, layer3\.7.*allow_partial=True'):
+        model.init_weights()
+    sd = torchvision_resnet_state_dict((3, 4, 23, 3), REDUCED_RESNET['base_channels'],
+                                       seed=7)
+    model = build(codebase)
+    model.init_cfg = dict(type='Pretrained', checkpoint=sd)
+    with pytest.raises(ValueError, match=r'17 blocks/layers the backbone lacks'):
+        model.init_weights()
+    model = build(codebase)
+    model.init_cfg = dict(type='Pretrained', checkpoint=sd, allow_partial=True)
+    model.init_weights()
+    assert len(model.pretrained_report.unexpected_blocks) == 17

@@ -342,3 +342,48 @@ def test_merged_flag_builds_the_plain_structure():
     assert not any(isinstance(m, AdaptedLayer) for m in deploy.modules())
     plain = upstream('mmseg')(**REDUCED_SWIN)
     assert set(deploy.state_dict()) == set(plain.state_dict())
+
+
+def test_other_window_size_index_buffers_are_expected_missing(tmp_path):
+    """The window-7 index buffers are dropped on purpose; the model's own window-4 ones
+    are explained as expected, and the load is clean."""
+    ckpt = openmmlab_swin_checkpoint(dict(REDUCED_SWIN, window_size=7), seed=6,
+                                     final_norm=False)
+    model = build('mmseg', init_cfg=dict(type='Pretrained', checkpoint=ckpt))
+    model.init_weights()
+    report = model.pretrained_report
+    index = {k for k in model.state_dict() if k.endswith('relative_position_index')}
+    assert index and set(report.missing_expected) >= index
+    assert report.missing_other == [] and report.clean
+    assert 'MISSING' not in report.summary('CoLoRASwin')
+
+
+@pytest.mark.parametrize('codebase', ['mmseg', 'mmdet'])
+@pytest.mark.parametrize('window', [0, -2])
+def test_window_size_below_one(codebase, window):
+    _raises(lambda: build(codebase, arch=dict(REDUCED_SWIN, window_size=window)),
+            f'CoLoRASwin: window_size={window}', 'integer >= 1',
+            'set window_size to a positive integer')
+
+
+@pytest.mark.parametrize('codebase', ['mmseg', 'mmdet'])
+def test_num_heads_per_stage(codebase):
+    _raises(lambda: build(codebase, arch=dict(REDUCED_SWIN, num_heads=(1, 2, 4))),
+            'num_heads=(1, 2, 4) has 3 entries', 'depths=(2, 2, 2, 2) has 4 stages',
+            'one number of heads per stage')
+
+
+@pytest.mark.parametrize('codebase', ['mmseg', 'mmdet'])
+def test_stage_width_divisible_by_heads(codebase):
+    _raises(lambda: build(codebase, arch=dict(REDUCED_SWIN, num_heads=(1, 2, 3, 8))),
+            'stage 2 is embed_dims * 2**2 = 32 * 4 = 128 wide',
+            'num_heads[2]=3 does not divide', 'divisors of 128')
+
+
+def test_checkpoint_of_another_depth_is_an_error():
+    """Swin-S weights (18 blocks in stage 2) in a Swin-T (6): here 4 blocks in 2."""
+    ckpt = swin_original_checkpoint(dict(REDUCED_SWIN, depths=(2, 2, 4, 2)), seed=7)
+    _raises(lambda: build('mmdet', init_cfg=dict(type='Pretrained',
+                                                 checkpoint=ckpt)).init_weights(),
+            'CoLoRASwin', '2 blocks/layers the backbone lacks',
+            'stages.2.blocks.2, stages.2.blocks.3', 'allow_partial=True')

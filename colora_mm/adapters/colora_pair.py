@@ -300,6 +300,19 @@ class CoLoRAPair(nn.Module):
                 error_msgs.append(f'{self.where}: the checkpoint has only one of '
                                   f'{prefix}partner_w1 / partner_w2.')
                 return
+            expected = self.side_shapes()
+            stored = [tuple(state_dict[k].shape) for k in legacy]
+            if stored != [tuple(e) for e in expected]:
+                name = prefix.rstrip('.') or type(self).__name__
+                layers = f' (layers {self.where})' if self.where else ''
+                error_msgs.append(
+                    f'{name}{layers}: the checkpoint\'s full partner copies '
+                    f'{prefix}partner_w1 {stored[0]} / {prefix}partner_w2 {stored[1]} do '
+                    f'not fit this pair, which takes {tuple(expected[0])} (d x d\') and '
+                    f'{tuple(expected[1])} (d\' x d\'\'): the checkpoint is of another '
+                    'architecture; build the model with the config the checkpoint was '
+                    'trained with, or load a checkpoint of this one.')
+                return
             # A module sees only its own keys while loading, and the second layer's
             # base weight is loaded after this: keep the copies, convert on first use.
             self._legacy_partners = [state_dict[k] for k in legacy]

@@ -98,7 +98,9 @@ class AdaptedBackboneMixin:
     # ------------------------------------------------------------ initialisation
     def init_weights(self) -> None:
         """Upstream initialisation, then the pretrained checkpoint (any supported
-        layout), then the adapter state that depends on the loaded weights."""
+        layout; ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=...,
+        allow_partial=False)``, see :func:`.load_pretrained`), then the adapter state
+        that depends on the loaded weights."""
         if getattr(self, '_is_init', False):
             return super().init_weights()   # upstream warns about the second call
         cfgs = self.init_cfg
@@ -131,7 +133,8 @@ class AdaptedBackboneMixin:
             self.pretrained_report = load_pretrained(
                 self, cfg['checkpoint'], self.convert_pretrained,
                 prefix=cfg.get('prefix'), map_location=cfg.get('map_location', 'cpu'),
-                expected_missing=self.expected_missing)
+                expected_missing=self.expected_missing,
+                allow_partial=bool(cfg.get('allow_partial', False)))
         reset_adapters_from_weights(self)
 
     def extra_repr(self) -> str:

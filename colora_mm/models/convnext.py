@@ -37,7 +37,9 @@ class CoLoRAConvNeXt(AdaptedBackboneMixin, ConvNeXt):
             ``drop_path_rate``, ``layer_scale_init_value``, ``gap_before_final_norm``,
             ``frozen_stages``, ``init_cfg``...). ``init_cfg=dict(type='Pretrained',
             checkpoint=...)`` accepts the original ConvNeXt release as well as
-            mmpretrain checkpoints.
+            mmpretrain checkpoints; one of another depth (whole blocks missing or
+            extra) is an error unless it also sets ``allow_partial=True`` (see
+            :func:`colora_mm.models.load_pretrained`).
     """
 
     def __init__(self, *args, adapter: Optional[dict] = None, **kwargs) -> None:

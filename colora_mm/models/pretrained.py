@@ -23,7 +23,11 @@ stands; the layout is recognised from its keys and converted to the backbone's n
 Loading is non-strict, because adapter tensors are never in a pretrained checkpoint, but
 never silent: every checkpoint tensor is either loaded, dropped for a stated reason, or
 reported as unexpected, and every backbone tensor the checkpoint does not provide is
-reported as missing. A shape mismatch is an error.
+reported as missing. A shape mismatch is an error, and so is a checkpoint of another
+depth: whole numbered blocks or layers (``stages.2.9``, ``layer3.5``) of the backbone
+missing from it, or whole blocks in it that the backbone lacks (a ConvNeXt-T checkpoint in
+a ConvNeXt-S, or the reverse), unless the backbone's ``init_cfg`` sets
+``allow_partial=True`` (those blocks then keep their initialisation, or are not loaded).
 """
 from __future__ import annotations
 
@@ -59,6 +63,10 @@ class PretrainedLoadReport:
     missing_adapter: List[str] = field(default_factory=list)
     missing_expected: Dict[str, str] = field(default_factory=dict)  # name -> reason
     missing_other: List[str] = field(default_factory=list)   # model tensors not provided
+    #: Numbered modules (blocks, layers, stages) of the backbone none of whose tensors
+    #: the checkpoint provides, and of the checkpoint that the backbone lacks entirely.
+    missing_blocks: List[str] = field(default_factory=list)
+    unexpected_blocks: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
     def summary(self, owner: str) -> str:
@@ -261,6 +269,98 @@ def drop_classifier(sd: Dict[str, torch.Tensor], prefixes: Tuple[str, ...],
 
 
 # --------------------------------------------------------------------- loading
+def _numbered_prefixes(key: str) -> List[str]:
+    """``'stages.2.9.norm.weight'`` -> ``['stages.2', 'stages.2.9']``: the modules of a
+    numbered container (stages, blocks, layers) the tensor lies in, outermost first."""
+    parts = key.split('.')
+    return ['.'.join(parts[:i + 1]) for i in range(len(parts) - 1) if parts[i].isdigit()]
+
+
+def _whole_units(keys: List[str], own_names: List[str],
+                 absent: Optional[set] = None) -> List[str]:
+    """The outermost numbered modules that ``keys`` fill entirely.
+
+    With ``absent`` (missing keys): modules of the backbone all of whose tensors
+    (``own_names``) are absent from the checkpoint. Without (unexpected keys): modules of
+    the checkpoint the backbone has no tensor under."""
+    under: Dict[str, List[str]] = {}
+    for name in own_names:
+        for prefix in _numbered_prefixes(name):
+            under.setdefault(prefix, []).append(name)
+    units: List[str] = []
+    for key in keys:
+        for prefix in _numbered_prefixes(key):
+            if absent is not None:
+                whole = prefix in under and all(k in absent for k in under[prefix])
+            else:
+                whole = prefix not in under
+            if whole:
+                if prefix not in units:
+                    units.append(prefix)
+                break
+    return units
+
+
+def _partial_message(owner: str, source: str, layout: str,
+                     report: 'PretrainedLoadReport') -> str:
+    parts = []
+    if report.missing_blocks:
+        n = sum(1 for k in report.missing_other
+                if any(k.startswith(u + '.') for u in report.missing_blocks))
+        parts.append(f'{len(report.missing_blocks)} blocks/layers of the backbone are '
+                     f'not in it ({n} tensors: {_abbrev(report.missing_blocks, 6)}) and '
+                     'would keep their random initialisation')
+    if report.unexpected_blocks:
+        n = sum(1 for k in report.unexpected
+                if any(k.startswith(u + '.') for u in report.unexpected_blocks))
+        parts.append(f'it has {len(report.unexpected_blocks)} blocks/layers the backbone '
+                     f'lacks ({n} tensors: {_abbrev(report.unexpected_blocks, 6)})')
+    return (f'{owner}: the pretrained checkpoint {source} (layout {layout!r}) is of '
+            f'another depth or architecture: {"; ".join(parts)}. Set arch/depth (depths, '
+            'num_stages...) to match the checkpoint, or pick the checkpoint of this '
+            'architecture; to load it anyway, set allow_partial=True in the backbone\'s '
+            'init_cfg (--cfg-options model.backbone.init_cfg.allow_partial=True).')
+
+
+class PretrainedCheckpointError(RuntimeError):
+    """A pretrained checkpoint could not be read (the loader's error is the cause)."""
+
+
+_REMOTE = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def _read_failure_message(owner: str, source: str, exc: BaseException) -> str:
+    """One message for a checkpoint that could not be read: the backbone, the source,
+    what went wrong (in one line) and the fix."""
+    import pickle
+    from urllib.error import URLError
+    detail = (str(exc).strip().splitlines() or [''])[0]
+    cause = f'{type(exc).__name__}: {detail}' if detail else type(exc).__name__
+    remote = bool(_REMOTE.match(source)) and not source.startswith('file://')
+    if isinstance(exc, URLError) or (remote and isinstance(exc, OSError)):
+        what = f'it could not be downloaded (no network access?) ({cause})'
+    elif isinstance(exc, FileNotFoundError):
+        what = f'there is no such file ({cause})'
+    elif isinstance(exc, EOFError):
+        what = f'the file is empty or ends early ({cause})'
+    elif isinstance(exc, RuntimeError) and ('PytorchStreamReader' in detail
+                                            or 'zip archive' in detail):
+        what = f'the file is truncated or corrupt, not a whole torch.save file ({cause})'
+    elif isinstance(exc, pickle.UnpicklingError):
+        what = f'the file is not a PyTorch checkpoint, or is corrupt ({cause})'
+    else:
+        what = cause
+    key = 'model.backbone.init_cfg.checkpoint'
+    if remote:
+        fix = (f'download it on a machine with network access and pass '
+               f'--cfg-options {key}=LOCAL_PATH')
+    else:
+        fix = (f'download the checkpoint again (or fix the path) and pass '
+               f'--cfg-options {key}=LOCAL_PATH')
+    return (f'{owner}: cannot read the pretrained checkpoint {source} '
+            f'(init_cfg.checkpoint): {what}. Fix: {fix}.')
+
+
 Converter = Callable[[Dict[str, torch.Tensor], str, Dict[str, str]], Tuple[Dict, Dict]]
 
 
@@ -268,7 +368,7 @@ def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: 
                     prefix: Optional[str] = None, map_location='cpu',
                     logger='current',
                     expected_missing: Optional[Callable[[str], Optional[str]]] = None,
-                    ) -> PretrainedLoadReport:
+                    allow_partial: bool = False) -> PretrainedLoadReport:
     """Load a pretrained checkpoint into an adapted backbone.
 
     Args:
@@ -284,6 +384,13 @@ def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: 
         expected_missing (callable, optional): ``name -> reason or None`` for backbone
             tensors no pretrained checkpoint of this kind carries (e.g. the extra output
             norms of a dense-prediction ConvNeXt). Defaults to None.
+        allow_partial (bool): Load a checkpoint that lacks whole blocks or layers of
+            the backbone (they keep their initialisation), or that has whole blocks the
+            backbone lacks (they are not loaded): a checkpoint of another depth, such as
+            ConvNeXt-T weights in a ConvNeXt-S. Without it that is an error naming the
+            blocks; single tensors missing or unexpected are only reported. Set it in
+            the config as ``init_cfg=dict(type='Pretrained', checkpoint=...,
+            allow_partial=True)``. Defaults to False.
 
     Returns:
         PretrainedLoadReport: Also logged (as a warning when anything is missing or
@@ -296,9 +403,13 @@ def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: 
     if isinstance(checkpoint, dict):
         raw, source = checkpoint, '<dict>'
     else:
-        raw = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location,
-                                               logger=logger)
         source = str(checkpoint)
+        try:
+            raw = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location,
+                                                   logger=logger)
+        except Exception as exc:
+            raise PretrainedCheckpointError(
+                _read_failure_message(owner, source, exc)) from exc
     dropped: Dict[str, str] = {}
     notes: List[str] = []
     sd = select_prefix(unwrap_state_dict(raw), prefix, dropped, notes)
@@ -332,6 +443,18 @@ def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: 
                          f'this backbone (layout {layout!r}; checkpoint keys look like '
                          f'{list(sd)[:5]}, the backbone\'s like {list(own)[:5]}). Set '
                          "init_cfg.prefix, or convert the checkpoint.")
+    report.missing_blocks = _whole_units(
+        report.missing_other, own_names=[k for k in own if not is_adapter_name(k)
+                                         and not k.endswith('num_batches_tracked')],
+        absent=set(report.missing_other) | set(report.missing_expected))
+    report.unexpected_blocks = _whole_units(report.unexpected, own_names=list(own))
+    if report.missing_blocks or report.unexpected_blocks:
+        if not allow_partial:
+            raise ValueError(_partial_message(owner, source, layout, report))
+        report.notes.append(
+            f'allow_partial=True: {len(report.missing_blocks)} blocks/layers not in the '
+            f'checkpoint keep their initialisation, {len(report.unexpected_blocks)} of the '
+            'checkpoint are not loaded')
     # strict=False for the adapter tensors only; everything else is accounted for above.
     module.load_state_dict({k: sd[k] for k in report.loaded}, strict=False)
     print_log(report.summary(owner), logger=logger,

@@ -33,7 +33,9 @@ class ResNetAdapterMixin(AdaptedBackboneMixin):
             ``norm_eval``, ``norm_cfg``, ``init_cfg``...). ``init_cfg=dict(
             type='Pretrained', checkpoint=...)`` accepts torchvision checkpoints
             (``torchvision://resnet50`` or the file of any torchvision ResNet weights)
-            and OpenMMLab checkpoints.
+            and OpenMMLab checkpoints; one of another depth (whole blocks missing or
+            extra) is an error unless it also sets ``allow_partial=True`` (see
+            :func:`colora_mm.models.load_pretrained`).
     """
 
     def __init__(self, *args, adapter: Optional[dict] = None, **kwargs) -> None:

@@ -73,13 +73,16 @@ class SwinAdapterMixin(AdaptedBackboneMixin):
             ``init_cfg``...). ``init_cfg=dict(type='Pretrained', checkpoint=...)``
             accepts the original Swin release and OpenMMLab checkpoints; mmdet's
             ``convert_weights`` is accepted and not needed (the layout is recognised
-            from the keys).
+            from the keys). A checkpoint of another depth (whole blocks missing or
+            extra) is an error unless the ``init_cfg`` also sets ``allow_partial=True``
+            (see :func:`colora_mm.models.load_pretrained`).
     """
 
     def __init__(self, *args, adapter: Optional[dict] = None,
                  attn_adapter: Optional[dict] = None,
                  adapter_spatial: Sequence[str] = (), **kwargs) -> None:
         self._norm_cfg = kwargs.get('norm_cfg')
+        self._check_architecture(args, kwargs)
         super().__init__(*args, **kwargs)
         self.attn_adapter_spec = None
         if attn_adapter is not None:
@@ -97,6 +100,41 @@ class SwinAdapterMixin(AdaptedBackboneMixin):
                     'attn_adapter or pick an adapter method for the MLPs.')
         self.adapter_spatial = list(adapter_spatial)
         self._setup_adapters(adapter)
+
+    def _check_architecture(self, args: tuple, kwargs: dict) -> None:
+        """The upstream arguments the window attention depends on, checked before the
+        upstream build fails on them with an assertion, an IndexError or a reshape."""
+        import inspect
+        owner = type(self).__name__
+        try:
+            bound = inspect.signature(super().__init__).bind(*args, **kwargs)
+        except TypeError:
+            return      # upstream reports its own signature errors
+        bound.apply_defaults()
+        params = bound.arguments
+        window, depths = params.get('window_size'), params.get('depths')
+        heads, dims = params.get('num_heads'), params.get('embed_dims')
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(
+                f'{owner}: window_size={window!r}; the attention windows are '
+                'window_size x window_size tokens, so it must be an integer >= 1 (7 in '
+                'the Swin releases): set window_size to a positive integer.')
+        if depths is None or heads is None or dims is None:
+            return
+        depths, heads = list(depths), list(heads)
+        if len(heads) != len(depths):
+            raise ValueError(
+                f'{owner}: num_heads={tuple(heads)} has {len(heads)} entries but '
+                f'depths={tuple(depths)} has {len(depths)} stages; give one number of '
+                'heads per stage (Swin-T: depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)).')
+        for i, h in enumerate(heads):
+            width = dims * 2 ** i
+            if isinstance(h, bool) or not isinstance(h, int) or h < 1 or width % h:
+                raise ValueError(
+                    f'{owner}: stage {i} is embed_dims * 2**{i} = {dims} * {2 ** i} = '
+                    f'{width} wide, which num_heads[{i}]={h!r} does not divide (each head '
+                    f'takes width / num_heads channels); pick num_heads[{i}] among the '
+                    f'divisors of {width}, or change embed_dims={dims}.')
 
     # ------------------------------------------------------------ targets
     def _blocks(self):
@@ -206,4 +244,7 @@ class SwinAdapterMixin(AdaptedBackboneMixin):
         head = name.split('.', 1)[0]
         if head.startswith('norm') and head[4:].isdigit():
             return 'output norms of a dense-prediction Swin, not in classification checkpoints'
+        if name.endswith('.relative_position_index'):
+            return ("index buffers of the window attention, computed from this model's "
+                    'window size')
         return None

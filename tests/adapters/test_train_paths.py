@@ -506,3 +506,24 @@ def test_fused_linear_low_rank_under_bf16_autocast_trains_in_bf16():
         grads[dtype] = torch.autograd.grad((out.float() * v).sum(), (u, left, right))
     for a, b in zip(grads[torch.bfloat16], grads[torch.float32]):
         assert a.dtype == torch.float32 and _rel(a, b) < 5e-2
+
+
+@pytest.mark.parametrize('shapes', [((20, 12), (20, 8)), ((12, 20), (20, 9)),
+                                    ((12, 16), (16, 8))])
+def test_full_partner_copies_of_another_shape_are_refused(shapes):
+    """The earlier layout's copies are checked against the pair's sides at load time,
+    not at the first forward."""
+    model = _pair_model('effective')
+    sd = model.state_dict()
+    for i, name in enumerate(('partner_w1', 'partner_w2')):
+        sd[f'fc1.adapter_branch.pair.{name}'] = torch.zeros(shapes[i])
+        for side in ('l', 'r'):
+            sd.pop(f'fc1.adapter_branch.pair.partner_{side}{i + 1}')
+    twin = _pair_model('effective', seed=5)
+    with pytest.raises(RuntimeError) as info:
+        twin.load_state_dict(sd, strict=True)
+    msg = str(info.value)
+    for fragment in ('fc1.adapter_branch.pair', f'partner_w1 {shapes[0]}',
+                     f'partner_w2 {shapes[1]}', "(12, 20) (d x d')",
+                     "(20, 8) (d' x d'')", 'config the checkpoint was trained with'):
+        assert fragment in msg, f'{fragment!r} not in: {msg}'
