@@ -466,7 +466,7 @@ def test_check_data_accepts_a_complete_task(vtab, capsys):
     (['--seeds', '0', '-1'], '--seeds -1: a seed is a whole number from 0 to 4294967295'),
     (['--seeds', str(2 ** 32)], f'--seeds {2 ** 32}: a seed is a whole number'),
     (['--cfg-options', 'model.backbone.adpater.gamma=8'],
-     "unexpected keyword argument 'adpater"),
+     'model.backbone.adpater is not an argument of CoLoRAConvNeXt'),
     (['--cfg-options', 'model.backbone.adapter.gamma=2.5'], 'gamma'),
     pytest.param(['--cfg-options', 'optim_wrapper.type=AmpOptimWrapper'],
                  "optim_wrapper.type='AmpOptimWrapper' (mixed precision) needs a GPU",
