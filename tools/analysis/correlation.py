@@ -44,7 +44,8 @@ import torch.nn as nn
 from colora_mm.adapters import AdaptedLayer
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from param_flops import BACKBONES, CLIError, _registry, build_backbone  # noqa: E402
+from param_flops import (BACKBONES, CLIError, _registry,  # noqa: E402
+                         build_backbone, run_cli)
 
 
 # ---------------------------------------------------------------------- the pairs
@@ -314,12 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        main(argv)
-    except CLIError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == '__main__':

@@ -666,13 +666,19 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     return rows
 
 
-def cli(argv: Optional[Sequence[str]] = None) -> int:
+def run_cli(main_fn, argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main_fn(argv)``: a :class:`CLIError` becomes one ``error:`` line and exit
+    status 2 (shared by the analysis tools)."""
     try:
-        main(argv)
+        main_fn(argv)
     except CLIError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     return 0
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(main, argv)
 
 
 if __name__ == '__main__':
