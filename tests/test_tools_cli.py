@@ -312,3 +312,28 @@ def test_upstream_assertions_are_blamed_on_the_backbone_settings():
                                dict(type='CoLoRASwin', adapter=dict()), 'c.py')
     assert err.startswith('c.py: model.backbone (CoLoRASwin): the upstream backbone ')
     assert 'AssertionError: window size must be positive' in err
+
+
+def test_hooks_that_cannot_work_are_refused_before_any_work(configs, tmp_path, capsys):
+    """MergeReinitHook on a model with nothing to fold (CoLoRA with share_ratio=1), or
+    with a bad interval, is refused by train.py's checks, before the work dir exists."""
+    config = tmp_path / 'with_merge.py'
+    config.write_text(f"_base_ = [{configs['seg']!r}]\n"
+                      "custom_hooks = [dict(type='CoLoRAReportHook', input_size=(32, 32)),"
+                      " dict(type='MergeReinitHook', interval=10)]\n")
+    work_dir = tmp_path / 'work'
+    args = ['--work-dir', str(work_dir), '--cfg-options']
+    assert train.main([str(config), *args, 'model.backbone.adapter.share_ratio=1.0']) == 2
+    message = _error(capsys)
+    assert 'custom_hooks[1] (MergeReinitHook)' in message, message
+    assert 'nothing to fold' in message and 'Remove MergeReinitHook' in message
+    assert not work_dir.exists()
+    bad = tmp_path / 'bad_interval.py'
+    bad.write_text(f"_base_ = [{str(config)!r}]\n"
+                   "custom_hooks = [dict(type='MergeReinitHook', interval='10')]\n")
+    assert train.main([str(bad), '--work-dir', str(work_dir)]) == 2
+    assert "custom_hooks[0] (MergeReinitHook): interval='10'" \
+        in _error(capsys)
+    assert not work_dir.exists()
+    args = train.parse_args([str(config)])               # the config as written: fine
+    train.check_before_work(train.setup_cfg(args), args)

@@ -606,7 +606,7 @@ def stopped_run(tmp_path, vtab, settings_of_config=True, damaged=False):
         path.write_bytes(b'not a checkpoint')
     else:
         tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
-        settings = tool.check_adapter(tool.load_config(config, {}), config)
+        settings = tool.check_adapter_and_hooks(tool.load_config(config, {}), config)
         torch.save(dict(state_dict={}, meta=dict(epoch=1, iter=2,
                                                  adapter_settings=settings)), path)
     (run_dir / 'last_checkpoint').write_text(str(path))
@@ -679,7 +679,7 @@ def test_a_stopped_run_of_another_model_is_refused(vtab, tmp_path, capsys):
     work, run_dir, _ = stopped_run(tmp_path, vtab)
     tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
     cfg = tool.load_config(config, {})
-    definition = tool.run_definition(cfg, config, tool.check_adapter(cfg, config))
+    definition = tool.run_definition(cfg, config, tool.check_adapter_and_hooks(cfg, config))
     tool.write_json(str(run_dir / 'definition.json'), definition)
     code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(work),
                       '--cfg-options', 'model.backbone.drop_path_rate=0.3'])

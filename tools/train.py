@@ -235,13 +235,19 @@ def check_adapter(cfg, config):
     Raises:
         CLIError: naming the key, the value and the fix.
     """
-    from colora_mm.engine.adapter_settings import (adapter_settings,
-                                                   build_backbone_cheaply,
-                                                   check_spec_types)
+    from colora_mm.engine.adapter_settings import adapter_settings
+    built = checked_backbone(cfg, config)
+    return {} if built is None else adapter_settings(built, prefix='backbone')
+
+
+def checked_backbone(cfg, config):
+    """:func:`check_adapter`'s checks; returns the backbone built on the meta device
+    (None when the config names no backbone)."""
+    from colora_mm.engine.adapter_settings import build_backbone_cheaply, check_spec_types
     model = model_cfg_of(cfg)
     backbone = model.get('backbone') if model else None
     if not backbone:
-        return {}
+        return None
     if 'adapter' in backbone:
         try:
             check_spec_types(backbone['adapter'])
@@ -250,11 +256,48 @@ def check_adapter(cfg, config):
                            'config or with --cfg-options model.backbone.adapter.KEY=VALUE')
     from mmengine.config import Config
     try:
-        built = build_backbone_cheaply(Config(dict(model=dict(backbone=backbone),
-                                                   default_scope=cfg.default_scope)))
+        return build_backbone_cheaply(Config(dict(model=dict(backbone=backbone),
+                                                  default_scope=cfg.default_scope)))
     except (ValueError, TypeError, KeyError, AssertionError, IndexError) as err:
         raise CLIError(backbone_error(err, backbone, config))
-    return adapter_settings(built, prefix='backbone')
+
+
+def check_adapter_and_hooks(cfg, config):
+    """:func:`check_adapter`, then :func:`check_hooks` on the same backbone."""
+    from colora_mm.engine.adapter_settings import adapter_settings
+    backbone = checked_backbone(cfg, config)
+    check_hooks(cfg, config, backbone)
+    return {} if backbone is None else adapter_settings(backbone, prefix='backbone')
+
+
+def check_hooks(cfg, config, backbone):
+    """Build each of this package's hooks in ``custom_hooks`` (their constructors check
+    their arguments) and let those that check the model (``check_model``) check
+    ``backbone``, the one :func:`checked_backbone` built: a hook that cannot work on
+    this model is refused before the work directory exists.
+
+    Raises:
+        CLIError: naming the hook, its place in ``custom_hooks`` and the fix.
+    """
+    from colora_mm.engine import hooks as ours
+    for i, hook_cfg in enumerate(cfg.get('custom_hooks') or []):
+        if not isinstance(hook_cfg, dict):
+            continue
+        kind = hook_cfg.get('type')
+        cls = kind if isinstance(kind, type) else getattr(ours, str(kind), None)
+        if not (isinstance(cls, type) and cls.__module__ == ours.__name__):
+            continue
+        where = f'{config}: custom_hooks[{i}] ({cls.__name__})'
+        args = {k: v for k, v in hook_cfg.items() if k not in ('type', 'priority')}
+        try:
+            hook = cls(**args)
+            if backbone is not None and hasattr(hook, 'check_model'):
+                hook.check_model(backbone)
+        except (TypeError, ValueError) as err:
+            text = str(err)
+            if text.startswith(f'{cls.__name__}: '):
+                text = text[len(cls.__name__) + 2:]
+            raise CLIError(f'{where}: {text}')
 
 
 def backbone_error(err, backbone, config):
@@ -426,7 +469,7 @@ def check_load_from(cfg, args, current):
 
 def check_before_work(cfg, args):
     """Every check of the settings that can fail, before the runner exists."""
-    current = check_adapter(cfg, args.config)
+    current = check_adapter_and_hooks(cfg, args.config)
     check_amp(cfg, args.amp)
     check_pretrained(cfg)
     resolve_resume(cfg, args, current)

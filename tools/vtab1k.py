@@ -49,8 +49,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from train import (CLIError, check_adapter, check_amp, check_pretrained,  # noqa: E402
-                   check_settings_match, check_work_dir)
+from train import (CLIError, check_adapter_and_hooks, check_amp,  # noqa: E402
+                   check_pretrained, check_settings_match, check_work_dir)
 
 
 def parse_args(argv=None):
@@ -510,7 +510,7 @@ def main(argv=None):
         if batch % args.gpus:
             raise CLIError(f'--gpus {args.gpus} does not divide the batch of {batch} '
                            '(train_dataloader.batch_size, the total over all GPUs)')
-        current = check_adapter(cfg, args.config)
+        current = check_adapter_and_hooks(cfg, args.config)
         definition = run_definition(cfg, args.config, current)
         if args.run_one is not None:      # inside torchrun
             task, seed = get_task(args.run_one[0]), int(args.run_one[1])

@@ -217,7 +217,7 @@ class MergeReinitHook(Hook):
     It needs adapters with a layer-independent low-rank part (CoLoRA with
     ``share_ratio < 1``, LoRA, PiSSA, HiRA): on any other model (full fine-tuning,
     Conv-Adapter, CoLoRA with ``share_ratio=1``) it would never fold anything, and
-    ``before_train`` raises.
+    ``before_train`` (and ``tools/train.py``'s checks, before any work) raises.
 
     Args:
         interval (int): Iterations between merges. Defaults to 1000.
@@ -237,7 +237,13 @@ class MergeReinitHook(Hook):
         self.interval = interval
 
     def before_train(self, runner) -> None:
-        layers = list(iter_adapted_layers(_unwrap(runner.model)))
+        self.check_model(_unwrap(runner.model))
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` when ``model`` (a whole model or its backbone) has no
+        adapter this hook could fold. ``tools/train.py`` calls it on the backbone it
+        builds for its checks, before any work directory exists."""
+        layers = list(iter_adapted_layers(model))
         if any(layer.adapter_branch.has_independent_part for _, layer in layers):
             return
         if layers:
