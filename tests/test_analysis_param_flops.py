@@ -247,6 +247,7 @@ def test_per_stage_tables(capsys, tmp_path):
                              str(tmp_path / 'rows.json')])
     out = capsys.readouterr().out
     assert 'resnet50 lora: adapters per stage' in out and 'layer4' in out
+    assert out.startswith('Input 32x32, one image; FLOPs are multiply-accumulates')
     assert [s['stage'] for s in rows[0].stages] == ['layer1', 'layer2', 'layer3', 'layer4']
 
 

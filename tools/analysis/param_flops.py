@@ -499,8 +499,9 @@ def format_row(row: Row, params_only: bool = False) -> str:
                    f'{row.infer_merged / row.infer_plain:.4f} |')
 
 
-def print_table(rows: Sequence[Row], input_size: Sequence[int], out=sys.stdout,
+def print_table(rows: Sequence[Row], input_size: Sequence[int], out=None,
                 params_only: bool = False) -> None:
+    out = out or sys.stdout
     header = PARAM_HEADER if params_only else HEADER
     if params_only:
         print('Trainable backbone parameters; M = 1e6.', file=out)
