@@ -549,6 +549,8 @@ def test_results_record_the_model_they_were_trained_with(benchmark, vtab):
 @pytest.mark.parametrize('options, differs', [
     (['--cfg-options', 'model.backbone.adapter.gamma=4'], 'adapter.gamma: stored'),
     ([], "backbone: stored 'CoLoRAConvNeXt', config 'CoLoRAResNet'"),
+    (['--cfg-options', 'optim_wrapper.optimizer.lr=0.5'],     # only the schedule
+     'optim_wrapper.optimizer.lr: stored 0.002, config 0.5'),
 ])
 @pytest.mark.parametrize('summary_only', [False, True])
 def test_a_result_of_another_model_is_refused(benchmark, vtab, tmp_path, capsys,
@@ -686,7 +688,7 @@ def test_a_stopped_run_of_another_model_is_refused(vtab, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 2
     error = single_error(captured.out + captured.err)
-    assert f'{run_dir} holds a stopped run of another model than {config}' in error, error
+    assert f'{run_dir} holds a stopped run of another model or schedule than {config}' in error, error
     assert 'model.backbone.drop_path_rate: stored ' in error and ', config 0.3' in error
     assert f'remove {run_dir} to run kitti seed 0 again' in error, error
     assert sorted(os.listdir(run_dir)) == ['definition.json', 'epoch_1.pth',

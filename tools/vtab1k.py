@@ -8,10 +8,12 @@ For each task and seed: train on ``train800val200`` (the config's schedule, the 
 ``randomness.seed``), test top-1 on ``test``, write ``W/<task>/seed_<seed>/result.json``.
 A task/seed with a result is skipped; one that was stopped resumes from its last
 checkpoint. Each ``result.json`` records the model it was trained with (the config path,
-the backbone and method, the model config with ``--cfg-options`` and the adapter
-settings of the built backbone); a stored result of another model is refused before any
-work, naming what differs (a result without that record, written by an earlier version,
-is taken with a note). So is a stopped run started with another model (each run writes
+the backbone and method, the model config with ``--cfg-options``, the adapter
+settings of the built backbone and the training schedule: ``train_cfg``,
+``optim_wrapper``, ``param_scheduler``, the batch); a stored result of another model or
+schedule is refused before any work, naming what differs (a result without that record,
+written by an earlier version, is taken with a note). So is a stopped run started with
+another model or schedule (each run writes
 ``definition.json``, the same record, when it starts), or one whose checkpoint was trained
 with other adapter settings than the config's, or whose checkpoints are all damaged.
 After every run ``W/results.json`` (every result, the per-task mean and
@@ -177,10 +179,27 @@ def run_definition(cfg, config, settings):
     settings of the built backbone (``settings``: :func:`train.check_adapter`'s
     record)."""
     backbone, method = model_identity(cfg)
-    model = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
     return dict(config=osp.abspath(config), backbone=backbone, method=method,
-                model=_plain_json(copy.deepcopy(model)),
-                adapter_settings=_plain_json(settings))
+                model=_plain_json(_as_dict(cfg.model)),
+                adapter_settings=_plain_json(settings),
+                schedule=_plain_json(dict(
+                    train_cfg=_as_dict(cfg.get('train_cfg')),
+                    optim_wrapper=_as_dict(cfg.get('optim_wrapper')),
+                    param_scheduler=[_as_dict(s) for s in
+                                     _as_list(cfg.get('param_scheduler'))],
+                    batch_size=(cfg.get('train_dataloader') or {}).get('batch_size'))))
+
+
+def _as_dict(node):
+    if node is None:
+        return None
+    return copy.deepcopy(node.to_dict() if hasattr(node, 'to_dict') else dict(node))
+
+
+def _as_list(node):
+    if node is None:
+        return []
+    return list(node) if isinstance(node, (list, tuple)) else [node]
 
 
 def _flat(node, key='model'):
@@ -195,7 +214,10 @@ def _flat(node, key='model'):
 def definition_differences(stored, current):
     """What differs between the record of a stored run and this config's: the
     backbone and method, every model config key, the adapter settings (as
-    :func:`~colora_mm.engine.adapter_settings.settings_differences` compares them)."""
+    :func:`~colora_mm.engine.adapter_settings.settings_differences` compares them), the
+    training schedule (``train_cfg``, ``optim_wrapper``, ``param_scheduler``, the
+    batch; records written before the schedule was recorded are compared without
+    it)."""
     from colora_mm.engine.adapter_settings import settings_differences
     diffs = [f'{key}: stored {stored.get(key)!r}, config {current[key]!r}'
              for key in ('backbone', 'method') if stored.get(key) != current[key]]
@@ -212,6 +234,14 @@ def definition_differences(stored, current):
         diffs.append(f'{len(keys) - 4} more model keys')
     diffs += [d.replace('checkpoint', 'stored run') for d in settings_differences(
         stored.get('adapter_settings') or {}, current['adapter_settings'])]
+    if 'schedule' in stored:
+        old = _flat(stored['schedule'] or {}, 'schedule')
+        new = _flat(current['schedule'], 'schedule')
+        keys = sorted(k for k in set(old) | set(new) if old.get(k, '?') != new.get(k, '?'))
+        diffs += [f'{k[len("schedule."):]}: stored {show(old, k)}, config {show(new, k)}'
+                  for k in keys[:4]]
+        if len(keys) > 4:
+            diffs.append(f'{len(keys) - 4} more schedule keys')
     return diffs
 
 
@@ -226,7 +256,8 @@ def check_stored_result(result, run_dir, definition, config):
                 f'taken as {config}\'s. Remove {run_dir} to run it again')
     diffs = definition_differences(stored, definition)
     if diffs:
-        raise CLIError(f'{run_dir} holds the result of another model than {config} '
+        raise CLIError(f'{run_dir} holds the result of another model or schedule than '
+                       f'{config} '
                        f'(trained with {stored.get("config")}): {"; ".join(diffs)}. Give '
                        f'this config another --work-dir, or remove {run_dir} to run it '
                        'again with this config')
@@ -462,7 +493,7 @@ def check_resumable(args, cfg, tasks, current, definition):
                                    'the start')
                 if diffs:
                     raise CLIError(
-                        f'{run_dir} holds a stopped run of another model than '
+                        f'{run_dir} holds a stopped run of another model or schedule than '
                         f'{args.config} (started with {stored.get("config")}): '
                         f'{"; ".join(diffs)}. Give this config another --work-dir, or '
                         f'remove {run_dir} to run {task.name} seed {seed} again from the '
