@@ -30,6 +30,8 @@ setup(
     if osp.exists(osp.join(HERE, 'README.md')) else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['colora_mm', 'colora_mm.*']),
+    # the spatial branch's CPU kernel, compiled on first use (colora_mm/adapters/up3x3.py)
+    package_data={'colora_mm.adapters': ['csrc/*.cpp']},
     python_requires='>=3.9,<3.13',
     install_requires=[
         # 2.1: the newest torch with OpenMMLab's prebuilt mmcv 2.1.0 wheels

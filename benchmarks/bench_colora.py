@@ -30,9 +30,10 @@ Tables:
 1b. ``paper``: training memory at the paper's size, UperNet (512 channels) +
    ConvNeXt-B, 512x512, batch 2, one step per method in a fresh process.
 2. ``filter``: as below; 2b. ``spatial``: the spatial branch's 3x3 ``r -> C``
-   up-projection with ``groups=r``, forward + backward: the grouped convolution the
-   package runs against exact alternatives (unfolded taps times per-group weights, a
-   dense block-diagonal kernel, repeated channels + depthwise, channels-last).
+   up-projection with ``groups=r``, forward + backward: the grouped convolution against
+   the package's CPU kernel (``colora_mm/adapters/up3x3.py``, on the CPU) and exact
+   alternatives (unfolded taps times per-group weights, a dense block-diagonal kernel,
+   repeated channels + depthwise, channels-last).
 4. ``deltas``: the per-step cost of forming every weight update of the ConvNeXt-T
    backbone (each adapter's ``delta_weight``, forward and backward: the weight path),
    per method, and as a share of the training step of table 1.
@@ -652,7 +653,7 @@ def bench_filter(args, results: dict) -> None:
 # ---------------------------------------------------------------------- 2b. spatial
 # Exact alternatives to the depthwise style's up-projection, ``conv2d(z, w, groups=r)``
 # with one input channel per group (``z (N, r, H, W)``, ``w (C, 1, 3, 3)``), measured
-# against it; the package keeps the grouped convolution unless one of them wins.
+# against it: on the CPU the package's C++ kernel first, then formulations in PyTorch.
 def _pairs(v) -> tuple:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -721,6 +722,9 @@ def up_channels_last(z, w, stride=1, padding=1):
                     padding, 1, z.shape[1])
 
 
+#: The package's CPU formulation (colora_mm/adapters/up3x3.py), a column on the CPU.
+PACKAGE_KERNEL = 'C++ kernel (CPU default)'
+
 UP_CANDIDATES = {'unfold-matmul': grouped_up_conv, 'dense block-diagonal': up_dense,
                  'repeat + depthwise': up_repeat_depthwise,
                  'channels-last grouped': up_channels_last}
@@ -728,8 +732,9 @@ UP_CANDIDATES = {'unfold-matmul': grouped_up_conv, 'dense block-diagonal': up_de
 
 def bench_spatial(args, results: dict) -> None:
     """The up-projection (3x3, ``r -> C``, ``groups=r``) forward + backward at the
-    shapes of CoLoRAConvNeXt's spatial branches: the grouped convolution the package
-    runs, against each exact alternative (checked equal first)."""
+    shapes of CoLoRAConvNeXt's spatial branches: the grouped convolution (what
+    ``nn.Conv2d`` runs), against the package's CPU kernel and each exact alternative
+    (checked equal first)."""
     dev = args.device
     rows, out = [], []
     from mmpretrain.models.backbones.convnext import ConvNeXt
@@ -737,7 +742,13 @@ def bench_spatial(args, results: dict) -> None:
         raise SystemExit(f'--arch {args.arch}: not one of mmpretrain\'s ConvNeXt archs '
                          f'({", ".join(ConvNeXt.arch_settings)})')
     dims = ConvNeXt.arch_settings[args.arch]['channels'][0]
-    totals = {name: 0.0 for name in ['grouped conv'] + list(UP_CANDIDATES)}
+    from colora_mm.adapters import up3x3
+    candidates = dict(UP_CANDIDATES)
+    if dev == 'cpu' and up3x3.load_kernel() is not None:
+        candidates = {PACKAGE_KERNEL: up3x3.up3x3, **candidates}
+    elif dev == 'cpu':
+        print(f'(the C++ kernel could not be built: {up3x3._state.get("error")})')
+    totals = {name: 0.0 for name in ['grouped conv'] + list(candidates)}
     for stage in range(4):
         c, hw = dims * 2 ** stage, args.size // (4 * 2 ** stage)
         for divisor in (16, 32):
@@ -747,7 +758,7 @@ def bench_spatial(args, results: dict) -> None:
             g = torch.randn(args.batch, c, hw, hw, device=dev)
             ref = F.conv2d(z, w, None, 1, 1, 1, r)
             fns = {'grouped conv': lambda: F.conv2d(z, w, None, 1, 1, 1, r)}
-            for name, fn in UP_CANDIDATES.items():
+            for name, fn in candidates.items():
                 err = (fn(z, w) - ref).abs().max().item()
                 if err > 1e-4:
                     raise AssertionError(f'{name} differs from the grouped conv by {err}')
@@ -761,17 +772,17 @@ def bench_spatial(args, results: dict) -> None:
             out.append(dict(stage=stage, r=r, c=c, hw=hw, times=t))
             rows.append([f'{stage} (C={c}, {hw}x{hw})', str(r),
                          f'{t["grouped conv"] * 1e3:.2f}'] +
-                        [f'{t[k] / t["grouped conv"]:.2f}' for k in UP_CANDIDATES])
+                        [f'{t[k] / t["grouped conv"]:.2f}' for k in candidates])
     rows.append(['all', '-', f'{totals["grouped conv"] * 1e3:.2f}'] +
-                [f'{totals[k] / totals["grouped conv"]:.2f}' for k in UP_CANDIDATES])
+                [f'{totals[k] / totals["grouped conv"]:.2f}' for k in candidates])
     results['spatial'] = out
     table(f'2b. Spatial up-projection (3x3, r -> C, groups=r) of CoLoRAConvNeXt-{args.arch},'
           f' batch {args.batch} at {args.size}x{args.size}, forward + backward: the grouped '
           'conv (median ms) and each exact alternative (time / grouped conv)',
-          ['stage', 'r', 'grouped conv ms'] + list(UP_CANDIDATES), rows)
-    best = min(UP_CANDIDATES, key=lambda k: totals[k])
+          ['stage', 'r', 'grouped conv ms'] + list(candidates), rows)
+    best = min(candidates, key=lambda k: totals[k])
     results['spatial_targets'] = report_targets([
-        (f'spatial up-projection fwd+bwd, best alternative ({best}) / grouped conv',
+        (f'spatial up-projection fwd+bwd, {best} / grouped conv',
          totals[best] / totals['grouped conv'], '<=', 0.5)])
 
 

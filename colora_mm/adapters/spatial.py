@@ -9,9 +9,9 @@ A branch parallel to a spatial convolution, fed by that convolution's input::
 
 * ``'depthwise'`` (ConvNeXt's 7x7 depthwise conv): ``B`` is a 3x3 conv ``r -> C`` with
   ``groups = r`` (C divisible by r), ``scale = 1``. Cross-channel, so it never folds into
-  the depthwise kernel. It runs as PyTorch's grouped convolution: on the CPU none of
-  the exact alternatives measured faster (``benchmarks/bench_colora.py --only
-  spatial``).
+  the depthwise kernel. On the CPU (float32) it runs as a C++ kernel with a one-pass
+  backward, elsewhere as PyTorch's grouped convolution (:mod:`.up3x3`;
+  ``benchmarks/bench_colora.py --only spatial`` measures both).
 * ``'dense'`` (ResNet's 3x3 ``conv2``): ``B`` is a 1x1 conv ``r -> C_out`` carrying the
   conv's stride, ``scale = 0.5``. Without the filter ``B A`` is a strided 1x1 conv and
   folds exactly into the centre tap of the 3x3 kernel.
@@ -26,6 +26,7 @@ import torch.nn as nn
 from .base import AdaptedLayer, Adapter, NotFoldableError, compute_dtype, no_autocast
 from .filter import RangeKernelFilter
 from .init import init_a_
+from .up3x3 import GroupedUp3x3
 
 SPATIAL_STYLES = ('depthwise', 'dense')
 
@@ -74,8 +75,8 @@ class SpatialLowRankBranch(Adapter):
                     f'{layer.describe()}: depthwise style needs C={c_out} divisible by '
                     f'r={rank} (B is a 3x3 conv with groups=r); pick gamma so that '
                     f'C // gamma divides C.')
-            self.up = nn.Conv2d(rank, c_out, 3, stride=layer.stride, padding=1,
-                                groups=rank, bias=False)
+            self.up = GroupedUp3x3(rank, c_out, 3, stride=layer.stride, padding=1,
+                                   groups=rank, bias=False)
             self.scale = 1.0 if scale is None else scale
         else:
             self.up = nn.Conv2d(rank, c_out, 1, stride=layer.stride, bias=False)

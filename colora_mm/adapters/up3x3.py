@@ -1,0 +1,199 @@
+"""The depthwise-style spatial branch's up-projection (3x3 conv ``r -> C``, ``groups=r``,
+stride 1, padding 1), with a formulation chosen per device.
+
+* CPU, float32 (not under autocast): a small C++ kernel (``csrc/up3x3.cpp``) that forms
+  each output channel as nine shifted multiply-adds over its flattened plane, and whose
+  backward produces the input and the weight gradient from one read of the output
+  gradient. PyTorch's grouped convolution (oneDNN) computes the two gradients in
+  separate passes; the kernel takes about half its forward + backward time at the
+  shapes of CoLoRAConvNeXt (``benchmarks/bench_colora.py --only spatial``).
+* Anything else (CUDA, other dtypes, autocast, TorchScript tracing, torch.compile,
+  fake or meta tensors, an active ``TorchDispatchMode`` such as an operator counter):
+  ``torch.nn.functional.conv2d`` with ``groups=r``, as ``nn.Conv2d`` runs it.
+
+Both compute the same sums in another order (float32 rounding apart: about 1e-7
+relative). The kernel is compiled with ``torch.utils.cpp_extension`` on first use (about
+30 s, a C++ compiler and ``ninja`` needed; cached per source, torch version and CPU in
+``$COLORA_MM_EXT_DIR``, default ``~/.cache/colora_mm/extensions``). Where it cannot be
+built, the grouped convolution runs, with one warning naming the reason.
+
+``COLORA_MM_UP3X3=conv`` (environment) always runs the grouped convolution; ``auto``
+(the default) picks per call as above.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import os.path as osp
+import platform
+import threading
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+ENV_CHOICE = 'COLORA_MM_UP3X3'
+ENV_DIR = 'COLORA_MM_EXT_DIR'
+CHOICES = ('auto', 'conv')
+SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'up3x3.cpp')
+CFLAGS = ['-O3', '-march=native', '-fopenmp']
+
+_lock = threading.Lock()
+_state: dict = {}          # 'module' once built, 'error' once it failed
+
+
+def choice() -> str:
+    """``COLORA_MM_UP3X3``: ``'auto'`` (default) or ``'conv'``."""
+    value = os.environ.get(ENV_CHOICE, 'auto').strip().lower() or 'auto'
+    if value not in CHOICES:
+        raise ValueError(f'{ENV_CHOICE}={os.environ[ENV_CHOICE]!r}: expected one of '
+                         f'{", ".join(CHOICES)} (auto: the C++ kernel on the CPU for '
+                         'float32, the grouped convolution elsewhere; conv: always the '
+                         'grouped convolution)')
+    return value
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on besides its source: the CPU's instruction set
+    (the kernel is built with -march=native), torch's version, the compiler flags."""
+    flags = ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith(('flags', 'Features')):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return '|'.join([platform.machine(), flags, torch.__version__, ' '.join(CFLAGS)])
+
+
+def build_dir() -> str:
+    return os.environ.get(ENV_DIR) or osp.join(osp.expanduser('~'), '.cache', 'colora_mm',
+                                               'extensions')
+
+
+def load_kernel() -> Optional[object]:
+    """The compiled kernel, built on first call; None (after one warning) where it
+    cannot be built."""
+    if 'module' in _state or 'error' in _state:
+        return _state.get('module')
+    with _lock:
+        if 'module' in _state or 'error' in _state:
+            return _state.get('module')
+        try:
+            with open(SOURCE, 'rb') as f:
+                source = f.read()
+            digest = hashlib.sha1(source + _cpu_signature().encode()).hexdigest()[:12]
+            name = f'colora_mm_up3x3_{digest}'
+            path = osp.join(build_dir(), name)
+            os.makedirs(path, exist_ok=True)
+            # on a machine without CUDA, importing cpp_extension logs a warning about
+            # CUDA_HOME that has nothing to do with this CPU kernel
+            logger = logging.getLogger('torch.utils.cpp_extension')
+            level = logger.level
+            logger.setLevel(logging.ERROR)
+            try:
+                from torch.utils.cpp_extension import load
+            finally:
+                logger.setLevel(level)
+            _state['module'] = load(name, [SOURCE], extra_cflags=CFLAGS,
+                                    extra_ldflags=['-fopenmp'], build_directory=path,
+                                    verbose=False)
+        except Exception as err:       # no compiler, no ninja, a failed build
+            reason = str(err).strip().splitlines()
+            _state['error'] = f'{type(err).__name__}: {reason[0] if reason else ""}'
+            warnings.warn(f'colora_mm: the spatial branch\'s CPU up-projection kernel '
+                          f'({SOURCE}) could not be built ({_state["error"]}); the grouped '
+                          'convolution runs instead (same results, about twice the time '
+                          'of forward + backward). It needs a C++ compiler and ninja '
+                          f'(pip install ninja); {ENV_CHOICE}=conv skips it.',
+                          stacklevel=2)
+    return _state.get('module')
+
+
+class _Up3x3(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, z, weight, kernel):
+        w = weight.reshape(weight.shape[0], 9).contiguous()
+        ctx.save_for_backward(z, w)
+        ctx.kernel = kernel
+        ctx.weight_shape = weight.shape
+        return kernel.forward(z, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        z, w = ctx.saved_tensors
+        grad_z, grad_w = ctx.kernel.backward(grad.contiguous(), z, w)
+        return (grad_z if ctx.needs_input_grad[0] else None,
+                grad_w.view(ctx.weight_shape) if ctx.needs_input_grad[1] else None, None)
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:              # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _tracing_or_intercepted(*tensors: torch.Tensor) -> bool:
+    """Under TorchScript tracing, torch.compile, a ``TorchDispatchMode`` (fake tensors,
+    operator counters such as ``tools/analysis/param_flops.py``'s) or on tensor
+    subclasses the opaque kernel would be invisible or cannot run: the convolution
+    runs, as those tools expect."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None and getattr(compiler, 'is_compiling', lambda: False)():
+        return True
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    if _get_current_dispatch_mode() is not None:
+        return True
+    return any(type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta for t in tensors)
+
+
+def kernel_applies(z: torch.Tensor, weight: torch.Tensor, stride, padding,
+                   dilation) -> bool:
+    """Whether this call can take the C++ kernel (before building it)."""
+    if _tracing_or_intercepted(z, weight):
+        return False
+    return (z.device.type == 'cpu' and weight.device.type == 'cpu'
+            and z.dtype == torch.float32 and weight.dtype == torch.float32
+            and z.dim() == 4 and tuple(weight.shape[1:]) == (1, 3, 3)
+            and weight.shape[0] % z.shape[1] == 0
+            and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
+            and tuple(dilation) == (1, 1)
+            and not _cpu_autocast())
+
+
+def up3x3(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv2d(z, weight, padding=1, groups=r)`` for ``z (N, r, H, W)`` and ``weight
+    (C, 1, 3, 3)``, by the formulation for this device (module docstring)."""
+    r = z.shape[1]
+    if choice() == 'auto' and kernel_applies(z, weight, (1, 1), (1, 1), (1, 1)):
+        kernel = load_kernel()
+        if kernel is not None:
+            return _Up3x3.apply(z.contiguous(), weight, kernel)
+    return F.conv2d(z, weight, None, 1, 1, 1, r)
+
+
+class GroupedUp3x3(nn.Conv2d):
+    """``nn.Conv2d(r, C, 3, padding=1, groups=r, bias=False)`` (same parameters, same
+    state dict) whose forward is :func:`up3x3` where it applies: the depthwise-style
+    spatial branch's ``B``. Any other stride runs as the plain ``nn.Conv2d``."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if (self.bias is None and self.groups == self.in_channels
+                and self.padding_mode == 'zeros' and choice() == 'auto'
+                and kernel_applies(z, self.weight, self.stride, self.padding,
+                                   self.dilation)):
+            kernel = load_kernel()
+            if kernel is not None:
+                return _Up3x3.apply(z.contiguous(), self.weight, kernel)
+        return super().forward(z)

@@ -1,0 +1,178 @@
+"""The depthwise-style up-projection's CPU kernel (``colora_mm/adapters/up3x3.py``):
+equal to PyTorch's grouped convolution in values and both gradients, taken only where
+it applies, and a build that fails falls back with one warning."""
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from colora_mm.adapters import AdapterSpec, inject_adapters
+from colora_mm.adapters import up3x3 as U
+
+from adapter_nets import ConvNeXtBlock, randomize_adapters
+
+
+@pytest.fixture(scope='module')
+def kernel():
+    module = U.load_kernel()
+    if module is None:
+        if os.environ.get('CI'):
+            pytest.fail(f'the kernel did not build in CI: {U._state.get("error")}')
+        pytest.skip(f'no C++ toolchain here: {U._state.get("error")}')
+    return module
+
+
+def _relative(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize('n, r, c, h, w', [
+    (2, 6, 96, 64, 64),       # ConvNeXt-T stage 0 at 256x256, r = C // 16
+    (2, 24, 768, 8, 8),       # stage 3
+    (3, 4, 8, 5, 7),          # H != W, odd sizes
+    (1, 3, 3, 1, 1),          # one pixel, one output per group
+    (2, 2, 8, 1, 9),          # one row
+    (1, 5, 10, 7, 1),         # one column
+])
+@pytest.mark.parametrize('threads', [1, 2])
+def test_equals_the_grouped_conv(kernel, n, r, c, h, w, threads):
+    gen = torch.Generator().manual_seed(n * 100 + c)
+    z = torch.randn(n, r, h, w, generator=gen, requires_grad=True)
+    weight = torch.randn(c, 1, 3, 3, generator=gen, requires_grad=True)
+    grad = torch.randn(n, c, h, w, generator=gen)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = U.up3x3(z, weight)
+        got = torch.autograd.grad(out, (z, weight), grad)
+    finally:
+        torch.set_num_threads(saved)
+    z64, w64 = z.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = F.conv2d(z64, w64, None, 1, 1, 1, r)
+    want = torch.autograd.grad(ref, (z64, w64), grad.double())
+    assert out.dtype == torch.float32 and out.shape == (n, c, h, w)
+    assert _relative(out.double(), ref) < 1e-6
+    for g, g64 in zip(got, want):
+        assert _relative(g.double(), g64) < 1e-6
+    # and the grouped conv in float32 sits as close to float64
+    assert _relative(F.conv2d(z, weight, None, 1, 1, 1, r).double(), ref) < 1e-6
+
+
+def test_non_contiguous_input_and_one_gradient(kernel):
+    z = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(8, 1, 3, 3, requires_grad=True)
+    ref = F.conv2d(z, weight, None, 1, 1, 1, 4)
+    out = U.up3x3(z, weight)           # z needs no gradient
+    assert _relative(out, ref) < 1e-6
+    g, = torch.autograd.grad(out.square().sum(), weight)
+    g_ref, = torch.autograd.grad(ref.square().sum(), weight)
+    assert _relative(g, g_ref) < 1e-5
+
+
+def _count_kernel_calls(monkeypatch):
+    calls = []
+    apply = U._Up3x3.apply
+    monkeypatch.setattr(U._Up3x3, 'apply', lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+def test_taken_only_where_it_applies(kernel, monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    z, weight = torch.randn(1, 2, 5, 5), torch.randn(4, 1, 3, 3)
+    U.up3x3(z, weight)
+    assert len(calls) == 1
+    U.up3x3(z.double(), weight.double())                    # float64: the conv
+    with torch.autocast('cpu', dtype=torch.bfloat16):       # autocast: the conv, in bf16
+        assert U.up3x3(z, weight).dtype == torch.bfloat16
+    torch.jit.trace(lambda t: U.up3x3(t, weight), (z,), check_trace=False)   # the conv
+    strided = U.GroupedUp3x3(2, 4, 3, stride=2, padding=1, groups=2, bias=False)
+    assert strided(z).shape == (1, 4, 3, 3)                 # stride 2: the conv
+    monkeypatch.setenv(U.ENV_CHOICE, 'conv')
+    U.up3x3(z, weight)
+    assert len(calls) == 1
+    monkeypatch.setenv(U.ENV_CHOICE, 'fast')
+    with pytest.raises(ValueError, match=r"COLORA_MM_UP3X3='fast': expected one of auto, "
+                                         r"conv"):
+        U.up3x3(z, weight)
+
+
+def test_the_module_keeps_conv2d_parameters_and_state_dict(kernel, monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    up = U.GroupedUp3x3(6, 24, 3, padding=1, groups=6, bias=False)
+    plain = nn.Conv2d(6, 24, 3, padding=1, groups=6, bias=False)
+    assert up.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(up.state_dict())
+    z = torch.randn(2, 6, 9, 9)
+    assert _relative(up(z), plain(z)) < 1e-6 and len(calls) == 1
+    with torch.no_grad():                                   # inference: the kernel too
+        up(z)
+    assert len(calls) == 2
+
+
+def test_spatial_branch_takes_it_and_trains_alike(kernel, monkeypatch):
+    """A ConvNeXt block's spatial branch (filter on): output and every adapter
+    gradient the same with the kernel and with the grouped conv (float32)."""
+    def run(choice):
+        monkeypatch.setenv(U.ENV_CHOICE, choice)
+        torch.manual_seed(0)
+        model = ConvNeXtBlock()
+        inject_adapters(model, AdapterSpec(method='colora', gamma=4, spatial=True),
+                        pairs=model.pairs, spatial=model.spatial)
+        randomize_adapters(model, std=0.3)
+        x = torch.randn(model.in_shape, generator=torch.Generator().manual_seed(1))
+        out = model(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.square().mean(), params)
+        return out, grads, model
+    calls = _count_kernel_calls(monkeypatch)
+    out, grads, model = run('auto')
+    assert len(calls) == 1
+    assert isinstance(model.get_submodule(model.spatial[0]).adapter_branch.up,
+                      U.GroupedUp3x3)
+    out_conv, grads_conv, _ = run('conv')
+    assert len(calls) == 1
+    assert _relative(out, out_conv) < 1e-6
+    for g, g_conv in zip(grads, grads_conv):
+        assert _relative(g, g_conv) < 1e-5
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(U, '_state', {})
+    monkeypatch.setattr(U, 'SOURCE', str(tmp_path / 'missing.cpp'))
+    z, weight = torch.randn(1, 2, 4, 4), torch.randn(4, 1, 3, 3)
+    with pytest.warns(UserWarning, match=r"CPU up-projection kernel .*missing.cpp\) could "
+                                         r"not be built \(FileNotFoundError"):
+        out = U.up3x3(z, weight)
+    assert torch.equal(out, F.conv2d(z, weight, None, 1, 1, 1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        U.up3x3(z, weight)                 # the failure is remembered: no second try
+    assert 'FileNotFoundError' in U._state['error']
+
+
+def test_operator_counters_and_fake_tensors_see_the_convolution(kernel, monkeypatch):
+    """Under a TorchDispatchMode (tools/analysis/param_flops.py counts MACs that way, on
+    fake tensors) the grouped convolution runs, so it is seen and counted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    calls = _count_kernel_calls(monkeypatch)
+    z, weight = torch.randn(1, 2, 5, 5), torch.randn(4, 1, 3, 3)
+    with Ops() as ops:
+        U.up3x3(z, weight)
+    assert any('convolution' in op for op in ops.seen) and not calls
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert U.up3x3(torch.zeros(1, 2, 5, 5), weight).shape == (1, 4, 5, 5)
+    assert U.up3x3(z.to('meta'), weight.to('meta')).is_meta and not calls
