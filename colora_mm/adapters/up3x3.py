@@ -34,7 +34,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 ENV_CHOICE = 'COLORA_MM_UP3X3'
 ENV_DIR = 'COLORA_MM_EXT_DIR'
@@ -116,23 +115,9 @@ def load_kernel() -> Optional[object]:
     return _state.get('module')
 
 
-class _Up3x3(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, z, weight, kernel):
-        w = weight.reshape(weight.shape[0], 9).contiguous()
-        ctx.save_for_backward(z, w)
-        ctx.kernel = kernel
-        ctx.weight_shape = weight.shape
-        return kernel.forward(z, w)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        z, w = ctx.saved_tensors
-        grad_z, grad_w = ctx.kernel.backward(grad.contiguous(), z, w)
-        return (grad_z if ctx.needs_input_grad[0] else None,
-                grad_w.view(ctx.weight_shape) if ctx.needs_input_grad[1] else None, None)
+def _apply_kernel(kernel, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's autograd op (forward and backward in C++; no second derivative)."""
+    return kernel.up3x3(z, weight)
 
 
 def _cpu_autocast() -> bool:
@@ -179,7 +164,7 @@ def up3x3(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if choice() == 'auto' and kernel_applies(z, weight, (1, 1), (1, 1), (1, 1)):
         kernel = load_kernel()
         if kernel is not None:
-            return _Up3x3.apply(z.contiguous(), weight, kernel)
+            return _apply_kernel(kernel, z, weight)
     return F.conv2d(z, weight, None, 1, 1, 1, r)
 
 
@@ -195,5 +180,5 @@ class GroupedUp3x3(nn.Conv2d):
                                    self.dilation)):
             kernel = load_kernel()
             if kernel is not None:
-                return _Up3x3.apply(z.contiguous(), self.weight, kernel)
+                return _apply_kernel(kernel, z, self.weight)
         return super().forward(z)

@@ -72,10 +72,18 @@ def test_non_contiguous_input_and_one_gradient(kernel):
     assert _relative(g, g_ref) < 1e-5
 
 
+def test_no_second_derivative(kernel):
+    z = torch.randn(1, 2, 4, 4, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, requires_grad=True)
+    out = U.up3x3(z, weight)
+    with pytest.raises(RuntimeError, match='no second derivative; set COLORA_MM_UP3X3=conv'):
+        torch.autograd.grad(out.sum(), z, create_graph=True)
+
+
 def _count_kernel_calls(monkeypatch):
     calls = []
-    apply = U._Up3x3.apply
-    monkeypatch.setattr(U._Up3x3, 'apply', lambda *a: calls.append(1) or apply(*a))
+    apply = U._apply_kernel
+    monkeypatch.setattr(U, '_apply_kernel', lambda *a: calls.append(1) or apply(*a))
     return calls
 
 

@@ -54,6 +54,12 @@ __attribute__((noinline)) void channel_forward(
          + k6 * z0[q + 2 * W] + k7 * z1[q + 2 * W] + k8 * z2[q + 2 * W];
 }
 
+// rows are short (8-64 floats at ConvNeXt's shapes): an inlined loop, not memmove
+inline void copy_row(const float* __restrict__ src, float* __restrict__ dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
 }  // namespace
 
 // z: (N, r, H, W) fp32 contiguous; w: (C, 9) fp32; out: (N, C, H, W)
@@ -88,9 +94,9 @@ torch::Tensor up_forward(torch::Tensor z, torch::Tensor w) {
         float* d1 = z1 + (h + 1) * W;
         float* d2 = z2 + (h + 1) * W;
         d0[0] = 0.f;
-        std::copy(s, s + W - 1, d0 + 1);          // d0[x] = z[x - 1]
-        std::copy(s, s + W, d1);                  // d1[x] = z[x]
-        std::copy(s + 1, s + W, d2);              // d2[x] = z[x + 1]
+        copy_row(s, d0 + 1, W - 1);               // d0[x] = z[x - 1]
+        copy_row(s, d1, W);                       // d1[x] = z[x]
+        copy_row(s + 1, d2, W - 1);               // d2[x] = z[x + 1]
         d2[W - 1] = 0.f;
       }
       for (int64_t cc = 0; cc < m; ++cc) {
@@ -119,7 +125,7 @@ struct Stack {
   void fill(const float* src, int64_t stride, float* dst) const {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t h = 0; h < H; ++h)
-        std::copy(src + n * stride + h * W, src + n * stride + (h + 1) * W, dst + at(n, h));
+        copy_row(src + n * stride + h * W, dst + at(n, h), W);
   }
 };
 
@@ -157,13 +163,40 @@ std::vector<torch::Tensor> up_backward(torch::Tensor g, torch::Tensor z, torch::
       }
       for (int64_t n = 0; n < N; ++n)
         for (int64_t h = 0; h < H; ++h)
-          std::copy(acc + st.at(n, h), acc + st.at(n, h) + W, gzd + (n * r + j) * HW + h * W);
+          copy_row(acc + st.at(n, h), gzd + (n * r + j) * HW + h * W, W);
     }
   });
   return {gz, gw};
 }
 
+// Forward and backward as one autograd node, without a Python call in backward.
+class Up3x3Function : public torch::autograd::Function<Up3x3Function> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor z,
+                               torch::Tensor weight) {
+    auto zc = z.contiguous();
+    auto w9 = weight.reshape({weight.size(0), 9}).contiguous();
+    ctx->save_for_backward({zc, w9});
+    ctx->saved_data["shape"] = weight.sizes().vec();
+    return up_forward(zc, w9);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!torch::GradMode::is_enabled(), "colora_mm up3x3: the CPU kernel has no "
+                "second derivative; set COLORA_MM_UP3X3=conv for create_graph=True");
+    auto saved = ctx->get_saved_variables();
+    auto out = up_backward(grads[0].contiguous(), saved[0], saved[1]);
+    return {out[0], out[1].view(ctx->saved_data["shape"].toIntVector())};
+  }
+};
+
+torch::Tensor up3x3(torch::Tensor z, torch::Tensor weight) {
+  return Up3x3Function::apply(z, weight);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("up3x3", &up3x3, "conv2d(z, weight, padding=1, groups=r) with its backward");
   mod.def("forward", &up_forward, "out = conv2d(z, w.view(C, 1, 3, 3), padding=1, groups=r)");
   mod.def("backward", &up_backward, "(grad_z, grad_w) from grad_out");
 }
