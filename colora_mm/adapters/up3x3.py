@@ -40,6 +40,10 @@ ENV_DIR = 'COLORA_MM_EXT_DIR'
 CHOICES = ('auto', 'conv')
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'up3x3.cpp')
 CFLAGS = ['-O3', '-march=native', '-fopenmp']
+if platform.machine().lower() in ('x86_64', 'amd64'):
+    # 256-bit vectors: 6% faster than 512-bit ones on an AVX-512 AMD EPYC (the nine
+    # shifted loads per tap row cross fewer cache lines)
+    CFLAGS.append('-mprefer-vector-width=256')
 
 _lock = threading.Lock()
 _state: dict = {}          # 'module' once built, 'error' once it failed
