@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 ENV_CHOICE = 'COLORA_MM_UP3X3'
 ENV_DIR = 'COLORA_MM_EXT_DIR'
@@ -141,48 +142,44 @@ def _tracing_or_intercepted(*tensors: torch.Tensor) -> bool:
     compiler = getattr(torch, 'compiler', None)
     if compiler is not None and getattr(compiler, 'is_compiling', lambda: False)():
         return True
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
     if _get_current_dispatch_mode() is not None:
         return True
     return any(type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta for t in tensors)
 
 
-def kernel_applies(z: torch.Tensor, weight: torch.Tensor, stride, padding,
-                   dilation) -> bool:
-    """Whether this call can take the C++ kernel (before building it)."""
+def kernel_applies(z: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``conv2d(z, weight, padding=1, groups=z.shape[1])`` can take the C++
+    kernel here (before building it)."""
     if _tracing_or_intercepted(z, weight):
         return False
     return (z.device.type == 'cpu' and weight.device.type == 'cpu'
             and z.dtype == torch.float32 and weight.dtype == torch.float32
             and z.dim() == 4 and tuple(weight.shape[1:]) == (1, 3, 3)
             and weight.shape[0] % z.shape[1] == 0
-            and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
-            and tuple(dilation) == (1, 1)
             and not _cpu_autocast())
 
 
 def up3x3(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``conv2d(z, weight, padding=1, groups=r)`` for ``z (N, r, H, W)`` and ``weight
     (C, 1, 3, 3)``, by the formulation for this device (module docstring)."""
-    r = z.shape[1]
-    if choice() == 'auto' and kernel_applies(z, weight, (1, 1), (1, 1), (1, 1)):
+    if choice() == 'auto' and kernel_applies(z, weight):
         kernel = load_kernel()
         if kernel is not None:
             return _apply_kernel(kernel, z, weight)
-    return F.conv2d(z, weight, None, 1, 1, 1, r)
+    return F.conv2d(z, weight, None, 1, 1, 1, z.shape[1])
 
 
 class GroupedUp3x3(nn.Conv2d):
     """``nn.Conv2d(r, C, 3, padding=1, groups=r, bias=False)`` (same parameters, same
-    state dict) whose forward is :func:`up3x3` where it applies: the depthwise-style
-    spatial branch's ``B``. Any other stride runs as the plain ``nn.Conv2d``."""
+    state dict) whose forward is :func:`up3x3`: the depthwise-style spatial branch's
+    ``B``. Any other configuration (a stride, a bias), or an input that is not
+    ``(N, r, H, W)``, runs as the plain ``nn.Conv2d`` (which names a wrong input)."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if (self.bias is None and self.groups == self.in_channels
-                and self.padding_mode == 'zeros' and choice() == 'auto'
-                and kernel_applies(z, self.weight, self.stride, self.padding,
-                                   self.dilation)):
-            kernel = load_kernel()
-            if kernel is not None:
-                return _apply_kernel(kernel, z, self.weight)
+                and self.padding_mode == 'zeros' and tuple(self.kernel_size) == (3, 3)
+                and tuple(self.stride) == (1, 1) and tuple(self.padding) == (1, 1)
+                and tuple(self.dilation) == (1, 1)
+                and z.dim() == 4 and z.shape[1] == self.in_channels):
+            return up3x3(z, self.weight)
         return super().forward(z)

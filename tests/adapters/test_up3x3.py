@@ -98,6 +98,9 @@ def test_taken_only_where_it_applies(kernel, monkeypatch):
     torch.jit.trace(lambda t: U.up3x3(t, weight), (z,), check_trace=False)   # the conv
     strided = U.GroupedUp3x3(2, 4, 3, stride=2, padding=1, groups=2, bias=False)
     assert strided(z).shape == (1, 4, 3, 3)                 # stride 2: the conv
+    # an input of the wrong width: the conv's own error, not another grouping
+    with pytest.raises(RuntimeError, match='expected input.* to have 2 channels'):
+        U.GroupedUp3x3(2, 4, 3, padding=1, groups=2, bias=False)(torch.randn(1, 4, 5, 5))
     monkeypatch.setenv(U.ENV_CHOICE, 'conv')
     U.up3x3(z, weight)
     assert len(calls) == 1

@@ -197,6 +197,4 @@ torch::Tensor up3x3(torch::Tensor z, torch::Tensor weight) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("up3x3", &up3x3, "conv2d(z, weight, padding=1, groups=r) with its backward");
-  mod.def("forward", &up_forward, "out = conv2d(z, w.view(C, 1, 3, 3), padding=1, groups=r)");
-  mod.def("backward", &up_backward, "(grad_z, grad_w) from grad_out");
 }
