@@ -31,7 +31,9 @@
 # Environment: PYTHON (the node's interpreter with torch; default python3), COLORA_VENV
 # (default <checkout>/.venv; see tools/setup_offline.sh), METHODS (default
 # "full limit lora peft-lora hira colora": rows of bench_colora.py; others are left out,
-# named), DEMO_ITERS (default 300), BENCH_ARGS (extra arguments to bench_colora.py),
+# named), STAGES (default all: "gpu_tests bench_train bench_tables spatial_variants demo";
+# the install always runs, so that a rerun after a fix can take only the stages that
+# failed), DEMO_ITERS (default 300), BENCH_ARGS (extra arguments to bench_colora.py),
 # BUDGET_S (default 600: the summary says when the whole run took longer); the install's
 # own (tools/setup_offline.sh), e.g. FORCE_CUDA=0: mmcv with CPU ops only, enough for
 # this check (it runs no mmcv op on CUDA), and with a bundle that carries such a wheel
@@ -46,7 +48,7 @@ BUNDLE="" OUT="" DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,38p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,40p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) fail "unknown option $a (see --help)" ;;
     *) if [ -z "$BUNDLE" ]; then BUNDLE="$a"; elif [ -z "$OUT" ]; then OUT="$a";
        else fail "usage: bash benchmarks/gpu_check.sh BUNDLE_DIR OUT_DIR [--dry-run]"; fi ;;
@@ -57,6 +59,12 @@ done
 PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" >/dev/null || fail "$PYTHON not found; set PYTHON to the node's interpreter with torch"
 METHODS="${METHODS:-full limit lora peft-lora hira colora}"
+ALL_STAGES="gpu_tests bench_train bench_tables spatial_variants demo"
+STAGES="${STAGES:-$ALL_STAGES}"
+for st in $STAGES; do
+  [[ " $ALL_STAGES " == *" $st "* ]] || fail "STAGES: unknown stage '$st'; stages: $ALL_STAGES (install always runs)"
+done
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 DEMO_ITERS="${DEMO_ITERS:-300}"
 BUDGET_S="${BUDGET_S:-600}"
 if [ "$DRY" = 0 ]; then
@@ -104,7 +112,7 @@ else
   cd "$ROOT"
 
   # 2. GPU tests
-  run_stage gpu_tests "$OUT/logs/gpu_tests.log" \
+  want gpu_tests && run_stage gpu_tests "$OUT/logs/gpu_tests.log" \
     "$PY" -m pytest tests/test_gpu.py -m gpu -v -rs -p no:cacheprovider
 
   # 3. the benchmark
@@ -124,11 +132,11 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
            --repeats 5)
   fi
   # shellcheck disable=SC2086
-  run_stage bench_train "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
+  want bench_train && run_stage bench_train "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
     --only train --methods "${methods[@]}" --no-breakdown --json "$work/bench_train.json" \
     ${BENCH_ARGS:-}
   # shellcheck disable=SC2086
-  run_stage bench_tables "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
+  want bench_tables && run_stage bench_tables "$OUT/logs/bench.log" "$PY" benchmarks/bench_colora.py "${bench[@]}" \
     --only filter spatial merge deltas --json "$work/bench_tables.json" ${BENCH_ARGS:-}
 
   # the up-projection's formulations beyond table 2b (split backward, eager and compiled
@@ -138,7 +146,7 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
   else
     exp=(--device cuda --channels 128 --size 512 --batch 2 --repeats 10)
   fi
-  run_stage spatial_variants "$OUT/logs/bench.log" "$PY" \
+  want spatial_variants && run_stage spatial_variants "$OUT/logs/bench.log" "$PY" \
     benchmarks/experiments/spatial_variants.py "${exp[@]}"
 
   # 4. the demo config on CUDA
@@ -172,7 +180,7 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
       model.decode_head.init_cfg.checkpoint="$pre/iter_$iters.pth" \
       model.auxiliary_head.init_cfg.checkpoint="$pre/iter_$iters.pth"
   }
-  run_stage demo "$OUT/logs/demo.log" demo
+  want demo && run_stage demo "$OUT/logs/demo.log" demo
 fi
 
 # 5. summary

@@ -186,7 +186,7 @@ def test_range_filter_cuda_equals_cpu(separable, shape):
     with no_tf32():
         for device in ('cpu', DEVICE):
             f = RangeKernelFilter(separable=separable).to(device)
-            zd = z.to(device).requires_grad_(True)
+            zd = z.to(device).detach().requires_grad_(True)   # a leaf on each device
             out = f(zd)
             (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)) \
                 .sum().backward()

@@ -72,6 +72,15 @@ def test_gpu_check_needs_a_gpu_or_dry_run(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+def test_gpu_check_refuses_an_unknown_stage(tmp_path):
+    bundle = fake_bundle(tmp_path / 'bundle')
+    code, out = run('benchmarks/gpu_check.sh', bundle, tmp_path / 'out', '--dry-run',
+                    env=dict(PYTHON=sys.executable, STAGES='gpu_tests bench'))
+    assert code == 1 and "STAGES: unknown stage 'bench'" in out
+    assert 'bench_train' in out                    # the stages it knows are named
+    assert not (tmp_path / 'out').exists()         # refused before anything
+
+
 def test_bundle_carries_the_mmcv_wheels_built_for_its_python(tmp_path):
     """offline_bundle.sh with a stand-in pip (no network): the cached mmcv wheels of the
     target Python go into mmcv-build/ in setup_offline.sh's layout, others stay out."""
