@@ -276,6 +276,10 @@ def test_cfg_options_typos_are_refused(configs, capsys):
     assert 'did you mean model.backbone.adapter.gamma?' in message
     # a key the runner reads, though the config does not set it, is taken
     assert train_cfg(configs['seg'], '--cfg-options', 'experiment_name=x').experiment_name == 'x'
+    # and so are the keys it reads from the config itself, not as arguments
+    cfg = train_cfg(configs['seg'], '--cfg-options', 'find_unused_parameters=True',
+                    'compile.backend=inductor')
+    assert cfg.find_unused_parameters is True and cfg.compile.backend == 'inductor'
     for tool, argv in ((train, [configs['seg']]), (test, [configs['seg'], 'x.pth'])):
         with pytest.raises(SystemExit) as info:
             tool.parse_args(argv + ['--cfg-options', 'model.backbone.adapter.gamma'])

@@ -106,12 +106,25 @@ def load_config(path, cfg_options=None):
     return cfg
 
 
+#: Top-level keys mmengine 0.10's ``Runner`` reads from its config besides its arguments.
+RUNNER_CFG_KEYS = {'compile', 'model_wrapper_cfg', 'sync_bn', 'find_unused_parameters',
+                   'activation_checkpointing', 'efficient_conv_bn_eval'}
+
+
 def runner_keys():
-    """The top-level config keys mmengine's ``Runner`` reads (its arguments)."""
+    """The top-level config keys mmengine's ``Runner`` reads: its arguments and what it
+    looks up in ``self.cfg`` (``compile``, ``find_unused_parameters``, ...)."""
     import inspect
+    import re
 
     from mmengine.runner import Runner
-    return set(inspect.signature(Runner.__init__).parameters) - {'self'}
+    keys = set(inspect.signature(Runner.__init__).parameters) - {'self'}
+    try:
+        source = inspect.getsource(Runner)
+    except (OSError, TypeError):       # no source shipped: the keys known above
+        source = ''
+    keys.update(re.findall(r"self\.cfg\.get\(\s*['\"](\w+)['\"]", source))
+    return keys | RUNNER_CFG_KEYS
 
 
 def check_option_keys(cfg, cfg_options, path):

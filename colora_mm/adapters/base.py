@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lowrank import linear_low_rank, low_rank_product, producer_recipe
+from .lowrank import compiling, linear_low_rank, low_rank_product, producer_recipe
 from .paths import TRAIN_PATHS, prefer_activation_path
 
 ADAPTER_PREFIX = 'adapter_'
@@ -310,7 +310,8 @@ class AdaptedLayer(nn.Module):
         extra = adapter.branch(self, x)
         if extra is not None:
             extra = extra.to(out.dtype)
-            out = out + extra if out._is_view() else out.add_(extra)
+            # in place unless ``out`` is a view (or under torch.compile, which fuses it)
+            out = out + extra if compiling() or out._is_view() else out.add_(extra)
         adapter.after_forward(self, factors)
         return out
 

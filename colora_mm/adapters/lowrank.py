@@ -38,8 +38,18 @@ import torch.nn.functional as F
 Recipe = Tuple[str, tuple, object]
 
 
+def compiling() -> bool:
+    """Whether TorchDynamo is tracing (``torch.compile``): autograd's graph and a tensor's
+    views are not visible there, and AOTAutograd chooses what to recompute itself."""
+    compiler = getattr(torch, 'compiler', None)
+    return bool(compiler is not None and getattr(compiler, 'is_compiling', lambda: False)())
+
+
 def producer_recipe(x: torch.Tensor) -> Optional[Recipe]:
-    """How to recompute ``x`` from tensors its producer saved for backward, or None."""
+    """How to recompute ``x`` from tensors its producer saved for backward, or None
+    (always None under ``torch.compile``, which reads no ``grad_fn``)."""
+    if compiling():
+        return None
     fn = x.grad_fn
     if fn is None or x.output_nr != 0:
         return None

@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .lowrank import compiling
+
 ENV_CHOICE = 'COLORA_MM_UP3X3'
 ENV_DIR = 'COLORA_MM_EXT_DIR'
 CHOICES = ('auto', 'conv')
@@ -139,8 +141,7 @@ def _tracing_or_intercepted(*tensors: torch.Tensor) -> bool:
     runs, as those tools expect."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
-    compiler = getattr(torch, 'compiler', None)
-    if compiler is not None and getattr(compiler, 'is_compiling', lambda: False)():
+    if compiling():
         return True
     if _get_current_dispatch_mode() is not None:
         return True
