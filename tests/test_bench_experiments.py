@@ -32,6 +32,15 @@ def test_merged_branch_variants_match_the_package():
         assert f'| {name} | ' in out
 
 
+def test_op_counts_print_their_tables():
+    out = run('op_counts.py', '--no-model', '--methods', 'limit', 'lora', 'colora')
+    rows = {line.split('|')[1].strip(): line.split('|')[2].strip()
+            for line in out.splitlines() if line.startswith('| ')}
+    # a block's forward + backward: LoRA dispatches more than the limit, CoLoRA more still
+    assert 0 < int(rows['limit']) < int(rows['lora']) < int(rows['colora'])
+    assert int(rows['forward']) > 0 and int(rows['backward']) > int(rows['forward'])
+
+
 @pytest.mark.parametrize('flag', ['--size', '--merge-size'])
 def test_bench_colora_refuses_an_input_smaller_than_the_backbone_stride(flag):
     res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),

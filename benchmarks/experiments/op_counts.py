@@ -1,0 +1,161 @@
+"""Operators a training step dispatches, per method: on a GPU each one that computes
+is a kernel launch, and a step with thousands of small ones is bound by launching them
+(docs/benchmarks.md, "GPU"). Counted on the CPU with a dispatch-mode counter, so the
+counts are exact and the same on every machine; views and metadata ops (``view``,
+``t``, ``detach``, ...), which launch nothing, are counted apart.
+
+    python benchmarks/experiments/op_counts.py                  # block, scaling, model
+    python benchmarks/experiments/op_counts.py --no-model       # the fast tables only
+
+Tables: (a) one ConvNeXt block (CoLoRAConvNeXt-atto, stage 1, batch 2 x 16x16),
+forward + backward, per method; (b) one CoLoRA scaling, ``s A`` with
+``s = 1 / (sqrt(rl) (std(A) + std(B)))`` (the pair's independent factor), forward and
+backward apart; (c) the whole model of table 1b (UperNet 512 + ConvNeXt-B), forward
+(losses included) + backward, without the optimizer step (on a GPU AdamW runs as a
+few multi-tensor kernels, on the CPU one loop per parameter).
+"""
+import argparse
+import collections
+from types import SimpleNamespace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from _common import bench_colora
+
+#: Operators that only make views or read metadata: no kernel on a GPU.
+NO_KERNEL = frozenset({
+    'aten.view', 'aten._unsafe_view', 'aten.reshape', 'aten.t', 'aten.transpose',
+    'aten.permute', 'aten.expand', 'aten.unsqueeze', 'aten.squeeze', 'aten.slice',
+    'aten.select', 'aten.alias', 'aten.as_strided', 'aten.split', 'aten.unbind',
+    'aten.detach', 'aten.promote_types', 'aten._local_scalar_dense', 'aten.is_same_size',
+    'aten.empty_like', 'aten.empty', 'aten.lift_fresh'})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen operator dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def kernels(self) -> int:
+        return sum(n for op, n in self.ops.items() if op not in NO_KERNEL)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def top(self, k: int = 4) -> str:
+        common = [(op, n) for op, n in self.ops.most_common() if op not in NO_KERNEL][:k]
+        return ', '.join(f'{op[len("aten."):]} {n}' for op, n in common)
+
+
+def counted(fn) -> OpCounter:
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def block_table(methods):
+    from colora_mm.adapters import reset_adapters_from_weights
+    rows = {}
+    for name in methods:
+        torch.manual_seed(0)
+        backbone = bench_colora.registry().build(dict(
+            type='CoLoRAConvNeXt', arch='atto', adapter=bench_colora.adapter_of(name)))
+        reset_adapters_from_weights(backbone)
+        backbone.train()
+        block = backbone.stages[1][0]
+        x = torch.randn(2, block.depthwise_conv.in_channels, 16, 16, requires_grad=True)
+
+        def step():
+            block(x).sum().backward()
+        step()
+        step()                      # 'effective' partners hold the step's offsets now
+        rows[name] = counted(step)
+    base = rows.get('limit')
+    print('(a) one ConvNeXt block of CoLoRAConvNeXt-atto (stage 1, 64 channels), batch 2 x '
+          '16x16, forward + backward')
+    print('| method | ops that launch a kernel | over the limit | all ops | most frequent |')
+    print('|---|---|---|---|---|')
+    for name, c in rows.items():
+        over = f'{c.kernels - base.kernels:+d}' if base is not None else '-'
+        print(f'| {name} | {c.kernels} | {over} | {c.total} | {c.top()} |')
+
+
+def scaling_table():
+    from colora_mm.adapters.colora_pair import CoLoRAPair
+    torch.manual_seed(0)
+    pair = CoLoRAPair(64, 256, 64, gamma=16, share_ratio=0.5)
+    with torch.no_grad():
+        pair.B1.normal_(0, 0.02)
+    holder = {}
+
+    def forward():
+        holder['out'] = pair._independent_factors(0, torch.float32)
+
+    def backward():
+        torch.autograd.backward(holder['out'], holder['grads'])
+    fwd = counted(forward)
+    holder['grads'] = [torch.ones_like(t) for t in holder['out']]
+    bwd = counted(backward)
+    print('\n(b) one CoLoRA scaling: (s A1, B1), s = 1 / (sqrt(rl) (std(A1) + std(B1))), '
+          'A1 64 x 2, B1 2 x 256')
+    print('| pass | ops that launch a kernel | all ops | most frequent |\n|---|---|---|---|')
+    for name, c in (('forward', fwd), ('backward', bwd)):
+        print(f'| {name} | {c.kernels} | {c.total} | {c.top(6)} |')
+
+
+def model_table(methods, size):
+    cfg = SimpleNamespace(arch='base', size=size, head_channels=512, device='cpu',
+                          amp=False, batch=2)
+    print(f'\n(c) UperNet (512 channels) + ConvNeXt-B, batch 2 x {size}x{size}: forward with '
+          'the losses + backward, no optimizer step')
+    print('| method | ops that launch a kernel | vs limit | all ops |\n|---|---|---|---|')
+    rows = {}
+    for name in methods:
+        model = bench_colora.build_trainer(name, cfg)[0]
+        data = bench_colora.make_batch(cfg.batch, cfg.size)
+
+        def step():
+            batch = model.data_preprocessor(data, True)
+            losses = model._run_forward(batch, mode='loss')
+            loss, _ = model.parse_losses(losses)
+            loss.backward()
+        step()
+        step()
+        rows[name] = counted(step)
+        base = rows.get('limit')
+        c = rows[name]
+        ratio = f'{c.kernels / base.kernels:.2f}' if base is not None else '-'
+        print(f'| {name} | {c.kernels} | {ratio} | {c.total} |', flush=True)
+        del model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--methods', nargs='+',
+                        default=['limit', 'lora', 'hira', 'colora-pairs', 'colora-nofilter',
+                                 'colora'])
+    parser.add_argument('--no-model', action='store_true', help='skip table (c)')
+    parser.add_argument('--size', type=int, default=64,
+                        help='input size of table (c); the counts do not depend on it')
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print('experiment: operators dispatched per forward + backward (benchmarks/'
+          'experiments/op_counts.py; CPU, exact counts)')
+    block_table(args.methods)
+    scaling_table()
+    if not args.no_model:
+        model_table([m for m in args.methods if m != 'hira'] if 'limit' in args.methods
+                    else args.methods, args.size)
+
+
+if __name__ == '__main__':
+    main()
