@@ -9,7 +9,6 @@ The checks go through public behaviour only: model outputs and losses, the param
 and buffers' dtypes (every buffer whose name contains ``partner``), each adapted layer's
 ``get_delta_weight()`` and each correlated pair's ``delta(i)``.
 """
-import contextlib
 import copy
 
 import pytest
@@ -21,6 +20,7 @@ import colora_mm  # noqa: E402,F401  (registers the backbones, applies colora_mm
 from colora_mm.adapters import (CoLoRAPairLayer, RangeKernelFilter,  # noqa: E402
                                 is_adapter_name, iter_adapted_layers, merge_adapters,
                                 reset_adapters_from_weights)
+from colora_mm.adapters.base import exact_fp32  # noqa: E402
 from helpers_ckpt import REDUCED_CONVNEXT  # noqa: E402
 
 pytestmark = [
@@ -32,17 +32,6 @@ pytestmark = [
 DEVICE = 'cuda'
 SEG_KW = dict(out_indices=[0, 1, 2, 3], gap_before_final_norm=False,
               layer_scale_init_value=1.0, drop_path_rate=0.0)
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """Full fp32 matmuls and convolutions: comparisons at fp32 tolerances."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def upernet(adapter, arch='small', channels=128, size=128):
@@ -183,7 +172,7 @@ def test_range_filter_cuda_equals_cpu(separable, shape):
     torch.manual_seed(0)
     z = torch.randn(*shape) * 3
     results = {}
-    with no_tf32():
+    with exact_fp32():
         for device in ('cpu', DEVICE):
             f = RangeKernelFilter(separable=separable).to(device)
             zd = z.to(device).detach().requires_grad_(True)   # a leaf on each device
@@ -206,7 +195,7 @@ def test_merged_equals_unmerged_on_cuda(adapter):
     randomize_adapters(model)
     model.to(DEVICE).train()
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
-    with no_tf32():
+    with exact_fp32():
         with torch.no_grad():
             model(x)            # a training forward: partner snapshots as in training
         model.eval()
@@ -230,7 +219,7 @@ def test_checkpoint_from_cuda_loads_on_cpu(tmp_path):
     with torch.no_grad():
         model(x.to(DEVICE))          # partner snapshots taken on the GPU
     model.eval()
-    with no_tf32(), torch.no_grad():
+    with exact_fp32(), torch.no_grad():
         ref = [t.cpu() for t in model(x.to(DEVICE))]
     path = tmp_path / 'cuda.pth'
     save_checkpoint(dict(state_dict=model.state_dict(), meta=dict(device=DEVICE)),

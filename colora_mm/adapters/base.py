@@ -36,6 +36,7 @@ Every parameter or buffer of an adapter lives under a name component starting wi
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Union
 
 import torch
@@ -71,6 +72,19 @@ def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 def no_autocast(device: torch.device):
     """A context in which autocast is off on ``device``."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """A context in which CUDA matmuls and cuDNN convolutions run in full fp32, without
+    TF32 (cuDNN's default on Ampere and newer GPUs: ~1e-4 relative), for comparisons at
+    fp32 tolerances."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class Adapter(nn.Module):
