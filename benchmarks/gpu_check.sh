@@ -18,6 +18,9 @@
 #   demo       the demo's synthetic domains; tools/train.py of the demo's pretraining
 #              (full) and of its CoLoRA fine-tuning, both --amp, $DEMO_ITERS iterations
 #              each on CUDA; tools/test.py of the fine-tuned model (mIoU)
+#   compiled   (only when STAGES names it) benchmarks/experiments/compiled_backbone.py
+#              on CUDA with fp16 autocast at the paper's size: limit, LoRA and CoLoRA
+#              backbones eager and compiled by Inductor (a few minutes of compiling)
 # --dry-run walks the same stages on the CPU at tiny sizes (no --amp: mmengine's AMP is
 # CUDA-only; the GPU tests are collected and skipped), so the script is known to work
 # before a GPU is at hand.
@@ -31,9 +34,9 @@
 # Environment: PYTHON (the node's interpreter with torch; default python3), COLORA_VENV
 # (default <checkout>/.venv; see tools/setup_offline.sh), METHODS (default
 # "full limit lora peft-lora hira colora": rows of bench_colora.py; others are left out,
-# named), STAGES (default all: "gpu_tests bench_train bench_tables spatial_variants demo";
-# the install always runs, so that a rerun after a fix can take only the stages that
-# failed), DEMO_ITERS (default 300), BENCH_ARGS (extra arguments to bench_colora.py),
+# named), STAGES (default "gpu_tests bench_train bench_tables spatial_variants demo";
+# "compiled" too where named; the install always runs, so that a rerun after a fix can
+# take only the stages that failed), DEMO_ITERS (default 300), BENCH_ARGS (extra arguments to bench_colora.py),
 # BUDGET_S (default 600: the summary says when the whole run took longer); the install's
 # own (tools/setup_offline.sh), e.g. FORCE_CUDA=0: mmcv with CPU ops only, enough for
 # this check (it runs no mmcv op on CUDA), and with a bundle that carries such a wheel
@@ -48,7 +51,7 @@ BUNDLE="" OUT="" DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,40p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,43p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) fail "unknown option $a (see --help)" ;;
     *) if [ -z "$BUNDLE" ]; then BUNDLE="$a"; elif [ -z "$OUT" ]; then OUT="$a";
        else fail "usage: bash benchmarks/gpu_check.sh BUNDLE_DIR OUT_DIR [--dry-run]"; fi ;;
@@ -59,8 +62,9 @@ done
 PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" >/dev/null || fail "$PYTHON not found; set PYTHON to the node's interpreter with torch"
 METHODS="${METHODS:-full limit lora peft-lora hira colora}"
-ALL_STAGES="gpu_tests bench_train bench_tables spatial_variants demo"
-STAGES="${STAGES:-$ALL_STAGES}"
+DEFAULT_STAGES="gpu_tests bench_train bench_tables spatial_variants demo"
+ALL_STAGES="$DEFAULT_STAGES compiled"
+STAGES="${STAGES:-$DEFAULT_STAGES}"
 for st in $STAGES; do
   [[ " $ALL_STAGES " == *" $st "* ]] || fail "STAGES: unknown stage '$st'; stages: $ALL_STAGES (install always runs)"
 done
@@ -148,6 +152,16 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
   fi
   want spatial_variants && run_stage spatial_variants "$OUT/logs/bench.log" "$PY" \
     benchmarks/experiments/spatial_variants.py "${exp[@]}"
+
+  # the backbones eager and compiled: what fusing the adapters' small ops buys where a
+  # step is bound by kernel launches
+  if [ "$DRY" = 1 ]; then
+    exp=(--arch atto --size 64 --repeats 1 --backend aot_eager)
+  else
+    exp=(--device cuda --amp --arch base --size 512 --batch 2 --repeats 10)
+  fi
+  want compiled && run_stage compiled "$OUT/logs/bench.log" "$PY" \
+    benchmarks/experiments/compiled_backbone.py "${exp[@]}"
 
   # 4. the demo config on CUDA
   if [ "$DRY" = 1 ]; then

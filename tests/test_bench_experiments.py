@@ -41,6 +41,14 @@ def test_op_counts_print_their_tables():
     assert int(rows['forward']) > 0 and int(rows['backward']) > int(rows['forward'])
 
 
+def test_compiled_backbone_matches_eager():
+    """The script checks the compiled backbone against the eager one before timing
+    (here traced by AOTAutograd without generating code, at a small size)."""
+    out = run('compiled_backbone.py', '--arch', 'atto', '--size', '64', '--repeats', '1',
+              '--backend', 'aot_eager', '--methods', 'colora')
+    assert '| colora | ' in out and 'compiled / eager' in out
+
+
 @pytest.mark.parametrize('flag', ['--size', '--merge-size'])
 def test_bench_colora_refuses_an_input_smaller_than_the_backbone_stride(flag):
     res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),

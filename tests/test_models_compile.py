@@ -64,17 +64,18 @@ def test_resnet_forward_is_one_graph(adapter):
 
 @pytest.mark.parametrize('name', ['colora', 'lora'])
 def test_compiled_training_equals_eager(name):
-    """Three SGD steps, compiled (AOTAutograd, no code generation) against eager: the
-    losses, every gradient and the partner offsets ('effective' partners move each
-    step, which changes their shapes once) agree to rounding."""
-    eager = build(ADAPTERS[name])
+    """Three SGD steps in float64, compiled (AOTAutograd, no code generation) against
+    eager: the losses, every gradient and the partner offsets ('effective' partners move
+    each step, which changes their shapes once) agree to float64 rounding, so that a
+    gradient the compiled graph loses or changes cannot hide in float32 noise (with the
+    package's custom autograd functions traced, torch 2.11 dropped the bias and input
+    gradients of the fused low-rank linear: the biases of whole blocks got zero)."""
+    eager = build(ADAPTERS[name]).double()
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, backend='aot_eager')
-    # SGD: an update linear in the gradient, so that rounding stays rounding (AdamW's
-    # first steps move every parameter by about lr whatever its gradient's size)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
             for m in (eager, compiled_model)]
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     for _ in range(3):
         losses = []
         for model, opt in zip((eager, compiled), opts):
@@ -83,18 +84,17 @@ def test_compiled_training_equals_eager(name):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        assert losses[1] == pytest.approx(losses[0], rel=1e-12)
         pairs = [(n, p_e.grad, p_c.grad) for (n, p_e), (_, p_c)
                  in zip(eager.named_parameters(), compiled_model.named_parameters())
                  if p_e.grad is not None]
-        # rounding differs between the two (other fusions, other summation orders):
-        # tolerated up to 1e-5 of the step's largest gradient
         scale = max(g.abs().max().item() for _, g, _ in pairs)
         for param, g_eager, g_compiled in pairs:
-            torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-5 * scale,
+            assert g_compiled is not None, param
+            torch.testing.assert_close(g_compiled, g_eager, rtol=1e-9, atol=1e-12 * scale,
                                        msg=lambda m: f'{param}: {m}')
     for (name_e, b_e), (_, b_c) in zip(eager.named_buffers(),
                                        compiled_model.named_buffers()):
         assert b_c.shape == b_e.shape, name_e
-        torch.testing.assert_close(b_c, b_e, rtol=1e-4, atol=1e-7,
+        torch.testing.assert_close(b_c, b_e, rtol=1e-9, atol=1e-12,
                                    msg=lambda m: f'{name_e}: {m}')

@@ -193,7 +193,7 @@ def low_rank_product(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
                                         or right.requires_grad)
     recipe = producer_recipe(x) if grad and left.requires_grad else None
     x, left, right = x.to(dtype), left.to(dtype), right.to(dtype)
-    if not grad:
+    if not grad or compiling():    # compiled: AOTAutograd derives and fuses the backward
         return (x @ left) @ right
     return LowRankProduct.apply(x, left, right, recipe)
 
@@ -259,7 +259,9 @@ def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         x, weight, left, right = (t.to(dtype) for t in (x, weight, left, right))
         bias = bias.to(dtype) if bias is not None else None
         x2 = x.reshape(-1, x.shape[-1])
-        if grad:
+        if grad and compiling():   # AOTAutograd derives and fuses the backward itself
+            out = F.linear(x2, weight, bias) + (x2 @ left) @ right
+        elif grad:
             out = LinearLowRank.apply(x2, weight, bias, left, right, recipe, x.shape)
         else:
             out, _ = _linear_low_rank(x2, weight, bias, left, right)
