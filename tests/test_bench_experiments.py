@@ -41,6 +41,14 @@ def test_op_counts_print_their_tables():
     assert int(rows['forward']) > 0 and int(rows['backward']) > int(rows['forward'])
 
 
+def test_saved_tensors_table():
+    out = run('saved_tensors.py', '--arch', 'atto', '--size', '64', '--top', '2')
+    rows = {line.split('|')[1].strip(): float(line.split('|')[2])
+            for line in out.splitlines() if line.startswith('| ') and 'MiB' not in line}
+    assert 0 < rows['limit'] < rows['colora']
+    assert 'bfloat16' in out and 'colora_mm/adapters/' in out
+
+
 def test_compiled_backbone_matches_eager():
     """The script checks the compiled backbone against the eager one before timing
     (here traced by AOTAutograd without generating code, at a small size)."""

@@ -30,3 +30,21 @@ def interleaved_runs(fns: Dict[str, Callable], repeats: int,
 def median_ratio(a: List[float], b: List[float]) -> float:
     """Median over repeats of a[i] / b[i]."""
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+def adapted_convnext(method: str, arch: str, trained_looking: bool = False):
+    """``CoLoRAConvNeXt`` (all four stages out) with table 1's adapter for ``method``,
+    seeded, its adapters reset as after loading weights; ``trained_looking`` fills every
+    adapter parameter with N(0, 0.02), so that ``B != 0``."""
+    from colora_mm.adapters import reset_adapters_from_weights
+    torch.manual_seed(0)
+    model = bench_colora.registry().build(dict(
+        type='CoLoRAConvNeXt', arch=arch, out_indices=(0, 1, 2, 3),
+        adapter=bench_colora.adapter_of(method)))
+    reset_adapters_from_weights(model)
+    if trained_looking:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if 'adapter_' in name:
+                    p.normal_(0, 0.02)
+    return model

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from _common import bench_colora, setup
+from _common import adapted_convnext, bench_colora, setup
 
 
 def main():
@@ -38,7 +38,6 @@ def main():
         parser.error('--amp needs --device cuda')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device visible')
-    from colora_mm.adapters import reset_adapters_from_weights
     info = setup() if args.device == 'cpu' else bench_colora.machine('cuda')
     print(f'experiment: eager and compiled backbone, forward + backward, median ms '
           f'(benchmarks/experiments/compiled_backbone.py; {args.device}, {info}; '
@@ -49,15 +48,7 @@ def main():
            else contextlib.nullcontext())
     fns, compile_s = {}, {}
     for name in args.methods:
-        torch.manual_seed(0)
-        eager = bench_colora.registry().build(dict(
-            type='CoLoRAConvNeXt', arch=args.arch, out_indices=(0, 1, 2, 3),
-            adapter=bench_colora.adapter_of(name)))
-        reset_adapters_from_weights(eager)
-        with torch.no_grad():                   # trained-looking adapters (B != 0)
-            for pname, p in eager.named_parameters():
-                if 'adapter_' in pname:
-                    p.normal_(0, 0.02)
+        eager = adapted_convnext(name, args.arch, trained_looking=True)
         eager.to(args.device).train()
         compiled = copy.deepcopy(eager)
         compiled.compile(backend=args.backend)

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _common import bench_colora
+from _common import adapted_convnext, bench_colora
 
 #: Operators that only make views or read metadata: no kernel on a GPU.
 NO_KERNEL = frozenset({
@@ -63,14 +63,9 @@ def counted(fn) -> OpCounter:
 
 
 def block_table(methods):
-    from colora_mm.adapters import reset_adapters_from_weights
     rows = {}
     for name in methods:
-        torch.manual_seed(0)
-        backbone = bench_colora.registry().build(dict(
-            type='CoLoRAConvNeXt', arch='atto', adapter=bench_colora.adapter_of(name)))
-        reset_adapters_from_weights(backbone)
-        backbone.train()
+        backbone = adapted_convnext(name, 'atto').train()
         block = backbone.stages[1][0]
         x = torch.randn(2, block.depthwise_conv.in_channels, 16, 16, requires_grad=True)
 

@@ -298,6 +298,12 @@ class AdaptedLayer(nn.Module):
                              f'in {where}; the layer takes {self.in_channels}. Feed it '
                              'what the upstream layer takes (the adapter does not change '
                              'the layer\'s shapes).')
+        if self.is_conv and x.dtype == torch.float32 \
+                and torch.is_autocast_enabled(x.device.type):
+            # One cast for the base convolution and the adapter's (the activation path's
+            # down-projection, a spatial branch's): autocast would cast ``x`` for each
+            # on its own, and each would save its own low-precision copy for backward.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         adapter = self.adapter_branch
         factors = adapter.low_rank(self)
         if factors is not None and self.use_activation_path(x, factors[0].shape[1]):

@@ -91,3 +91,35 @@ def test_deltas_are_float32_under_bf16_autocast(net, spec_kw):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = model(x)
     assert max_abs_diff(low, ref) < 0.1 * max(ref.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize('net,spec_kw', [
+    ('convnext', dict(method='colora', gamma=4)),     # spatial branch on the depthwise conv
+    ('bottleneck', dict(method='lora', gamma=4, train_path='activation')),   # 1x1 convs
+], ids=['colora-spatial', 'lora-activation'])
+def test_one_low_precision_copy_of_a_conv_input_under_autocast(net, spec_kw):
+    """Under autocast an adapted convolution casts its input once: the base conv and the
+    adapter's own convs (a spatial branch's down-projection, the activation path's)
+    save the same bf16 tensor for backward, not one copy each."""
+    model = _model(net, spec_kw)
+    randomize_adapters(model, std=0.2)
+    x = net_input(model)
+    layers = [layer for _, layer in iter_adapted_layers(model) if layer.is_conv]
+    inputs = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda mod, args: inputs.__setitem__(id(mod), args[0].detach().to(torch.bfloat16)))
+        for layer in layers]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+    for h in hooks:
+        h.remove()
+    out.float().square().mean().backward()
+    for layer in layers:
+        low = inputs[id(layer)]                # the layer's input, cast
+        copies = {t.untyped_storage().data_ptr() for t in saved
+                  if t.dtype == torch.bfloat16 and t.shape == low.shape
+                  and torch.equal(t, low)}
+        assert len(copies) == 1, (layer.describe(), len(copies))
