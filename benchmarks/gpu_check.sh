@@ -153,15 +153,6 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
   want spatial_variants && run_stage spatial_variants "$OUT/logs/bench.log" "$PY" \
     benchmarks/experiments/spatial_variants.py "${exp[@]}"
 
-  # the backbones eager and compiled: what fusing the adapters' small ops buys where a
-  # step is bound by kernel launches
-  if [ "$DRY" = 1 ]; then
-    exp=(--arch atto --size 64 --repeats 1 --backend aot_eager)
-  else
-    exp=(--device cuda --amp --arch base --size 512 --batch 2 --repeats 10)
-  fi
-  want compiled && run_stage compiled "$OUT/logs/bench.log" "$PY" \
-    benchmarks/experiments/compiled_backbone.py "${exp[@]}"
 
   # 4. the demo config on CUDA
   if [ "$DRY" = 1 ]; then
@@ -195,9 +186,20 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
       model.auxiliary_head.init_cfg.checkpoint="$pre/iter_$iters.pth"
   }
   want demo && run_stage demo "$OUT/logs/demo.log" demo
+
+  # 5. only where STAGES names it, last (a few minutes of compiling): the backbones
+  # eager and compiled, what fusing the adapters' small ops buys where a step is bound
+  # by kernel launches
+  if [ "$DRY" = 1 ]; then
+    exp=(--arch atto --size 64 --repeats 1 --backend aot_eager)
+  else
+    exp=(--device cuda --amp --arch base --size 512 --batch 2 --repeats 10)
+  fi
+  want compiled && run_stage compiled "$OUT/logs/bench.log" "$PY" \
+    benchmarks/experiments/compiled_backbone.py "${exp[@]}"
 fi
 
-# 5. summary
+# 6. summary
 total=$((SECONDS - t_all))
 "${PY:-$PYTHON}" - "$OUT" "$total" "$BUDGET_S" "$DRY" "$work" <<'PYEOF'
 import glob, json, os, re, sys
