@@ -43,7 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lowrank import compiling, linear_low_rank, low_rank_product, producer_recipe
+from .lowrank import (autocast_dtype, compiling, linear_low_rank, low_rank_product,
+                      producer_recipe)
 from .paths import TRAIN_PATHS, prefer_activation_path
 
 ADAPTER_PREFIX = 'adapter_'
@@ -274,12 +275,11 @@ class AdaptedLayer(nn.Module):
         """``(x L) R`` on this layer's input layout: the low-rank update applied to the
         activations. A 1x1 conv keeps its stride and padding (the zero padding gives zero
         rows, so base and update still add up to ``x (W + L R)``)."""
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_dtype(x.device.type)
         if not self.is_conv:
             # the thin products run in the autocast dtype, else in the input's
-            return low_rank_product(x, left, right, torch.get_autocast_dtype(
-                x.device.type) if autocast else x.dtype)
-        if not autocast:
+            return low_rank_product(x, left, right, autocast or x.dtype)
+        if autocast is None:
             left, right = left.to(x.dtype), right.to(x.dtype)
         k = left.shape[1]
         down = left.t().reshape(k, self.in_channels, 1, 1)
@@ -298,21 +298,19 @@ class AdaptedLayer(nn.Module):
                              f'in {where}; the layer takes {self.in_channels}. Feed it '
                              'what the upstream layer takes (the adapter does not change '
                              'the layer\'s shapes).')
-        if self.is_conv and x.dtype == torch.float32 \
-                and torch.is_autocast_enabled(x.device.type):
+        autocast = autocast_dtype(x.device.type)
+        if self.is_conv and x.dtype == torch.float32 and autocast is not None:
             # One cast for the base convolution and the adapter's (the activation path's
             # down-projection, a spatial branch's): autocast would cast ``x`` for each
             # on its own, and each would save its own low-precision copy for backward.
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+            x = x.to(autocast)
         adapter = self.adapter_branch
         factors = adapter.low_rank(self)
         if factors is not None and self.use_activation_path(x, factors[0].shape[1]):
             if not self.is_conv and not self.weight.requires_grad:
                 # one op: the update accumulates into the base GEMM's output
-                autocast = torch.is_autocast_enabled(x.device.type)
                 out = linear_low_rank(x, self.weight, self.bias, *factors,
-                                      dtype=torch.get_autocast_dtype(x.device.type)
-                                      if autocast else x.dtype)
+                                      dtype=autocast or x.dtype)
             else:
                 # out of place: F.linear's output can be a view, which an in-place
                 # sum would make autograd copy back in the backward pass

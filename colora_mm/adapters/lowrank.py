@@ -45,6 +45,23 @@ def compiling() -> bool:
     return bool(compiler is not None and getattr(compiler, 'is_compiling', lambda: False)())
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in effect on ``device_type`` (``'cuda'``, ``'cpu'``, ...), or
+    None where autocast is off there. torch >= 2.4 takes the device type; older releases
+    (``setup.py`` admits 2.1) have one query per device."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):
+        if device_type == 'cuda':
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        if device_type == 'cpu':
+            return (torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled()
+                    else None)
+        return None
+
+
 def producer_recipe(x: torch.Tensor) -> Optional[Recipe]:
     """How to recompute ``x`` from tensors its producer saved for backward, or None
     (always None under ``torch.compile``, which reads no ``grad_fn``)."""
@@ -253,7 +270,7 @@ def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, bias, left, right))
     recipe = producer_recipe(x) if grad and left.requires_grad else None
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_dtype(x.device.type) is not None
     ctx = torch.autocast(x.device.type, enabled=False) if autocast else nullcontext()
     with ctx:
         x, weight, left, right = (t.to(dtype) for t in (x, weight, left, right))

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .lowrank import compiling
+from .lowrank import autocast_dtype, compiling
 
 ENV_CHOICE = 'COLORA_MM_UP3X3'
 ENV_DIR = 'COLORA_MM_EXT_DIR'
@@ -127,13 +127,6 @@ def _apply_kernel(kernel, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return kernel.up3x3(z, weight)
 
 
-def _cpu_autocast() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:              # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
 def _tracing_or_intercepted(*tensors: torch.Tensor) -> bool:
     """Under TorchScript tracing, torch.compile, a ``TorchDispatchMode`` (fake tensors,
     operator counters such as ``tools/analysis/param_flops.py``'s) or on tensor
@@ -157,7 +150,7 @@ def kernel_applies(z: torch.Tensor, weight: torch.Tensor) -> bool:
             and z.dtype == torch.float32 and weight.dtype == torch.float32
             and z.dim() == 4 and tuple(weight.shape[1:]) == (1, 3, 3)
             and weight.shape[0] % z.shape[1] == 0
-            and not _cpu_autocast())
+            and autocast_dtype('cpu') is None)
 
 
 def up3x3(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

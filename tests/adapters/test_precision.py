@@ -123,3 +123,22 @@ def test_one_low_precision_copy_of_a_conv_input_under_autocast(net, spec_kw):
                   if t.dtype == torch.bfloat16 and t.shape == low.shape
                   and torch.equal(t, low)}
         assert len(copies) == 1, (layer.describe(), len(copies))
+
+
+def test_autocast_query_on_torch_before_2_4(monkeypatch):
+    """torch 2.1-2.3 (admitted by setup.py) has no device argument to
+    ``is_autocast_enabled`` and no ``get_autocast_dtype``: the adapters' one query of
+    the autocast state reads the per-device functions there."""
+    from colora_mm.adapters.lowrank import autocast_dtype
+    assert autocast_dtype('cpu') is None
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert autocast_dtype('cpu') == torch.bfloat16
+        # the old API inside the context (torch.autocast itself needs the new one)
+        monkeypatch.setattr(torch, 'is_autocast_enabled', lambda: False)   # CUDA's query
+        monkeypatch.delattr(torch, 'get_autocast_dtype')
+        try:
+            assert autocast_dtype('cpu') == torch.bfloat16
+            assert autocast_dtype('cuda') is None and autocast_dtype('xpu') is None
+        finally:
+            monkeypatch.undo()
+    assert autocast_dtype('cpu') is None
