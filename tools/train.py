@@ -113,18 +113,11 @@ RUNNER_CFG_KEYS = {'compile', 'model_wrapper_cfg', 'sync_bn', 'find_unused_param
 
 def runner_keys():
     """The top-level config keys mmengine's ``Runner`` reads: its arguments and what it
-    looks up in ``self.cfg`` (``compile``, ``find_unused_parameters``, ...)."""
+    looks up in its config itself (:data:`RUNNER_CFG_KEYS`)."""
     import inspect
-    import re
 
     from mmengine.runner import Runner
-    keys = set(inspect.signature(Runner.__init__).parameters) - {'self'}
-    try:
-        source = inspect.getsource(Runner)
-    except (OSError, TypeError):       # no source shipped: the keys known above
-        source = ''
-    keys.update(re.findall(r"self\.cfg\.get\(\s*['\"](\w+)['\"]", source))
-    return keys | RUNNER_CFG_KEYS
+    return (set(inspect.signature(Runner.__init__).parameters) - {'self'}) | RUNNER_CFG_KEYS
 
 
 def check_option_keys(cfg, cfg_options, path):
