@@ -237,3 +237,59 @@ def test_checkpoint_from_cuda_loads_on_cpu(tmp_path):
     for a, b in zip(out, ref):
         scale = max(b.abs().max().item(), 1.0)
         assert (a - b).abs().max().item() < 1e-4 * scale
+
+
+# ------------------------------------------------------------- fused scalings
+@pytest.mark.parametrize('zero', [(), ('y0',), ('x1', 'y1')], ids=['random', 'B=0', 'zero'])
+def test_fused_scalings_on_cuda_equal_the_plain_ops(zero):
+    """The scalings' one autograd op (constants cached on the device) against the plain
+    ops on CUDA: the same forward values, the same gradients."""
+    from colora_mm.adapters.scaling import plain_scaled, scaled_columns
+    g = torch.Generator().manual_seed(0)
+    terms = []
+    for j, (rows, width, cols, k) in enumerate([(96, 3, 384, 1.7), (96, 3, 96, 4.1)]):
+        x, y = torch.randn(rows, width, generator=g), torch.randn(width, cols, generator=g)
+        x = torch.zeros_like(x) if f'x{j}' in zero else x
+        y = torch.zeros_like(y) if f'y{j}' in zero else y
+        terms.append((x.to(DEVICE).requires_grad_(), y.to(DEVICE).requires_grad_(), k))
+    grad = torch.randn(96, 6, generator=g).to(DEVICE)
+    cache, results = {}, []
+    for fn in (lambda: scaled_columns(terms, cache),
+               lambda: torch.cat([plain_scaled(x, y, k) for x, y, k in terms], 1)):
+        for x, y, _ in terms:
+            x.grad = y.grad = None
+        out = fn()
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad.clone() for x, y, _ in terms for t in (x, y)])
+    assert torch.equal(results[0][0], results[1][0])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max() <= 1e-5 * max(want.abs().max().item(), 1.0)
+    assert list(cache) == [(terms[0][0].device, torch.float32)]
+
+
+def test_colora_training_step_on_cuda_equals_cpu():
+    """One fp32 training step of CoLoRAConvNeXt (fused scalings, activation path,
+    effective partners) on CUDA and on the CPU: the same adapter gradients and partner
+    offsets, TF32 off."""
+    cpu = backbone()
+    randomize_adapters(cpu)
+    gpu = copy.deepcopy(cpu).to(DEVICE)
+    cpu.train()
+    gpu.train()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with exact_fp32():
+        for model, inp in ((cpu, x), (gpu, x.to(DEVICE))):
+            sum(o.square().mean() for o in model(inp)).backward()
+    grads = {n: p.grad for n, p in gpu.named_parameters() if p.grad is not None}
+    assert grads
+    for name, p in cpu.named_parameters():
+        if name in grads:
+            want = p.grad
+            scale = max(want.abs().max().item(), 1e-6)
+            assert (grads[name].cpu() - want).abs().max() <= 1e-4 * scale, name
+    bufs = dict(gpu.named_buffers())
+    for name, b in cpu.named_buffers():
+        if 'partner' in name:
+            assert bufs[name].shape == b.shape, name
+            assert (bufs[name].cpu() - b).abs().max() <= 1e-4 * max(b.abs().max().item(), 1e-6)

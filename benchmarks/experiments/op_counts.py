@@ -8,9 +8,9 @@ counts are exact and the same on every machine; views and metadata ops (``view``
     python benchmarks/experiments/op_counts.py --no-model       # the fast tables only
 
 Tables: (a) one ConvNeXt block (CoLoRAConvNeXt-atto, stage 1, batch 2 x 16x16),
-forward + backward, per method; (b) one CoLoRA scaling, ``s A`` with
-``s = 1 / (sqrt(rl) (std(A) + std(B)))`` (the pair's independent factor), forward and
-backward apart; (c) the whole model of table 1b (UperNet 512 + ConvNeXt-B), forward
+forward + backward, per method; (b) the scalings of one side of a pair
+(``colora_mm.adapters.scaling``), as plain ops and as the one autograd op training
+uses, forward and backward apart; (c) the whole model of table 1b (UperNet 512 + ConvNeXt-B), forward
 (losses included) + backward, without the optimizer step (on a GPU AdamW runs as a
 few multi-tensor kernels, on the CPU one loop per parameter).
 """
@@ -85,26 +85,38 @@ def block_table(methods):
 
 
 def scaling_table():
+    from colora_mm.adapters import scaling
     from colora_mm.adapters.colora_pair import CoLoRAPair
     torch.manual_seed(0)
     pair = CoLoRAPair(64, 256, 64, gamma=16, share_ratio=0.5)
     with torch.no_grad():
-        pair.B1.normal_(0, 0.02)
+        for p in (pair.B1, pair.Bs):
+            p.normal_(0, 0.02)
     holder = {}
+    cache = {}
+    scaling.scaled_columns(pair._terms(0, torch.float32), cache)   # constants, once
 
-    def forward():
-        holder['out'] = pair._independent_factors(0, torch.float32)
+    def fused():
+        holder['out'] = scaling.scaled_columns(pair._terms(0, torch.float32), cache)
+
+    def plain():
+        terms = pair._terms(0, torch.float32)
+        holder['out'] = torch.cat([scaling.plain_scaled(x, y, k) for x, y, k in terms], 1)
 
     def backward():
-        torch.autograd.backward(holder['out'], holder['grads'])
-    fwd = counted(forward)
-    holder['grads'] = [torch.ones_like(t) for t in holder['out']]
-    bwd = counted(backward)
-    print('\n(b) one CoLoRA scaling: (s A1, B1), s = 1 / (sqrt(rl) (std(A1) + std(B1))), '
-          'A1 64 x 2, B1 2 x 256')
-    print('| pass | ops that launch a kernel | all ops | most frequent |\n|---|---|---|---|')
-    for name, c in (('forward', fwd), ('backward', bwd)):
-        print(f'| {name} | {c.kernels} | {c.total} | {c.top(6)} |')
+        holder['out'].backward(holder['grad'])
+    print('\n(b) the scalings of one side of a pair, L = [s1 A1 | s As] with s1 = 1 / '
+          '(sqrt(rl) (std(A1) + std(B1))), s = 1 / ((rs n)^(1/4) (std(As) + std(Bs W2^T))); '
+          'A1, As 64 x 2 (the partner product Bs W2^T included)')
+    print('| scalings | pass | ops that launch a kernel | all ops | most frequent |\n'
+          '|---|---|---|---|---|')
+    for name, fn in (('plain ops (torch.compile, no grad)', plain),
+                     ('one autograd op (training)', fused)):
+        fwd = counted(fn)
+        holder['grad'] = torch.ones_like(holder['out'])
+        bwd = counted(backward)
+        for pass_, c in (('forward', fwd), ('backward', bwd)):
+            print(f'| {name} | {pass_} | {c.kernels} | {c.total} | {c.top(6)} |')
 
 
 def model_table(methods, size):

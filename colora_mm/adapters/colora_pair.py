@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from .base import AdaptedLayer, Adapter, compute_dtype, no_autocast
 from .init import init_a_
+from .scaling import plain_scaled, scaled_columns
 
 PARTNER_POLICIES = ('effective', 'frozen')
 #: Buffer names of the partner offsets, ``partner_i = base_i + L_i R_i``.
@@ -65,12 +66,6 @@ def pair_ranks(n: int, gamma: int, share_ratio: float, where: str = '') -> tuple
                          f'width n={n}; use gamma <= {n}.')
     rs = int(math.floor(r * share_ratio))
     return r, rs, r - rs
-
-
-def _inverse(den: torch.Tensor) -> torch.Tensor:
-    """``1 / den``, finite when both std terms vanish (an all-zero partner weight
-    with ``B = 0``): the product it scales is then exactly zero, and so is the delta."""
-    return 1.0 / den.clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -141,6 +136,8 @@ class CoLoRAPair(nn.Module):
         # Full partner copies read from an earlier checkpoint layout, converted to
         # offsets once both base weights are loaded (see _load_from_state_dict).
         self._legacy_partners: Optional[List[torch.Tensor]] = None
+        # Constant tensors of the fused scalings, per side, device and dtype.
+        self._scaling_cache: Tuple[dict, dict] = ({}, {})
         self.reset_parameters()
 
     def _new_param(self, name: str, shape: tuple, rank: int) -> None:
@@ -233,20 +230,21 @@ class CoLoRAPair(nn.Module):
         setattr(self, rname, right.detach().to(ref.dtype).contiguous())
 
     # ------------------------------------------------------------------ deltas
-    def _independent_factors(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
-        """``(s_i A_i, B_i)``: the scaling goes on the thin factor."""
-        if self.rl == 0:
-            return None
-        A, B = (self.A1, self.B1) if index == 0 else (self.A2, self.B2)
-        A, B = A.to(dtype), B.to(dtype)
-        s = _inverse(math.sqrt(self.rl) * (A.std() + B.std()))
-        return s * A, B
+    def _terms(self, index: int, dtype: torch.dtype) -> list:
+        """The scaled terms of side ``index``: ``(X, Y, k)`` with ``dW = sum_j s_j X_j
+        Y_j`` and ``s_j = 1 / (k_j (std(X_j) + std(Y_j)))``: ``(A_i, B_i, sqrt(rl))``,
+        then ``(As, Bs W2p^T, (rs n)^(1/4))`` for W1' or ``(W1p^T As, Bs, ...)`` for
+        W2'. The partner enters as its base weight and its low-rank offset, never as a
+        formed sum."""
+        terms = []
+        if self.rl:
+            A, B = (self.A1, self.B1) if index == 0 else (self.A2, self.B2)
+            terms.append((A.to(dtype), B.to(dtype), math.sqrt(self.rl)))
+        if self.rs:
+            terms.append(self._shared_term(index, dtype))
+        return terms
 
-    def _shared_factors(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
-        """``(s As, Bs W2p^T)`` for W1', ``(s W1p^T As, Bs)`` for W2'; the partner enters
-        as its base weight and its low-rank offset, never as a formed sum."""
-        if self.rs == 0:
-            return None
+    def _shared_term(self, index: int, dtype: torch.dtype) -> tuple:
         As, Bs = self.As.to(dtype), self.Bs.to(dtype)
         norm = (self.rs * self.n) ** 0.25
         other = 1 - index
@@ -258,27 +256,24 @@ class CoLoRAPair(nn.Module):
             C = Bs @ base.to(dtype) if base is not None else Bs.new_zeros(self.rs, dout)
             if left.shape[1]:
                 C = C + (Bs @ right.t()) @ left.t()
-            s = _inverse(norm * (C.std() + As.std()))
-            return s * As, C
+            return As, C, norm
         # C = W1p^T As = W1^T As + R1^T (L1^T As)                             (d' x rs)
         C = base.to(dtype) @ As if base is not None else As.new_zeros(din, self.rs)
         if left.shape[1]:
             C = C + right.t() @ (left.t() @ As)
-        s = _inverse(norm * (C.std() + Bs.std()))
-        return s * C, Bs
+        return C, Bs, norm
 
     def factors(self, index: int) -> tuple:
         """``(L, R)`` with ``dW_index = L R`` (paper orientation, inner width ``r``):
         both terms of Eq. 14 (or 15) as one product, ``[s1 A1 | s As] @ [B1 ; Bs W2^T]``.
-        In ``max(float32, parameter dtype)``, autocast off."""
+        In ``max(float32, parameter dtype)``, autocast off; the scalings of a training
+        step run as one autograd op (:mod:`.scaling`)."""
         with no_autocast(self.partner_l1.device):
-            dtype = self._compute_dtype()
-            parts = [f for f in (self._independent_factors(index, dtype),
-                                 self._shared_factors(index, dtype)) if f is not None]
-            if len(parts) == 1:
-                return parts[0]
-            return (torch.cat([p[0] for p in parts], dim=1),
-                    torch.cat([p[1] for p in parts], dim=0))
+            terms = self._terms(index, self._compute_dtype())
+            left = scaled_columns(terms, self._scaling_cache[index])
+            if len(terms) == 1:
+                return left, terms[0][1]
+            return left, torch.cat([y for _, y, _ in terms], dim=0)
 
     def delta(self, index: int) -> torch.Tensor:
         """``dW1`` (index 0, ``d x d'``) or ``dW2`` (index 1, ``d' x d''``), paper
@@ -289,7 +284,11 @@ class CoLoRAPair(nn.Module):
             return left @ right
 
     def _independent(self, index: int) -> Optional[tuple]:
-        return self._independent_factors(index, self._compute_dtype())
+        """``(s_i A_i, B_i)`` of side ``index``, or None without an independent part."""
+        if self.rl == 0:
+            return None
+        A, B, k = self._terms(index, self._compute_dtype())[0]
+        return plain_scaled(A, B, k), B
 
     # ------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
