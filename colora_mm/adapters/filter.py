@@ -200,22 +200,28 @@ class RangeKernelFilter(nn.Module):
         return out.to(z.dtype)
 
     def _forward_separable(self, z: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and z.requires_grad
         with torch.no_grad():
             low, high = torch.aminmax(z.flatten(2), dim=-1)
             gamma = (math.pi / 2.0) / (high - low).clamp_min(1e-5)
             gz = z.detach() * gamma[..., None, None]
-            # The range weights and the normaliser carry no gradient: built in one
-            # buffer, (cos, sin) stacked on a leading axis, blurred in one call.
-            weights = torch.empty((2,) + z.shape, dtype=z.dtype, device=z.device)
-            torch.cos(gz, out=weights[0])
-            torch.sin(gz, out=weights[1])
-            blurred_w = self.gaussian(weights)
-            den = weights[0] * blurred_w[0]
-            den.addcmul_(weights[1], blurred_w[1]).add_(self.eps)
-        cz, sz = weights[0], weights[1]
-        # Numerators (the gradient path): G(cz z) and G(sz z), one call.
-        g_num = self.gaussian(torch.stack([cz * z, sz * z]))
-        num = torch.addcmul(cz * g_num[0], sz, g_num[1])
+            # The range weights (cos, sin) stacked on a leading axis; without gradients
+            # the numerators' inputs (cos z, sin z) follow them and the four maps are
+            # blurred in one call.
+            maps = torch.empty((2 if grad else 4,) + z.shape, dtype=z.dtype,
+                               device=z.device)
+            weights = maps[:2]
+            torch.cos(gz, out=maps[0])
+            torch.sin(gz, out=maps[1])
+            if not grad:
+                torch.mul(weights, z, out=maps[2:])
+                blurred = self.gaussian(maps).view((2, 2) + z.shape)
+                den, num = (blurred * weights).sum(1)     # cos G(cos) + sin G(sin), ...
+                return num.div_(den.add_(self.eps))
+            den = (self.gaussian(weights) * weights).sum(0).add_(self.eps)
+        # The numerators (the gradient path): G(cos z) and G(sin z), one call; the
+        # weights carry no gradient, nor does the normaliser.
+        num = (self.gaussian(weights * z) * weights).sum(0)
         return num / den
 
     def _forward_2d(self, z: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ class SpatialLowRankBranch(Adapter):
     def branch(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         z = self.down(x)
         if self.filter is not None:
-            z = z + self.filter_lambda * self.filter(z)
+            z = torch.add(z, self.filter(z), alpha=self.filter_lambda)
         # the scale goes on the r compressed channels (B is linear), not on the
         # C x H x W output; the depthwise style's scale 1 costs nothing
         return self.up(z if self.scale == 1 else self.scale * z)

@@ -68,3 +68,18 @@ def test_operators_built_under_fake_tensors_are_not_kept():
     assert f._operators == {}
     out = f(_z((1, 2, 12, 12), dtype=torch.float32))
     assert type(out) is torch.Tensor and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 17, 23), (1, 2, 30, 270), (1, 1, 300, 7)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_no_grad_path_equals_the_training_path(shape, dtype):
+    """Without gradients the four maps are blurred in one call; with them the weights
+    and the numerators apart: the same filter, to rounding."""
+    z = _z(shape, seed=7, dtype=dtype)
+    f = RangeKernelFilter()
+    with torch.no_grad():
+        evaluated = f(z)
+    trained = f(z.clone().requires_grad_(True))
+    assert trained.grad_fn is not None
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert (trained.detach() - evaluated).abs().max() <= tol * evaluated.abs().max()
