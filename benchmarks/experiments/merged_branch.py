@@ -50,7 +50,7 @@ def variants():
     as_is_filter = RangeKernelFilter._forward_separable
 
     def branch(down_mm, up_cl):
-        def fn(self, layer, x):
+        def fn(self, layer, x, into=None):
             if down_mm:
                 n, c, h, w = x.shape
                 z = torch.matmul(self.down.weight.view(-1, c),

@@ -120,7 +120,11 @@ class Adapter(nn.Module):
             return None
         return layer.weight + delta.to(layer.weight.dtype)
 
-    def branch(self, layer: 'AdaptedLayer', x: torch.Tensor) -> Optional[torch.Tensor]:
+    def branch(self, layer: 'AdaptedLayer', x: torch.Tensor,
+               into: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """A parallel branch's output, added to the layer's, or None. ``into`` (the
+        layer's output, free to change in place) lets a branch add itself there: it
+        then returns ``into`` itself."""
         return None
 
     def fold_delta(self, layer: 'AdaptedLayer') -> torch.Tensor:
@@ -325,8 +329,9 @@ class AdaptedLayer(nn.Module):
                 weight = adapter.adapted_weight(self)
             out = self.base_forward(x, weight)
             self.last_path = None if weight is None else 'weight'
-        extra = adapter.branch(self, x)
-        if extra is not None:
+        in_place = not (compiling() or out._is_view())
+        extra = adapter.branch(self, x, into=out if in_place else None)
+        if extra is not None and extra is not out:
             extra = extra.to(out.dtype)
             # in place unless ``out`` is a view (or under torch.compile, which fuses it)
             out = out + extra if compiling() or out._is_view() else out.add_(extra)

@@ -10,6 +10,8 @@ activation makes it non-linear: it never folds.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -59,7 +61,8 @@ class ConvAdapter(Adapter):
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def branch(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, layer: AdaptedLayer, x: torch.Tensor,
+               into: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.alpha.view(1, -1, 1, 1) * self.up(self.act(self.down(x)))
 
     def extra_repr(self) -> str:

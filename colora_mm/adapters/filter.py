@@ -19,7 +19,10 @@ whatever the autocast dtype: in float16 a constant or near-constant channel
 (``T_c`` below about 2.4e-5) makes ``gamma_c`` overflow. The output is cast back to the
 input's dtype. float64 inputs are filtered in float64 throughout.
 
-Each 1-D pass (reflect padding included) is a fixed linear map along one axis, so the
+Inference on the CPU in float32 (no gradient needed) runs the whole filter as one C++
+call (:func:`colora_mm.adapters.up3x3.range_filter`: the same sums, direct 11-tap
+passes, float32 rounding apart). Elsewhere each 1-D pass (reflect padding included) is
+a fixed linear map along one axis, so the
 fast path applies it as a matrix product, ``x @ G_w`` and ``G_h^T @ x``: PyTorch's CPU
 depthwise convolution runs 1-D kernels at a fraction of its 2-D throughput, a GEMM
 does not. Axes up to :data:`DENSE_AXIS_MAX` use the full ``m x m`` band matrix; longer
@@ -34,6 +37,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import up3x3
 
 
 def gaussian_kernel1d(window: int = 11, sigma: float = 1.0,
@@ -193,6 +198,11 @@ class RangeKernelFilter(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 4:
             raise ValueError(f'RangeKernelFilter expects (N, C, H, W), got {tuple(z.shape)}.')
+        if self.separable:
+            # inference on the CPU in float32: one C++ call (colora_mm/adapters/up3x3.py)
+            out = up3x3.range_filter(z, self.kernel1d(z), self.eps)
+            if out is not None:
+                return out
         dtype = torch.promote_types(z.dtype, torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
             zc = z.to(dtype)

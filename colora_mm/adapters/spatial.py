@@ -98,13 +98,17 @@ class SpatialLowRankBranch(Adapter):
     def num_trainable(self) -> int:
         return self.down.weight.numel() + self.up.weight.numel()
 
-    def branch(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, layer: AdaptedLayer, x: torch.Tensor,
+               into: Optional[torch.Tensor] = None) -> torch.Tensor:
         z = self.down(x)
         if self.filter is not None:
             z = torch.add(z, self.filter(z), alpha=self.filter_lambda)
         # the scale goes on the r compressed channels (B is linear), not on the
         # C x H x W output; the depthwise style's scale 1 costs nothing
-        return self.up(z if self.scale == 1 else self.scale * z)
+        z = z if self.scale == 1 else self.scale * z
+        if into is not None and self.style == 'depthwise':
+            return self.up(z, into)     # ``into`` itself where it could add in place
+        return self.up(z)
 
     @property
     def foldable(self) -> bool:

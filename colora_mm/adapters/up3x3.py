@@ -7,6 +7,10 @@ stride 1, padding 1), with a formulation chosen per device.
   gradient. PyTorch's grouped convolution (oneDNN) computes the two gradients in
   separate passes; the kernel takes about half its forward + backward time at the
   shapes of CoLoRAConvNeXt (``benchmarks/bench_colora.py --only spatial``).
+* CPU, float32, no gradient needed (inference): the same kernel adds the output into
+  the convolution output it belongs to (:func:`up3x3_add_`). The extension also holds
+  the range filter's inference kernel (:func:`range_filter`, one call per feature map
+  instead of about fifteen PyTorch ops).
 * Anything else (CUDA, other dtypes, autocast, TorchScript tracing, torch.compile,
   fake or meta tensors, an active ``TorchDispatchMode`` such as an operator counter):
   ``torch.nn.functional.conv2d`` with ``groups=r``, as ``nn.Conv2d`` runs it.
@@ -17,8 +21,8 @@ relative). The kernel is compiled with ``torch.utils.cpp_extension`` on first us
 ``$COLORA_MM_EXT_DIR``, default ``~/.cache/colora_mm/extensions``). Where it cannot be
 built, the grouped convolution runs, with one warning naming the reason.
 
-``COLORA_MM_UP3X3=conv`` (environment) always runs the grouped convolution; ``auto``
-(the default) picks per call as above.
+``COLORA_MM_UP3X3=conv`` (environment) always runs the grouped convolution and the
+filter's PyTorch formulation; ``auto`` (the default) picks per call as above.
 """
 from __future__ import annotations
 
@@ -113,9 +117,10 @@ def load_kernel() -> Optional[object]:
         except Exception as err:       # no compiler, no ninja, a failed build
             reason = str(err).strip().splitlines()
             _state['error'] = f'{type(err).__name__}: {reason[0] if reason else ""}'
-            warnings.warn(f'colora_mm: the spatial branch\'s CPU up-projection kernel '
-                          f'({SOURCE}) could not be built ({_state["error"]}); the grouped '
-                          'convolution runs instead (same results, about twice the time '
+            warnings.warn(f'colora_mm: the spatial branch\'s CPU kernels (up-projection, '
+                          f'inference filter; {SOURCE}) could not be built '
+                          f'({_state["error"]}); the grouped convolution and the filter\'s '
+                          'PyTorch ops run instead (same results, about twice the time '
                           'of forward + backward). It needs a C++ compiler and ninja '
                           f'(pip install ninja); {ENV_CHOICE}=conv skips it.',
                           stacklevel=2)
@@ -163,17 +168,63 @@ def up3x3(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.conv2d(z, weight, None, 1, 1, 1, z.shape[1])
 
 
+def up3x3_add_(out: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``out += conv2d(z, weight, padding=1, groups=r)`` in place, by the C++ kernel, where
+    it applies (:func:`kernel_applies`, ``out`` a contiguous float32 CPU tensor of the
+    output's shape) and no gradient is needed: the branch's output goes straight into
+    the tensor it is added to, without a tensor of its own or a separate sum (inference).
+    Returns False, ``out`` untouched, anywhere else."""
+    if choice() != 'auto' or not kernel_applies(z, weight) or _tracing_or_intercepted(out):
+        return False
+    if torch.is_grad_enabled() and (out.requires_grad or z.requires_grad
+                                    or weight.requires_grad):
+        return False
+    if (out.device.type != 'cpu' or out.dtype != torch.float32 or not out.is_contiguous()
+            or tuple(out.shape) != (z.shape[0], weight.shape[0]) + tuple(z.shape[2:])):
+        return False
+    kernel = load_kernel()
+    if kernel is None:
+        return False
+    kernel.up3x3_add_(out, z, weight)
+    return True
+
+
+def range_filter(z: torch.Tensor, kernel1d: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """The range-kernel filter (Eq. 11, separable Gaussian ``kernel1d``) of ``z (N, C,
+    H, W)`` by the C++ kernel, one call, where it applies: CPU, float32, contiguous, no
+    gradient needed (inference), not traced or intercepted, ``COLORA_MM_UP3X3`` not
+    ``conv``. None anywhere else (the caller runs the PyTorch formulation)."""
+    if choice() != 'auto' or _tracing_or_intercepted(z, kernel1d):
+        return None
+    if (z.device.type != 'cpu' or z.dtype != torch.float32 or z.dim() != 4
+            or not z.is_contiguous() or kernel1d.dtype != torch.float32
+            or kernel1d.device.type != 'cpu'):
+        return None
+    if torch.is_grad_enabled() and z.requires_grad:
+        return None
+    kernel = load_kernel()
+    if kernel is None:
+        return None
+    return kernel.range_filter(z, kernel1d.contiguous(), float(eps))
+
+
 class GroupedUp3x3(nn.Conv2d):
     """``nn.Conv2d(r, C, 3, padding=1, groups=r, bias=False)`` (same parameters, same
     state dict) whose forward is :func:`up3x3`: the depthwise-style spatial branch's
     ``B``. Any other configuration (a stride, a bias), or an input that is not
-    ``(N, r, H, W)``, runs as the plain ``nn.Conv2d`` (which names a wrong input)."""
+    ``(N, r, H, W)``, runs as the plain ``nn.Conv2d`` (which names a wrong input).
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    ``forward(z, into)`` adds the output into ``into`` in place where
+    :func:`up3x3_add_` can, and then returns ``into`` itself; otherwise it returns the
+    output (the caller adds it)."""
+
+    def forward(self, z: torch.Tensor, into: Optional[torch.Tensor] = None) -> torch.Tensor:
         if (self.bias is None and self.groups == self.in_channels
                 and self.padding_mode == 'zeros' and tuple(self.kernel_size) == (3, 3)
                 and tuple(self.stride) == (1, 1) and tuple(self.padding) == (1, 1)
                 and tuple(self.dilation) == (1, 1)
                 and z.dim() == 4 and z.shape[1] == self.in_channels):
+            if into is not None and up3x3_add_(into, z, self.weight):
+                return into
             return up3x3(z, self.weight)
         return super().forward(z)

@@ -53,7 +53,9 @@ def test_fast_path_gradient_equals_2d_path():
 def test_operator_cache_per_length_and_dtype_and_not_in_state():
     f = RangeKernelFilter()
     f(_z((1, 1, 7, 9)))
-    f(_z((1, 1, 7, 9), dtype=torch.float32))
+    # (float32 inference may take the C++ kernel, which needs no operators: a
+    # gradient-carrying input runs the PyTorch formulation)
+    f(_z((1, 1, 7, 9), dtype=torch.float32).requires_grad_(True))
     keys = {(n, dtype) for n, _, dtype in f._operators}
     assert keys == {(7, torch.float64), (9, torch.float64), (7, torch.float32),
                     (9, torch.float32)}
@@ -73,13 +75,14 @@ def test_operators_built_under_fake_tensors_are_not_kept():
 @pytest.mark.parametrize('shape', [(2, 3, 17, 23), (1, 2, 30, 270), (1, 1, 300, 7)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_no_grad_path_equals_the_training_path(shape, dtype):
-    """Without gradients the four maps are blurred in one call; with them the weights
-    and the numerators apart: the same filter, to rounding."""
+    """Without gradients the four maps are blurred in one call (float32 on the CPU: the
+    C++ kernel); with them the weights and the numerators apart: the same filter, to
+    rounding."""
     z = _z(shape, seed=7, dtype=dtype)
     f = RangeKernelFilter()
     with torch.no_grad():
         evaluated = f(z)
     trained = f(z.clone().requires_grad_(True))
     assert trained.grad_fn is not None
-    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    tol = 2e-6 if dtype == torch.float32 else 1e-13
     assert (trained.detach() - evaluated).abs().max() <= tol * evaluated.abs().max()

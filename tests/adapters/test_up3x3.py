@@ -154,8 +154,9 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(U, '_state', {})
     monkeypatch.setattr(U, 'SOURCE', str(tmp_path / 'missing.cpp'))
     z, weight = torch.randn(1, 2, 4, 4), torch.randn(4, 1, 3, 3)
-    with pytest.warns(UserWarning, match=r"CPU up-projection kernel .*missing.cpp\) could "
-                                         r"not be built \(FileNotFoundError"):
+    with pytest.warns(UserWarning, match=r"CPU kernels \(up-projection, inference filter; "
+                                         r".*missing.cpp\) could not be built "
+                                         r"\(FileNotFoundError"):
         out = U.up3x3(z, weight)
     assert torch.equal(out, F.conv2d(z, weight, None, 1, 1, 1, 2))
     with warnings.catch_warnings():
@@ -187,3 +188,95 @@ def test_operator_counters_and_fake_tensors_see_the_convolution(kernel, monkeypa
     with FakeTensorMode(allow_non_fake_inputs=True):
         assert U.up3x3(torch.zeros(1, 2, 5, 5), weight).shape == (1, 4, 5, 5)
     assert U.up3x3(z.to('meta'), weight.to('meta')).is_meta and not calls
+
+
+@pytest.mark.parametrize('n, r, c, h, w', [(2, 6, 96, 64, 64), (3, 4, 8, 5, 7),
+                                           (1, 3, 3, 1, 1)])
+def test_add_in_place_equals_the_sum_bit_for_bit(kernel, n, r, c, h, w):
+    g = torch.Generator().manual_seed(n + c)
+    z = torch.randn(n, r, h, w, generator=g)
+    weight = torch.randn(c, 1, 3, 3, generator=g)
+    base = torch.randn(n, c, h, w, generator=g)
+    want = base + U.up3x3(z, weight)
+    out = base.clone()
+    with torch.no_grad():
+        assert U.up3x3_add_(out, z, weight)
+    assert torch.equal(out, want)
+
+
+def test_add_in_place_only_without_gradients_and_on_fitting_outputs(kernel):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 6, 6, generator=g)
+    weight = torch.randn(6, 1, 3, 3, generator=g, requires_grad=True)
+    out = torch.randn(2, 6, 6, 6, generator=g)
+    before = out.clone()
+    assert not U.up3x3_add_(out, z, weight)                # the weight needs a gradient
+    with torch.no_grad():
+        assert not U.up3x3_add_(out.double(), z.double(), weight.double())
+        assert not U.up3x3_add_(out.transpose(2, 3), z, weight)       # not contiguous
+        assert not U.up3x3_add_(out[:, :3], z, weight[:3])   # a view with other strides
+        assert not U.up3x3_add_(torch.zeros(2, 6, 5, 6), z, weight)   # another shape
+    assert torch.equal(out, before)
+    with pytest.raises(RuntimeError, match='no autograd'):
+        kernel.up3x3_add_(out, z, weight)
+
+
+def test_branch_adds_in_place_in_inference_only(kernel, monkeypatch):
+    """A ConvNeXt block's spatial branch in eval mode: under no_grad the up-projection
+    adds into the depthwise conv's output (one kernel call, no sum), with gradients it
+    returns its own output; the block's output is the same (the filter's inference
+    kernel apart, float32 rounding)."""
+    torch.manual_seed(0)
+    model = ConvNeXtBlock()
+    inject_adapters(model, AdapterSpec(method='colora', gamma=4, spatial=True),
+                    pairs=model.pairs, spatial=model.spatial)
+    randomize_adapters(model, std=0.3)
+    model.eval()
+    x = torch.randn(model.in_shape, generator=torch.Generator().manual_seed(1))
+    added = []
+    real = U.up3x3_add_
+    monkeypatch.setattr(U, 'up3x3_add_', lambda *a: added.append(real(*a)) or added[-1])
+    with_grad = model(x)
+    assert added == [False]
+    with torch.no_grad():
+        without = model(x)
+    assert added == [False, True]
+    assert _relative(without, with_grad.detach()) < 1e-6
+
+
+# ------------------------------------------------------- the filter's inference kernel
+@pytest.mark.parametrize('shape', [(2, 3, 64, 64), (2, 24, 8, 8), (2, 6, 56, 56),
+                                   (1, 2, 1, 5), (1, 1, 5, 1), (1, 1, 1, 1),
+                                   (1, 1, 300, 7), (1, 1, 3, 300), (3, 2, 4, 13)])
+def test_filter_kernel_equals_the_pytorch_formulation(kernel, shape):
+    """Inference (no gradient) runs the filter as one C++ call: the same filter as the
+    separable PyTorch path, float32 rounding apart; axes shorter than the window
+    (reflections that keep bouncing) and longer than the dense-operator limit
+    included."""
+    from colora_mm.adapters import RangeKernelFilter
+    g = torch.Generator().manual_seed(sum(shape))
+    z = torch.randn(shape, generator=g) * 2 + 0.5
+    z[0, 0].fill_(0.25)                                     # a constant channel
+    f = RangeKernelFilter()
+    with torch.no_grad():
+        native = U.range_filter(z, f.kernel1d(z), f.eps)
+        assert native is not None
+        assert torch.equal(f(z), native)                    # the module takes it
+    reference = f._forward_separable(z.clone().requires_grad_(True)).detach()
+    assert torch.isfinite(native).all()
+    assert _relative(native, reference) < 2e-6
+
+
+def test_filter_kernel_only_where_it_applies(kernel, monkeypatch):
+    from colora_mm.adapters import RangeKernelFilter
+    f = RangeKernelFilter()
+    z = torch.randn(2, 3, 9, 9)
+    k = f.kernel1d(z)
+    assert U.range_filter(z.requires_grad_(True), k, f.eps) is None     # training
+    z = z.detach()
+    assert U.range_filter(z.double(), k.double(), f.eps) is None
+    assert U.range_filter(z.transpose(2, 3), k, f.eps) is None          # not contiguous
+    with torch.no_grad():
+        assert U.range_filter(z.requires_grad_(True), k, f.eps) is not None
+        monkeypatch.setenv(U.ENV_CHOICE, 'conv')
+        assert U.range_filter(z, k, f.eps) is None

@@ -6,6 +6,8 @@
 // as torch.nn.functional.conv2d(z, w, None, 1, 1, 1, r) in another order.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -40,7 +42,10 @@ __attribute__((noinline)) void channel_backward(
   gw[5] = s5; gw[6] = s6; gw[7] = s7; gw[8] = s8;
 }
 
-// One output channel of the forward from the three shifted copies of its z plane.
+// One output channel of the forward from the three shifted copies of its z plane,
+// written to o, or (ACC) added to what o holds: o + (the nine taps' sum), the sum
+// formed first, as out.add_(up(z)) rounds it.
+template <bool ACC>
 __attribute__((noinline)) void channel_forward(
     const float* __restrict__ z0, const float* __restrict__ z1,
     const float* __restrict__ z2, const float* k, float* __restrict__ o, int64_t HW,
@@ -48,10 +53,15 @@ __attribute__((noinline)) void channel_forward(
   const float k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5],
               k6 = k[6], k7 = k[7], k8 = k[8];
 #pragma omp simd
-  for (int64_t q = 0; q < HW; ++q)
-    o[q] = k0 * z0[q] + k1 * z1[q] + k2 * z2[q]
-         + k3 * z0[q + W] + k4 * z1[q + W] + k5 * z2[q + W]
-         + k6 * z0[q + 2 * W] + k7 * z1[q + 2 * W] + k8 * z2[q + 2 * W];
+  for (int64_t q = 0; q < HW; ++q) {
+    const float v = k0 * z0[q] + k1 * z1[q] + k2 * z2[q]
+                  + k3 * z0[q + W] + k4 * z1[q + W] + k5 * z2[q + W]
+                  + k6 * z0[q + 2 * W] + k7 * z1[q + 2 * W] + k8 * z2[q + 2 * W];
+    if (ACC)
+      o[q] = o[q] + v;
+    else
+      o[q] = v;
+  }
 }
 
 // rows are short (8-64 floats at ConvNeXt's shapes): an inlined loop, not memmove
@@ -68,14 +78,25 @@ inline void copy_row(const float* __restrict__ src, float* __restrict__ dst, int
 // shifted copies (kx = 0, 1, 2; zero where the tap leaves the row), each with a zero
 // row above and below: tap (ky, kx) of output position q is then copy kx at q + ky*W,
 // and each output channel is one loop over its H*W values.
-torch::Tensor up_forward(torch::Tensor z, torch::Tensor w) {
+// With ACC, adds into `into` (N, C, H, W) instead of a new tensor.
+template <bool ACC>
+torch::Tensor up_forward_impl(torch::Tensor z, torch::Tensor w, torch::Tensor into) {
   check(z, 4, "z");
   check(w, 2, "w");
   const int64_t C = w.size(0);
   TORCH_CHECK(w.size(1) == 9 && C % z.size(1) == 0, "colora_mm up3x3: w ", w.sizes(),
               " must be (C, 9) with C divisible by r = ", z.size(1));
   const int64_t N = z.size(0), r = z.size(1), H = z.size(2), W = z.size(3), m = C / r;
-  auto out = torch::empty({N, C, H, W}, z.options());
+  torch::Tensor out;
+  if (ACC) {
+    check(into, 4, "out");
+    TORCH_CHECK(into.size(0) == N && into.size(1) == C && into.size(2) == H
+                && into.size(3) == W, "colora_mm up3x3: out ", into.sizes(),
+                " must be (N, C, H, W) = (", N, ", ", C, ", ", H, ", ", W, ")");
+    out = into;
+  } else {
+    out = torch::empty({N, C, H, W}, z.options());
+  }
   const float* zd = z.data_ptr<float>();
   const float* wd = w.data_ptr<float>();
   float* od = out.data_ptr<float>();
@@ -101,11 +122,15 @@ torch::Tensor up_forward(torch::Tensor z, torch::Tensor w) {
       }
       for (int64_t cc = 0; cc < m; ++cc) {
         const int64_t c = j * m + cc;
-        channel_forward(z0, z1, z2, wd + c * 9, od + (n * C + c) * HW, HW, W);
+        channel_forward<ACC>(z0, z1, z2, wd + c * 9, od + (n * C + c) * HW, HW, W);
       }
     }
   });
   return out;
+}
+
+torch::Tensor up_forward(torch::Tensor z, torch::Tensor w) {
+  return up_forward_impl<false>(z, w, torch::Tensor());
 }
 
 // g: (N, C, H, W); returns gz (N, r, H, W), gw (C, 9).
@@ -169,6 +194,143 @@ std::vector<torch::Tensor> up_backward(torch::Tensor g, torch::Tensor z, torch::
   return {gz, gw};
 }
 
+// ---------------------------------------------------------------------------------
+// The range-kernel filter (Eq. 11, colora_mm/adapters/filter.py) for inference, one
+// call per feature map: per sample and channel, the range statistics, the four maps
+// (cos, sin, cos z, sin z), their separable Gaussian blur (11 taps along W, then along
+// H, reflect padding that keeps bouncing on short axes) and the ratio, without the
+// dozen tensors and ops the PyTorch formulation forms.
+
+namespace {
+
+// Index of position pos (may lie outside [0, n)) on a reflect-padded axis of n: the
+// edge is not repeated, and positions beyond one reflection keep bouncing (period
+// 2 (n - 1)), as colora_mm.adapters.filter.reflect_indices.
+int64_t reflect(int64_t pos, int64_t n) {
+  if (n == 1) return 0;
+  const int64_t period = 2 * (n - 1);
+  int64_t m = pos % period;
+  if (m < 0) m += period;
+  return m >= n ? period - m : m;
+}
+
+// Source index of each tap of each output position on a reflect-padded axis of n.
+std::vector<int64_t> reflect_table(int64_t n, int64_t k) {
+  std::vector<int64_t> idx(n * k);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t t = 0; t < k; ++t) idx[j * k + t] = reflect(j + t - k / 2, n);
+  return idx;
+}
+
+}  // namespace
+
+// z: (N, C, H, W) float32 contiguous; g: (k,) float32 (the 1-D Gaussian). Returns
+// Filter(z), same shape. The range weights' cos and sin come from ATen's vectorised
+// functions over the whole map; the rest is one pass per (sample, channel) plane.
+torch::Tensor range_filter(torch::Tensor z, torch::Tensor g, double eps) {
+  check(z, 4, "z");
+  check(g, 1, "kernel");
+  const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), HW = H * W;
+  const int64_t k = g.size(0), pad = k / 2;
+  TORCH_CHECK(k % 2 == 1, "colora_mm range_filter: the window must be odd, got ", k);
+  torch::NoGradGuard no_grad;
+  auto out = torch::empty_like(z);
+  if (z.numel() == 0) return out;
+  const float* zd = z.data_ptr<float>();
+  // gamma_c = (pi / 2) / max(max z - min z, 1e-5) per plane
+  auto gamma = torch::empty({N, C, 1, 1}, z.options());
+  float* gmd = gamma.data_ptr<float>();
+  const float half_pi = static_cast<float>(M_PI / 2.0);
+  at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t plane = b; plane < e; ++plane) {
+      const float* zp = zd + plane * HW;
+      float lo = zp[0], hi = zp[0];
+      for (int64_t q = 1; q < HW; ++q) {
+        lo = std::min(lo, zp[q]);
+        hi = std::max(hi, zp[q]);
+      }
+      gmd[plane] = half_pi / std::max(hi - lo, 1e-5f);
+    }
+  });
+  auto gz = z * gamma;
+  auto cz_t = at::cos(gz), sz_t = at::sin(gz);
+  const float* czd = cz_t.data_ptr<float>();
+  const float* szd = sz_t.data_ptr<float>();
+  const float* gd = g.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  const float epsf = static_cast<float>(eps);
+  // source of each position of a reflect-padded row (W + 2 pad)
+  std::vector<int64_t> wsrc(W + 2 * pad);
+  for (int64_t j = 0; j < W + 2 * pad; ++j) wsrc[j] = reflect(j - pad, W);
+  const std::vector<int64_t> ih = reflect_table(H, k);
+  // Per plane, the four maps of one image row side by side (row h of map m at
+  // (h * 4 + m) * W): the pass along H then runs on 4 W contiguous values at a time.
+  const int64_t W4 = 4 * W;
+  at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> rowbuf(4 * (W + 2 * pad)), rows(4 * HW), blur(4 * HW);
+    const int64_t Wpad = W + 2 * pad;
+    for (int64_t plane = b; plane < e; ++plane) {
+      const float* zp = zd + plane * HW;
+      const float* cz = czd + plane * HW;
+      const float* sz = szd + plane * HW;
+      // along W: each row of cos, sin, cos z, sin z reflect-padded, then k shifted adds
+      for (int64_t h = 0; h < H; ++h) {
+        const float* c = cz + h * W;
+        const float* sn = sz + h * W;
+        const float* zr = zp + h * W;
+        float* p0 = rowbuf.data();
+        float* p1 = p0 + Wpad;
+        float* p2 = p1 + Wpad;
+        float* p3 = p2 + Wpad;
+        for (int64_t j = 0; j < Wpad; ++j) {
+          const int64_t q = wsrc[j];
+          p0[j] = c[q];
+          p1[j] = sn[q];
+          p2[j] = c[q] * zr[q];
+          p3[j] = sn[q] * zr[q];
+        }
+        float* dst = rows.data() + h * W4;
+        std::fill(dst, dst + W4, 0.f);
+        for (int64_t m = 0; m < 4; ++m) {
+          float* d = dst + m * W;
+          const float* src = rowbuf.data() + m * Wpad;
+          for (int64_t t = 0; t < k; ++t) {
+            const float gt = gd[t];
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) d[w] += gt * src[w + t];
+          }
+        }
+      }
+      // along H: the four maps' rows at once
+      for (int64_t h = 0; h < H; ++h) {
+        float* dst = blur.data() + h * W4;
+        const int64_t* ix = ih.data() + h * k;
+        std::fill(dst, dst + W4, 0.f);
+        for (int64_t t = 0; t < k; ++t) {
+          const float gt = gd[t];
+          const float* src = rows.data() + ix[t] * W4;
+#pragma omp simd
+          for (int64_t i = 0; i < W4; ++i) dst[i] += gt * src[i];
+        }
+      }
+      float* op = od + plane * HW;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* b0 = blur.data() + h * W4;
+        const float* b1 = b0 + W;
+        const float* b2 = b1 + W;
+        const float* b3 = b2 + W;
+        const float* c = cz + h * W;
+        const float* sn = sz + h * W;
+        float* o = op + h * W;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w)
+          o[w] = (c[w] * b2[w] + sn[w] * b3[w]) / (c[w] * b0[w] + sn[w] * b1[w] + epsf);
+      }
+    }
+  });
+  return out;
+}
+
 // Forward and backward as one autograd node, without a Python call in backward.
 class Up3x3Function : public torch::autograd::Function<Up3x3Function> {
  public:
@@ -195,6 +357,20 @@ torch::Tensor up3x3(torch::Tensor z, torch::Tensor weight) {
   return Up3x3Function::apply(z, weight);
 }
 
+// out += conv2d(z, weight, padding=1, groups=r), in place, without autograd (for
+// inference: the branch's output goes straight into the convolution's it adds to).
+torch::Tensor up3x3_add_(torch::Tensor out, torch::Tensor z, torch::Tensor weight) {
+  TORCH_CHECK(!torch::GradMode::is_enabled()
+              || (!out.requires_grad() && !z.requires_grad() && !weight.requires_grad()), "colora_mm up3x3_add_: no autograd; "
+              "use up3x3 and an out-of-place sum for training");
+  torch::NoGradGuard guard;
+  return up_forward_impl<true>(z.contiguous(), weight.reshape({weight.size(0), 9}).contiguous(),
+                               out);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("up3x3", &up3x3, "conv2d(z, weight, padding=1, groups=r) with its backward");
+  mod.def("range_filter", &range_filter, "the range-kernel filter (Eq. 11), no autograd");
+  mod.def("up3x3_add_", &up3x3_add_, "out += conv2d(z, weight, padding=1, groups=r), "
+          "in place, no autograd");
 }
