@@ -41,7 +41,7 @@ Term = Tuple[torch.Tensor, torch.Tensor, float]
 
 def inverse(den: torch.Tensor) -> torch.Tensor:
     """``1 / max(den, DEN_MIN)``."""
-    return 1.0 / den.clamp_min(DEN_MIN)
+    return den.clamp_min(DEN_MIN).reciprocal()
 
 
 def plain_scaled(x: torch.Tensor, y: torch.Tensor, k: float) -> torch.Tensor:
