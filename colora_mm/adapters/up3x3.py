@@ -7,10 +7,10 @@ stride 1, padding 1), with a formulation chosen per device.
   gradient. PyTorch's grouped convolution (oneDNN) computes the two gradients in
   separate passes; the kernel takes about half its forward + backward time at the
   shapes of CoLoRAConvNeXt (``benchmarks/bench_colora.py --only spatial``).
-* CPU, float32, no gradient needed (inference): the same kernel adds the output into
-  the convolution output it belongs to (:func:`up3x3_add_`). The extension also holds
-  the range filter's inference kernel (:func:`range_filter`, one call per feature map
-  instead of about fifteen PyTorch ops).
+* Where the output is added to another convolution's (the spatial branch): the same
+  kernel adds it there in place, training and inference alike (:func:`up3x3_add_`).
+  The extension also holds the range filter's inference kernel (:func:`range_filter`,
+  one call per feature map instead of about fifteen PyTorch ops).
 * Anything else (CUDA, other dtypes, autocast, TorchScript tracing, torch.compile,
   fake or meta tensors, an active ``TorchDispatchMode`` such as an operator counter):
   ``torch.nn.functional.conv2d`` with ``groups=r``, as ``nn.Conv2d`` runs it.
@@ -132,6 +132,12 @@ def _apply_kernel(kernel, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return kernel.up3x3(z, weight)
 
 
+def _apply_add_kernel(kernel, out: torch.Tensor, z: torch.Tensor,
+                      weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's in-place autograd op ``out += up(z)``."""
+    return kernel.up3x3_add_(out, z, weight)
+
+
 def _tracing_or_intercepted(*tensors: torch.Tensor) -> bool:
     """Under TorchScript tracing, torch.compile, a ``TorchDispatchMode`` (fake tensors,
     operator counters such as ``tools/analysis/param_flops.py``'s) or on tensor
@@ -169,23 +175,21 @@ def up3x3(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def up3x3_add_(out: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> bool:
-    """``out += conv2d(z, weight, padding=1, groups=r)`` in place, by the C++ kernel, where
-    it applies (:func:`kernel_applies`, ``out`` a contiguous float32 CPU tensor of the
-    output's shape) and no gradient is needed: the branch's output goes straight into
-    the tensor it is added to, without a tensor of its own or a separate sum (inference).
-    Returns False, ``out`` untouched, anywhere else."""
+    """``out += conv2d(z, weight, padding=1, groups=r)`` in place, by the C++ kernel, as
+    one autograd op, where it applies (:func:`kernel_applies`; ``out`` a contiguous
+    float32 CPU tensor of the output's shape, not a leaf that requires a gradient): the
+    branch's output goes straight into the tensor it is added to, without a tensor of
+    its own or a separate sum. Returns False, ``out`` untouched, anywhere else."""
     if choice() != 'auto' or not kernel_applies(z, weight) or _tracing_or_intercepted(out):
         return False
-    if torch.is_grad_enabled() and (out.requires_grad or z.requires_grad
-                                    or weight.requires_grad):
-        return False
     if (out.device.type != 'cpu' or out.dtype != torch.float32 or not out.is_contiguous()
-            or tuple(out.shape) != (z.shape[0], weight.shape[0]) + tuple(z.shape[2:])):
+            or tuple(out.shape) != (z.shape[0], weight.shape[0]) + tuple(z.shape[2:])
+            or (out.requires_grad and out.grad_fn is None)):
         return False
     kernel = load_kernel()
     if kernel is None:
         return False
-    kernel.up3x3_add_(out, z, weight)
+    _apply_add_kernel(kernel, out, z, weight)
     return True
 
 

@@ -82,8 +82,9 @@ def test_no_second_derivative(kernel):
 
 def _count_kernel_calls(monkeypatch):
     calls = []
-    apply = U._apply_kernel
+    apply, add = U._apply_kernel, U._apply_add_kernel
     monkeypatch.setattr(U, '_apply_kernel', lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(U, '_apply_add_kernel', lambda *a: calls.append(1) or add(*a))
     return calls
 
 
@@ -204,28 +205,49 @@ def test_add_in_place_equals_the_sum_bit_for_bit(kernel, n, r, c, h, w):
     assert torch.equal(out, want)
 
 
-def test_add_in_place_only_without_gradients_and_on_fitting_outputs(kernel):
+def test_add_in_place_trains_as_the_sum(kernel):
+    """As one autograd op: the same output and the same gradients of the conv's input,
+    its bias, z and the weight as ``conv(x) + up(z)``, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 6, 7, 9, generator=g)
+    dw = torch.randn(6, 1, 7, 7, generator=g)
+    z0 = torch.randn(2, 3, 7, 9, generator=g)
+    w0 = torch.randn(6, 1, 3, 3, generator=g)
+    b0 = torch.randn(6, generator=g)
+    v = torch.randn(2, 6, 7, 9, generator=g)
+    results = []
+    for in_place in (True, False):
+        x, z, w, b = (t.clone().requires_grad_(True) for t in (x0, z0, w0, b0))
+        out = F.conv2d(x, dw, b, 1, 3, 1, 6)
+        if in_place:
+            assert U.up3x3_add_(out, z, w)
+        else:
+            out = out + U.up3x3(z, w)
+        (out * v).sum().backward()
+        results.append([out.detach()] + [t.grad for t in (x, z, w, b)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_add_in_place_only_on_fitting_outputs(kernel):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 3, 6, 6, generator=g)
-    weight = torch.randn(6, 1, 3, 3, generator=g, requires_grad=True)
+    weight = torch.randn(6, 1, 3, 3, generator=g)
     out = torch.randn(2, 6, 6, 6, generator=g)
     before = out.clone()
-    assert not U.up3x3_add_(out, z, weight)                # the weight needs a gradient
-    with torch.no_grad():
-        assert not U.up3x3_add_(out.double(), z.double(), weight.double())
-        assert not U.up3x3_add_(out.transpose(2, 3), z, weight)       # not contiguous
-        assert not U.up3x3_add_(out[:, :3], z, weight[:3])   # a view with other strides
-        assert not U.up3x3_add_(torch.zeros(2, 6, 5, 6), z, weight)   # another shape
+    assert not U.up3x3_add_(out.double(), z.double(), weight.double())
+    assert not U.up3x3_add_(out.transpose(2, 3), z, weight)           # not contiguous
+    assert not U.up3x3_add_(out[:, :3], z, weight[:3])      # a view with other strides
+    assert not U.up3x3_add_(torch.zeros(2, 6, 5, 6), z, weight)       # another shape
+    leaf = out.clone().requires_grad_(True)
+    assert not U.up3x3_add_(leaf, z, weight)        # a leaf that needs its own gradient
     assert torch.equal(out, before)
-    with pytest.raises(RuntimeError, match='no autograd'):
-        kernel.up3x3_add_(out, z, weight)
 
 
-def test_branch_adds_in_place_in_inference_only(kernel, monkeypatch):
-    """A ConvNeXt block's spatial branch in eval mode: under no_grad the up-projection
-    adds into the depthwise conv's output (one kernel call, no sum), with gradients it
-    returns its own output; the block's output is the same (the filter's inference
-    kernel apart, float32 rounding)."""
+def test_branch_adds_in_place(kernel, monkeypatch):
+    """A ConvNeXt block's spatial branch: the up-projection adds into the depthwise
+    conv's output (one kernel call, no sum) in training and inference; the block's
+    output is the same (the filter's inference kernel apart, float32 rounding)."""
     torch.manual_seed(0)
     model = ConvNeXtBlock()
     inject_adapters(model, AdapterSpec(method='colora', gamma=4, spatial=True),
@@ -237,10 +259,10 @@ def test_branch_adds_in_place_in_inference_only(kernel, monkeypatch):
     real = U.up3x3_add_
     monkeypatch.setattr(U, 'up3x3_add_', lambda *a: added.append(real(*a)) or added[-1])
     with_grad = model(x)
-    assert added == [False]
+    assert added == [True]
     with torch.no_grad():
         without = model(x)
-    assert added == [False, True]
+    assert added == [True, True]
     assert _relative(without, with_grad.detach()) < 1e-6
 
 

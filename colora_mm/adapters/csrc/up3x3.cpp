@@ -357,20 +357,41 @@ torch::Tensor up3x3(torch::Tensor z, torch::Tensor weight) {
   return Up3x3Function::apply(z, weight);
 }
 
-// out += conv2d(z, weight, padding=1, groups=r), in place, without autograd (for
-// inference: the branch's output goes straight into the convolution's it adds to).
+// out += conv2d(z, weight, padding=1, groups=r) in place as one autograd node: the
+// branch's output goes straight into the convolution output it adds to, without a
+// tensor of its own. The gradient of out passes through unchanged (to the op that
+// made it); z's and the weight's are up_backward's.
+class Up3x3AddFunction : public torch::autograd::Function<Up3x3AddFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor out,
+                               torch::Tensor z, torch::Tensor weight) {
+    auto zc = z.contiguous();
+    auto w9 = weight.reshape({weight.size(0), 9}).contiguous();
+    up_forward_impl<true>(zc, w9, out);
+    ctx->mark_dirty({out});
+    ctx->save_for_backward({zc, w9});
+    ctx->saved_data["shape"] = weight.sizes().vec();
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!torch::GradMode::is_enabled(), "colora_mm up3x3: the CPU kernel has no "
+                "second derivative; set COLORA_MM_UP3X3=conv for create_graph=True");
+    auto saved = ctx->get_saved_variables();
+    auto res = up_backward(grads[0].contiguous(), saved[0], saved[1]);
+    return {grads[0], res[0], res[1].view(ctx->saved_data["shape"].toIntVector())};
+  }
+};
+
 torch::Tensor up3x3_add_(torch::Tensor out, torch::Tensor z, torch::Tensor weight) {
-  TORCH_CHECK(!torch::GradMode::is_enabled()
-              || (!out.requires_grad() && !z.requires_grad() && !weight.requires_grad()), "colora_mm up3x3_add_: no autograd; "
-              "use up3x3 and an out-of-place sum for training");
-  torch::NoGradGuard guard;
-  return up_forward_impl<true>(z.contiguous(), weight.reshape({weight.size(0), 9}).contiguous(),
-                               out);
+  check(out, 4, "out");
+  return Up3x3AddFunction::apply(out, z, weight);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("up3x3", &up3x3, "conv2d(z, weight, padding=1, groups=r) with its backward");
   mod.def("range_filter", &range_filter, "the range-kernel filter (Eq. 11), no autograd");
   mod.def("up3x3_add_", &up3x3_add_, "out += conv2d(z, weight, padding=1, groups=r), "
-          "in place, no autograd");
+          "in place, as one autograd node");
 }
