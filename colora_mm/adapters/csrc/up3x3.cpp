@@ -331,25 +331,43 @@ torch::Tensor range_filter(torch::Tensor z, torch::Tensor g, double eps) {
   return out;
 }
 
+namespace {
+
+// What the two autograd nodes below share: the inputs they save, and the backward of
+// the up-projection (z's and the weight's gradients) from the output's gradient.
+std::vector<torch::Tensor> save_inputs(torch::autograd::AutogradContext* ctx,
+                                       const torch::Tensor& z, const torch::Tensor& weight) {
+  auto zc = z.contiguous();
+  auto w9 = weight.reshape({weight.size(0), 9}).contiguous();
+  ctx->save_for_backward({zc, w9});
+  ctx->saved_data["shape"] = weight.sizes().vec();
+  return {zc, w9};
+}
+
+std::vector<torch::Tensor> saved_backward(torch::autograd::AutogradContext* ctx,
+                                          const torch::Tensor& grad) {
+  TORCH_CHECK(!torch::GradMode::is_enabled(), "colora_mm up3x3: the CPU kernel has no "
+              "second derivative; set COLORA_MM_UP3X3=conv for create_graph=True");
+  auto saved = ctx->get_saved_variables();
+  auto res = up_backward(grad.contiguous(), saved[0], saved[1]);
+  return {res[0], res[1].view(ctx->saved_data["shape"].toIntVector())};
+}
+
+}  // namespace
+
 // Forward and backward as one autograd node, without a Python call in backward.
 class Up3x3Function : public torch::autograd::Function<Up3x3Function> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor z,
                                torch::Tensor weight) {
-    auto zc = z.contiguous();
-    auto w9 = weight.reshape({weight.size(0), 9}).contiguous();
-    ctx->save_for_backward({zc, w9});
-    ctx->saved_data["shape"] = weight.sizes().vec();
-    return up_forward(zc, w9);
+    auto in = save_inputs(ctx, z, weight);
+    return up_forward(in[0], in[1]);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    TORCH_CHECK(!torch::GradMode::is_enabled(), "colora_mm up3x3: the CPU kernel has no "
-                "second derivative; set COLORA_MM_UP3X3=conv for create_graph=True");
-    auto saved = ctx->get_saved_variables();
-    auto out = up_backward(grads[0].contiguous(), saved[0], saved[1]);
-    return {out[0], out[1].view(ctx->saved_data["shape"].toIntVector())};
+    auto res = saved_backward(ctx, grads[0]);
+    return {res[0], res[1]};
   }
 };
 
@@ -360,27 +378,21 @@ torch::Tensor up3x3(torch::Tensor z, torch::Tensor weight) {
 // out += conv2d(z, weight, padding=1, groups=r) in place as one autograd node: the
 // branch's output goes straight into the convolution output it adds to, without a
 // tensor of its own. The gradient of out passes through unchanged (to the op that
-// made it); z's and the weight's are up_backward's.
+// made it); z's and the weight's are those of up3x3.
 class Up3x3AddFunction : public torch::autograd::Function<Up3x3AddFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor out,
                                torch::Tensor z, torch::Tensor weight) {
-    auto zc = z.contiguous();
-    auto w9 = weight.reshape({weight.size(0), 9}).contiguous();
-    up_forward_impl<true>(zc, w9, out);
+    auto in = save_inputs(ctx, z, weight);
+    up_forward_impl<true>(in[0], in[1], out);
     ctx->mark_dirty({out});
-    ctx->save_for_backward({zc, w9});
-    ctx->saved_data["shape"] = weight.sizes().vec();
     return out;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    TORCH_CHECK(!torch::GradMode::is_enabled(), "colora_mm up3x3: the CPU kernel has no "
-                "second derivative; set COLORA_MM_UP3X3=conv for create_graph=True");
-    auto saved = ctx->get_saved_variables();
-    auto res = up_backward(grads[0].contiguous(), saved[0], saved[1]);
-    return {grads[0], res[0], res[1].view(ctx->saved_data["shape"].toIntVector())};
+    auto res = saved_backward(ctx, grads[0]);
+    return {grads[0], res[0], res[1]};
   }
 };
 
