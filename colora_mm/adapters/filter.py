@@ -198,7 +198,8 @@ class RangeKernelFilter(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 4:
             raise ValueError(f'RangeKernelFilter expects (N, C, H, W), got {tuple(z.shape)}.')
-        if self.separable:
+        if (self.separable and z.device.type == 'cpu' and z.dtype == torch.float32
+                and not (torch.is_grad_enabled() and z.requires_grad)):
             # inference on the CPU in float32: one C++ call (colora_mm/adapters/up3x3.py)
             out = up3x3.range_filter(z, self.kernel1d(z), self.eps)
             if out is not None:
