@@ -465,7 +465,8 @@ def bench_train(args, results: dict) -> None:
     for method in names:
         models[method], steps[method], trainables[method] = build_trainer(method, args)
     faults = minor_faults()
-    times = interleaved(steps, args.device, args.repeats, warmup=1)
+    rounds = interleaved_times(steps, args.device, args.repeats, warmup=1)
+    times = {k: statistics.median(v) for k, v in rounds.items()}
     faults = (minor_faults() - faults) / ((args.repeats + 1) * len(steps))
     for method in names:
         paths[method] = path_summary(models[method])
@@ -533,6 +534,27 @@ def bench_train(args, results: dict) -> None:
                    ('our LoRA / peft LoRA, training memory (kept tensors)',
                     kept['lora'] / kept['peft-lora'], '<=', 1.00)]
     results['train_targets'] = report_targets(checks)
+    results['train_round_ratios'] = report_round_ratios(rounds)
+
+
+def report_round_ratios(rounds: Dict[str, List[float]]) -> dict:
+    """The step-time ratios of the targets round by round (the methods ran in turn in
+    every round): their spread shows how far this run's machine noise reaches, beside
+    the ratio of the medians that the targets read."""
+    pairs = [('colora', 'lora'), ('colora', 'limit'), ('lora', 'limit'),
+             ('lora', 'peft-lora')]
+    out = {}
+    lines = []
+    for a, b in pairs:
+        if a in rounds and b in rounds:
+            ratios = sorted(x / y for x, y in zip(rounds[a], rounds[b]))
+            out[f'{a}/{b}'] = ratios
+            lines.append(f'{a} / {b} {ratios[0]:.3f}-{ratios[-1]:.3f} '
+                         f'(median {statistics.median(ratios):.3f})')
+    if lines:
+        print(f'Step-time ratios round by round ({len(next(iter(rounds.values())))} '
+              'rounds; the targets read the ratio of the medians): ' + '; '.join(lines))
+    return out
 
 
 def report_targets(checks) -> list:

@@ -72,3 +72,21 @@ def test_bench_colora_refuses_an_input_smaller_than_the_backbone_stride(flag):
                          timeout=300)
     assert res.returncode == 2
     assert f'{flag} 16: at least 32' in res.stderr
+
+
+def test_table_1_prints_its_targets_and_the_round_by_round_spread(tmp_path):
+    """Table 1 on a tiny model: the target lines, and the step-time ratios of every
+    round beside them (their spread is this run's noise), also in the JSON."""
+    out_json = tmp_path / 'train.json'
+    res = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'), '--only', 'train',
+         '--methods', 'full', 'limit', 'lora', 'colora', '--arch', 'atto', '--size', '64',
+         '--batch', '2', '--head-channels', '32', '--repeats', '2', '--threads', '1',
+         '--json', str(out_json)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'CoLoRA step / LoRA step: ' in res.stdout
+    assert 'Step-time ratios round by round (2 rounds' in res.stdout
+    import json
+    ratios = json.loads(out_json.read_text())['train_round_ratios']
+    assert set(ratios) == {'colora/lora', 'colora/limit', 'lora/limit'}
+    assert all(len(v) == 2 and v == sorted(v) and v[0] > 0 for v in ratios.values())
