@@ -153,7 +153,6 @@ print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
   want spatial_variants && run_stage spatial_variants "$OUT/logs/bench.log" "$PY" \
     benchmarks/experiments/spatial_variants.py "${exp[@]}"
 
-
   # 4. the demo config on CUDA
   if [ "$DRY" = 1 ]; then
     iters=4 warm=1 ntrain=16 nval=8 batch=4 amp=()

@@ -329,12 +329,13 @@ class AdaptedLayer(nn.Module):
                 weight = adapter.adapted_weight(self)
             out = self.base_forward(x, weight)
             self.last_path = None if weight is None else 'weight'
+        # in place unless ``out`` is a view (or under torch.compile, which fuses it);
+        # a branch may add itself into ``out`` and return it
         in_place = not (compiling() or out._is_view())
         extra = adapter.branch(self, x, into=out if in_place else None)
         if extra is not None and extra is not out:
             extra = extra.to(out.dtype)
-            # in place unless ``out`` is a view (or under torch.compile, which fuses it)
-            out = out + extra if compiling() or out._is_view() else out.add_(extra)
+            out = out.add_(extra) if in_place else out + extra
         adapter.after_forward(self, factors)
         return out
 
