@@ -1,0 +1,155 @@
+"""Where a CoLoRA pair's training-step time over LoRA's goes: table 1's UperNet +
+ConvNeXt training step with LoRA, with CoLoRA's pairs alone (``colora-pairs``: no
+spatial branch) and with the pairs minus one part of their factor computation at a
+time. The parts removed change the numbers the step computes, so those rows only
+attribute cost (they are timed, not checked); the one row that computes the same
+numbers (``plain-op scalings``) is checked against the pairs as they are first.
+
+* ``pairs``: as the package runs them;
+* ``plain-op scalings``: the scalings as plain tensor ops, not as one autograd op;
+* ``no stds``: the scalings replaced by the constants ``1 / k_j`` (no ``std`` in the
+  forward or the backward pass);
+* ``no partner products``: the partners' base weights taken as zero (``Bs W2^T`` and
+  ``W1^T As`` and their gradients, the GEMMs that stream a whole frozen weight, gone);
+* ``no partner offsets``: the partners without their low-rank offsets (the base weight
+  only, as with ``partner_policy='frozen'``).
+
+At a small input (the default, 32x32) the rows show the cost that does not grow with
+the number of tokens; at table 1's 256x256 what grows with it too. A second table times
+the stage-3 partner products alone with the weight just used (hot in cache) and after
+256 MB of other traffic (cold): in a training step the weight is cold.
+
+    python benchmarks/experiments/pair_cost.py [--size 32] [--repeats 15]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from _common import bench_colora, interleaved_runs, median_ratio, setup
+
+VARIANTS = ('pairs', 'plain-op scalings', 'no stds', 'no partner products',
+            'no partner offsets')
+
+
+def patch(mode: list) -> None:
+    """Route the pairs' scalings, partner bases and offsets through ``mode[0]``."""
+    from colora_mm.adapters import colora_pair as cp
+    from colora_mm.adapters.scaling import plain_scaled
+    as_is_columns = cp.scaled_columns
+    as_is_base, as_is_offset = cp.CoLoRAPair.partner_base, cp.CoLoRAPair.offset
+
+    def scaled_columns(terms, cache):
+        if mode[0] == 'plain-op scalings':
+            parts = [plain_scaled(x, y, k) for x, y, k in terms]
+        elif mode[0] == 'no stds':
+            parts = [x * (1.0 / k) for x, _, k in terms]
+        else:
+            return as_is_columns(terms, cache)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def partner_base(self, index):
+        return None if mode[0] == 'no partner products' else as_is_base(self, index)
+
+    def offset(self, index):
+        if mode[0] == 'no partner offsets':
+            din, dout = self.side_shapes()[index]
+            return self.partner_l1.new_zeros(din, 0), self.partner_l1.new_zeros(0, dout)
+        return as_is_offset(self, index)
+
+    cp.scaled_columns = scaled_columns
+    cp.CoLoRAPair.partner_base, cp.CoLoRAPair.offset = partner_base, offset
+
+
+def partner_products(repeats: int) -> list:
+    """Stage-3 partner products of ConvNeXt-T (W 3072 x 768, rs = 24), median ms,
+    hot (the same product just before) and cold (256 MB streamed in between)."""
+    w, as_, bs = torch.randn(3072, 768), torch.randn(768, 24), torch.randn(24, 3072)
+    g1, g2 = torch.randn(24, 768), torch.randn(3072, 24)
+    traffic = torch.ones(64 * 1024 * 1024)
+    products = {'Bs W2^T (forward)': lambda: bs @ w,
+                'W1^T As (forward)': lambda: w @ as_,
+                'dC W2 (backward)': lambda: g1 @ w.t(),
+                'W1 dC (backward)': lambda: w.t() @ g2}
+    rows = []
+    for name, fn in products.items():
+        hot, cold = [], []
+        for _ in range(repeats):
+            traffic.add_(1.0)
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            fn()
+            t2 = time.perf_counter()
+            cold.append(t1 - t0)
+            hot.append(t2 - t1)
+        rows.append((name, statistics.median(hot) * 1e3, statistics.median(cold) * 1e3))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--arch', default='tiny')
+    parser.add_argument('--size', type=int, default=32)
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--head-channels', type=int, default=128)
+    parser.add_argument('--repeats', type=int, default=15)
+    args = parser.parse_args()
+    print(setup())
+    args.device, args.amp = 'cpu', False
+    mode = ['pairs']
+    patch(mode)
+    steps = {'lora': bench_colora.build_trainer('lora', args)[1]}
+    models = {}
+    for name in VARIANTS:
+        models[name], steps[name], _ = bench_colora.build_trainer('colora-pairs', args)
+        torch.manual_seed(1)                    # a trained-looking update: B != 0
+        with torch.no_grad():
+            for pname, p in models[name].named_parameters():
+                if 'adapter_' in pname:
+                    p.normal_(0, 0.02)
+
+    # the one variant that computes the same numbers: equal losses and gradients
+    data = bench_colora.make_batch(args.batch, args.size)
+    grads = {}
+    for name in ('pairs', 'plain-op scalings'):
+        mode[0] = name
+        model = models[name]
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)                    # the heads' dropout
+        losses = model(**model.data_preprocessor(data, True), mode='loss')
+        sum(v for k, v in losses.items() if 'loss' in k).backward()
+        grads[name] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+    err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+              for a, b in zip(grads['pairs'], grads['plain-op scalings']))
+    assert err < 1e-4, f'plain-op scalings differ from the pairs as they are: {err:.1e}'
+
+    def timed(name):
+        def run():
+            mode[0] = name if name in VARIANTS else 'pairs'
+            steps[name]()
+        return run
+
+    times = interleaved_runs({name: timed(name) for name in steps}, args.repeats)
+    mode[0] = 'pairs'
+    lora = statistics.median(times['lora']) * 1e3
+    print(f'\nUperNet + ConvNeXt-{args.arch} training step, batch {args.batch} x '
+          f'{args.size}x{args.size}, {args.repeats} interleaved repeats '
+          f'(largest relative gradient difference of plain-op scalings: {err:.1e}):')
+    print('| variant | step ms | - LoRA ms | / LoRA | - pairs ms |\n|---|---|---|---|---|')
+    pairs = statistics.median(times['pairs']) * 1e3
+    for name in steps:
+        ms = statistics.median(times[name]) * 1e3
+        print(f'| {name} | {ms:.1f} | {ms - lora:+.1f} | '
+              f'{median_ratio(times[name], times["lora"]):.3f} | '
+              f'{ms - pairs:+.1f} |')
+    print('\nStage-3 partner products alone (ConvNeXt-T: W 3072 x 768, rs 24), median ms:')
+    print('| product | weight hot | weight cold |\n|---|---|---|')
+    for name, hot, cold in partner_products(max(args.repeats, 15)):
+        print(f'| {name} | {hot:.3f} | {cold:.3f} |')
+
+
+if __name__ == '__main__':
+    main()
