@@ -93,11 +93,12 @@ def test_table_1_prints_its_targets_and_the_round_by_round_spread(tmp_path):
 
 
 def test_pair_cost_rows_and_the_same_numbers_check():
-    """The script checks the one variant that computes the same numbers (plain-op
-    scalings) against the pairs as they are before timing, then prints every row."""
+    """The script checks the variants that compute the same numbers (python factors,
+    plain-op scalings) against the pairs as they are before timing, then prints every
+    row."""
     out = run('pair_cost.py', '--arch', 'atto', '--repeats', '1', '--head-channels', '32')
-    for name in ('lora', 'pairs', 'plain-op scalings', 'no stds', 'no partner products',
-                 'no partner offsets'):
+    for name in ('lora', 'pairs', 'python factors', 'plain-op scalings', 'no stds',
+                 'no partner products', 'no partner offsets'):
         assert f'| {name} | ' in out
-    assert 'largest relative gradient difference of plain-op scalings' in out
+    assert 'largest relative gradient difference of python factors and plain-op' in out
     assert '| W1 dC (backward) | ' in out

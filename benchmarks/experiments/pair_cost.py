@@ -2,10 +2,14 @@
 ConvNeXt training step with LoRA, with CoLoRA's pairs alone (``colora-pairs``: no
 spatial branch) and with the pairs minus one part of their factor computation at a
 time. The parts removed change the numbers the step computes, so those rows only
-attribute cost (they are timed, not checked); the one row that computes the same
-numbers (``plain-op scalings``) is checked against the pairs as they are first.
+attribute cost (they are timed, not checked); the rows that compute the same numbers
+(``python factors``, ``plain-op scalings``) are checked against the pairs as they are
+first.
 
-* ``pairs``: as the package runs them;
+* ``pairs``: as the package runs them (on the CPU each side's factors as one C++
+  autograd node, ``csrc/pair_factors.cpp``);
+* ``python factors``: the factors as the Python formulation (``COLORA_MM_UP3X3=conv``;
+  the scalings as one autograd op); the rows below remove parts of it:
 * ``plain-op scalings``: the scalings as plain tensor ops, not as one autograd op;
 * ``no stds``: the scalings replaced by the constants ``1 / k_j`` (no ``std`` in the
   forward or the backward pass);
@@ -29,8 +33,8 @@ import torch
 
 from _common import bench_colora, interleaved_runs, median_ratio, setup
 
-VARIANTS = ('pairs', 'plain-op scalings', 'no stds', 'no partner products',
-            'no partner offsets')
+VARIANTS = ('pairs', 'python factors', 'plain-op scalings', 'no stds',
+            'no partner products', 'no partner offsets')
 
 
 def patch(mode: list) -> None:
@@ -39,6 +43,10 @@ def patch(mode: list) -> None:
     from colora_mm.adapters.scaling import plain_scaled
     as_is_columns = cp.scaled_columns
     as_is_base, as_is_offset = cp.CoLoRAPair.partner_base, cp.CoLoRAPair.offset
+    as_is_node = cp.pair_side_factors
+
+    def pair_side_factors(*args):
+        return as_is_node(*args) if mode[0] == 'pairs' else None
 
     def scaled_columns(terms, cache):
         if mode[0] == 'plain-op scalings':
@@ -58,7 +66,7 @@ def patch(mode: list) -> None:
             return self.partner_l1.new_zeros(din, 0), self.partner_l1.new_zeros(0, dout)
         return as_is_offset(self, index)
 
-    cp.scaled_columns = scaled_columns
+    cp.scaled_columns, cp.pair_side_factors = scaled_columns, pair_side_factors
     cp.CoLoRAPair.partner_base, cp.CoLoRAPair.offset = partner_base, offset
 
 
@@ -110,10 +118,11 @@ def main():
                 if 'adapter_' in pname:
                     p.normal_(0, 0.02)
 
-    # the one variant that computes the same numbers: equal losses and gradients
+    # the variants that compute the same numbers: equal gradients
     data = bench_colora.make_batch(args.batch, args.size)
     grads = {}
-    for name in ('pairs', 'plain-op scalings'):
+    same = ('pairs', 'python factors', 'plain-op scalings')
+    for name in same:
         mode[0] = name
         model = models[name]
         model.zero_grad(set_to_none=True)
@@ -123,8 +132,8 @@ def main():
         grads[name] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         model.zero_grad(set_to_none=True)
     err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-              for a, b in zip(grads['pairs'], grads['plain-op scalings']))
-    assert err < 1e-4, f'plain-op scalings differ from the pairs as they are: {err:.1e}'
+              for name in same[1:] for a, b in zip(grads[name], grads['pairs']))
+    assert err < 1e-4, f'{same[1:]} differ from the pairs as they are: {err:.1e}'
 
     def timed(name):
         def run():
@@ -137,14 +146,16 @@ def main():
     lora = statistics.median(times['lora']) * 1e3
     print(f'\nUperNet + ConvNeXt-{args.arch} training step, batch {args.batch} x '
           f'{args.size}x{args.size}, {args.repeats} interleaved repeats '
-          f'(largest relative gradient difference of plain-op scalings: {err:.1e}):')
-    print('| variant | step ms | - LoRA ms | / LoRA | - pairs ms |\n|---|---|---|---|---|')
-    pairs = statistics.median(times['pairs']) * 1e3
+          f'(largest relative gradient difference of {" and ".join(same[1:])} from '
+          f'pairs: {err:.1e}):')
+    print('| variant | step ms | - LoRA ms | / LoRA | - python factors ms |\n'
+          '|---|---|---|---|---|')
+    python = statistics.median(times['python factors']) * 1e3
     for name in steps:
         ms = statistics.median(times[name]) * 1e3
         print(f'| {name} | {ms:.1f} | {ms - lora:+.1f} | '
               f'{median_ratio(times[name], times["lora"]):.3f} | '
-              f'{ms - pairs:+.1f} |')
+              f'{ms - python:+.1f} |')
     print('\nStage-3 partner products alone (ConvNeXt-T: W 3072 x 768, rs 24), median ms:')
     print('| product | weight hot | weight cold |\n|---|---|---|')
     for name, hot, cold in partner_products(max(args.repeats, 15)):

@@ -44,6 +44,7 @@ import torch.nn as nn
 from .base import AdaptedLayer, Adapter, compute_dtype, no_autocast
 from .init import init_a_
 from .scaling import plain_scaled, scaled_columns
+from .up3x3 import pair_side_factors
 
 PARTNER_POLICIES = ('effective', 'frozen')
 #: Buffer names of the partner offsets, ``partner_i = base_i + L_i R_i``.
@@ -266,14 +267,38 @@ class CoLoRAPair(nn.Module):
     def factors(self, index: int) -> tuple:
         """``(L, R)`` with ``dW_index = L R`` (paper orientation, inner width ``r``):
         both terms of Eq. 14 (or 15) as one product, ``[s1 A1 | s As] @ [B1 ; Bs W2^T]``.
-        In ``max(float32, parameter dtype)``, autocast off; the scalings of a training
-        step run as one autograd op (:mod:`.scaling`)."""
+        In ``max(float32, parameter dtype)``, autocast off; in a training step on the
+        CPU the whole side is one C++ autograd node (:meth:`_one_node_factors`), else
+        the scalings run as one autograd op (:mod:`.scaling`)."""
         with no_autocast(self.partner_l1.device):
-            terms = self._terms(index, self._compute_dtype())
+            dtype = self._compute_dtype()
+            fused = self._one_node_factors(index, dtype)
+            if fused is not None:
+                return fused
+            terms = self._terms(index, dtype)
             left = scaled_columns(terms, self._scaling_cache[index])
             if len(terms) == 1:
                 return left, terms[0][1]
             return left, torch.cat([y for _, y, _ in terms], dim=0)
+
+    def _one_node_factors(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
+        """``(L, R)`` of a training step as one C++ autograd node on the CPU
+        (:func:`.up3x3.pair_side_factors`: the same values, the same gradients up to
+        rounding), or None where it does not apply: no gradient needed, a pair with an
+        empty part or without layers, another device."""
+        if not (self.rl and self.rs) or not torch.is_grad_enabled():
+            return None
+        A, B = (self.A1, self.B1) if index == 0 else (self.A2, self.B2)
+        if not any(p.requires_grad for p in (A, B, self.As, self.Bs)):
+            return None
+        base = self.partner_base(1 - index)
+        if base is None:
+            return None
+        left, right = self.offset(1 - index)
+        return pair_side_factors(index, A.to(dtype), B.to(dtype), self.As.to(dtype),
+                                 self.Bs.to(dtype), base.to(dtype), left.to(dtype),
+                                 right.to(dtype), math.sqrt(self.rl),
+                                 (self.rs * self.n) ** 0.25)
 
     def delta(self, index: int) -> torch.Tensor:
         """``dW1`` (index 0, ``d x d'``) or ``dW2`` (index 1, ``d' x d''``), paper

@@ -25,7 +25,9 @@ sums and products in the same order); the gradients are the closed form of the p
 ops' backward (``std``'s ``(T - mean T) / ((N - 1) std)``, zero where ``std = 0`` as in
 PyTorch; zero through the clamp where it binds), equal to them up to rounding. Under
 ``torch.compile`` (which derives and fuses the backward itself) and without gradients
-the plain ops run.
+the plain ops run. On the CPU a training step of a pair with frozen base weights goes
+through neither: each side's factors, scalings included, are one C++ autograd node
+(``csrc/pair_factors.cpp``, :func:`.up3x3.pair_side_factors`).
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ stride 1, padding 1), with a formulation chosen per device.
 * Where the output is added to another convolution's (the spatial branch): the same
   kernel adds it there in place, training and inference alike (:func:`up3x3_add_`).
   The extension also holds the range filter's inference kernel (:func:`range_filter`,
-  one call per feature map instead of about fifteen PyTorch ops).
+  one call per feature map instead of about fifteen PyTorch ops) and one side of a
+  CoLoRA pair's factors as one autograd node (:func:`pair_side_factors`,
+  ``csrc/pair_factors.cpp``; :mod:`.colora_pair`).
 * Anything else (CUDA, other dtypes, autocast, TorchScript tracing, torch.compile,
   fake or meta tensors, an active ``TorchDispatchMode`` such as an operator counter):
   ``torch.nn.functional.conv2d`` with ``groups=r``, as ``nn.Conv2d`` runs it.
@@ -21,8 +23,9 @@ relative). The kernel is compiled with ``torch.utils.cpp_extension`` on first us
 ``$COLORA_MM_EXT_DIR``, default ``~/.cache/colora_mm/extensions``). Where it cannot be
 built, the grouped convolution runs, with one warning naming the reason.
 
-``COLORA_MM_UP3X3=conv`` (environment) always runs the grouped convolution and the
-filter's PyTorch formulation; ``auto`` (the default) picks per call as above.
+``COLORA_MM_UP3X3=conv`` (environment) always runs the grouped convolution, the
+filter's PyTorch formulation and the pair factors' Python formulation; ``auto`` (the
+default) picks per call as above.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import os.path as osp
 import platform
 import threading
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,6 +49,9 @@ ENV_CHOICE = 'COLORA_MM_UP3X3'
 ENV_DIR = 'COLORA_MM_EXT_DIR'
 CHOICES = ('auto', 'conv')
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'up3x3.cpp')
+#: Built into the same extension: one side of a CoLoRA pair as one autograd node
+#: (:mod:`.colora_pair`).
+SOURCES = (SOURCE, osp.join(osp.dirname(SOURCE), 'pair_factors.cpp'))
 CFLAGS = ['-O3', '-march=native', '-fopenmp']
 if platform.machine().lower() in ('x86_64', 'amd64'):
     # 256-bit vectors: 6% faster than 512-bit ones on an AVX-512 AMD EPYC (the nine
@@ -96,8 +102,10 @@ def load_kernel() -> Optional[object]:
         if 'module' in _state or 'error' in _state:
             return _state.get('module')
         try:
-            with open(SOURCE, 'rb') as f:
-                source = f.read()
+            source = b''
+            for src in SOURCES:
+                with open(src, 'rb') as f:
+                    source += f.read()
             digest = hashlib.sha1(source + _cpu_signature().encode()).hexdigest()[:12]
             name = f'colora_mm_up3x3_{digest}'
             path = osp.join(build_dir(), name)
@@ -111,16 +119,16 @@ def load_kernel() -> Optional[object]:
                 from torch.utils.cpp_extension import load
             finally:
                 logger.setLevel(level)
-            _state['module'] = load(name, [SOURCE], extra_cflags=CFLAGS,
+            _state['module'] = load(name, list(SOURCES), extra_cflags=CFLAGS,
                                     extra_ldflags=['-fopenmp'], build_directory=path,
                                     verbose=False)
         except Exception as err:       # no compiler, no ninja, a failed build
             reason = str(err).strip().splitlines()
             _state['error'] = f'{type(err).__name__}: {reason[0] if reason else ""}'
-            warnings.warn(f'colora_mm: the spatial branch\'s CPU kernels (up-projection, '
-                          f'inference filter; {SOURCE}) could not be built '
-                          f'({_state["error"]}); the grouped convolution and the filter\'s '
-                          'PyTorch ops run instead (same results, about twice the time '
+            warnings.warn(f'colora_mm: the CPU kernels (up-projection, inference filter, '
+                          f'pair factors; {", ".join(SOURCES)}) could not be built '
+                          f'({_state["error"]}); PyTorch ops run instead (same results; '
+                          'the spatial branch\'s up-projection takes about twice the time '
                           'of forward + backward). It needs a C++ compiler and ninja '
                           f'(pip install ninja); {ENV_CHOICE}=conv skips it.',
                           stacklevel=2)
@@ -210,6 +218,31 @@ def range_filter(z: torch.Tensor, kernel1d: torch.Tensor, eps: float) -> Optiona
     if kernel is None:
         return None
     return kernel.range_filter(z, kernel1d.contiguous(), float(eps))
+
+
+def pair_side_factors(index: int, A: torch.Tensor, B: torch.Tensor, As: torch.Tensor,
+                      Bs: torch.Tensor, base: torch.Tensor, left: torch.Tensor,
+                      right: torch.Tensor, k_ind: float,
+                      k_sh: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """One side of a CoLoRA pair, ``(L, R)`` (:meth:`.colora_pair.CoLoRAPair.factors`),
+    as one C++ autograd node (``csrc/pair_factors.cpp``), where it applies: every tensor
+    a 2-D CPU tensor of one dtype, float32 or float64; the partner's base weight and
+    offset without a gradient; not traced or intercepted; ``COLORA_MM_UP3X3`` not
+    ``conv``. None anywhere else (the caller runs the Python formulation)."""
+    tensors = (A, B, As, Bs, base, left, right)
+    if choice() != 'auto' or _tracing_or_intercepted(*tensors):
+        return None
+    if A.dtype not in (torch.float32, torch.float64) or any(
+            t.device.type != 'cpu' or t.dtype != A.dtype or t.dim() != 2 for t in tensors):
+        return None
+    if base.requires_grad or left.requires_grad or right.requires_grad:
+        return None
+    kernel = load_kernel()
+    if kernel is None:
+        return None
+    left_factor, right_factor = kernel.pair_side_factors(
+        index, A, B, As, Bs, base, left, right, float(k_ind), float(k_sh))
+    return left_factor, right_factor
 
 
 class GroupedUp3x3(nn.Conv2d):

@@ -153,10 +153,11 @@ def test_spatial_branch_takes_it_and_trains_alike(kernel, monkeypatch):
 
 def test_a_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(U, '_state', {})
-    monkeypatch.setattr(U, 'SOURCE', str(tmp_path / 'missing.cpp'))
+    monkeypatch.setattr(U, 'SOURCES', (str(tmp_path / 'missing.cpp'),) + U.SOURCES[1:])
     z, weight = torch.randn(1, 2, 4, 4), torch.randn(4, 1, 3, 3)
-    with pytest.warns(UserWarning, match=r"CPU kernels \(up-projection, inference filter; "
-                                         r".*missing.cpp\) could not be built "
+    with pytest.warns(UserWarning, match=r"CPU kernels \(up-projection, inference filter, "
+                                         r"pair factors; .*missing.cpp, .*pair_factors.cpp\) "
+                                         r"could not be built "
                                          r"\(FileNotFoundError"):
         out = U.up3x3(z, weight)
     assert torch.equal(out, F.conv2d(z, weight, None, 1, 1, 1, 2))

@@ -401,9 +401,17 @@ torch::Tensor up3x3_add_(torch::Tensor out, torch::Tensor z, torch::Tensor weigh
   return Up3x3AddFunction::apply(out, z, weight);
 }
 
+// pair_factors.cpp (built into the same extension)
+std::vector<torch::Tensor> pair_side_factors(int64_t index, torch::Tensor A, torch::Tensor B,
+                                             torch::Tensor As, torch::Tensor Bs,
+                                             torch::Tensor base, torch::Tensor left,
+                                             torch::Tensor right, double k_ind, double k_sh);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("up3x3", &up3x3, "conv2d(z, weight, padding=1, groups=r) with its backward");
   mod.def("range_filter", &range_filter, "the range-kernel filter (Eq. 11), no autograd");
   mod.def("up3x3_add_", &up3x3_add_, "out += conv2d(z, weight, padding=1, groups=r), "
           "in place, as one autograd node");
+  mod.def("pair_side_factors", &pair_side_factors, "one side of a CoLoRA pair: the "
+          "factors (L, R) of its update as one autograd node");
 }

@@ -1,0 +1,157 @@
+// One side of CoLoRA's correlated pair (colora_mm/adapters/colora_pair.py) as one
+// autograd node on the CPU: the factors (L, R) with dW = L R of Eq. 14 (side 0) or
+// Eq. 15 (side 1), from the pair's parameters, the partner's frozen base weight and its
+// low-rank offset:
+//
+//   side 0:  C = Bs W2p^T = Bs base + (Bs right^T) left^T           (rs x d')
+//            L = [s1 A | s As],  R = [B ; C]
+//   side 1:  C = W1p^T As = base As + right^T (left^T As)             (d' x rs)
+//            L = [s2 A | s C],   R = [B ; Bs]
+//   s_j = 1 / max(k_j (std X_j + std Y_j), 1e-12)   for the terms (A, B) and (X, Y)
+//
+// The forward runs the same ATen calls as the package's Python formulation (the same
+// std, the scalings in the dtype's own arithmetic), so L and R are bit for bit theirs;
+// the backward is the closed form (std's (T - mean T) / ((N - 1) std), zero where
+// std = 0 or where the clamp binds), with the scalars on the host. One node replaces
+// the dozen or so autograd nodes and the Python backward of the formulation it mirrors.
+#include <torch/extension.h>
+#include <algorithm>
+#include <array>
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr double kDenMin = 1e-12;
+
+// den = k (std X + std Y) and s = 1 / max(den, 1e-12) in the arithmetic of T, as the
+// tensor ops compute them in that dtype.
+template <typename T>
+std::array<double, 2> scaling(double sx, double sy, double k) {
+  const T den = (static_cast<T>(sx) + static_cast<T>(sy)) * static_cast<T>(k);
+  const T s = static_cast<T>(1) / std::max(den, static_cast<T>(kDenMin));
+  return {static_cast<double>(den), static_cast<double>(s)};
+}
+
+std::array<double, 2> scaling_in(const Tensor& like, double sx, double sy, double k) {
+  return like.scalar_type() == torch::kFloat64 ? scaling<double>(sx, sy, k)
+                                               : scaling<float>(sx, sy, k);
+}
+
+// The terms (X_j, Y_j) of a side: (A, B) and the shared one.
+std::array<Tensor, 4> terms(int64_t index, const Tensor& A, const Tensor& B,
+                            const Tensor& As, const Tensor& Bs, const Tensor& C) {
+  if (index == 0) return {A, B, As, C};
+  return {A, B, C, Bs};
+}
+
+class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
+ public:
+  static variable_list forward(AutogradContext* ctx, int64_t index, Tensor A, Tensor B,
+                               Tensor As, Tensor Bs, Tensor base, Tensor left,
+                               Tensor right, double k_ind, double k_sh) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    Tensor C;
+    if (index == 0) {
+      C = at::mm(Bs, base);
+      if (left.size(1)) C = C + at::mm(at::mm(Bs, right.t()), left.t());
+    } else {
+      C = at::mm(base, As);
+      if (left.size(1)) C = C + at::mm(right.t(), at::mm(left.t(), As));
+    }
+    const auto t = terms(index, A, B, As, Bs, C);
+    std::vector<double> sig(4), den(2), s(2);
+    for (int i = 0; i < 4; ++i) sig[i] = at::std(t[i]).item<double>();
+    const double k[2] = {k_ind, k_sh};
+    for (int j = 0; j < 2; ++j) {
+      const auto ds = scaling_in(A, sig[2 * j], sig[2 * j + 1], k[j]);
+      den[j] = ds[0];
+      s[j] = ds[1];
+    }
+    const int64_t rl = A.size(1), rs = t[2].size(1);
+    Tensor L = at::empty({A.size(0), rl + rs}, A.options());
+    Tensor L0 = L.narrow(1, 0, rl), L1 = L.narrow(1, rl, rs);
+    at::mul_out(L0, A, s[0]);
+    at::mul_out(L1, t[2], s[1]);
+    Tensor R = at::cat({B, t[3]}, 0);
+    ctx->save_for_backward({A, B, As, Bs, base, left, right, C});
+    ctx->saved_data["index"] = index;
+    ctx->saved_data["k"] = std::vector<double>{k_ind, k_sh};
+    ctx->saved_data["sig"] = sig;
+    ctx->saved_data["den"] = den;
+    ctx->saved_data["s"] = s;
+    return {L, R};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!torch::GradMode::is_enabled(), "colora_mm pair factors: the CPU op has no "
+                "second derivative; set COLORA_MM_UP3X3=conv for create_graph=True");
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto saved = ctx->get_saved_variables();
+    const Tensor &A = saved[0], &B = saved[1], &As = saved[2], &Bs = saved[3],
+                 &base = saved[4], &left = saved[5], &right = saved[6], &C = saved[7];
+    const int64_t index = ctx->saved_data["index"].toInt();
+    const auto k = ctx->saved_data["k"].toDoubleVector();
+    const auto sig = ctx->saved_data["sig"].toDoubleVector();
+    const auto den = ctx->saved_data["den"].toDoubleVector();
+    const auto s = ctx->saved_data["s"].toDoubleVector();
+    const auto t = terms(index, A, B, As, Bs, C);
+    const Tensor &gL = grads[0], &gR = grads[1];
+    const int64_t width[2] = {A.size(1), t[2].size(1)};
+    std::array<Tensor, 4> g;
+    int64_t col = 0;
+    for (int j = 0; j < 2; ++j) {
+      const Tensor &X = t[2 * j], &Y = t[2 * j + 1];
+      Tensor gLj = gL.defined() ? gL.narrow(1, col, width[j]) : Tensor();
+      Tensor gRj = gR.defined() ? gR.narrow(0, col, width[j]) : Tensor();
+      col += width[j];
+      // d loss / d std X_j = d loss / d std Y_j = -<dL_j, s_j X_j> s_j k_j, zero where
+      // the clamp binds; std's backward: (T - mean T) / ((N - 1) std), zero at std = 0
+      double dstd = 0;
+      if (gLj.defined() && den[j] >= kDenMin)
+        dstd = -s[j] * at::sum(gLj * X).item<double>() * s[j] * k[j];
+      const double dofx = sig[2 * j] * static_cast<double>(X.numel() - 1);
+      const double dofy = sig[2 * j + 1] * static_cast<double>(Y.numel() - 1);
+      Tensor gX = gLj.defined() ? gLj * s[j] : at::zeros_like(X);
+      if (dstd != 0 && dofx != 0) gX.add_(X - X.mean(), dstd / dofx);
+      Tensor gY = gRj.defined() ? gRj.clone(at::MemoryFormat::Contiguous)
+                                : at::zeros_like(Y);
+      if (dstd != 0 && dofy != 0) gY.add_(Y - Y.mean(), dstd / dofy);
+      g[2 * j] = gX;
+      g[2 * j + 1] = gY;
+    }
+    Tensor gAs, gBs;
+    if (index == 0) {
+      // C = Bs base + (Bs right^T) left^T
+      gAs = g[2];
+      const Tensor& gC = g[3];
+      gBs = at::mm(gC, base.t());
+      if (left.size(1)) gBs.addmm_(at::mm(gC, left), right);
+    } else {
+      // C = base As + right^T (left^T As); as rs-row products, transposed once
+      gBs = g[3];
+      const Tensor gCt = g[2].t();
+      Tensor gAst = at::mm(gCt, base);
+      if (left.size(1)) gAst.addmm_(at::mm(gCt, right.t()), left.t());
+      gAs = gAst.t().contiguous();
+    }
+    return {Tensor(), g[0], g[1], gAs, gBs, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+std::vector<Tensor> pair_side_factors(int64_t index, Tensor A, Tensor B, Tensor As,
+                                      Tensor Bs, Tensor base, Tensor left, Tensor right,
+                                      double k_ind, double k_sh) {
+  TORCH_CHECK(index == 0 || index == 1, "colora_mm pair factors: index must be 0 or 1");
+  for (const Tensor* p : {&A, &B, &As, &Bs, &base, &left, &right})
+    TORCH_CHECK(p->device().is_cpu() && p->dim() == 2 && p->scalar_type() == A.scalar_type()
+                && (A.scalar_type() == torch::kFloat32 || A.scalar_type() == torch::kFloat64),
+                "colora_mm pair factors: every tensor must be a 2-D float32 or float64 CPU "
+                "tensor of one dtype, got ", p->sizes(), " ", p->scalar_type());
+  return PairSideFactors::apply(index, A, B, As, Bs, base, left, right, k_ind, k_sh);
+}
