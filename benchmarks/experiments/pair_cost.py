@@ -20,8 +20,10 @@ first.
 
 At a small input (the default, 32x32) the rows show the cost that does not grow with
 the number of tokens; at table 1's 256x256 what grows with it too. A second table times
-the stage-3 partner products alone with the weight just used (hot in cache) and after
-256 MB of other traffic (cold): in a training step the weight is cold.
+one side of a pair alone (forward + backward) as the C++ node and as the Python
+formulation at ConvNeXt-T's four stage shapes; a third the stage-3 partner products
+alone with the weight just used (hot in cache) and after 256 MB of other traffic
+(cold): in a training step the weight is cold.
 
     python benchmarks/experiments/pair_cost.py [--size 32] [--repeats 15]
 """
@@ -96,6 +98,62 @@ def partner_products(repeats: int) -> list:
     return rows
 
 
+def one_side(repeats: int) -> list:
+    """Median microseconds of one pair side's factors, forward + backward, as the C++
+    node and as the Python formulation, at ConvNeXt-T's stage shapes (gamma 16, share
+    0.5, effective partners with an offset of width r)."""
+    from colora_mm.adapters import up3x3
+    from colora_mm.adapters.scaling import scaled_columns
+    if up3x3.load_kernel() is None:
+        return []
+    rows = []
+    for d in (96, 192, 384, 768):
+        r = d // 16
+        rl, rs = r - r // 2, r // 2
+        for index in (0, 1):
+            g = torch.Generator().manual_seed(index)
+            din, dout = (d, 4 * d) if index == 0 else (4 * d, d)
+
+            def rand(*shape, grad=False):
+                return torch.randn(*shape, generator=g).requires_grad_(grad)
+            A, B = rand(din, rl, grad=True), rand(rl, dout, grad=True)
+            As, Bs = rand(d, rs, grad=True), rand(rs, d, grad=True)
+            if index == 0:     # partner W2 (d'' x d' as PyTorch stores it), offset L2 R2
+                base, left, right = rand(d, 4 * d), rand(4 * d, r), rand(r, d)
+            else:              # partner W1 (d' x d), offset L1 R1
+                base, left, right = rand(4 * d, d), rand(d, r), rand(r, 4 * d)
+            k_ind, k_sh = rl ** 0.5, (rs * d) ** 0.25
+            cache: dict = {}
+
+            def python():
+                if index == 0:
+                    C = Bs @ base + (Bs @ right.t()) @ left.t()
+                    terms = [(A, B, k_ind), (As, C, k_sh)]
+                else:
+                    C = base @ As + right.t() @ (left.t() @ As)
+                    terms = [(A, B, k_ind), (C, Bs, k_sh)]
+                return scaled_columns(terms, cache), torch.cat([B, terms[1][1]], 0)
+
+            def node():
+                return up3x3.pair_side_factors(index, A, B, As, Bs, base, left, right,
+                                               k_ind, k_sh)
+            grads = [torch.randn(t.shape, generator=g) for t in python()]
+            times = {}
+            for name, fn in (('node', node), ('python', python)):
+                def run(fn=fn):
+                    torch.autograd.backward(list(fn()), grads)
+                for _ in range(5):
+                    run()
+                ts = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    run()
+                    ts.append(time.perf_counter() - t0)
+                times[name] = statistics.median(ts) * 1e6
+            rows.append((d, index, times['node'], times['python']))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--arch', default='tiny')
@@ -156,6 +214,16 @@ def main():
         print(f'| {name} | {ms:.1f} | {ms - lora:+.1f} | '
               f'{median_ratio(times[name], times["lora"]):.3f} | '
               f'{ms - python:+.1f} |')
+    sides = one_side(max(args.repeats * 7, 100))
+    if sides:
+        print('\nOne side of a pair alone, forward + backward, median us:')
+        print('| stage width d | side | C++ node | Python formulation | node / Python |\n'
+              '|---|---|---|---|---|')
+        for d, index, node_us, python_us in sides:
+            print(f'| {d} | {index} | {node_us:.0f} | {python_us:.0f} | '
+                  f'{node_us / python_us:.2f} |')
+    else:
+        print('\n(the C++ extension cannot be built here: no table of one side alone)')
     print('\nStage-3 partner products alone (ConvNeXt-T: W 3072 x 768, rs 24), median ms:')
     print('| product | weight hot | weight cold |\n|---|---|---|')
     for name, hot, cold in partner_products(max(args.repeats, 15)):
