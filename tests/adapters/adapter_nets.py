@@ -277,3 +277,31 @@ def window_range_filter(z: torch.Tensor, window: int = 11, sigma: float = 1.0,
     gam = (math.pi / (2.0 * t))[:, :, None, None]
     weight = ks[:, :, None, None] * torch.cos(gam * (zc[:, :, None, None] - yc))
     return (weight * y).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + eps)
+
+
+def sgd_records(model: nn.Module, steps: int = 3, lr: float = 0.1) -> list:
+    """Per SGD step on ``model``'s own input: its output, every gradient and every
+    partner buffer (CoLoRA's offsets), cloned."""
+    x = net_input(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    record = []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        record.append([out.detach().clone()]
+                      + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+                      + [b.clone() for n, b in model.named_buffers() if 'partner' in n])
+        opt.step()
+    return record
+
+
+def assert_records_close(got: list, want: list, rel: float = 1e-5) -> None:
+    """Two :func:`sgd_records` agree step for step, each tensor to ``rel`` of its
+    largest magnitude (at least 1e-3)."""
+    assert len(got) == len(want)
+    for got_step, want_step in zip(got, want):
+        assert len(got_step) == len(want_step)
+        for a, b in zip(got_step, want_step):
+            assert a.shape == b.shape
+            assert (a - b).abs().max() <= rel * max(b.abs().max().item(), 1e-3)

@@ -2,8 +2,6 @@
 (``csrc/pair_factors.cpp`` via ``up3x3.pair_side_factors``): the factors of the Python
 formulation bit for bit, its gradients up to rounding (and float64 gradcheck), training
 steps that follow the Python formulation's, and the node taken only where it applies."""
-import os
-
 import pytest
 import torch
 
@@ -11,17 +9,8 @@ from colora_mm.adapters import (AdapterSpec, inject_adapters, mark_trainable,
                                 reset_adapters_from_weights)
 from colora_mm.adapters import up3x3 as U
 
-from adapter_nets import ConvPairNet, LinearPairNet, net_input, randomize_adapters
-
-
-@pytest.fixture(scope='module')
-def kernel():
-    module = U.load_kernel()
-    if module is None:
-        if os.environ.get('CI'):
-            pytest.fail(f'the extension did not build in CI: {U._state.get("error")}')
-        pytest.skip(f'no C++ toolchain here: {U._state.get("error")}')
-    return module
+from adapter_nets import (ConvPairNet, LinearPairNet, assert_records_close,
+                          randomize_adapters, sgd_records)
 
 
 def _model(cls=LinearPairNet, share=0.5, dtype=torch.float32, shapes=(12, 20, 8), seed=0):
@@ -134,24 +123,8 @@ def test_three_training_steps_follow_the_python_formulation(kernel, monkeypatch,
     runs = []
     for choice in ('auto', 'conv'):
         monkeypatch.setenv(U.ENV_CHOICE, choice)
-        model = _model(cls)
-        x = net_input(model)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        record = []
-        for _ in range(3):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            record.append([out.detach().clone()]
-                          + [p.grad.clone() for p in model.parameters() if p.grad is not None]
-                          + [b.clone() for n, b in model.named_buffers() if 'partner' in n])
-            opt.step()
-        runs.append(record)
-    for node_step, python_step in zip(*runs):
-        assert len(node_step) == len(python_step)
-        for got, want in zip(node_step, python_step):
-            assert got.shape == want.shape
-            assert (got - want).abs().max() <= 1e-5 * max(want.abs().max().item(), 1e-3)
+        runs.append(sgd_records(_model(cls)))
+    assert_records_close(*runs)
 
 
 def test_taken_only_where_it_applies(kernel, monkeypatch):

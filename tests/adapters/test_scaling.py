@@ -8,7 +8,8 @@ from colora_mm.adapters import AdapterSpec, inject_adapters, reset_adapters_from
 from colora_mm.adapters import scaling
 from colora_mm.adapters.scaling import ScaledColumns, plain_scaled, scaled_columns
 
-from adapter_nets import ConvPairNet, LinearPairNet, net_input, randomize_adapters
+from adapter_nets import (ConvPairNet, LinearPairNet, assert_records_close,
+                          randomize_adapters, sgd_records)
 
 
 def _terms(shapes, dtype=torch.float64, seed=0, zero=()):
@@ -91,24 +92,8 @@ def test_training_steps_match_the_plain_ops(cls, share, monkeypatch):
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(scaling, 'compiling', lambda: True)
-        model = _pair_model(cls, share)
-        x = net_input(model)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        record = []
-        for _ in range(3):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            record.append([out.detach().clone()]
-                          + [p.grad.clone() for p in model.parameters() if p.grad is not None]
-                          + [b.clone() for n, b in model.named_buffers() if 'partner' in n])
-            opt.step()
-        runs.append(record)
-    for fused_step, plain_step in zip(*runs):
-        assert len(fused_step) == len(plain_step)
-        for got, want in zip(fused_step, plain_step):
-            assert got.shape == want.shape
-            assert (got - want).abs().max() <= 1e-5 * max(want.abs().max().item(), 1e-3)
+        runs.append(sgd_records(_pair_model(cls, share)))
+    assert_records_close(*runs)
 
 
 def test_no_grad_forward_equals_the_training_forward():

@@ -321,6 +321,6 @@ def test_input_of_the_wrong_width_names_the_layer(method):
     if method == 'colora':
         name, conv = next((n, m) for n, m in iter_adapted_layers(net) if m.is_conv)
         x = torch.randn(1, conv.in_channels + 2, 8, 8)
-        _raises(lambda: conv(x), f'{name} (Conv2d', f'in its channel dim',
+        _raises(lambda: conv(x), f'{name} (Conv2d', 'in its channel dim',
                 f'takes {conv.in_channels}')
         assert conv(torch.randn(1, conv.in_channels, 8, 8)).shape[1] == conv.out_channels
