@@ -269,9 +269,10 @@ def test_fused_scalings_on_cuda_equal_the_plain_ops(zero):
 
 
 def test_colora_training_step_on_cuda_equals_cpu():
-    """One fp32 training step of CoLoRAConvNeXt (fused scalings, activation path,
-    effective partners) on CUDA and on the CPU: the same adapter gradients and partner
-    offsets, TF32 off."""
+    """One fp32 training step of CoLoRAConvNeXt (activation path, effective partners)
+    on CUDA (the pair factors' Python formulation, fused scalings) and on the CPU (each
+    pair side one C++ autograd node where the extension builds): the same adapter
+    gradients and partner offsets, TF32 off."""
     cpu = backbone()
     randomize_adapters(cpu)
     gpu = copy.deepcopy(cpu).to(DEVICE)
