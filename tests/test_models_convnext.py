@@ -465,3 +465,34 @@ def test_allow_partial_loads_a_checkpoint_of_another_depth():
     assert any('allow_partial' in note for note in report.notes)
     torch.testing.assert_close(model.stages[2][1].depthwise_conv.weight,
                                ckpt['model']['stages.2.1.dwconv.weight'])
+
+
+@pytest.mark.parametrize('adapter', [dict(method='colora', partner_policy='frozen'),
+                                     dict(method='lora')])
+def test_checkpointed_blocks_train_like_plain_ones(adapter):
+    """``with_cp=True`` recomputes each block in backward (the pairs' C++ node on the
+    CPU, the activation path's recomputed inputs): the same gradients as without."""
+    from colora_mm.adapters import reset_adapters_from_weights
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    grads = []
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = build(with_cp=with_cp, adapter=adapter)
+        reset_adapters_from_weights(model)
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if 'adapter_' in name:
+                    p.normal_(0, 0.1)
+        model.train()
+        outs = model(x)
+        # a random projection of every output (a sum of squares of a LayerNorm output
+        # has no gradient)
+        proj = torch.Generator().manual_seed(3)
+        sum((o * torch.randn(o.shape, generator=proj)).sum() for o in outs).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    plain, ckpt = grads
+    assert plain.keys() == ckpt.keys() and plain
+    for name, want in plain.items():
+        assert (ckpt[name] - want).abs().max() <= 1e-5 * max(want.abs().max().item(), 1e-6), name
