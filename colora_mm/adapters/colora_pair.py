@@ -231,6 +231,11 @@ class CoLoRAPair(nn.Module):
         setattr(self, rname, right.detach().to(ref.dtype).contiguous())
 
     # ------------------------------------------------------------------ deltas
+    def _norms(self) -> Tuple[float, float]:
+        """The scalings' normalisers ``k``: ``sqrt(rl)`` for each side's own term,
+        ``(rs n)^(1/4)`` for the shared one."""
+        return math.sqrt(self.rl), (self.rs * self.n) ** 0.25
+
     def _terms(self, index: int, dtype: torch.dtype) -> list:
         """The scaled terms of side ``index``: ``(X, Y, k)`` with ``dW = sum_j s_j X_j
         Y_j`` and ``s_j = 1 / (k_j (std(X_j) + std(Y_j)))``: ``(A_i, B_i, sqrt(rl))``,
@@ -240,14 +245,14 @@ class CoLoRAPair(nn.Module):
         terms = []
         if self.rl:
             A, B = (self.A1, self.B1) if index == 0 else (self.A2, self.B2)
-            terms.append((A.to(dtype), B.to(dtype), math.sqrt(self.rl)))
+            terms.append((A.to(dtype), B.to(dtype), self._norms()[0]))
         if self.rs:
             terms.append(self._shared_term(index, dtype))
         return terms
 
     def _shared_term(self, index: int, dtype: torch.dtype) -> tuple:
         As, Bs = self.As.to(dtype), self.Bs.to(dtype)
-        norm = (self.rs * self.n) ** 0.25
+        norm = self._norms()[1]
         other = 1 - index
         base = self.partner_base(other)           # W2^T (d'' x d') or W1^T (d' x d)
         left, right = (t.to(dtype) for t in self.offset(other))
@@ -286,7 +291,8 @@ class CoLoRAPair(nn.Module):
         (:func:`.up3x3.pair_side_factors`: the same values, the same gradients up to
         rounding), or None where it does not apply: no gradient needed, a pair with an
         empty part or without layers, another device."""
-        if not (self.rl and self.rs) or not torch.is_grad_enabled():
+        if not (self.rl and self.rs) or not torch.is_grad_enabled() \
+                or self.As.device.type != 'cpu':
             return None
         A, B = (self.A1, self.B1) if index == 0 else (self.A2, self.B2)
         if not any(p.requires_grad for p in (A, B, self.As, self.Bs)):
@@ -297,8 +303,7 @@ class CoLoRAPair(nn.Module):
         left, right = self.offset(1 - index)
         return pair_side_factors(index, A.to(dtype), B.to(dtype), self.As.to(dtype),
                                  self.Bs.to(dtype), base.to(dtype), left.to(dtype),
-                                 right.to(dtype), math.sqrt(self.rl),
-                                 (self.rs * self.n) ** 0.25)
+                                 right.to(dtype), *self._norms())
 
     def delta(self, index: int) -> torch.Tensor:
         """``dW1`` (index 0, ``d x d'``) or ``dW2`` (index 1, ``d' x d''``), paper
