@@ -2,6 +2,7 @@
 computes (the scripts assert it before timing), and they print their tables; bench_colora
 refuses an input size its tables cannot run at, with a clear message."""
 import os.path as osp
+import platform
 import subprocess
 import sys
 
@@ -103,3 +104,64 @@ def test_pair_cost_rows_and_the_same_numbers_check():
     assert 'largest relative gradient difference of python factors and plain-op' in out
     assert '| W1 dC (backward) | ' in out
     assert '| 768 | 1 | ' in out or 'the C++ extension cannot be built here' in out
+
+
+MMAP_PROBE = r'''
+import ctypes, sys
+sys.path.insert(0, {bench!r})
+import bench_colora as bc
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks',
+                'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+libc = ctypes.CDLL('libc.so.6')
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if {fix}:
+    assert bc.fix_mmap_threshold(1 << 20)
+libc.free(libc.malloc(16 << 20))       # glibc's defaults: the threshold rises to 16 MiB
+before = libc.mallinfo2().hblkhd
+p = libc.malloc(2 << 20)
+print('MMAPPED', libc.mallinfo2().hblkhd - before >= 2 << 20)
+libc.free(p)
+'''
+
+
+@pytest.mark.parametrize('fix', [False, True])
+def test_fixed_mmap_threshold_keeps_mid_size_blocks_out_of_the_heap(fix):
+    """With glibc's defaults a freed 16 MiB block lifts the mmap threshold, and a 2 MiB
+    block then comes from the heap; with --memory-mmap-threshold 1 MiB it is mapped on
+    its own (and returned when freed)."""
+    if not osp.exists('/proc/self/status') or platform.libc_ver()[0] != 'glibc':
+        pytest.skip('glibc on Linux only')
+    code = MMAP_PROBE.format(bench=osp.join(ROOT, 'benchmarks'), fix=fix)
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f'MMAPPED {fix}' in res.stdout
+
+
+def test_memory_worker_names_its_malloc_policy_and_reports_the_heap():
+    res = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'), '--memory-worker',
+         'limit', '--arch', 'atto', '--size', '64', '--head-channels', '32',
+         '--memory-steps', '1', '--threads', '1', '--memory-mmap-threshold', '1048576'],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+    line = [x for x in res.stdout.splitlines() if x.startswith('MEMORY ')][0]
+    out = json.loads(line[len('MEMORY '):])
+    assert 'glibc mmap threshold fixed at 1 MiB' in out['kind']
+    assert 0 <= out['heap_free'] <= out['heap'] and out['delta'] > 0
+
+
+@pytest.mark.parametrize('value, message', [
+    ('-1', '--memory-mmap-threshold -1: between 0'),
+    ('67108864', '--memory-mmap-threshold 67108864: between 0')])
+def test_bench_colora_refuses_an_mmap_threshold_glibc_cannot_take(value, message):
+    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
+                          '--only', 'spatial', '--memory-mmap-threshold', value],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert message in res.stderr
