@@ -231,8 +231,9 @@ def rss_label(args) -> str:
 
 
 def heap_state() -> dict:
-    """glibc's main heap after the steps (``mallinfo2``): its size and how much of it
-    is free but resident (holes between live blocks); empty where unavailable."""
+    """glibc's heap after the steps (``mallinfo2``): its size, how much of it is free
+    but resident (holes between live blocks), and the bytes in blocks mapped on their
+    own; empty where unavailable."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
@@ -245,7 +246,7 @@ def heap_state() -> dict:
         return {}
     fn.restype = MallInfo2
     info = fn()
-    return dict(heap=info.arena, heap_free=info.fordblks)
+    return dict(heap=info.arena, heap_free=info.fordblks, mapped=info.hblkhd)
 
 
 def minor_faults() -> int:

@@ -111,19 +111,15 @@ import ctypes, sys
 sys.path.insert(0, {bench!r})
 import bench_colora as bc
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks',
-                'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
 libc = ctypes.CDLL('libc.so.6')
-libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 if {fix}:
     assert bc.fix_mmap_threshold(1 << 20)
 libc.free(libc.malloc(16 << 20))       # glibc's defaults: the threshold rises to 16 MiB
-before = libc.mallinfo2().hblkhd
+before = bc.heap_state()['mapped']
 p = libc.malloc(2 << 20)
-print('MMAPPED', libc.mallinfo2().hblkhd - before >= 2 << 20)
+print('MMAPPED', bc.heap_state()['mapped'] - before >= 2 << 20)
 libc.free(p)
 '''
 
