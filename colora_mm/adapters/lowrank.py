@@ -23,7 +23,10 @@ in-place sum on ``F.linear``'s (view) output.
 
 Both ops keep the thin products transposed, ``z^T = L^T x^T`` (``k x T``), and form
 every product with the rank ``k`` as the GEMM's row count: CPU GEMMs run a ``k``-row
-output several times faster than the same product as a ``k``-column one.
+output several times faster than the same product as a ``k``-column one. Where ``x``
+is recomputed and the layer widens (``d_in <= d_out``: the LayerNorm-fed first
+pointwise layer of a ConvNeXt block) ``z^T`` is not kept either: the backward forms
+it again from each recomputed piece of ``x`` (:func:`recomputes_z`).
 """
 from __future__ import annotations
 
@@ -144,33 +147,70 @@ def _pieces(recipe: Recipe, shape: torch.Size, itemsize: int):
             yield outer + (slice(a, b),), first, first + (b - a) * inner
 
 
-def factor_gradient_t(gzt: torch.Tensor, x: Optional[torch.Tensor],
-                      recipe: Optional[Recipe], shape: torch.Size,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """``(x^T dz)^T = dz^T x`` (``k x d``) with ``x`` kept, or recomputed piece by piece
-    (each piece multiplied while it is still in cache)."""
-    if x is not None:
-        return gzt @ x.reshape(-1, x.shape[-1])
-    out = None
-    for index, first, end in _pieces(recipe, shape, torch.finfo(dtype).bits // 8):
-        piece = recompute(recipe, dtype, index).reshape(-1, shape[-1])
-        part = gzt[:, first:end]
-        out = part @ piece if out is None else out.addmm_(part, piece)
-    return out
+def recomputes_z(recipe: Optional[Recipe], left: torch.Tensor, right: torch.Tensor) -> bool:
+    """Whether the backward pass recomputes ``z = x L`` as well as ``x`` instead of
+    keeping ``z^T``: where ``x`` is recomputed and the layer widens (``d_in <= d_out``,
+    ConvNeXt's first pointwise layer). There the recompute costs ``T k d_in``
+    multiply-adds, at most a sixth of what the thin GEMMs already cost, for ``T k``
+    fewer floats kept; on a narrowing layer (the second pointwise one, ``4C -> C``) it
+    would cost 5-8% of the layer's forward + backward time, and ``z^T`` is kept."""
+    return recipe is not None and left.shape[0] <= right.shape[1]
 
 
-def _factor_gradients(ctx, g: torch.Tensor, right: torch.Tensor, zt: torch.Tensor,
-                      kept: list, need_left: bool, need_right: bool) -> tuple:
+def _factor_gradients(ctx, g: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                      zt: Optional[torch.Tensor], kept: list, need_left: bool,
+                      need_right: bool) -> tuple:
     """``(dz^T, dL, dR)`` from the output gradient ``g`` (2-D): ``dz^T = R g^T``,
-    ``dR = z^T g`` and ``dL = (dz^T x)^T`` with ``x`` kept or recomputed (``ctx``
-    holds the recipe and ``x``'s shape and dtype); a gradient not needed is None."""
-    grad_right = zt @ g if need_right else None
+    ``dR = z^T g`` and ``dL = (dz^T x)^T``; a gradient not needed is None. ``x`` is
+    ``kept[0]``, or recomputed piece by piece (``ctx`` holds the recipe and ``x``'s
+    shape and dtype), each piece multiplied while it is still in cache; ``z^T`` is
+    ``zt``, or (None) recomputed from the same pieces (``L^T x^T``, ``k`` rows each)."""
     gzt = right @ g.t()
-    grad_left = None
-    if need_left:
-        grad_left = factor_gradient_t(gzt, kept[0] if kept else None, ctx.recipe,
-                                      ctx.x_shape, ctx.x_dtype).t()
-    return gzt, grad_left, grad_right
+    grad_right = zt @ g if need_right and zt is not None else None
+    if kept:
+        x = kept[0]
+        grad_left = (gzt @ x.reshape(-1, x.shape[-1])).t() if need_left else None
+        return gzt, grad_left, grad_right
+    need_z = need_right and zt is None
+    grad_left_t = None
+    if need_left or need_z:
+        shape, dtype = ctx.x_shape, ctx.x_dtype
+        left_t = left.t()
+        for index, first, end in _pieces(ctx.recipe, shape, torch.finfo(dtype).bits // 8):
+            piece = recompute(ctx.recipe, dtype, index).reshape(-1, shape[-1])
+            if need_left:
+                part = gzt[:, first:end]
+                grad_left_t = (part @ piece if grad_left_t is None
+                               else grad_left_t.addmm_(part, piece))
+            if need_z:
+                zt_piece = left_t @ piece.t()
+                rows = g[first:end]
+                grad_right = (zt_piece @ rows if grad_right is None
+                              else grad_right.addmm_(zt_piece, rows))
+    return gzt, None if grad_left_t is None else grad_left_t.t(), grad_right
+
+
+def _save(ctx, fixed: tuple, zt: torch.Tensor, x: torch.Tensor, recipe: Optional[Recipe],
+          left: torch.Tensor, right: torch.Tensor) -> None:
+    """Save ``fixed`` and, for the factor gradients: ``z^T`` and ``x`` (no recipe),
+    ``z^T`` (``x`` recomputed), or neither (both recomputed, :func:`recomputes_z`)."""
+    ctx.recipe = recipe
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.z_kept = not recomputes_z(recipe, left, right)
+    if recipe is None:
+        ctx.save_for_backward(*fixed, zt, x)
+    elif ctx.z_kept:
+        ctx.save_for_backward(*fixed, zt)
+    else:
+        ctx.save_for_backward(*fixed)
+
+
+def _saved(ctx, n_fixed: int) -> tuple:
+    """``(fixed, zt or None, kept)`` from what :func:`_save` saved."""
+    saved = ctx.saved_tensors
+    fixed, rest = saved[:n_fixed], saved[n_fixed:]
+    zt = rest[0] if ctx.z_kept else None
+    return fixed, zt, list(rest[1:] if ctx.z_kept else rest)
 
 
 class LowRankProduct(torch.autograd.Function):
@@ -181,20 +221,15 @@ class LowRankProduct(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         zt = left.t() @ x2.t()
         out = zt.t() @ right
-        ctx.recipe = recipe
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        if recipe is None:
-            ctx.save_for_backward(left, right, zt, x)
-        else:
-            ctx.save_for_backward(left, right, zt)
+        _save(ctx, (left, right), zt, x, recipe, left, right)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        left, right, zt, *kept = ctx.saved_tensors
+        (left, right), zt, kept = _saved(ctx, 2)
         g = grad.reshape(-1, grad.shape[-1]).to(right.dtype)
         gzt, grad_left, grad_right = _factor_gradients(
-            ctx, g, right, zt, kept, *ctx.needs_input_grad[1:3])
+            ctx, g, left, right, zt, kept, *ctx.needs_input_grad[1:3])
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (gzt.t() @ left.t()).reshape(ctx.x_shape)
@@ -234,21 +269,17 @@ class LinearLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, left, right, recipe, x_shape):
         out, zt = _linear_low_rank(x2, weight, bias, left, right)
-        ctx.recipe = recipe
-        ctx.x_shape, ctx.x_dtype = x_shape, x2.dtype
         ctx.has_bias = bias is not None
-        if recipe is None:
-            ctx.save_for_backward(weight, left, right, zt, x2)
-        else:
-            ctx.save_for_backward(weight, left, right, zt)
+        _save(ctx, (weight, left, right), zt, x2, recipe, left, right)
+        ctx.x_shape = x_shape
         return out
 
     @staticmethod
     def backward(ctx, g):
-        weight, left, right, zt, *kept = ctx.saved_tensors
+        (weight, left, right), zt, kept = _saved(ctx, 3)
         g = g.to(right.dtype)
         gzt, grad_left, grad_right = _factor_gradients(
-            ctx, g, right, zt, kept, *ctx.needs_input_grad[3:5])
+            ctx, g, left, right, zt, kept, *ctx.needs_input_grad[3:5])
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = (g @ weight).addmm_(gzt.t(), left.t())

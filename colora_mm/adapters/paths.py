@@ -2,7 +2,8 @@ r"""Which way a low-rank update ``dW = L R`` (``L (a x k)``, ``R (k x b)``) is a
 
 * activation path: ``y = x W + (x L) R``. No weight-sized tensor is formed and none is
   saved for backward; the extra work is three thin GEMMs per pass (``3 T k (a + b)``
-  multiply-adds over forward and backward) and the traffic of reading ``x`` and the
+  multiply-adds over forward and backward, ``T k a`` more on a widening layer whose
+  ``z = x L`` the backward forms again) and the traffic of reading ``x`` and the
   output gradient once more (about ``3a + 4b`` floats per token).
 * weight path: ``y = x (W + L R)``. Forms ``L R`` and ``W + L R`` (weight-sized), and its
   backward computes the weight-sized gradient ``x^T dy`` (``T a b`` multiply-adds, the
@@ -36,6 +37,8 @@ def path_costs(tokens: int, d_in: int, d_out: int, rank: int, training: bool = T
     beta = FLOPS_PER_FLOAT.get(device_type, DEFAULT_FLOPS_PER_FLOAT)
     if training:
         act = 3 * t * k * (a + b) + beta * t * (3 * a + 4 * b + 5 * k)
+        if a <= b:      # at most: z = x L formed again in backward (where x is too)
+            act += t * k * a
         # forms L R, W + L R; weight gradient; gradients of the factors; the weight-sized
         # tensors written and read back (about five passes over a x b floats)
         weight = t * a * b + 3 * a * b * k + beta * 5 * a * b

@@ -457,11 +457,14 @@ def test_activation_path_with_a_trainable_base_weight_trains_it_too():
         assert _rel(grads['activation'][n], grads['weight'][n]) < 1e-5, n
 
 
+@pytest.mark.parametrize('d_out', [6, 12])
 @pytest.mark.parametrize('producer', ['gelu', 'layer_norm', 'layer_norm_2d'])
-def test_factor_gradient_recomputed_in_pieces_equals_the_whole(monkeypatch, producer):
+def test_factor_gradient_recomputed_in_pieces_equals_the_whole(monkeypatch, producer,
+                                                                d_out):
     """The backward recomputes a LayerNorm or GELU input piece by piece (a few rows
-    at a time); with pieces of a few rows the factor gradients equal plain autograd's,
-    also for a LayerNorm over two axes (only the axes before them are cut)."""
+    at a time), and on a widening layer (8 -> 12) ``z = x L`` from the same pieces;
+    with pieces of a few rows the factor gradients equal plain autograd's, also for a
+    LayerNorm over two axes (only the axes before them are cut)."""
     from colora_mm.adapters import lowrank
     monkeypatch.setattr(lowrank, 'RECOMPUTE_PIECE_BYTES', 3 * 8 * 4)
     g = torch.Generator().manual_seed(0)
@@ -469,10 +472,10 @@ def test_factor_gradient_recomputed_in_pieces_equals_the_whole(monkeypatch, prod
     make = {'gelu': F.gelu,
             'layer_norm': lambda t: F.layer_norm(t, (8,)),
             'layer_norm_2d': lambda t: F.layer_norm(t, (5, 8))}[producer]
-    weight, bias = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    weight, bias = torch.randn(d_out, 8, generator=g), torch.randn(d_out, generator=g)
     left = torch.randn(8, 2, generator=g, requires_grad=True)
-    right = torch.randn(2, 6, generator=g, requires_grad=True)
-    v = torch.randn(3, 4, 5, 6, generator=g)
+    right = torch.randn(2, d_out, generator=g, requires_grad=True)
+    v = torch.randn(3, 4, 5, d_out, generator=g)
     x = make(u)
     assert lowrank.producer_recipe(x) is not None
     pieces = list(lowrank._pieces(lowrank.producer_recipe(x), x.shape, 4))
@@ -527,3 +530,43 @@ def test_full_partner_copies_of_another_shape_are_refused(shapes):
                      f'partner_w2 {shapes[1]}', "(12, 20) (d x d')",
                      "(20, 8) (d' x d'')", 'config the checkpoint was trained with'):
         assert fragment in msg, f'{fragment!r} not in: {msg}'
+
+
+@pytest.mark.parametrize('op', ['linear_low_rank', 'low_rank_product'])
+@pytest.mark.parametrize('producer, d_in, d_out, kept', [
+    ('layer_norm', 8, 32, ()),             # widening, x and z recomputed
+    ('gelu', 32, 8, ((2, 60),)),           # narrowing: z^T (k x T) kept
+    ('relu', 8, 32, ((2, 60), (60, 8)))])  # no recipe: z^T and x kept
+def test_what_the_low_rank_ops_keep_for_backward(op, producer, d_in, d_out, kept):
+    """Besides the weights and factors, the ops keep ``z^T`` only where recomputing
+    ``z = x L`` would cost more than it saves (a narrowing layer), and ``x`` only
+    where its producer cannot recompute it."""
+    from colora_mm.adapters import lowrank
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 20, d_in, generator=g, requires_grad=True)
+    make = {'layer_norm': lambda t: F.layer_norm(t, (d_in,)), 'gelu': F.gelu,
+            'relu': F.relu}[producer]
+    weight = torch.randn(d_out, d_in, generator=g)
+    left = torch.randn(d_in, 2, generator=g, requires_grad=True)
+    right = torch.randn(2, d_out, generator=g, requires_grad=True)
+    x = make(u)
+    fixed = {t.data_ptr() for t in (u, weight, left, right)}
+    shapes = []
+
+    def pack(t):
+        if t.data_ptr() not in fixed:
+            shapes.append(tuple(t.reshape(-1, t.shape[-1]).shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if op == 'linear_low_rank':
+            out = lowrank.linear_low_rank(x, weight, None, left, right)
+        else:
+            out = lowrank.low_rank_product(x, left, right)
+    assert sorted(shapes) == sorted(kept)
+    got = torch.autograd.grad(out.sum(), (u, left, right))
+    ref = ((F.linear(make(u), weight) if op == 'linear_low_rank' else 0)
+           + (make(u) @ left) @ right)
+    want = torch.autograd.grad(ref.sum(), (u, left, right))
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-5
