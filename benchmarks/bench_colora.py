@@ -216,7 +216,7 @@ def fix_mmap_threshold(nbytes: int) -> bool:
 
 def malloc_policy(args) -> str:
     """How the memory workers' C library allocates, for the table headers."""
-    if getattr(args, 'memory_mmap_threshold', 0):
+    if args.memory_mmap_threshold:
         return f'glibc mmap threshold fixed at {args.memory_mmap_threshold / 2 ** 20:g} MiB'
     return "glibc's defaults"
 

@@ -147,14 +147,14 @@ def _pieces(recipe: Recipe, shape: torch.Size, itemsize: int):
             yield outer + (slice(a, b),), first, first + (b - a) * inner
 
 
-def recomputes_z(recipe: Optional[Recipe], left: torch.Tensor, right: torch.Tensor) -> bool:
+def recomputes_z(recipe: Optional[Recipe], d_in: int, d_out: int) -> bool:
     """Whether the backward pass recomputes ``z = x L`` as well as ``x`` instead of
     keeping ``z^T``: where ``x`` is recomputed and the layer widens (``d_in <= d_out``,
     ConvNeXt's first pointwise layer). There the recompute costs ``T k d_in``
     multiply-adds, at most a sixth of what the thin GEMMs already cost, for ``T k``
     fewer floats kept; on a narrowing layer (the second pointwise one, ``4C -> C``) it
     would cost 5-8% of the layer's forward + backward time, and ``z^T`` is kept."""
-    return recipe is not None and left.shape[0] <= right.shape[1]
+    return recipe is not None and d_in <= d_out
 
 
 def _factor_gradients(ctx, g: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
@@ -190,13 +190,14 @@ def _factor_gradients(ctx, g: torch.Tensor, left: torch.Tensor, right: torch.Ten
     return gzt, None if grad_left_t is None else grad_left_t.t(), grad_right
 
 
-def _save(ctx, fixed: tuple, zt: torch.Tensor, x: torch.Tensor, recipe: Optional[Recipe],
-          left: torch.Tensor, right: torch.Tensor) -> None:
-    """Save ``fixed`` and, for the factor gradients: ``z^T`` and ``x`` (no recipe),
-    ``z^T`` (``x`` recomputed), or neither (both recomputed, :func:`recomputes_z`)."""
+def _save(ctx, fixed: tuple, zt: torch.Tensor, x: torch.Tensor,
+          recipe: Optional[Recipe]) -> None:
+    """Save ``fixed`` (ending with ``R``, ``k x d_out``) and, for the factor
+    gradients: ``z^T`` and ``x`` (no recipe), ``z^T`` (``x`` recomputed), or neither
+    (both recomputed, :func:`recomputes_z`)."""
     ctx.recipe = recipe
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-    ctx.z_kept = not recomputes_z(recipe, left, right)
+    ctx.z_kept = not recomputes_z(recipe, x.shape[-1], fixed[-1].shape[1])
     if recipe is None:
         ctx.save_for_backward(*fixed, zt, x)
     elif ctx.z_kept:
@@ -221,7 +222,7 @@ class LowRankProduct(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         zt = left.t() @ x2.t()
         out = zt.t() @ right
-        _save(ctx, (left, right), zt, x, recipe, left, right)
+        _save(ctx, (left, right), zt, x, recipe)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -270,7 +271,7 @@ class LinearLowRank(torch.autograd.Function):
     def forward(ctx, x2, weight, bias, left, right, recipe, x_shape):
         out, zt = _linear_low_rank(x2, weight, bias, left, right)
         ctx.has_bias = bias is not None
-        _save(ctx, (weight, left, right), zt, x2, recipe, left, right)
+        _save(ctx, (weight, left, right), zt, x2, recipe)
         ctx.x_shape = x_shape
         return out
 
