@@ -66,6 +66,32 @@ def test_compiled_backbone_matches_eager():
     assert '| colora | ' in out and 'compiled / eager' in out
 
 
+@pytest.mark.skipif(platform.system() != 'Linux', reason='reads /proc and glibc\'s heap')
+def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
+    """AdamW creates its state in the first step (so it is left in the heap by it)
+    unless the variant created it before; CoLoRA's partner offsets are first written in
+    the first step (ConvNeXt-atto: 12 pairs, 2 sides, 2 factors each); the saving
+    columns read 0 for full fine-tuning and 1 for the limit."""
+    out = run('heap_layout.py', '--arch', 'atto', '--size', '64', '--head-channels', '32',
+              '--repeats', '1', '--steps', '2', '--methods', 'full', 'limit', 'colora')
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split('|')[1:-1]]
+        if len(cells) == 8 and cells[1] in ('as run', 'state first'):
+            rows[cells[0], cells[1]] = cells
+    assert set(rows) == {(m, v) for m in ('full', 'limit', 'colora')
+                         for v in ('as run', 'state first')}
+    for variant in ('as run', 'state first'):
+        for col in (5, 6):
+            assert rows['full', variant][col] == '0.00'
+            assert rows['limit', variant][col] == '1.00'
+        assert 'partner offsets: 48,' in rows['colora', variant][7]
+        assert 'partner' not in rows['limit', variant][7]
+        assert float(rows['colora', variant][4]) > 0
+    assert 'AdamW state:' in rows['colora', 'as run'][7]
+    assert 'AdamW state' not in rows['colora', 'state first'][7]
+
+
 @pytest.mark.parametrize('flag', ['--size', '--merge-size'])
 def test_bench_colora_refuses_an_input_smaller_than_the_backbone_stride(flag):
     res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
