@@ -50,6 +50,37 @@ def test_op_counts_print_their_tables():
     assert 0 < fused['forward'] <= plain['forward'] and 0 < fused['backward'] < plain['backward']
 
 
+STEADY_PROBE = r'''
+import sys
+sys.path.insert(0, {exp!r})
+import torch
+from op_counts import adapted_convnext, counted, warm_up
+torch.manual_seed(0)
+block = adapted_convnext('colora', 'atto').train().stages[1][0]
+x = torch.randn(2, block.depthwise_conv.in_channels, 16, 16, requires_grad=True)
+def step():
+    block(x).sum().backward()
+step()                   # outside the counter: the CPU's C++ pair node, not the GPU path
+first = counted(step)    # the GPU path's first step: its one-off constants included
+warm_up(step)
+print('COUNTS', first.kernels, counted(step).kernels, counted(step).kernels)
+'''
+
+
+def test_op_counts_count_a_steady_step_of_the_path_a_gpu_runs():
+    """The counted step is a later step of the formulation a GPU runs (the C++ pair node
+    steps aside under the counter): its one-off constants are made in the warm-up, so two
+    counted steps after it agree, and both dispatch fewer ops than that path's first."""
+    code = STEADY_PROBE.format(exp=osp.join(ROOT, 'benchmarks', 'experiments'))
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith('COUNTS')][0]
+    first, steady, again = map(int, line.split()[1:])
+    assert steady == again
+    assert steady < first
+
+
 def test_saved_tensors_table():
     out = run('saved_tensors.py', '--arch', 'atto', '--size', '64', '--top', '2')
     rows = {line.split('|')[1].strip(): float(line.split('|')[2])
