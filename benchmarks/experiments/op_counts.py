@@ -12,7 +12,9 @@ forward + backward, per method; (b) the scalings of one side of a pair
 (``colora_mm.adapters.scaling``), as plain ops and as the one autograd op training
 uses, forward and backward apart; (c) the whole model of table 1b (UperNet 512 + ConvNeXt-B), forward
 (losses included) + backward, without the optimizer step (on a GPU AdamW runs as a
-few multi-tensor kernels, on the CPU one loop per parameter).
+few multi-tensor kernels, on the CPU one loop per parameter). The low-rank ops'
+backward recomputes a LayerNorm or GELU input whole, as on a GPU (``--recompute cpu``:
+in the CPU's pieces of a few MiB, each a few more ops).
 """
 import argparse
 import collections
@@ -22,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from _common import adapted_convnext, bench_colora
+from colora_mm.adapters import lowrank
 
 #: Operators that only make views or read metadata: no kernel on a GPU.
 NO_KERNEL = frozenset({
@@ -161,11 +164,21 @@ def main():
                                  'colora'])
     parser.add_argument('--no-model', action='store_true', help='skip table (c)')
     parser.add_argument('--size', type=int, default=64,
-                        help='input size of table (c); the counts do not depend on it')
+                        help='input size of table (c); with --recompute gpu the counts do '
+                             'not depend on it')
+    parser.add_argument('--recompute', choices=('gpu', 'cpu'), default='gpu',
+                        help="how the low-rank ops' backward recomputes a LayerNorm or GELU "
+                             'input: whole, as on a GPU (default), or in the pieces of a '
+                             'few MiB the CPU takes (more pieces, and ops, the larger the '
+                             'input)')
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.recompute == 'gpu':
+        # the counted tensors are CPU tensors: count the rule a CUDA device takes
+        lowrank.piece_bytes = lambda device_type: None
     print('experiment: operators dispatched per forward + backward (benchmarks/'
-          'experiments/op_counts.py; CPU, exact counts)')
+          f'experiments/op_counts.py; CPU, exact counts; inputs recomputed as on the '
+          f'{args.recompute.upper()})')
     block_table(args.methods)
     scaling_table()
     if not args.no_model:

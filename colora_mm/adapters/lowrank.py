@@ -26,7 +26,8 @@ every product with the rank ``k`` as the GEMM's row count: CPU GEMMs run a ``k``
 output several times faster than the same product as a ``k``-column one. Where ``x``
 is recomputed and the layer widens (``d_in <= d_out``: the LayerNorm-fed first
 pointwise layer of a ConvNeXt block) ``z^T`` is not kept either: the backward forms
-it again from each recomputed piece of ``x`` (:func:`recomputes_z`).
+it again from each recomputed piece of ``x`` (:func:`recomputes_z`). The pieces, a few
+MiB each, are the CPU's (:func:`piece_bytes`); a GPU recomputes ``x`` whole.
 """
 from __future__ import annotations
 
@@ -109,23 +110,37 @@ def recompute(recipe: Recipe, dtype: torch.dtype, index: tuple = ()) -> torch.Te
     return x.to(dtype)
 
 
-#: Bytes of recomputed input per piece of the factor gradient: small enough for the
-#: piece to stay in cache between being recomputed and being multiplied.
+#: Bytes of recomputed input per piece of the factor gradient on the CPU: small enough
+#: for the piece to stay in cache between being recomputed and being multiplied.
 RECOMPUTE_PIECE_BYTES = 1 << 22
 
 
-def _pieces(recipe: Recipe, shape: torch.Size, itemsize: int):
-    """``(index, first_row, end_row)`` cutting ``x`` (``shape``) into pieces along its
-    leading axes, each a contiguous range of the flattened rows. Only axes the recipe
-    can slice are cut (not LayerNorm's normalised axes)."""
+def piece_bytes(device_type: str) -> Optional[int]:
+    """Bytes per recomputed piece on ``device_type``, or None for ``x`` whole. Pieces
+    serve the CPU's caches and keep the heap from holding a full-size recomputed input;
+    a GPU's GEMMs do not run from the last-level cache that way, its caching allocator
+    reuses the block, and each piece would cost 2-7 more kernel launches (the
+    recompute's element-wise ops and one or two thin GEMMs)."""
+    return RECOMPUTE_PIECE_BYTES if device_type == 'cpu' else None
+
+
+def _pieces(recipe: Recipe, shape: torch.Size, itemsize: int, device_type: str = 'cpu'):
+    """``(index, first_row, end_row)`` cutting ``x`` (``shape``) into pieces of
+    :func:`piece_bytes` along its leading axes (one piece where that is None), each a
+    contiguous range of the flattened rows. Only axes the recipe can slice are cut (not
+    LayerNorm's normalised axes)."""
     lead = list(shape[:-1])
+    limit = piece_bytes(device_type)
+    if limit is None:
+        yield (), 0, math.prod(lead)
+        return
     cut = len(lead)
     if recipe[0] == 'layer_norm':
         mean = recipe[1][1]
         cut = 0
         while cut < len(lead) and mean.shape[cut] == lead[cut]:
             cut += 1
-    max_rows = max(1, RECOMPUTE_PIECE_BYTES // max(1, shape[-1] * itemsize))
+    max_rows = max(1, limit // max(1, shape[-1] * itemsize))
     # the axis to step along: the first one whose inner rows fit in a piece
     axis, inner = 0, math.prod(lead)
     while axis < cut and inner > max_rows:
@@ -176,7 +191,8 @@ def _factor_gradients(ctx, g: torch.Tensor, left: torch.Tensor, right: torch.Ten
     if need_left or need_z:
         shape, dtype = ctx.x_shape, ctx.x_dtype
         left_t = left.t()
-        for index, first, end in _pieces(ctx.recipe, shape, torch.finfo(dtype).bits // 8):
+        for index, first, end in _pieces(ctx.recipe, shape, torch.finfo(dtype).bits // 8,
+                                         g.device.type):
             piece = recompute(ctx.recipe, dtype, index).reshape(-1, shape[-1])
             if need_left:
                 part = gzt[:, first:end]

@@ -489,6 +489,19 @@ def test_factor_gradient_recomputed_in_pieces_equals_the_whole(monkeypatch, prod
         assert _rel(a, b) < 1e-5
 
 
+def test_recomputed_input_is_cut_into_pieces_on_the_cpu_only(monkeypatch):
+    """The pieces serve the CPU's caches; another device (a GPU) recomputes ``x`` whole,
+    one piece, whatever the piece size."""
+    from colora_mm.adapters import lowrank
+    monkeypatch.setattr(lowrank, 'RECOMPUTE_PIECE_BYTES', 3 * 8 * 4)
+    x = F.gelu(torch.randn(3, 4, 5, 8, requires_grad=True))
+    recipe = lowrank.producer_recipe(x)
+    assert len(list(lowrank._pieces(recipe, x.shape, 4, 'cpu'))) > 1
+    assert list(lowrank._pieces(recipe, x.shape, 4, 'cuda')) == [((), 0, 60)]
+    assert lowrank.piece_bytes('cpu') == 3 * 8 * 4
+    assert lowrank.piece_bytes('cuda') is None
+
+
 def test_fused_linear_low_rank_under_bf16_autocast_trains_in_bf16():
     """Under autocast the fused op runs on bf16 copies (like F.linear there): the
     output is bf16, the gradients reach the float32 leaves in float32, within bf16's
