@@ -72,8 +72,7 @@ def worker(method: str, variant: str, args) -> None:
                           device='cpu', amp=False, batch=2, memory_mmap_threshold=0)
     steps = args.steps
     model, step, _ = bench_colora.build_trainer(method, cfg)
-    rss = lambda: bench_colora._proc_status_kib('VmRSS') * 1024  # noqa: E731
-    before = rss()
+    before = bench_colora._proc_status_kib('VmRSS') * 1024
     if variant == 'state first':
         create_adamw_state(step.optimizer)
     known = set(storages(model, step.optimizer))
