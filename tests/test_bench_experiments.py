@@ -152,13 +152,14 @@ def test_table_1_prints_its_targets_and_the_round_by_round_spread(tmp_path):
 
 def test_pair_cost_rows_and_the_same_numbers_check():
     """The script checks the variants that compute the same numbers (python factors,
-    plain-op scalings) against the pairs as they are before timing, then prints every
-    row."""
+    stacked factors, plain-op scalings) against the pairs as they are before timing,
+    then prints every row."""
     out = run('pair_cost.py', '--arch', 'atto', '--repeats', '1', '--head-channels', '32')
-    for name in ('lora', 'pairs', 'python factors', 'plain-op scalings', 'no stds',
-                 'no partner products', 'no partner offsets'):
+    for name in ('lora', 'pairs', 'python factors', 'stacked factors', 'plain-op scalings',
+                 'no stds', 'no partner products', 'no partner offsets'):
         assert f'| {name} | ' in out
-    assert 'largest relative gradient difference of python factors and plain-op' in out
+    assert ('largest relative gradient difference of python factors and stacked factors '
+            'and plain-op scalings') in out
     assert '| W1 dC (backward) | ' in out
     assert '| 768 | 1 | ' in out or 'the C++ extension cannot be built here' in out
 

@@ -9,7 +9,10 @@ first.
 * ``pairs``: as the package runs them (on the CPU each side's factors as one C++
   autograd node, ``csrc/pair_factors.cpp``);
 * ``python factors``: the factors as the Python formulation (``COLORA_MM_UP3X3=conv``;
-  the scalings as one autograd op); the rows below remove parts of it:
+  the scalings as one autograd op), each pair on its own (as with ``COLORA_MM_PAIR_BATCH=0``);
+  the rows below but the next remove parts of it:
+* ``stacked factors``: the Python formulation as a GPU runs it, the scalings of the
+  pairs of one shape formed together (:mod:`colora_mm.adapters.pair_batch`);
 * ``plain-op scalings``: the scalings as plain tensor ops, not as one autograd op;
 * ``no stds``: the scalings replaced by the constants ``1 / k_j`` (no ``std`` in the
   forward or the backward pass);
@@ -35,7 +38,7 @@ import torch
 
 from _common import bench_colora, interleaved_runs, median_ratio, setup
 
-VARIANTS = ('pairs', 'python factors', 'plain-op scalings', 'no stds',
+VARIANTS = ('pairs', 'python factors', 'stacked factors', 'plain-op scalings', 'no stds',
             'no partner products', 'no partner offsets')
 
 
@@ -46,9 +49,14 @@ def patch(mode: list) -> None:
     as_is_columns = cp.scaled_columns
     as_is_base, as_is_offset = cp.CoLoRAPair.partner_base, cp.CoLoRAPair.offset
     as_is_node = cp.pair_side_factors
+    as_is_applies = cp.CoLoRAPair.one_node_applies
 
     def pair_side_factors(*args):
         return as_is_node(*args) if mode[0] == 'pairs' else None
+
+    def one_node_applies(self, index):
+        # where the node applies the pairs are not stacked: so in every mode but one
+        return False if mode[0] == 'stacked factors' else as_is_applies(self, index)
 
     def scaled_columns(terms, cache):
         if mode[0] == 'plain-op scalings':
@@ -70,6 +78,7 @@ def patch(mode: list) -> None:
 
     cp.scaled_columns, cp.pair_side_factors = scaled_columns, pair_side_factors
     cp.CoLoRAPair.partner_base, cp.CoLoRAPair.offset = partner_base, offset
+    cp.CoLoRAPair.one_node_applies = one_node_applies
 
 
 def partner_products(repeats: int) -> list:
@@ -179,7 +188,7 @@ def main():
     # the variants that compute the same numbers: equal gradients
     data = bench_colora.make_batch(args.batch, args.size)
     grads = {}
-    same = ('pairs', 'python factors', 'plain-op scalings')
+    same = ('pairs', 'python factors', 'stacked factors', 'plain-op scalings')
     for name in same:
         mode[0] = name
         model = models[name]

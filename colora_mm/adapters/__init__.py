@@ -12,6 +12,7 @@ from .inject import (DEFAULT_GAMMA, METHOD_KEYS, METHODS, AdapterSpec,
                      spec_keys_used, spec_type_error, spec_types, trainable_report,
                      unmerge_adapters)
 from .lora import LoRA, LowRankFactors, PiSSA
+from .pair_batch import pair_factors_stacked
 from .spatial import SpatialLowRankBranch, spatial_style
 
 __all__ = [
@@ -22,6 +23,6 @@ __all__ = [
     'is_peft_trainable', 'iter_adapted_layers', 'mark_trainable', 'merge_adapters',
     'norm_parameter_names', 'reset_adapters_from_weights', 'resolve_names',
     'spec_keys_used', 'spec_type_error', 'spec_types', 'trainable_report',
-    'unmerge_adapters', 'LoRA', 'LowRankFactors', 'PiSSA', 'SpatialLowRankBranch',
-    'spatial_style',
+    'unmerge_adapters', 'LoRA', 'LowRankFactors', 'PiSSA', 'pair_factors_stacked',
+    'SpatialLowRankBranch', 'spatial_style',
 ]

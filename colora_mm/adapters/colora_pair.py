@@ -44,7 +44,7 @@ import torch.nn as nn
 from .base import AdaptedLayer, Adapter, compute_dtype, no_autocast
 from .init import init_a_
 from .scaling import plain_scaled, scaled_columns
-from .up3x3 import pair_side_factors
+from .up3x3 import pair_side_factors, pair_side_kernel_applies
 
 PARTNER_POLICIES = ('effective', 'frozen')
 #: Buffer names of the partner offsets, ``partner_i = base_i + L_i R_i``.
@@ -139,6 +139,10 @@ class CoLoRAPair(nn.Module):
         self._legacy_partners: Optional[List[torch.Tensor]] = None
         # Constant tensors of the fused scalings, per side, device and dtype.
         self._scaling_cache: Tuple[dict, dict] = ({}, {})
+        # Each side's (L, R) of the current training forward pass, where they were
+        # formed with the other pairs of the same shape (:mod:`.pair_batch`); taken
+        # once by :meth:`factors`.
+        self._stacked: List[Optional[tuple]] = [None, None]
         self.reset_parameters()
 
     def _new_param(self, name: str, shape: tuple, rank: int) -> None:
@@ -274,8 +278,15 @@ class CoLoRAPair(nn.Module):
         both terms of Eq. 14 (or 15) as one product, ``[s1 A1 | s As] @ [B1 ; Bs W2^T]``.
         In ``max(float32, parameter dtype)``, autocast off; in a training step on the
         CPU the whole side is one C++ autograd node (:meth:`_one_node_factors`), else
-        the scalings run as one autograd op (:mod:`.scaling`)."""
+        the scalings run as one autograd op (:mod:`.scaling`), in an adapted backbone's
+        training forward pass for all its pairs of this shape at once (formed when the
+        pass begins, taken here once: :mod:`.pair_batch`)."""
         with no_autocast(self.partner_l1.device):
+            ready = self._stacked[index]
+            if ready is not None:
+                # formed with the other pairs of this shape (:mod:`.pair_batch`)
+                self._stacked[index] = None
+                return ready
             dtype = self._compute_dtype()
             fused = self._one_node_factors(index, dtype)
             if fused is not None:
@@ -291,6 +302,12 @@ class CoLoRAPair(nn.Module):
         (:func:`.up3x3.pair_side_factors`: the same values, the same gradients up to
         rounding), or None where it does not apply: no gradient needed, a pair with an
         empty part or without layers, another device."""
+        args = self._one_node_args(index, dtype)
+        return None if args is None else pair_side_factors(*args)
+
+    def _one_node_args(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
+        """The arguments of :func:`.up3x3.pair_side_factors` for side ``index``, or None
+        where a training step has no use for the node (see :meth:`_one_node_factors`)."""
         if not (self.rl and self.rs) or not torch.is_grad_enabled() \
                 or self.As.device.type != 'cpu':
             return None
@@ -301,9 +318,16 @@ class CoLoRAPair(nn.Module):
         if base is None:
             return None
         left, right = self.offset(1 - index)
-        return pair_side_factors(index, A.to(dtype), B.to(dtype), self.As.to(dtype),
-                                 self.Bs.to(dtype), base.to(dtype), left.to(dtype),
-                                 right.to(dtype), *self._norms())
+        return (index, A.to(dtype), B.to(dtype), self.As.to(dtype), self.Bs.to(dtype),
+                base.to(dtype), left.to(dtype), right.to(dtype), *self._norms())
+
+    def one_node_applies(self, index: int) -> bool:
+        """Whether a training step on this pair's device forms side ``index`` as the
+        CPU's C++ node (:meth:`_one_node_factors`)."""
+        if not (self.rl and self.rs) or self.As.device.type != 'cpu':
+            return False
+        args = self._one_node_args(index, self._compute_dtype())
+        return args is not None and pair_side_kernel_applies(*args[1:8])
 
     def delta(self, index: int) -> torch.Tensor:
         """``dW1`` (index 0, ``d x d'``) or ``dW2`` (index 1, ``d' x d''``), paper
@@ -365,6 +389,13 @@ class CoLoRAPair(nn.Module):
         if self._legacy_partners is not None:
             self._convert_legacy_partners()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        # An offset taken from factors formed with other pairs (:mod:`.pair_batch`) is a
+        # view of their stack: saved on its own, it would carry the whole stack.
+        for name in (n for names in OFFSET_NAMES for n in names):
+            value = destination.get(prefix + name)
+            if value is not None and \
+                    value.untyped_storage().nbytes() > value.numel() * value.element_size():
+                destination[prefix + name] = value.clone()
 
     @torch.no_grad()
     def _convert_legacy_partners(self) -> None:

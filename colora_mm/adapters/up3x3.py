@@ -220,6 +220,21 @@ def range_filter(z: torch.Tensor, kernel1d: torch.Tensor, eps: float) -> Optiona
     return kernel.range_filter(z, kernel1d.contiguous(), float(eps))
 
 
+def pair_side_kernel_applies(A: torch.Tensor, B: torch.Tensor, As: torch.Tensor,
+                             Bs: torch.Tensor, base: torch.Tensor, left: torch.Tensor,
+                             right: torch.Tensor) -> bool:
+    """Whether :func:`pair_side_factors` runs its C++ node for these tensors (see there)."""
+    tensors = (A, B, As, Bs, base, left, right)
+    if choice() != 'auto' or _tracing_or_intercepted(*tensors):
+        return False
+    if A.dtype not in (torch.float32, torch.float64) or any(
+            t.device.type != 'cpu' or t.dtype != A.dtype or t.dim() != 2 for t in tensors):
+        return False
+    if base.requires_grad or left.requires_grad or right.requires_grad:
+        return False
+    return load_kernel() is not None
+
+
 def pair_side_factors(index: int, A: torch.Tensor, B: torch.Tensor, As: torch.Tensor,
                       Bs: torch.Tensor, base: torch.Tensor, left: torch.Tensor,
                       right: torch.Tensor, k_ind: float,
@@ -229,17 +244,9 @@ def pair_side_factors(index: int, A: torch.Tensor, B: torch.Tensor, As: torch.Te
     a 2-D CPU tensor of one dtype, float32 or float64; the partner's base weight and
     offset without a gradient; not traced or intercepted; ``COLORA_MM_UP3X3`` not
     ``conv``. None anywhere else (the caller runs the Python formulation)."""
-    tensors = (A, B, As, Bs, base, left, right)
-    if choice() != 'auto' or _tracing_or_intercepted(*tensors):
-        return None
-    if A.dtype not in (torch.float32, torch.float64) or any(
-            t.device.type != 'cpu' or t.dtype != A.dtype or t.dim() != 2 for t in tensors):
-        return None
-    if base.requires_grad or left.requires_grad or right.requires_grad:
+    if not pair_side_kernel_applies(A, B, As, Bs, base, left, right):
         return None
     kernel = load_kernel()
-    if kernel is None:
-        return None
     left_factor, right_factor = kernel.pair_side_factors(
         index, A, B, As, Bs, base, left, right, float(k_ind), float(k_sh))
     return left_factor, right_factor

@@ -19,7 +19,10 @@ import torch.nn as nn
 
 from colora_mm.adapters import (AdapterSpec, inject_adapters,
                                 is_adapter_name, iter_adapted_layers, mark_trainable,
-                                merge_adapters, reset_adapters_from_weights)
+                                merge_adapters, pair_factors_stacked,
+                                reset_adapters_from_weights)
+
+from colora_mm.adapters.lowrank import compiling
 
 from .pretrained import PretrainedLoadReport, load_pretrained
 
@@ -58,6 +61,14 @@ class AdaptedBackboneMixin:
         """Further ``(spec, targets)`` injected after the main spec's, with targets as
         ``inject_adapters`` keywords (Swin's attention projections). Default: none."""
         return []
+
+    def forward(self, *args, **kwargs):
+        """The upstream forward pass; in training, the factors of the CoLoRA pairs of one
+        shape are formed together first (:mod:`colora_mm.adapters.pair_batch`)."""
+        if not self.training or compiling():
+            return super().forward(*args, **kwargs)
+        with pair_factors_stacked(self):
+            return super().forward(*args, **kwargs)
 
     def train(self, mode: bool = True):
         """The upstream ``train`` (stage freezing, ``norm_eval``), returning the module
