@@ -467,12 +467,43 @@ def test_allow_partial_loads_a_checkpoint_of_another_depth():
                                ckpt['model']['stages.2.1.dwconv.weight'])
 
 
+def test_training_forward_forms_the_factors_of_equal_pairs_together(monkeypatch):
+    """Where the CPU's pair node does not apply (as on a GPU), a training forward pass
+    forms the factors of stage 3's three equal pairs together (both sides), an
+    evaluation pass does not; either way every stack is gone afterwards."""
+    from colora_mm.adapters import CoLoRAPair
+    from colora_mm.adapters import pair_batch
+    monkeypatch.setenv('COLORA_MM_UP3X3', 'conv')
+    calls = []
+    stacked = pair_batch.stacked_factors
+
+    def spy(pairs, index):
+        calls.append((len(pairs), index))
+        return stacked(pairs, index)
+    monkeypatch.setattr(pair_batch, 'stacked_factors', spy)
+    model = build().train()
+    x = torch.randn(1, 3, 32, 32)
+    model(x)
+    assert calls == [(3, 0), (3, 1)]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 2
+    assert all(m._stacked == [None, None] for m in model.modules()
+               if isinstance(m, CoLoRAPair))
+
+
+@pytest.mark.parametrize('factors', ['as run', 'python'])
 @pytest.mark.parametrize('adapter', [dict(method='colora', partner_policy='frozen'),
                                      dict(method='lora')])
-def test_checkpointed_blocks_train_like_plain_ones(adapter):
+def test_checkpointed_blocks_train_like_plain_ones(adapter, factors, monkeypatch):
     """``with_cp=True`` recomputes each block in backward (the pairs' C++ node on the
-    CPU, the activation path's recomputed inputs): the same gradients as without."""
+    CPU, or their Python formulation with the equal pairs' factors formed together, as
+    on a GPU; the activation path's recomputed inputs): the same gradients as
+    without."""
     from colora_mm.adapters import reset_adapters_from_weights
+    if factors == 'python':
+        monkeypatch.setenv('COLORA_MM_UP3X3', 'conv')
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 64, 64, generator=g)
     grads = []
