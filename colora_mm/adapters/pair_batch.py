@@ -5,7 +5,7 @@ A side of a pair forms its factors (:meth:`.colora_pair.CoLoRAPair.factors`) fro
 own parameters and its partner's base weight and offset, never from the activations,
 so every pair's can be formed before the backbone runs. Most pairs of a backbone share
 their shapes (ConvNeXt-B: 27 blocks in stage 3, 3 in each other stage), and the
-scalings of a side take the same ~36 operators for a 64-wide pair as for a 1024-wide
+scalings of a side take the same 38 operators for a 64-wide pair as for a 1024-wide
 one (:mod:`.scaling`); on a GPU, where a CoLoRA training step is bound by launching
 kernels rather than by running them (docs/benchmarks.md, "GPU"), each operator is a
 launch. :func:`pair_factors_stacked` (entered by the adapted backbones around their
