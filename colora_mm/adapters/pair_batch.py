@@ -62,54 +62,67 @@ def enabled() -> bool:
 
 
 class StackedScaledColumns(torch.autograd.Function):
-    """:class:`.scaling.ScaledColumns` of ``G`` pairs at once: from ``X_1, Y_1, ...``,
-    each ``(G, a, b)`` (pair ``g``'s tensor at ``[g]``), ``[s_1 X_1 | ... ]`` as
-    ``(G, rows, sum of widths)`` with every ``s_j`` of pair ``g`` from pair ``g``'s own
-    stds. Forward: 12 operators; backward: 10 + 4 per ``X_j`` + 3 per ``Y_j``, whatever
-    ``G``."""
+    """:class:`.scaling.ScaledColumns` of ``G`` pairs at once. Inputs: ``consts``,
+    ``m`` (terms per pair), then, term by term, the ``G`` pairs' ``X_j`` followed by
+    their ``Y_j`` (each pair's own 2-D tensors). Outputs ``(L, R)``: ``L`` of shape
+    ``(G, rows, sum of widths)``, pair ``g``'s ``[s_1 X_1 | ... ]`` with its own stds,
+    and ``R = [Y_1; ...]`` of shape ``(G, sum of widths, cols)``. The stacks are formed
+    in the forward pass and again in the backward pass, so autograd keeps only the
+    pairs' own tensors (no stacked copies). Forward: 12 operators and one stack per
+    tensor kind; backward: 10 + 4 per ``X_j`` + 3 per ``Y_j`` and the same stacks,
+    whatever ``G``."""
 
     @staticmethod
-    def forward(ctx, consts: _Constants, *tensors: torch.Tensor) -> torch.Tensor:
-        m = len(tensors) // 2
-        g = tensors[0].shape[0]
-        xs = tensors[0::2]
-        sig = torch.stack([t.std(dim=(1, 2)) for t in tensors], dim=1)   # (G, 2m)
+    def _stacks(tensors: Sequence[torch.Tensor], kinds: int) -> List[torch.Tensor]:
+        g = len(tensors) // kinds
+        return [torch.stack(tensors[k * g:(k + 1) * g]) for k in range(kinds)]
+
+    @staticmethod
+    def forward(ctx, consts: _Constants, m: int, *tensors: torch.Tensor):
+        stacks = StackedScaledColumns._stacks(tensors, 2 * m)
+        xs, ys = stacks[0::2], stacks[1::2]
+        g = xs[0].shape[0]
+        sig = torch.stack([t.std(dim=(1, 2)) for t in stacks], dim=1)     # (G, 2m)
         den = sig.view(g, m, 2).sum(2).mul_(consts.norms)                  # (G, m)
         s = den.clamp_min(DEN_MIN).reciprocal_()
         out = torch.empty(g, xs[0].shape[1], consts.seg.shape[0], dtype=xs[0].dtype,
                           device=xs[0].device)
         for j, (a, b) in enumerate(consts.bounds):
             torch.mul(xs[j], s[:, j, None, None], out=out[:, :, a:b])
-        ctx.consts = consts
+        right = ys[0] if m == 1 else torch.cat(ys, dim=1)
+        ctx.consts, ctx.m = consts, m
         ctx.save_for_backward(out, s, den, sig.mul_(consts.dof), *tensors)
-        return out
+        return out, right
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, grad_right: torch.Tensor):
         with torch.autocast(device_type=grad.device.type, enabled=False):
             out, s, den, sig_dof, *tensors = ctx.saved_tensors
-            grad = grad.to(out.dtype)
-            consts = ctx.consts
-            g, m = out.shape[0], len(tensors) // 2
-            # as ScaledColumns._backward, with the pairs along the first dimension
+            grad, grad_right = grad.to(out.dtype), grad_right.to(out.dtype)
+            consts, m = ctx.consts, ctx.m
+            g = out.shape[0]
+            stacks = StackedScaledColumns._stacks(tensors, 2 * m)
+            # as ScaledColumns._backward, with the pairs along the first dimension; a
+            # Y_j's gradient also takes R's rows of it
             t = (grad * out).sum(1) @ consts.seg                                # (G, m)
             dstd = (t * s).mul_(consts.neg_norms).masked_fill_(den < DEN_MIN, 0)
             sig_dof = sig_dof.view(g, m, 2)
             coef = (dstd[:, :, None] / sig_dof).masked_fill_(sig_dof == 0, 0)   # (G, m, 2)
-            grads: List = [None]
-            needs = ctx.needs_input_grad[1:]
+            needs = ctx.needs_input_grad[2:]
+            per_kind: List = []
             for j, (a, b) in enumerate(consts.bounds):
-                x, y = tensors[2 * j], tensors[2 * j + 1]
-                gx = gy = None
-                if needs[2 * j]:
-                    gx = torch.addcmul(grad[:, :, a:b] * s[:, j, None, None],
-                                       x - x.mean(dim=(1, 2), keepdim=True),
-                                       coef[:, j, 0, None, None])
-                if needs[2 * j + 1]:
-                    gy = (y - y.mean(dim=(1, 2), keepdim=True)).mul_(
-                        coef[:, j, 1, None, None])
-                grads += [gx, gy]
+                x, y = stacks[2 * j], stacks[2 * j + 1]
+                gx = torch.addcmul(grad[:, :, a:b] * s[:, j, None, None],
+                                   x - x.mean(dim=(1, 2), keepdim=True),
+                                   coef[:, j, 0, None, None])
+                gy = torch.addcmul(grad_right[:, a:b], y - y.mean(dim=(1, 2), keepdim=True),
+                                   coef[:, j, 1, None, None])
+                per_kind += [gx, gy]
+            grads: List = [None, None]
+            for k, stacked in enumerate(per_kind):
+                grads += [part if need else None for part, need in
+                          zip(stacked.unbind(0), needs[k * g:(k + 1) * g])]
             return tuple(grads)
 
 
@@ -136,9 +149,10 @@ def stacked_factors(pairs: Sequence[CoLoRAPair], index: int) -> List[tuple]:
             raise ValueError('stacked_factors: every pair needs both parts (0 < '
                              'share_ratio < 1); got ranks '
                              f'{[(p.rl, p.rs) for p in pairs]}.')
-        stacks = [torch.stack([t[j][i] for t in terms]) for j in range(2) for i in range(2)]
-        left = StackedScaledColumns.apply(_constants(terms[0], stacks[0]), *stacks)
-        right = torch.cat([stacks[1], stacks[3]], dim=1)
+        # term by term, every pair's X_j, then every pair's Y_j
+        tensors = [t[j][i] for j in range(2) for i in range(2) for t in terms]
+        left, right = StackedScaledColumns.apply(_constants(terms[0], tensors[0]), 2,
+                                                 *tensors)
     return list(zip(left.unbind(0), right.unbind(0)))
 
 

@@ -111,17 +111,19 @@ def test_stacked_factors_are_each_pairs_own(python_pairs, monkeypatch, index):
 def test_stacked_scalings_gradcheck_float64():
     g, shapes = 3, [(5, 2), (2, 7), (5, 3), (3, 7)]
     gen = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(g, *s, generator=gen, dtype=torch.float64, requires_grad=True)
-               for s in shapes]
+    per_kind = [[torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+                 for _ in range(g)] for s in shapes]
+    tensors = [t for kind in per_kind for t in kind]
     consts = _Constants([1.3, 0.7], [10, 14, 15, 21], [2, 3], tensors[0])
     assert torch.autograd.gradcheck(
-        lambda *t: PB.StackedScaledColumns.apply(consts, *t), tensors)
-    # pair g of the stack is the unstacked op on pair g's tensors
+        lambda *t: PB.StackedScaledColumns.apply(consts, 2, *t), tensors)
+    # pair i of the stacks is the unstacked op on pair i's tensors (R: [Y_1; Y_2])
     from colora_mm.adapters.scaling import ScaledColumns
-    out = PB.StackedScaledColumns.apply(consts, *tensors)
+    left, right = PB.StackedScaledColumns.apply(consts, 2, *tensors)
     for i in range(g):
-        own = ScaledColumns.apply(consts, *(t[i] for t in tensors))
-        assert _rel(out[i], own) <= 1e-14
+        own = [kind[i] for kind in per_kind]
+        assert _rel(left[i], ScaledColumns.apply(consts, *own)) <= 1e-14
+        assert torch.equal(right[i], torch.cat([own[1], own[3]], 0))
 
 
 @pytest.mark.parametrize('policy', ['effective', 'frozen'])
