@@ -55,8 +55,10 @@ def patch(mode: list) -> None:
         return as_is_node(*args) if mode[0] == 'pairs' else None
 
     def one_node_applies(self, index):
-        # where the node applies the pairs are not stacked: so in every mode but one
-        return False if mode[0] == 'stacked factors' else as_is_applies(self, index)
+        # where the node applies the pairs are not stacked: the pairs stack in one mode
+        # only, the others remove parts of the per-pair formulation
+        return False if mode[0] == 'stacked factors' else (
+            as_is_applies(self, index) if mode[0] == 'pairs' else True)
 
     def scaled_columns(terms, cache):
         if mode[0] == 'plain-op scalings':

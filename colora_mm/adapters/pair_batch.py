@@ -12,8 +12,10 @@ launch. :func:`pair_factors_stacked` (entered by the adapted backbones around th
 forward pass) stacks the thin factors of the pairs of each shape, runs the scalings
 once per shape and side (:class:`StackedScaledColumns`, :class:`.scaling.ScaledColumns`
 over a stack), and hands each pair its ``(L, R)`` as views of the stacks, taken once by
-:meth:`~.colora_pair.CoLoRAPair.factors` when its layer runs. Only the partner products
-``Bs W2p^T`` and ``W1p^T As``, which read each pair's own base weight, stay per pair.
+:meth:`~.colora_pair.CoLoRAPair.factors` when its layer runs. Of the partner products
+``Bs W2p^T`` and ``W1p^T As`` the parts with the low-rank offsets are batched too
+(:class:`StackedOffsetProducts`); only the base products, each reading its pair's own
+weight, stay per pair.
 
 Where it applies: a module in training mode with gradients enabled; pairs in training
 mode with both parts (``0 < share_ratio < 1``), two layers, a trainable parameter, and
@@ -137,18 +139,78 @@ def _constants(terms: Sequence[tuple], like: torch.Tensor) -> _Constants:
     return consts
 
 
+class StackedOffsetProducts(torch.autograd.Function):
+    """The low-rank offsets' part of ``G`` pairs' partner products, as ``(G, ...)``:
+    ``(Bs R2^T) L2^T`` (``index`` 0) or ``R1^T (L1^T As)`` (``index`` 1). Inputs:
+    ``index``, then the ``G`` pairs' ``Bs`` (or ``As``), their offsets' ``L`` and their
+    ``R`` (each pair's own tensors; the offsets take no gradient). Two batched GEMMs each
+    way; the offsets are stacked again in the backward pass rather than kept, so
+    autograd holds no copies of them."""
+
+    @staticmethod
+    def forward(ctx, index: int, *tensors: torch.Tensor) -> torch.Tensor:
+        g = len(tensors) // 3
+        shared, left, right = (torch.stack(tensors[k * g:(k + 1) * g]) for k in range(3))
+        ctx.index = index
+        ctx.save_for_backward(*tensors[g:])
+        if index == 0:
+            return (shared @ right.transpose(1, 2)) @ left.transpose(1, 2)
+        return right.transpose(1, 2) @ (left.transpose(1, 2) @ shared)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        offsets = ctx.saved_tensors
+        g = len(offsets) // 2
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            left, right = torch.stack(offsets[:g]), torch.stack(offsets[g:])
+            grad = grad.to(left.dtype)
+            # as autograd would: d(Bs) = (dU L2) R2; d(As) = L1 (R1 dU)
+            shared = (grad @ left) @ right if ctx.index == 0 else left @ (right @ grad)
+        return (None, *shared.unbind(0)) + (None,) * (2 * g)
+
+
+def _partner_products(pairs: Sequence[CoLoRAPair], index: int,
+                      dtype: torch.dtype) -> List[torch.Tensor]:
+    """Each pair's partner product of side ``index`` (``Bs W2p^T``, ``rs x d'``, for
+    W1'; ``W1p^T As``, ``d' x rs``, for W2'): the base products pair by pair (each reads
+    its own weight), the low-rank offsets' products of all pairs batched
+    (:class:`StackedOffsetProducts`), in
+    :meth:`~.colora_pair.CoLoRAPair._shared_term`'s order of operations."""
+    other = 1 - index
+    shared = [(p.As if index else p.Bs).to(dtype) for p in pairs]
+    first = pairs[0]
+    shape = (first.rs, first.d_mid) if index == 0 else (first.d_mid, first.rs)
+    bases = [p.partner_base(other) for p in pairs]
+    products = torch.stack([t.new_zeros(shape) if b is None          # zero base weight
+                            else t @ b.to(dtype) if index == 0 else b.to(dtype) @ t
+                            for t, b in zip(shared, bases)])
+    offsets = [p.offset(other) for p in pairs]
+    if offsets[0][0].shape[1]:
+        products = products + StackedOffsetProducts.apply(
+            index, *shared, *(l.to(dtype) for l, _ in offsets),
+            *(r.to(dtype) for _, r in offsets))
+    return list(products.unbind(0))
+
+
 def stacked_factors(pairs: Sequence[CoLoRAPair], index: int) -> List[tuple]:
     """Side ``index``'s ``(L, R)`` of every pair of ``pairs`` (pairs of one shape, dtype
-    and device, each with both parts), formed together: each pair's the values of its
-    own :meth:`~.colora_pair.CoLoRAPair.factors`, as views of one stack."""
+    and device, each with both parts and both layers), formed together: each pair's the
+    values of its own :meth:`~.colora_pair.CoLoRAPair.factors` up to rounding, as views
+    of one stack."""
+    if any(not (p.rl and p.rs) or None in p._layers for p in pairs):
+        raise ValueError('stacked_factors: every pair needs both parts (0 < share_ratio '
+                         f'< 1) and both layers; got ranks {[(p.rl, p.rs) for p in pairs]}.')
     first = pairs[0]
     with no_autocast(first.As.device):
         dtype = first._compute_dtype()
-        terms = [pair._terms(index, dtype) for pair in pairs]
-        if any(len(t) != 2 for t in terms):
-            raise ValueError('stacked_factors: every pair needs both parts (0 < '
-                             'share_ratio < 1); got ranks '
-                             f'{[(p.rl, p.rs) for p in pairs]}.')
+        k_own, k_shared = first._norms()
+        products = _partner_products(pairs, index, dtype)
+        terms = []
+        for pair, c in zip(pairs, products):
+            A, B = (pair.A1, pair.B1) if index == 0 else (pair.A2, pair.B2)
+            shared = (pair.As.to(dtype), c) if index == 0 else (c, pair.Bs.to(dtype))
+            terms.append([(A.to(dtype), B.to(dtype), k_own), (*shared, k_shared)])
         # term by term, every pair's X_j, then every pair's Y_j
         tensors = [t[j][i] for j in range(2) for i in range(2) for t in terms]
         left, right = StackedScaledColumns.apply(_constants(terms[0], tensors[0]), 2,

@@ -126,6 +126,30 @@ def test_stacked_scalings_gradcheck_float64():
         assert torch.equal(right[i], torch.cat([own[1], own[3]], 0))
 
 
+@pytest.mark.parametrize('index', [0, 1])
+def test_stacked_offset_products_gradcheck_float64(index):
+    """The offsets' part of the partner products, batched: each pair's own product
+    (``(Bs R2^T) L2^T`` or ``R1^T (L1^T As)``), gradients to Bs / As only."""
+    g, k, rs, d, d_mid, d_out = 3, 2, 3, 5, 7, 4
+    gen = torch.Generator().manual_seed(index)
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
+    if index == 0:    # Bs (rs x d''), offset of W2: L2 (d' x k), R2 (k x d'')
+        shared = [rand(rs, d_out, grad=True) for _ in range(g)]
+        lefts, rights = [rand(d_mid, k) for _ in range(g)], [rand(k, d_out) for _ in range(g)]
+    else:             # As (d x rs), offset of W1: L1 (d x k), R1 (k x d')
+        shared = [rand(d, rs, grad=True) for _ in range(g)]
+        lefts, rights = [rand(d, k) for _ in range(g)], [rand(k, d_mid) for _ in range(g)]
+    out = PB.StackedOffsetProducts.apply(index, *shared, *lefts, *rights)
+    for i in range(g):
+        own = ((shared[i] @ rights[i].t()) @ lefts[i].t() if index == 0
+               else rights[i].t() @ (lefts[i].t() @ shared[i]))
+        assert _rel(out[i], own) <= 1e-14
+    assert torch.autograd.gradcheck(
+        lambda *t: PB.StackedOffsetProducts.apply(index, *t, *lefts, *rights), shared)
+
+
 @pytest.mark.parametrize('policy', ['effective', 'frozen'])
 def test_training_steps_follow_the_per_pair_formulation(python_pairs, monkeypatch, policy):
     net = _net(n=3, policy=policy)
