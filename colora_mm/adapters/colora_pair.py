@@ -240,38 +240,46 @@ class CoLoRAPair(nn.Module):
         ``(rs n)^(1/4)`` for the shared one."""
         return math.sqrt(self.rl), (self.rs * self.n) ** 0.25
 
-    def _terms(self, index: int, dtype: torch.dtype) -> list:
+    def _terms(self, index: int, dtype: torch.dtype,
+               partner_product: Optional[torch.Tensor] = None) -> list:
         """The scaled terms of side ``index``: ``(X, Y, k)`` with ``dW = sum_j s_j X_j
         Y_j`` and ``s_j = 1 / (k_j (std(X_j) + std(Y_j)))``: ``(A_i, B_i, sqrt(rl))``,
         then ``(As, Bs W2p^T, (rs n)^(1/4))`` for W1' or ``(W1p^T As, Bs, ...)`` for
         W2'. The partner enters as its base weight and its low-rank offset, never as a
-        formed sum."""
+        formed sum; ``partner_product``, where given, is that product formed already."""
         terms = []
         if self.rl:
             A, B = (self.A1, self.B1) if index == 0 else (self.A2, self.B2)
             terms.append((A.to(dtype), B.to(dtype), self._norms()[0]))
         if self.rs:
-            terms.append(self._shared_term(index, dtype))
+            C = (self._partner_product(index, dtype) if partner_product is None
+                 else partner_product)
+            As, Bs = self.As.to(dtype), self.Bs.to(dtype)
+            terms.append((As, C, self._norms()[1]) if index == 0
+                         else (C, Bs, self._norms()[1]))
         return terms
 
-    def _shared_term(self, index: int, dtype: torch.dtype) -> tuple:
-        As, Bs = self.As.to(dtype), self.Bs.to(dtype)
-        norm = self._norms()[1]
+    def _partner_product(self, index: int, dtype: torch.dtype,
+                         offset: bool = True) -> torch.Tensor:
+        """``Bs W2p^T`` (``rs x d'``, index 0) or ``W1p^T As`` (``d' x rs``, index 1):
+        the base weight's product, plus the offset's (``offset``, where it is not
+        empty)."""
         other = 1 - index
         base = self.partner_base(other)           # W2^T (d'' x d') or W1^T (d' x d)
         left, right = (t.to(dtype) for t in self.offset(other))
-        din, dout = self.side_shapes()[index]
         if index == 0:
             # C = Bs W2p^T = Bs W2^T + (Bs R2^T) L2^T                      (rs x d')
-            C = Bs @ base.to(dtype) if base is not None else Bs.new_zeros(self.rs, dout)
-            if left.shape[1]:
+            Bs = self.Bs.to(dtype)
+            C = Bs @ base.to(dtype) if base is not None else Bs.new_zeros(self.rs, self.d_mid)
+            if offset and left.shape[1]:
                 C = C + (Bs @ right.t()) @ left.t()
-            return As, C, norm
+            return C
         # C = W1p^T As = W1^T As + R1^T (L1^T As)                             (d' x rs)
-        C = base.to(dtype) @ As if base is not None else As.new_zeros(din, self.rs)
-        if left.shape[1]:
+        As = self.As.to(dtype)
+        C = base.to(dtype) @ As if base is not None else As.new_zeros(self.d_mid, self.rs)
+        if offset and left.shape[1]:
             C = C + right.t() @ (left.t() @ As)
-        return C, Bs, norm
+        return C
 
     def factors(self, index: int) -> tuple:
         """``(L, R)`` with ``dW_index = L R`` (paper orientation, inner width ``r``):

@@ -172,21 +172,15 @@ class StackedOffsetProducts(torch.autograd.Function):
 
 def _partner_products(pairs: Sequence[CoLoRAPair], index: int,
                       dtype: torch.dtype) -> List[torch.Tensor]:
-    """Each pair's partner product of side ``index`` (``Bs W2p^T``, ``rs x d'``, for
-    W1'; ``W1p^T As``, ``d' x rs``, for W2'): the base products pair by pair (each reads
-    its own weight), the low-rank offsets' products of all pairs batched
-    (:class:`StackedOffsetProducts`), in
-    :meth:`~.colora_pair.CoLoRAPair._shared_term`'s order of operations."""
+    """Each pair's partner product of side ``index`` (``Bs W2p^T`` for W1', ``W1p^T As``
+    for W2'): the base weight's product pair by pair (each reads its own weight), the
+    low-rank offsets' products of all pairs batched (:class:`StackedOffsetProducts`),
+    added in :meth:`~.colora_pair.CoLoRAPair._partner_product`'s order."""
     other = 1 - index
-    shared = [(p.As if index else p.Bs).to(dtype) for p in pairs]
-    first = pairs[0]
-    shape = (first.rs, first.d_mid) if index == 0 else (first.d_mid, first.rs)
-    bases = [p.partner_base(other) for p in pairs]
-    products = torch.stack([t.new_zeros(shape) if b is None          # zero base weight
-                            else t @ b.to(dtype) if index == 0 else b.to(dtype) @ t
-                            for t, b in zip(shared, bases)])
+    products = torch.stack([p._partner_product(index, dtype, offset=False) for p in pairs])
     offsets = [p.offset(other) for p in pairs]
     if offsets[0][0].shape[1]:
+        shared = [(p.As if index else p.Bs).to(dtype) for p in pairs]
         products = products + StackedOffsetProducts.apply(
             index, *shared, *(l.to(dtype) for l, _ in offsets),
             *(r.to(dtype) for _, r in offsets))
@@ -198,19 +192,20 @@ def stacked_factors(pairs: Sequence[CoLoRAPair], index: int) -> List[tuple]:
     and device, each with both parts and both layers), formed together: each pair's the
     values of its own :meth:`~.colora_pair.CoLoRAPair.factors` up to rounding, as views
     of one stack."""
-    if any(not (p.rl and p.rs) or None in p._layers for p in pairs):
-        raise ValueError('stacked_factors: every pair needs both parts (0 < share_ratio '
-                         f'< 1) and both layers; got ranks {[(p.rl, p.rs) for p in pairs]}.')
+    bad = [p for p in pairs if not (p.rl and p.rs) or None in p._layers]
+    if bad:
+        raise ValueError(
+            'stacked_factors: pairs stack only with both parts (0 < share_ratio < 1) and '
+            'both layers injected; ' + ', '.join(
+                f'{p.where or type(p).__name__} has rl={p.rl}, rs={p.rs}, layers '
+                f'{[layer is not None for layer in p._layers]}' for p in bad)
+            + '. Leave such pairs out (pair_groups() does).')
     first = pairs[0]
     with no_autocast(first.As.device):
         dtype = first._compute_dtype()
-        k_own, k_shared = first._norms()
         products = _partner_products(pairs, index, dtype)
-        terms = []
-        for pair, c in zip(pairs, products):
-            A, B = (pair.A1, pair.B1) if index == 0 else (pair.A2, pair.B2)
-            shared = (pair.As.to(dtype), c) if index == 0 else (c, pair.Bs.to(dtype))
-            terms.append([(A.to(dtype), B.to(dtype), k_own), (*shared, k_shared)])
+        terms = [pair._terms(index, dtype, partner_product=c)
+                 for pair, c in zip(pairs, products)]
         # term by term, every pair's X_j, then every pair's Y_j
         tensors = [t[j][i] for j in range(2) for i in range(2) for t in terms]
         left, right = StackedScaledColumns.apply(_constants(terms[0], tensors[0]), 2,

@@ -21,7 +21,6 @@ from colora_mm.adapters import (AdapterSpec, inject_adapters,
                                 is_adapter_name, iter_adapted_layers, mark_trainable,
                                 merge_adapters, pair_factors_stacked,
                                 reset_adapters_from_weights)
-
 from colora_mm.adapters.lowrank import compiling
 
 from .pretrained import PretrainedLoadReport, load_pretrained

@@ -108,6 +108,12 @@ def test_stacked_factors_are_each_pairs_own(python_pairs, monkeypatch, index):
     assert compared == 3 * 4                               # A_i, B_i, As, Bs of each pair
 
 
+def test_pairs_without_both_parts_are_refused(python_pairs):
+    net = _net(n=3, share=1.0)
+    with pytest.raises(ValueError, match=r'0 < share_ratio < 1.*blocks\.0\.pwconv1.*rl=0'):
+        PB.stacked_factors(_pairs(net)[:3], 0)
+
+
 def test_stacked_scalings_gradcheck_float64():
     g, shapes = 3, [(5, 2), (2, 7), (5, 3), (3, 7)]
     gen = torch.Generator().manual_seed(0)
