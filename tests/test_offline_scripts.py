@@ -116,3 +116,22 @@ exec {sys.executable} "$@"
                     '--no-mmcv-wheels', env=env)
     assert code == 0, out
     assert not osp.exists(tmp_path / 'b' / 'mmcv-build')
+
+
+def test_setup_stops_before_torch_when_the_disk_is_full(tmp_path):
+    """Too little room for torch: one error naming the venv, the space and the fix,
+    before pip starts (rather than ENOSPC midway through the install)."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'df').write_text(
+        '#!/bin/sh\necho "Filesystem 1024-blocks Used Available Capacity Mounted on"\n'
+        'echo "/dev/vda 264000000 263500000 500000 99% /"\n')
+    (bin_dir / 'df').chmod(0o755)
+    venv = tmp_path / 'venv'
+    code, out = run('tools/setup_env.sh', env=dict(
+        PYTHON=sys.executable, COLORA_VENV=str(venv), TORCH_VERSION='0.0.1',
+        PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}'))
+    assert code == 1, out
+    assert 'needs about 7 GiB free' in out and '488 MiB are free' in out, out
+    assert str(venv) in out and 'COLORA_VENV' in out
+    assert 'installing torch==' not in out                  # pip never started

@@ -86,6 +86,13 @@ PYEOF
 if have torch "$TORCH_VERSION" && have torchvision "$TORCHVISION_VERSION"; then
   step "2/6 torch $TORCH_VERSION / torchvision $TORCHVISION_VERSION present"
 else
+  # torch's CUDA build with its libraries takes about 5.5 GiB in the venv, and pip
+  # unpacks it beside; stop before starting rather than midway with ENOSPC
+  need_kib=$((7 * 1024 * 1024))
+  free_kib=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+  if [ -n "$free_kib" ] && [ "$free_kib" -lt "$need_kib" ]; then
+    fail "installing torch into $VENV needs about 7 GiB free on its disk, $((free_kib / 1024)) MiB are free ($(df -P "$VENV" | awk 'NR == 2 {print $6}')); free some space or point COLORA_VENV at a disk with room"
+  fi
   step "2/6 installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (about 2 minutes from this machine's wheels, longer from PyPI)"
   pip_q install --quiet "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
