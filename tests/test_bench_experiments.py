@@ -105,11 +105,13 @@ def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
     columns read 0 for full fine-tuning and 1 for the limit."""
     out = run('heap_layout.py', '--arch', 'atto', '--size', '64', '--head-channels', '32',
               '--repeats', '1', '--steps', '2', '--methods', 'full', 'limit', 'colora')
-    rows = {}
-    for line in out.splitlines():
-        cells = [c.strip() for c in line.split('|')[1:-1]]
-        if len(cells) == 8 and cells[1] in ('as run', 'state first'):
-            rows[cells[0], cells[1]] = cells
+    first, _, after = out.partition('After the last step')
+    rows, held = {}, {}
+    for text, table in ((first, rows), (after, held)):
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.split('|')[1:-1]]
+            if len(cells) == 8 and cells[1] in ('as run', 'state first'):
+                table[cells[0], cells[1]] = cells
     assert set(rows) == {(m, v) for m in ('full', 'limit', 'colora')
                          for v in ('as run', 'state first')}
     for variant in ('as run', 'state first'):
@@ -121,6 +123,14 @@ def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
         assert float(rows['colora', variant][4]) > 0
     assert 'AdamW state:' in rows['colora', 'as run'][7]
     assert 'AdamW state' not in rows['colora', 'state first'][7]
+    # after the steps: what is held, the tensors among it, the heap and its holes
+    assert set(held) == set(rows)
+    for key, cells in held.items():
+        used, adamw, partners, other, heap, free = map(float, cells[2:])
+        assert abs(used - adamw - partners - other) < 0.15, cells
+        assert used >= adamw + partners - 0.1 and 0 <= free <= heap, cells
+        assert (partners > 0) == (key[0] == 'colora'), cells
+    assert float(held['full', 'as run'][3]) > 4 * float(held['limit', 'as run'][3])
 
 
 @pytest.mark.parametrize('flag', ['--size', '--merge-size'])

@@ -3,7 +3,9 @@
 ``bench_colora.py`` run), and what the first step leaves in glibc's heap: the tensors it
 allocates that outlive it (AdamW's state, which AdamW creates in the first step, and
 CoLoRA's partner offsets), how many, how large, and how far above the heap's top before
-the step the highest of them sits (no block above it can be returned to the system).
+the step the highest of them sits (no block above it can be returned to the system); and after
+the last step, the bytes in use in malloc's blocks against the heap's size and its free
+part (``mallinfo2``), which separates what the steps hold from the heap's holes.
 
 Two variants per method: ``as run`` (what table 1 measures) and ``state first``
 (AdamW's state created before the first step, as ``zeros_like`` of every trainable
@@ -73,16 +75,21 @@ def worker(method: str, variant: str, args) -> None:
     steps = args.steps
     model, step, _ = bench_colora.build_trainer(method, cfg)
     before = bench_colora._proc_status_kib('VmRSS') * 1024
+    heap_before = bench_colora.heap_state()
     if variant == 'state first':
         create_adamw_state(step.optimizer)
     known = set(storages(model, step.optimizer))
     top_before = heap_range()[1]
-    peaks, left = [], {}
+    peaks, left, heaps = [], {}, []
     for i in range(steps):
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
         step()
         peaks.append(bench_colora._proc_status_kib('VmHWM') * 1024 - before)
+        heap = bench_colora.heap_state()
+        if heap:     # in use (heap blocks and mapped ones) over before step 1; heap, free
+            heaps.append((in_use(heap) - in_use(heap_before), heap['heap'],
+                          heap['heap_free']))
         if i == 0:
             lo, hi = heap_range()
             for ptr, (nbytes, kind) in storages(model, step.optimizer).items():
@@ -91,7 +98,16 @@ def worker(method: str, variant: str, args) -> None:
                 count, total, highest = left.get(kind, (0, 0, 0))
                 left[kind] = (count + 1, total + nbytes,
                               max(highest, ptr + nbytes - top_before))
-    print('HEAP ' + json.dumps(dict(peaks=peaks, left=left)))
+    kept = {}
+    for nbytes, kind in storages(model, step.optimizer).values():
+        kept[kind] = kept.get(kind, 0) + nbytes
+    print('HEAP ' + json.dumps(dict(peaks=peaks, left=left, heaps=heaps, kept=kept)))
+
+
+def in_use(heap: dict) -> int:
+    """Bytes the process holds in malloc's blocks: the heap's used part and the blocks
+    mapped on their own."""
+    return heap['heap'] - heap['heap_free'] + heap['mapped']
 
 
 def run_worker(method: str, variant: str, args) -> dict:
@@ -168,6 +184,28 @@ def main():
                               for k, (c, t, h) in sorted(left.items())) or '-'
             print(f'| {method} | {variant} | {" | ".join(cells)} | {mib(two[method])} | '
                   f'{saving(two, method)} | {saving(first, method)} | {kinds} |')
+
+    if not all(r['heaps'] for rs in runs.values() for r in rs):
+        return
+    # What the steps leave held against what the heap keeps resident: blocks in use
+    # after the last step (over before the first), the tensors among them, and the
+    # heap's size and free part; the difference of the first two to the peak is the
+    # step's transient memory plus the heap's holes.
+    print('\nAfter the last step (glibc\'s mallinfo2; median of the repeats; MiB): '
+          'blocks in use over before step 1, of which the tensors that outlive the '
+          'steps (AdamW state, partner offsets), and the heap\'s size and free part\n')
+    print('| method | variant | in use, over before step 1 | AdamW state | partner '
+          'offsets | other | heap size | free inside the heap |\n|' + '---|' * 8)
+    for variant in VARIANTS:
+        for method in args.methods:
+            rs = runs[method, variant]
+            used = statistics.median(r['heaps'][-1][0] for r in rs)
+            adamw = rs[0]['kept'].get('AdamW state', 0)
+            partners = rs[0]['kept'].get('partner offsets', 0)
+            print(f'| {method} | {variant} | {used / 2**20:.1f} | {adamw / 2**20:.1f} | '
+                  f'{partners / 2**20:.1f} | {(used - adamw - partners) / 2**20:.1f} | '
+                  f'{mib(statistics.median(r["heaps"][-1][1] for r in rs))} | '
+                  f'{mib(statistics.median(r["heaps"][-1][2] for r in rs))} |')
 
 
 if __name__ == '__main__':
