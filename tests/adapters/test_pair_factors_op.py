@@ -167,3 +167,30 @@ def test_no_second_derivative_says_how_to_get_one(kernel):
     left, _ = pair.factors(0)
     with pytest.raises(RuntimeError, match='no second derivative; set COLORA_MM_UP3X3=conv'):
         torch.autograd.grad(left.square().sum(), [pair.As], create_graph=True)
+
+
+@pytest.mark.parametrize('index', [0, 1])
+def test_what_the_node_keeps_for_backward(kernel, index):
+    """Beside the parameters and the partner's weight and offset, side 0 keeps only its
+    output R (which the low-rank op keeps anyway; its last rs rows are the partner
+    product C) and side 1 only C (``d' x rs``): no second copy of C."""
+    model = _model(shapes=(12, 20, 8))
+    pair = _pair(model)
+    _with_offsets(pair)
+    fixed = {t.untyped_storage().data_ptr() for t in
+             list(model.parameters()) + list(model.buffers())}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in fixed:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        left, right = pair.factors(index)
+    assert 'PairSideFactors' in _node_name(left)
+    if index == 0:
+        assert [tuple(t.shape) for t in saved] == [tuple(right.shape)]
+        assert saved[0].untyped_storage().data_ptr() == right.untyped_storage().data_ptr()
+    else:
+        assert [tuple(t.shape) for t in saved] == [(pair.d_mid, pair.rs)]

@@ -14,6 +14,10 @@
 // the backward is the closed form (std's (T - mean T) / ((N - 1) std), zero where
 // std = 0 or where the clamp binds), with the scalars on the host. One node replaces
 // the dozen or so autograd nodes and the Python backward of the formulation it mirrors.
+// For backward it keeps its inputs and C, which on side 0 is R's last rs rows: there it
+// keeps R (its output, which the low-rank op keeps too) and no second copy of C. Side
+// 1's C is kept on its own: L holds it scaled, and forming it again in backward would
+// cost a GEMM with the partner's weight per pair.
 #include <torch/extension.h>
 #include <algorithm>
 #include <array>
@@ -41,6 +45,21 @@ std::array<double, 2> scaling_in(const Tensor& like, double sx, double sy, doubl
                                                : scaling<float>(sx, sy, k);
 }
 
+// The partner product of a side: C = Bs W2p^T (side 0, rs x d') or W1p^T As (side 1,
+// d' x rs), the partner entering as its base weight and its low-rank offset.
+Tensor partner_product(int64_t index, const Tensor& As, const Tensor& Bs,
+                       const Tensor& base, const Tensor& left, const Tensor& right) {
+  Tensor C;
+  if (index == 0) {
+    C = at::mm(Bs, base);
+    if (left.size(1)) C = C + at::mm(at::mm(Bs, right.t()), left.t());
+  } else {
+    C = at::mm(base, As);
+    if (left.size(1)) C = C + at::mm(right.t(), at::mm(left.t(), As));
+  }
+  return C;
+}
+
 // The terms (X_j, Y_j) of a side: (A, B) and the shared one.
 std::array<Tensor, 4> terms(int64_t index, const Tensor& A, const Tensor& B,
                             const Tensor& As, const Tensor& Bs, const Tensor& C) {
@@ -54,14 +73,7 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
                                Tensor As, Tensor Bs, Tensor base, Tensor left,
                                Tensor right, double k_ind, double k_sh) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    Tensor C;
-    if (index == 0) {
-      C = at::mm(Bs, base);
-      if (left.size(1)) C = C + at::mm(at::mm(Bs, right.t()), left.t());
-    } else {
-      C = at::mm(base, As);
-      if (left.size(1)) C = C + at::mm(right.t(), at::mm(left.t(), As));
-    }
+    const Tensor C = partner_product(index, As, Bs, base, left, right);
     const auto t = terms(index, A, B, As, Bs, C);
     std::vector<double> sig(4), den(2), s(2);
     for (int i = 0; i < 4; ++i) sig[i] = at::std(t[i]).item<double>();
@@ -77,7 +89,7 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
     at::mul_out(L0, A, s[0]);
     at::mul_out(L1, t[2], s[1]);
     Tensor R = at::cat({B, t[3]}, 0);
-    ctx->save_for_backward({A, B, As, Bs, base, left, right, C});
+    ctx->save_for_backward({A, B, As, Bs, base, left, right, index == 0 ? R : C});
     ctx->saved_data["index"] = index;
     ctx->saved_data["k"] = std::vector<double>{k_ind, k_sh};
     ctx->saved_data["sig"] = sig;
@@ -92,8 +104,9 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto saved = ctx->get_saved_variables();
     const Tensor &A = saved[0], &B = saved[1], &As = saved[2], &Bs = saved[3],
-                 &base = saved[4], &left = saved[5], &right = saved[6], &C = saved[7];
+                 &base = saved[4], &left = saved[5], &right = saved[6];
     const int64_t index = ctx->saved_data["index"].toInt();
+    const Tensor C = index == 0 ? saved[7].narrow(0, B.size(0), Bs.size(0)) : saved[7];
     const auto k = ctx->saved_data["k"].toDoubleVector();
     const auto sig = ctx->saved_data["sig"].toDoubleVector();
     const auto den = ctx->saved_data["den"].toDoubleVector();
