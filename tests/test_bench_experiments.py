@@ -89,6 +89,28 @@ def test_saved_tensors_table():
     assert 'bfloat16' in out and 'colora_mm/adapters/' in out
 
 
+def test_saved_tensors_by_shape():
+    """``--shapes``: the package's places by the shape saved there, for the adapted
+    methods only; the counts and MiB of a place's rows add up to its line above."""
+    out = run('saved_tensors.py', '--arch', 'atto', '--size', '64', '--top', '50',
+              '--autocast', 'none', '--methods', 'limit', 'colora', '--shapes')
+    assert "limit: the package's places by shape" not in out
+    head, _, table = out.partition("colora: the package's places by shape")
+    assert table
+    rows = [[c.strip() for c in line.split('|')[1:-1]] for line in table.splitlines()
+            if line.startswith('| colora_mm/')]
+    assert rows and all(int(count) > 0 and float(mib) >= 0 for _, _, count, mib in rows)
+    per_place, n_rows = {}, {}
+    for where, _, _, mib in rows:
+        per_place[where] = per_place.get(where, 0.0) + float(mib)
+        n_rows[where] = n_rows.get(where, 0) + 1
+    listed = {line.split()[-1]: float(line.split()[0]) for line in head.splitlines()
+              if line.strip().endswith(tuple(per_place)) and 'float32' in line}
+    assert set(listed) == set(per_place)
+    for where, mib in listed.items():     # rounded to 0.1 there, to 0.01 per row here
+        assert abs(per_place[where] - mib) <= 0.05 + 0.005 * n_rows[where]
+
+
 def test_compiled_backbone_matches_eager():
     """The script checks the compiled backbone against the eager one before timing
     (here traced by AOTAutograd without generating code, at a small size)."""

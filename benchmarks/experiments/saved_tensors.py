@@ -6,6 +6,7 @@ buffers excluded), the same on every machine.
 
     python benchmarks/experiments/saved_tensors.py                       # ConvNeXt-B 256, bf16
     python benchmarks/experiments/saved_tensors.py --autocast none --arch tiny
+    python benchmarks/experiments/saved_tensors.py --autocast none --arch tiny --shapes
 """
 import argparse
 import collections
@@ -37,7 +38,7 @@ def saved_by(model, x, autocast):
                           if 'colora_mm' in f.filename or 'mmpretrain' in f.filename),
                          '?')
             seen[ptr] = (t.untyped_storage().nbytes(), str(t.dtype).replace('torch.', ''),
-                         where)
+                         where, tuple(t.shape))
         return t
 
     ctx = (torch.autocast('cpu', dtype=torch.bfloat16) if autocast == 'bf16'
@@ -58,23 +59,32 @@ def main():
     parser.add_argument('--autocast', default='bf16', choices=['bf16', 'none'])
     parser.add_argument('--methods', nargs='+', default=['limit', 'lora', 'colora'])
     parser.add_argument('--top', type=int, default=8, help='places listed per method')
+    parser.add_argument('--shapes', action='store_true',
+                        help='also list, per method, the package\'s places by the shape '
+                             'saved there (count, MiB), the largest first')
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f'experiment: tensors saved for backward by one training step of '
           f'CoLoRAConvNeXt-{args.arch}, batch {args.batch} x {args.size}x{args.size}, '
           f'autocast {args.autocast} (benchmarks/experiments/saved_tensors.py; CPU, exact)')
     x = torch.randn(args.batch, 3, args.size, args.size)
-    rows, places = {}, {}
+    rows, places, shapes = {}, {}, {}
     for name in args.methods:
         model = adapted_convnext(name, args.arch).train()
         saved = saved_by(model, x, args.autocast)
         by_dtype = collections.Counter()
         by_place = collections.Counter()
-        for nbytes, dtype, where in saved:
+        by_shape = collections.defaultdict(lambda: [0, 0])
+        for nbytes, dtype, where, shape in saved:
             by_dtype[dtype] += nbytes
             by_place[f'{dtype} {where}'] += nbytes
+            if where.startswith('colora_mm/'):
+                entry = by_shape[where, shape]
+                entry[0] += 1
+                entry[1] += nbytes
         rows[name] = by_dtype
         places[name] = by_place
+        shapes[name] = by_shape
         del model
     mib = 2 ** 20
     base = sum(rows['limit'].values()) if 'limit' in rows else None
@@ -91,6 +101,18 @@ def main():
         print(f'\n{name}: the {args.top} largest places (MiB)')
         for where, nbytes in p.most_common(args.top):
             print(f'  {nbytes / mib:7.1f}  {where}')
+    if args.shapes:
+        for name, by_shape in shapes.items():
+            if not by_shape:
+                continue
+            print(f'\n{name}: the package\'s places by shape (the storage saved; the '
+                  f'{args.top} largest)')
+            print('| place | shape | count | MiB |')
+            print('|---|---|---|---|')
+            ranked = sorted(by_shape.items(), key=lambda kv: -kv[1][1])[:args.top]
+            for (where, shape), (count, nbytes) in ranked:
+                print(f'| {where} | {" x ".join(map(str, shape))} | {count} | '
+                      f'{nbytes / mib:.2f} |')
 
 
 if __name__ == '__main__':
