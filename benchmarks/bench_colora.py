@@ -3,6 +3,7 @@
     python benchmarks/bench_colora.py                        # CPU, every table
     python benchmarks/bench_colora.py --only filter deltas   # some tables
     python benchmarks/bench_colora.py --device cuda --amp    # on a GPU, fp16 autocast
+    python benchmarks/bench_colora.py --only paper --amp     # CPU, bf16 autocast
     python benchmarks/bench_colora.py --only train --profile lora colora   # + profiles
 
 Tables:
@@ -367,8 +368,10 @@ def build_trainer(method: str, args) -> tuple:
     model.to(args.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
-    if args.amp:
+    if args.amp and args.device == 'cuda':
         wrapper = AmpOptimWrapper(optimizer=optimizer, loss_scale='dynamic')
+    elif args.amp:
+        wrapper = cpu_autocast_wrapper(optimizer)
     else:
         wrapper = OptimWrapper(optimizer=optimizer)
     data = make_batch(args.batch, args.size)
@@ -376,6 +379,32 @@ def build_trainer(method: str, args) -> tuple:
     step.optimizer = optimizer
     trainable = sum(p.numel() for p in params)
     return model, step, trainable
+
+
+def amp_label(args) -> str:
+    """The training precision a table ran in."""
+    if not args.amp:
+        return 'fp32'
+    return 'AMP fp16' if args.device == 'cuda' else 'AMP bf16 (CPU autocast)'
+
+
+def cpu_autocast_wrapper(optimizer: torch.optim.Optimizer):
+    """mmengine's ``OptimWrapper`` with the forward pass and the losses under the CPU's
+    bfloat16 autocast: what ``AmpOptimWrapper`` does on a GPU (mmengine allows it on
+    GPUs only), without loss scaling (bfloat16 has float32's range). On the CPU it
+    makes the memory tables count what a GPU step under autocast keeps: the same
+    low-precision copies, in a dtype of the same size."""
+    from mmengine.optim import OptimWrapper
+
+    class CPUAutocastOptimWrapper(OptimWrapper):
+
+        @contextlib.contextmanager
+        def optim_context(self, model: nn.Module):
+            with super().optim_context(model), \
+                    torch.autocast('cpu', dtype=torch.bfloat16):
+                yield
+
+    return CPUAutocastOptimWrapper(optimizer=optimizer)
 
 
 def _proc_status_kib(field: str) -> int:
@@ -420,6 +449,7 @@ def memory_worker(method: str, args) -> None:
         out.update(heap_state())
     out.update(autograd_memory(model, step))
     out['live'] = out['delta'] if args.device == 'cuda' else live_memory(step)
+    out['precision'] = amp_label(args)
     print('MEMORY ' + json.dumps(out))
 
 
@@ -557,7 +587,7 @@ def bench_train(args, results: dict) -> None:
                      f'{(kept["full"] - kept[m]) / kept_saving:.2f}'])
     table(f'1. Training step, UperNet + CoLoRAConvNeXt-{args.arch} (head channels '
           f'{args.head_channels}), batch {args.batch} x {args.size}x{args.size}, '
-          f'{"AMP fp16" if args.amp else "fp32"}; memory: {memory["full"]["kind"]}, '
+          f'{amp_label(args)}; memory: {memory["full"]["kind"]}, '
           'fresh process per method; saving = (full - method) / (full - limit)',
           ['method', 'trainable', 'step ms', 'vs full', 'vs limit', 'vs LoRA',
            'train mem MiB', 'mem vs full', 'saving vs limit', 'live MiB',
@@ -663,7 +693,7 @@ def bench_paper(args, results: dict) -> None:
                      f'{kept[m] / 2 ** 20:.0f}',
                      f'{(kept["full"] - kept[m]) / (kept["full"] - kept["limit"]):.2f}'])
     table('1b. Training memory at the paper\'s size: UperNet (512 channels) + '
-          f'ConvNeXt-B, batch 2 x 512x512, one step, {"AMP fp16" if args.amp else "fp32"}; '
+          f'ConvNeXt-B, batch 2 x 512x512, one step, {amp_label(args)}; '
           f'{memory["full"]["kind"]}',
           ['method', 'train mem MiB', 'mem vs full', 'saving vs limit', 'live MiB',
            'live saving vs limit', 'kept MiB', 'kept saving vs limit'], rows)
@@ -944,7 +974,8 @@ def bench_merge(args, results: dict) -> None:
             with exact_fp32():
                 diff = max((a - b).abs().max().item()
                            for a, b in zip(adapted(x), merged(x)))
-            ctx = torch.autocast(dev, dtype=torch.float16) if args.amp \
+            ctx = torch.autocast(dev, dtype=torch.float16 if dev == 'cuda'
+                                 else torch.bfloat16) if args.amp \
                 else contextlib.nullcontext()
             with ctx:
                 t = interleaved({'plain': lambda: plain(x), 'merged': lambda: merged(x),
@@ -1012,7 +1043,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--amp', action='store_true',
-                        help='fp16 autocast (AmpOptimWrapper); for --device cuda')
+                        help='mixed precision: on CUDA fp16 autocast (AmpOptimWrapper), '
+                             'on the CPU bfloat16 autocast (the memory tables: what a GPU '
+                             'step keeps, counted on the CPU)')
     parser.add_argument('--only', nargs='+', default=list(TABLES), choices=list(TABLES))
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=None)
@@ -1051,8 +1084,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.amp and args.device != 'cuda':
-        parser.error('--amp needs --device cuda (mmengine AMP on CPU is not supported).')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device visible.')
     if not 0 <= args.memory_mmap_threshold <= 32 * 2 ** 20:

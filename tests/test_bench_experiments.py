@@ -124,7 +124,8 @@ def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
     """AdamW creates its state in the first step (so it is left in the heap by it)
     unless the variant created it before; CoLoRA's partner offsets are first written in
     the first step (ConvNeXt-atto: 12 pairs, 2 sides, 2 factors each); the saving
-    columns read 0 for full fine-tuning and 1 for the limit."""
+    columns read 0 for full fine-tuning and 1 for the limit; the trimmed variant (the
+    heap's free pages returned before every step) reads like the others."""
     out = run('heap_layout.py', '--arch', 'atto', '--size', '64', '--head-channels', '32',
               '--repeats', '1', '--steps', '2', '--methods', 'full', 'limit', 'colora')
     first, _, after = out.partition('After the last step')
@@ -132,11 +133,11 @@ def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
     for text, table in ((first, rows), (after, held)):
         for line in text.splitlines():
             cells = [c.strip() for c in line.split('|')[1:-1]]
-            if len(cells) == 8 and cells[1] in ('as run', 'state first'):
+            if len(cells) == 8 and cells[1] in ('as run', 'state first', 'trimmed'):
                 table[cells[0], cells[1]] = cells
     assert set(rows) == {(m, v) for m in ('full', 'limit', 'colora')
-                         for v in ('as run', 'state first')}
-    for variant in ('as run', 'state first'):
+                         for v in ('as run', 'state first', 'trimmed')}
+    for variant in ('as run', 'state first', 'trimmed'):
         for col in (5, 6):
             assert rows['full', variant][col] == '0.00'
             assert rows['limit', variant][col] == '1.00'
@@ -144,6 +145,7 @@ def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
         assert 'partner' not in rows['limit', variant][7]
         assert float(rows['colora', variant][4]) > 0
     assert 'AdamW state:' in rows['colora', 'as run'][7]
+    assert 'AdamW state:' in rows['colora', 'trimmed'][7]
     assert 'AdamW state' not in rows['colora', 'state first'][7]
     # after the steps: what is held, the tensors among it, the heap and its holes
     assert set(held) == set(rows)
@@ -240,6 +242,37 @@ def test_memory_worker_names_its_malloc_policy_and_reports_the_heap():
     out = json.loads(line[len('MEMORY '):])
     assert 'glibc mmap threshold fixed at 1 MiB' in out['kind']
     assert 0 <= out['heap_free'] <= out['heap'] and out['delta'] > 0
+
+
+def memory_worker(*extra):
+    res = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'), '--memory-worker',
+         'limit', '--arch', 'atto', '--size', '64', '--head-channels', '32',
+         '--memory-steps', '1', '--threads', '1', *extra],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+    line = [x for x in res.stdout.splitlines() if x.startswith('MEMORY ')][0]
+    return json.loads(line[len('MEMORY '):])
+
+
+def test_amp_on_the_cpu_trains_under_bf16_autocast():
+    """``--amp`` on the CPU: the step's forward runs under bfloat16 autocast (the
+    wrapper's context turns it on), so autograd keeps low-precision copies beside the
+    float32 tensors the upcast ops (LayerNorm, the losses) keep: not the bytes the same
+    step keeps in float32."""
+    import torch
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import bench_colora as bc
+    layer = torch.nn.Linear(4, 4)
+    wrapper = bc.cpu_autocast_wrapper(torch.optim.SGD(layer.parameters(), lr=0.1))
+    with wrapper.optim_context(layer):
+        assert torch.is_autocast_enabled('cpu')
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled('cpu')
+    fp32, amp = memory_worker(), memory_worker('--amp')
+    assert fp32['precision'] == 'fp32' and amp['precision'] == 'AMP bf16 (CPU autocast)'
+    assert amp['saved'] > 0 and amp['saved'] != fp32['saved'], (amp['saved'], fp32['saved'])
 
 
 @pytest.mark.parametrize('value, message', [

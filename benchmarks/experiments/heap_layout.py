@@ -7,17 +7,21 @@ the step the highest of them sits (no block above it can be returned to the syst
 the last step, the bytes in use in malloc's blocks against the heap's size and its free
 part (``mallinfo2``), which separates what the steps hold from the heap's holes.
 
-Two variants per method: ``as run`` (what table 1 measures) and ``state first``
+Three variants per method: ``as run`` (what table 1 measures), ``state first``
 (AdamW's state created before the first step, as ``zeros_like`` of every trainable
-parameter: the same values AdamW's first step would create). The second variant is a
-diagnosis, not a way to train: it shows how much of a method's peak is where its
-long-lived blocks land rather than what it holds. The first step runs on a fresh heap
+parameter: the same values AdamW's first step would create) and ``trimmed``
+(``malloc_trim(0)`` before every step: glibc returns the free pages inside its heap to
+the system, so that a step's peak counts only the pages touched in that step, not the
+ones earlier steps left resident). The last two are diagnoses, not ways to train: they
+show how much of a method's peak is where its long-lived blocks land, and how much is
+pages that earlier steps left resident, rather than what it holds. The first step runs on a fresh heap
 (every block from its top, nothing to fit between), so "saving vs limit, step 1" of the
 ``state first`` variant is the peak-RSS saving without the heap's layout. Each worker is a fresh process;
 methods and variants run in turn, ``--repeats`` times.
 
     python benchmarks/experiments/heap_layout.py [--steps 4] [--repeats 3]
-        [--methods full limit lora colora] [--arch tiny --size 256 --head-channels 128]
+        [--methods full limit lora colora] [--variants 'as run' 'state first' trimmed]
+        [--arch tiny --size 256 --head-channels 128]
 """
 import argparse
 import json
@@ -29,7 +33,7 @@ from types import SimpleNamespace
 
 from _common import bench_colora, torch
 
-VARIANTS = ('as run', 'state first')
+VARIANTS = ('as run', 'state first', 'trimmed')
 
 
 def heap_range():
@@ -69,7 +73,8 @@ def storages(model, optimizer) -> dict:
 def worker(method: str, variant: str, args) -> None:
     import ctypes
     torch.set_num_threads(1)
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
+    libc = ctypes.CDLL('libc.so.6')
+    libc.malloc_trim(0)
     cfg = SimpleNamespace(arch=args.arch, size=args.size, head_channels=args.head_channels,
                           device='cpu', amp=False, batch=2, memory_mmap_threshold=0)
     steps = args.steps
@@ -82,6 +87,8 @@ def worker(method: str, variant: str, args) -> None:
     top_before = heap_range()[1]
     peaks, left, heaps = [], {}, []
     for i in range(steps):
+        if variant == 'trimmed':
+            libc.malloc_trim(0)
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
         step()
@@ -135,7 +142,10 @@ def main():
     parser.add_argument('--size', type=int, default=256)
     parser.add_argument('--head-channels', type=int, default=128)
     parser.add_argument('--worker', help=argparse.SUPPRESS)
-    parser.add_argument('--variant', default='as run', choices=VARIANTS)
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
+                        help='the variants to run (default: all three)')
+    parser.add_argument('--variant', default='as run', choices=VARIANTS,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.variant, args)
@@ -145,9 +155,10 @@ def main():
     if heap_range() is None:
         raise SystemExit('heap_layout: needs Linux and glibc (/proc/self/maps has no '
                          '[heap] here).')
-    runs = {(m, v): [] for v in VARIANTS for m in args.methods}
+    variants = [v for v in VARIANTS if v in args.variants]
+    runs = {(m, v): [] for v in variants for m in args.methods}
     for _ in range(args.repeats):
-        for variant in VARIANTS:
+        for variant in variants:
             for method in args.methods:
                 runs[method, variant].append(run_worker(method, variant, args))
     print(f'ConvNeXt-{args.arch}, {args.size}x{args.size}, batch 2, 1 thread, glibc '
@@ -165,7 +176,7 @@ def main():
             return '-'
         return (f'{(peaks["full"] - peaks[method]) / (peaks["full"] - peaks["limit"]):.2f}')
 
-    for variant in VARIANTS:
+    for variant in variants:
         two = {m: statistics.median(max(r['peaks'][:2]) for r in runs[m, variant])
                for m in args.methods}
         first = {m: statistics.median(r['peaks'][0] for r in runs[m, variant])
@@ -196,7 +207,7 @@ def main():
           'steps (AdamW state, partner offsets), and the heap\'s size and free part\n')
     print('| method | variant | in use, over before step 1 | AdamW state | partner '
           'offsets | other | heap size | free inside the heap |\n|' + '---|' * 8)
-    for variant in VARIANTS:
+    for variant in variants:
         for method in args.methods:
             rs = runs[method, variant]
             used = statistics.median(r['heaps'][-1][0] for r in rs)
