@@ -974,13 +974,24 @@ def bench_merge(args, results: dict) -> None:
             with exact_fp32():
                 diff = max((a - b).abs().max().item()
                            for a, b in zip(adapted(x), merged(x)))
-            ctx = torch.autocast(dev, dtype=torch.float16 if dev == 'cuda'
-                                 else torch.bfloat16) if args.amp \
-                else contextlib.nullcontext()
-            with ctx:
-                t = interleaved({'plain': lambda: plain(x), 'merged': lambda: merged(x),
-                                 'unmerged': lambda: adapted(x)}, dev,
-                                args.repeats * 2)
+            # Each forward pass in an autocast region of its own, as mmengine's test
+            # loop runs each batch: autocast keeps the low-precision copy of a weight
+            # that requires grad (the plain model's) until its region closes, so one
+            # region around every repeat would let the plain model cast its weights
+            # once for all of them while the merged and unmerged ones, whose frozen
+            # weights autocast never keeps, cast theirs at every call.
+            def run(model):
+                if not args.amp:
+                    return lambda: model(x)
+                dtype = torch.float16 if dev == 'cuda' else torch.bfloat16
+
+                def forward():
+                    with torch.autocast(dev, dtype=dtype):
+                        return model(x)
+                return forward
+
+            t = interleaved({'plain': run(plain), 'merged': run(merged),
+                             'unmerged': run(adapted)}, dev, args.repeats * 2)
         out.append(dict(case=name, times=t, unfolded=len(unfolded), max_abs_diff=diff))
         rows.append([name, str(len(unfolded)), f'{t["plain"] * 1e3:.1f}',
                      f'{t["merged"] * 1e3:.1f}', f'{t["merged"] / t["plain"]:.3f}',

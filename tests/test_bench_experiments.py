@@ -284,3 +284,40 @@ def test_bench_colora_refuses_an_mmap_threshold_glibc_cannot_take(value, message
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert message in res.stderr
+
+
+def test_merge_table_runs_each_forward_in_its_own_autocast_region(monkeypatch):
+    """Table 3 under ``--amp``: autocast keeps the cast of a weight that requires grad
+    (the plain model's) until its region closes, so every timed forward pass opens a
+    region of its own, as mmengine's test loop does per batch; one region around every
+    repeat let the plain model cast its weights once for all of them."""
+    import types
+
+    import torch
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import bench_colora as bc
+    seen, inside = [], []
+
+    def interleaved(fns, device, repeats):
+        for name, fn in fns.items():
+            assert not torch.is_autocast_enabled('cpu'), name
+            inside.clear()
+            fn()
+            assert not torch.is_autocast_enabled('cpu'), name
+            seen.append((name, len(inside), all(inside)))
+        return {name: 1.0 for name in fns}
+
+    def record(module, args):
+        inside.append(torch.is_autocast_enabled('cpu'))
+
+    monkeypatch.setattr(bc, 'interleaved', interleaved)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        args = types.SimpleNamespace(device='cpu', amp=True, merge_size=32,
+                                     merge_batch=1, repeats=1)
+        results = {}
+        bc.bench_merge(args, results)
+    finally:
+        hook.remove()
+    assert len(seen) == 3 * len(results['merge']) == 12
+    assert all(calls > 10 and under_autocast for _, calls, under_autocast in seen), seen
