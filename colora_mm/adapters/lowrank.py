@@ -281,11 +281,15 @@ class LinearLowRank(torch.autograd.Function):
     is accumulated into the base GEMM's output (and the input gradient
     ``dy W + (dy R^T) L^T`` into one buffer), so no output-sized intermediate, sum or
     in-place copy is formed. ``x`` is recomputed as in :class:`LowRankProduct` when its
-    producer allows."""
+    producer allows. ``weight`` may be of another dtype than ``x2`` (the frozen float32
+    weight under autocast): the op casts it for the GEMM and keeps the weight itself,
+    casting it again in backward, so that no low-precision copy of a weight-sized
+    tensor lives from forward to backward (autocast's own cast, which ``F.linear``
+    would keep, is one per layer); in ``x2``'s dtype the cast is the weight itself."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, left, right, recipe, x_shape):
-        out, zt = _linear_low_rank(x2, weight, bias, left, right)
+        out, zt = _linear_low_rank(x2, weight.to(x2.dtype), bias, left, right)
         ctx.has_bias = bias is not None
         _save(ctx, (weight, left, right), zt, x2, recipe)
         ctx.x_shape = x_shape
@@ -295,6 +299,7 @@ class LinearLowRank(torch.autograd.Function):
     def backward(ctx, g):
         (weight, left, right), zt, kept = _saved(ctx, 3)
         g = g.to(right.dtype)
+        weight = weight.to(right.dtype)    # the same values forward multiplied with
         gzt, grad_left, grad_right = _factor_gradients(
             ctx, g, left, right, zt, kept, *ctx.needs_input_grad[3:5])
         grad_x = grad_bias = None
@@ -321,13 +326,14 @@ def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     autocast = autocast_dtype(x.device.type) is not None
     ctx = torch.autocast(x.device.type, enabled=False) if autocast else nullcontext()
     with ctx:
-        x, weight, left, right = (t.to(dtype) for t in (x, weight, left, right))
+        x, left, right = (t.to(dtype) for t in (x, left, right))
         bias = bias.to(dtype) if bias is not None else None
         x2 = x.reshape(-1, x.shape[-1])
         if grad and compiling():   # AOTAutograd derives and fuses the backward itself
-            out = F.linear(x2, weight, bias) + (x2 @ left) @ right
+            out = F.linear(x2, weight.to(dtype), bias) + (x2 @ left) @ right
         elif grad:
+            # the frozen weight goes in uncast: the op keeps it, not a cast copy
             out = LinearLowRank.apply(x2, weight, bias, left, right, recipe, x.shape)
         else:
-            out, _ = _linear_low_rank(x2, weight, bias, left, right)
+            out, _ = _linear_low_rank(x2, weight.to(dtype), bias, left, right)
         return out.view(*x.shape[:-1], out.shape[-1])

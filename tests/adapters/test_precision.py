@@ -142,3 +142,53 @@ def test_autocast_query_on_torch_before_2_4(monkeypatch):
         finally:
             monkeypatch.undo()
     assert autocast_dtype('cpu') is None
+
+
+@pytest.mark.parametrize('method', ['lora', 'colora'])
+def test_frozen_linear_weight_kept_uncast_under_autocast(method):
+    """An adapted frozen ``nn.Linear`` (ConvNeXt's pointwise layers) on the activation
+    path keeps its float32 weight for backward under autocast and casts it again there,
+    instead of keeping a bf16 copy of every weight: outputs and gradients bit for bit
+    those of the same op given the cast weight (what it kept before)."""
+    import copy
+
+    from colora_mm.adapters import lowrank
+    model = _model('convnext', dict(method=method, gamma=4, train_path='activation'))
+    randomize_adapters(model, std=0.2)
+    twin = copy.deepcopy(model)      # a step moves CoLoRA's effective partners
+    x = net_input(model)
+    linears = [layer for _, layer in iter_adapted_layers(model) if not layer.is_conv]
+    assert linears and all(not layer.weight.requires_grad for layer in linears)
+    shapes = {tuple(layer.weight.shape) for layer in linears}
+
+    def step(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                out = model(x)
+        grads = torch.autograd.grad(out.float().square().mean(), params)
+        return out, grads, saved
+
+    out, grads, saved = step(model)
+    assert all(layer.last_path == 'activation' for layer in linears)
+    weight_copies = [t for t in saved if t.dtype == torch.bfloat16
+                     and tuple(t.shape) in shapes]
+    assert not weight_copies, [tuple(t.shape) for t in weight_copies]
+    weights = {layer.weight.untyped_storage().data_ptr() for layer in linears}
+    assert weights <= {t.untyped_storage().data_ptr() for t in saved}
+
+    apply = lowrank.LinearLowRank.apply
+
+    def apply_cast(x2, weight, *rest):         # the op as it was: given the cast weight
+        return apply(x2, weight.to(x2.dtype), *rest)
+
+    lowrank.LinearLowRank.apply = apply_cast
+    try:
+        ref_out, ref_grads, _ = step(twin)
+    finally:
+        lowrank.LinearLowRank.apply = apply
+    assert torch.equal(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
