@@ -14,10 +14,11 @@ parameter: the same values AdamW's first step would create) and ``trimmed``
 the system, so that a step's peak counts only the pages touched in that step, not the
 ones earlier steps left resident). The last two are diagnoses, not ways to train: they
 show how much of a method's peak is where its long-lived blocks land, and how much is
-pages that earlier steps left resident, rather than what it holds. The first step runs on a fresh heap
-(every block from its top, nothing to fit between), so "saving vs limit, step 1" of the
-``state first`` variant is the peak-RSS saving without the heap's layout. Each worker is a fresh process;
-methods and variants run in turn, ``--repeats`` times.
+pages that earlier steps left resident, rather than what it holds. The first step runs
+on a fresh heap (every block from its top, nothing to fit between), so "saving vs
+limit, step 1" of the ``state first`` variant is the peak-RSS saving without the
+heap's layout. Each worker is a fresh process; methods and variants run in turn,
+``--repeats`` times.
 
     python benchmarks/experiments/heap_layout.py [--steps 4] [--repeats 3]
         [--methods full limit lora colora] [--variants 'as run' 'state first' trimmed]

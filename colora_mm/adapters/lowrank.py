@@ -299,12 +299,12 @@ class LinearLowRank(torch.autograd.Function):
     def backward(ctx, g):
         (weight, left, right), zt, kept = _saved(ctx, 3)
         g = g.to(right.dtype)
-        weight = weight.to(right.dtype)    # the same values forward multiplied with
         gzt, grad_left, grad_right = _factor_gradients(
             ctx, g, left, right, zt, kept, *ctx.needs_input_grad[3:5])
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(gzt.t(), left.t())
+            # cast as forward cast it: the same values it multiplied with
+            grad_x = (g @ weight.to(right.dtype)).addmm_(gzt.t(), left.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_left, grad_right, None, None
