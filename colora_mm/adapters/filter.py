@@ -19,11 +19,12 @@ whatever the autocast dtype: in float16 a constant or near-constant channel
 (``T_c`` below about 2.4e-5) makes ``gamma_c`` overflow. The output is cast back to the
 input's dtype. float64 inputs are filtered in float64 throughout.
 
-Inference on the CPU in float32 (no gradient needed) runs the whole filter as one C++
-call (:func:`colora_mm.adapters.up3x3.range_filter`: the same sums, direct 11-tap
-passes, float32 rounding apart). Elsewhere each 1-D pass (reflect padding included) is
-a fixed linear map along one axis, so the
-fast path applies it as a matrix product, ``x @ G_w`` and ``G_h^T @ x``: PyTorch's CPU
+Inference on the CPU (no gradient needed) runs the whole filter as one C++ call
+(:func:`colora_mm.adapters.up3x3.range_filter`: the same sums, direct 11-tap passes,
+float32 rounding apart), in float32: a bfloat16 or float16 map (autocast) is cast to
+float32 for it and the result back, as the PyTorch path does. Elsewhere each 1-D pass
+(reflect padding included) is a fixed linear map along one axis, so the fast path
+applies it as a matrix product, ``x @ G_w`` and ``G_h^T @ x``: PyTorch's CPU
 depthwise convolution runs 1-D kernels at a fraction of its 2-D throughput, a GEMM
 does not. Axes up to :data:`DENSE_AXIS_MAX` use the full ``m x m`` band matrix; longer
 axes are cut into blocks of :data:`AXIS_BLOCK` outputs that each read ``block + k - 1``
@@ -39,6 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import up3x3
+
+# input dtypes the C++ inference call serves (the lower two cast to float32 for it)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def gaussian_kernel1d(window: int = 11, sigma: float = 1.0,
@@ -198,12 +202,15 @@ class RangeKernelFilter(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 4:
             raise ValueError(f'RangeKernelFilter expects (N, C, H, W), got {tuple(z.shape)}.')
-        if (self.separable and z.device.type == 'cpu' and z.dtype == torch.float32
+        if (self.separable and z.device.type == 'cpu' and z.dtype in KERNEL_DTYPES
                 and not (torch.is_grad_enabled() and z.requires_grad)):
-            # inference on the CPU in float32: one C++ call (colora_mm/adapters/up3x3.py)
-            out = up3x3.range_filter(z, self.kernel1d(z), self.eps)
+            # inference on the CPU: one C++ call (colora_mm/adapters/up3x3.py), in
+            # float32 as every path here computes; a bfloat16 / float16 map is cast to
+            # float32 for it and the result back to the map's dtype
+            zc = z if z.dtype == torch.float32 else z.float()
+            out = up3x3.range_filter(zc, self.kernel1d(zc), self.eps)
             if out is not None:
-                return out
+                return out if out.dtype == z.dtype else out.to(z.dtype)
         dtype = torch.promote_types(z.dtype, torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
             zc = z.to(dtype)

@@ -279,6 +279,35 @@ def test_filter_kernel_equals_the_pytorch_formulation(kernel, shape):
     assert _relative(native, reference) < 2e-6
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=str)
+def test_filter_kernel_serves_half_precision_maps(kernel, dtype, monkeypatch):
+    """A bfloat16 / float16 map (merged inference under autocast) takes the C++ call
+    too: cast to float32, filtered, cast back; the PyTorch path computes in float32 as
+    well, so the two differ by at most one step of the low precision."""
+    from colora_mm.adapters import RangeKernelFilter
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(2, 5, 20, 17, generator=g) * 2 + 0.5).to(dtype)
+    z[0, 0].fill_(0.25)                                     # a constant channel
+    f = RangeKernelFilter()
+    calls = []
+    native = U.range_filter
+
+    def counted(*args):
+        calls.append(args[0].dtype)
+        return native(*args)
+
+    monkeypatch.setattr(U, 'range_filter', counted)
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+        out = f(z)
+    assert calls == [torch.float32] and out.dtype == dtype
+    assert torch.equal(out, native(z.float(), f.kernel1d(z.float()), f.eps).to(dtype))
+    monkeypatch.setenv(U.ENV_CHOICE, 'conv')                # the PyTorch formulation
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+        reference = f(z)
+    step = torch.finfo(dtype).eps * reference.float().abs().clamp_min(1.0)
+    assert ((out.float() - reference.float()).abs() <= step).all()
+
+
 def test_filter_kernel_only_where_it_applies(kernel, monkeypatch):
     from colora_mm.adapters import RangeKernelFilter
     f = RangeKernelFilter()
