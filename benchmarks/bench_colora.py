@@ -215,8 +215,37 @@ def fix_mmap_threshold(nbytes: int) -> bool:
     return bool(mallopt(m_mmap_threshold, int(nbytes)))
 
 
+#: Allocators that replace glibc's malloc when preloaded (``LD_PRELOAD``), by the name
+#: their library starts with after ``lib``.
+PRELOADABLE_ALLOCATORS = ('jemalloc', 'tcmalloc', 'mimalloc')
+
+
+def preloaded_allocator(maps: Optional[str] = None) -> Optional[str]:
+    """The allocator preloaded in place of glibc's malloc
+    (``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python ...``), read from
+    the files this process maps (``/proc/self/maps``, or the text ``maps``); None when
+    malloc is glibc's own. The memory workers inherit the preload, so their peak RSS is
+    that allocator's."""
+    if maps is None:
+        try:
+            with open('/proc/self/maps') as f:
+                maps = f.read()
+        except OSError:
+            return None
+    for line in maps.splitlines():
+        fields = line.split()
+        name = os.path.basename(fields[5]) if len(fields) >= 6 else ''
+        for allocator in PRELOADABLE_ALLOCATORS:
+            if name.startswith(f'lib{allocator}'):
+                return allocator
+    return None
+
+
 def malloc_policy(args) -> str:
     """How the memory workers' C library allocates, for the table headers."""
+    allocator = preloaded_allocator()
+    if allocator:
+        return f"{allocator} preloaded in place of glibc's malloc"
     if args.memory_mmap_threshold:
         return f'glibc mmap threshold fixed at {args.memory_mmap_threshold / 2 ** 20:g} MiB'
     return "glibc's defaults"
@@ -226,6 +255,9 @@ def rss_label(args) -> str:
     """The name of the first memory measure in the target lines."""
     if args.device == 'cuda':
         return 'max_memory_allocated'
+    allocator = preloaded_allocator()
+    if allocator:
+        return f'peak RSS, {allocator}'
     if args.memory_mmap_threshold:
         return f'peak RSS, mmap threshold {args.memory_mmap_threshold / 2 ** 20:g} MiB'
     return 'peak RSS'
@@ -234,8 +266,11 @@ def rss_label(args) -> str:
 def heap_state() -> dict:
     """glibc's heap after the steps (``mallinfo2``): its size, how much of it is free
     but resident (holes between live blocks), and the bytes in blocks mapped on their
-    own; empty where unavailable."""
+    own; empty where unavailable or where a preloaded allocator replaces glibc's malloc
+    (glibc's heap is then unused)."""
     import ctypes
+    if preloaded_allocator():
+        return {}
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in (
@@ -1103,6 +1138,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.memory_mmap_threshold and args.device != 'cpu':
         parser.error('--memory-mmap-threshold is for the CPU memory workers (glibc); '
                      'on CUDA the memory columns come from the caching allocator.')
+    if args.memory_mmap_threshold and preloaded_allocator():
+        parser.error(f'--memory-mmap-threshold sets glibc\'s malloc, which the preloaded '
+                     f'{preloaded_allocator()} replaces here: leave out one or the other '
+                     '(LD_PRELOAD or the option).')
     for flag, value in (('--size', args.size), ('--merge-size', args.merge_size)):
         if value < 32:
             parser.error(f'{flag} {value}: at least 32 (ConvNeXt\'s last stage is 1/32 of '

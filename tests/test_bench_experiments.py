@@ -323,3 +323,38 @@ def test_merge_table_runs_each_forward_in_its_own_autocast_region(monkeypatch):
         hook.remove()
     assert len(seen) == 3 * len(results['merge']) == 12
     assert all(calls > 10 and under_autocast for _, calls, under_autocast in seen), seen
+
+
+def test_preloaded_allocator_is_read_from_the_mapped_libraries():
+    """Under ``LD_PRELOAD`` of jemalloc or tcmalloc the memory workers' peak RSS is that
+    allocator's: the headers and target lines say so, and glibc's heap (unused then) is
+    not reported."""
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import bench_colora as bc
+    glibc = ('7f1c2a000000-7f1c2a028000 r--p 00000000 fe:01 1234 '
+             '/usr/lib/x86_64-linux-gnu/libc.so.6\n'
+             '7f1c2b000000-7f1c2b001000 rw-p 00000000 00:00 0 \n'
+             '7ffd1000000-7ffd1021000 rw-p 00000000 00:00 0 [stack]\n')
+    assert bc.preloaded_allocator(glibc) is None
+    for path, name in (('/usr/lib/x86_64-linux-gnu/libjemalloc.so.2', 'jemalloc'),
+                       ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4', 'tcmalloc'),
+                       ('/opt/lib/libmimalloc.so.2.1', 'mimalloc')):
+        maps = glibc + f'7f1c2c000000-7f1c2c0a0000 r-xp 00001000 fe:01 99 {path}\n'
+        assert bc.preloaded_allocator(maps) == name
+    # a file whose name only contains an allocator's name is not one
+    assert bc.preloaded_allocator(
+        glibc + '7f1c2c000000-7f1c2c0a0000 r--p 00000000 fe:01 7 /data/my_jemalloc.log\n') is None
+
+
+def test_preloaded_allocator_names_itself_in_the_worker(monkeypatch):
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import argparse
+
+    import bench_colora as bc
+    args = argparse.Namespace(memory_mmap_threshold=0, device='cpu')
+    monkeypatch.setattr(bc, 'preloaded_allocator', lambda maps=None: None)
+    assert bc.malloc_policy(args) == "glibc's defaults" and bc.rss_label(args) == 'peak RSS'
+    monkeypatch.setattr(bc, 'preloaded_allocator', lambda maps=None: 'jemalloc')
+    assert bc.malloc_policy(args) == "jemalloc preloaded in place of glibc's malloc"
+    assert bc.rss_label(args) == 'peak RSS, jemalloc'
+    assert bc.heap_state() == {}
