@@ -1138,9 +1138,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.memory_mmap_threshold and args.device != 'cpu':
         parser.error('--memory-mmap-threshold is for the CPU memory workers (glibc); '
                      'on CUDA the memory columns come from the caching allocator.')
-    if args.memory_mmap_threshold and preloaded_allocator():
+    allocator = preloaded_allocator()
+    if args.memory_mmap_threshold and allocator:
         parser.error(f'--memory-mmap-threshold sets glibc\'s malloc, which the preloaded '
-                     f'{preloaded_allocator()} replaces here: leave out one or the other '
+                     f'{allocator} replaces here: leave out one or the other '
                      '(LD_PRELOAD or the option).')
     for flag, value in (('--size', args.size), ('--merge-size', args.merge_size)):
         if value < 32:

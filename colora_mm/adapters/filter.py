@@ -210,7 +210,7 @@ class RangeKernelFilter(nn.Module):
             zc = z if z.dtype == torch.float32 else z.float()
             out = up3x3.range_filter(zc, self.kernel1d(zc), self.eps)
             if out is not None:
-                return out if out.dtype == z.dtype else out.to(z.dtype)
+                return out.to(z.dtype)     # itself in float32
         dtype = torch.promote_types(z.dtype, torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
             zc = z.to(dtype)
