@@ -74,6 +74,10 @@ BREAKDOWN = {'colora-nofilter': dict(COLORA, use_filter=False),
              'colora-pairs': dict(COLORA, spatial=False),
              'lora-weight': dict(method='lora', train_path='weight'),
              'colora-weight': dict(COLORA, train_path='weight')}
+#: Rows run only where ``--methods`` names them: CoLoRA with ``partner_policy='frozen'``
+#: (the partners are the base weights themselves: no partner offsets are kept from one
+#: step to the next, and the pairs' backward reads none).
+OPTIONAL = {'colora-frozen': dict(COLORA, partner_policy='frozen')}
 #: Rows that are the same backbone without adapters (peft's LoRA is injected later).
 ALIASES = {'limit': dict(method='bitfit'), 'peft-lora': dict(method='bitfit'),
            'colora': COLORA}
@@ -82,7 +86,15 @@ PAPER_METHODS = ('full', 'limit', 'lora', 'peft-lora', 'colora')
 
 
 def adapter_of(name: str) -> dict:
-    return dict(BREAKDOWN.get(name) or ALIASES.get(name) or dict(method=name))
+    return dict(BREAKDOWN.get(name) or OPTIONAL.get(name) or ALIASES.get(name)
+                or dict(method=name))
+
+
+def known_rows() -> List[str]:
+    """Every row name ``--methods`` takes: the tables' rows and the package's methods."""
+    from colora_mm.adapters.inject import METHODS as SPEC_METHODS
+    rows = list(METHODS) + list(BREAKDOWN) + list(OPTIONAL)
+    return rows + [m for m in SPEC_METHODS if m not in rows]
 
 
 def have_peft() -> bool:
@@ -709,7 +721,7 @@ def bench_paper(args, results: dict) -> None:
     paper.arch, paper.size, paper.batch = 'base', 512, 2
     paper.head_channels, paper.memory_steps = 512, 1
     names = available([m for m in (args.methods or PAPER_METHODS) if m in PAPER_METHODS
-                       or m in BREAKDOWN])
+                       or m in BREAKDOWN or m in OPTIONAL])
     for m in ('full', 'limit', 'colora'):
         if m not in names:
             raise SystemExit(f'error: table 1b needs the row {m!r}; add it to --methods.')
@@ -1103,7 +1115,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument('--memory-steps', type=int, default=2)
     parser.add_argument('--methods', nargs='+', default=None,
                         help=f'rows of tables 1 and 1b (default: {" ".join(METHODS)} '
-                             'and the breakdown rows)')
+                             f'and the breakdown rows; also: {" ".join(OPTIONAL)})')
     parser.add_argument('--no-breakdown', action='store_true',
                         help='table 1 without the colora-nofilter / colora-pairs rows')
     parser.add_argument('--merge-size', type=int, default=224)
@@ -1143,6 +1155,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         parser.error(f'--memory-mmap-threshold sets glibc\'s malloc, which the preloaded '
                      f'{allocator} replaces here: leave out one or the other '
                      '(LD_PRELOAD or the option).')
+    unknown = [m for m in (args.methods or []) + [args.memory_worker or 'full']
+               if m not in known_rows()]
+    if unknown:
+        parser.error(f'--methods: unknown rows {unknown}; the rows are '
+                     f'{" ".join(known_rows())}')
     for flag, value in (('--size', args.size), ('--merge-size', args.merge_size)):
         if value < 32:
             parser.error(f'{flag} {value}: at least 32 (ConvNeXt\'s last stage is 1/32 of '

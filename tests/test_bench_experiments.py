@@ -358,3 +358,35 @@ def test_preloaded_allocator_names_itself_in_the_worker(monkeypatch):
     assert bc.malloc_policy(args) == "jemalloc preloaded in place of glibc's malloc"
     assert bc.rss_label(args) == 'peak RSS, jemalloc'
     assert bc.heap_state() == {}
+
+
+def test_frozen_partner_row_keeps_no_partner_offsets():
+    """``--methods colora-frozen`` (an optional row): CoLoRA as the paper-reproduction
+    configs set it but with ``partner_policy='frozen'``; after a training step its pairs
+    hold no partner offsets, where the ``colora`` row's hold the step's rank-r snapshot.
+    An unknown row is refused with the list of rows."""
+    import argparse
+
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import bench_colora as bc
+    from colora_mm.adapters.colora_pair import CoLoRAPair
+    assert 'colora-frozen' in bc.known_rows() and 'colora-frozen' not in bc.BREAKDOWN
+    args = argparse.Namespace(arch='atto', size=64, head_channels=32, batch=2,
+                              device='cpu', amp=False)
+    widths = {}
+    for row in ('colora', 'colora-frozen'):
+        model, step, _ = bc.build_trainer(row, args)
+        step()
+        pairs = [m for m in model.modules() if isinstance(m, CoLoRAPair)]
+        assert pairs
+        widths[row] = {(p.partner_policy, p.partner_l1.shape[1], p.partner_r2.shape[0])
+                       for p in pairs}
+    assert {w[0] for w in widths['colora-frozen']} == {'frozen'}
+    assert all(w[1] == w[2] == 0 for w in widths['colora-frozen'])
+    assert {w[0] for w in widths['colora']} == {'effective'}
+    assert all(w[1] > 0 and w[2] > 0 for w in widths['colora'])
+    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
+                          '--only', 'train', '--methods', 'full', 'limit', 'lorra'],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "unknown rows ['lorra']" in res.stderr and 'colora-frozen' in res.stderr
