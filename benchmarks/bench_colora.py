@@ -1155,11 +1155,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         parser.error(f'--memory-mmap-threshold sets glibc\'s malloc, which the preloaded '
                      f'{allocator} replaces here: leave out one or the other '
                      '(LD_PRELOAD or the option).')
-    unknown = [m for m in (args.methods or []) + [args.memory_worker or 'full']
-               if m not in known_rows()]
-    if unknown:
-        parser.error(f'--methods: unknown rows {unknown}; the rows are '
-                     f'{" ".join(known_rows())}')
+    rows = known_rows()
+    for flag, names in (('--methods', args.methods or []),
+                        ('--memory-worker', [args.memory_worker] if args.memory_worker else [])):
+        unknown = [m for m in names if m not in rows]
+        if unknown:
+            parser.error(f'{flag}: unknown rows {unknown}; the rows are {" ".join(rows)}')
     for flag, value in (('--size', args.size), ('--merge-size', args.merge_size)):
         if value < 32:
             parser.error(f'{flag} {value}: at least 32 (ConvNeXt\'s last stage is 1/32 of '
