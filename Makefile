@@ -9,6 +9,11 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
+# pytest-xdist workers for `make test`: one per CPU this process may use, at most 4
+# (each holds the whole stack in memory); 1 (or `make test PYTEST_WORKERS=1`) runs the
+# suite in one process, as it also runs where pytest-xdist is not installed. A test
+# file stays on one worker (--dist loadfile), with its module fixtures.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
 
 .PHONY: setup test demo clean distclean
 
@@ -21,8 +26,12 @@ setup:
 	COLORA_VENV="$(abspath $(VENV))" bash tools/setup_env.sh
 	touch $(STAMP)
 
+# expanded when the recipe runs, after the set-up: the venv's pytest is asked
+XDIST = $(if $(filter-out 0 1,$(PYTEST_WORKERS)),$(shell $(PY) -c 'import xdist' \
+        2>/dev/null && echo '-n $(PYTEST_WORKERS) --dist loadfile'))
+
 test: $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	@test -f tools/demo.py || { echo "tools/demo.py is not in this checkout yet" >&2; exit 1; }

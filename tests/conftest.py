@@ -8,8 +8,10 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# The suite runs on small CPU machines, often beside other work: a few threads each.
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# The suite runs on small CPU machines, often beside other work: a few threads each,
+# the cores shared out among pytest-xdist's workers where it runs in several.
+_workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1') or 1)
+torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // max(1, _workers))))
 
 
 def _default_scope_restored():
