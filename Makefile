@@ -9,11 +9,16 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
-# pytest-xdist workers for `make test`: one per CPU this process may use, at most 4
-# (each holds the whole stack in memory); 1 (or `make test PYTEST_WORKERS=1`) runs the
-# suite in one process, as it also runs where pytest-xdist is not installed. A test
-# file stays on one worker (--dist loadfile), with its module fixtures.
-PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
+# pytest-xdist workers for `make test`: one per CPU this process may use (nproc, cut
+# to a cgroup CPU quota), at most 4 (each holds the whole stack in memory); 1 (or
+# `make test PYTEST_WORKERS=1`) runs the suite in one process, as it also runs where
+# pytest-xdist is not installed. A test file stays on one worker (--dist loadfile),
+# with its module fixtures.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); \
+    set -- $$(cat /sys/fs/cgroup/cpu.max 2>/dev/null); \
+    if [ -n "$$2" ] && [ "$$1" != max ]; then q=$$(( ($$1 + $$2 - 1) / $$2 )); \
+      [ "$$q" -lt "$$n" ] && n=$$q; fi; \
+    [ "$$n" -lt 1 ] && n=1; [ "$$n" -gt 4 ] && n=4; echo $$n)
 
 .PHONY: setup test demo clean distclean
 
