@@ -7,25 +7,7 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity, cut to a cgroup (v2) CPU quota
-    where one is set (a container may see more CPUs than it may use)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:                 # not Linux
-        n = os.cpu_count() or 1
-    try:
-        with open('/sys/fs/cgroup/cpu.max') as f:
-            quota, period = f.read().split()[:2]
-        if quota != 'max':
-            n = min(n, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
-
+from cpus import usable_cpus  # noqa: E402
 
 # The suite runs on small CPU machines, often beside other work: a few threads each,
 # the CPUs shared out among pytest-xdist's workers where it runs in several (`make
