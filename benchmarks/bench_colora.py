@@ -21,6 +21,9 @@ Tables:
    are built, and read after the steps), i.e. what training adds on top of the built
    model (activations, gradients, optimiser state); on CUDA as
    ``torch.cuda.max_memory_allocated`` after a reset, minus what was allocated before.
+   Where glibc's heap places the blocks moves the peak RSS of fresh processes by tens
+   of MiB (address randomisation, the hash seed); ``--memory-layouts N`` reads the
+   median over N fixed layouts instead, the same in every run.
 2. ``filter``: the range filter's separable path against its 2-D path (and the naive
    double loop of Eq. 7 on the smallest map), forward and forward + backward, on the
    compressed maps the spatial branch of a ConvNeXt-T sees at 512x512.
@@ -545,7 +548,50 @@ def autograd_memory(model: nn.Module, step: Callable) -> dict:
     return dict(saved=sum(seen.values()), state=state)
 
 
+def layout_off_prefix() -> List[str]:
+    """The command prefix that starts a process with address-space randomisation off
+    (util-linux's ``setarch -R``), or [] where that is refused or missing."""
+    prefix = ['setarch', platform.machine(), '-R']
+    try:
+        ok = subprocess.run(prefix + ['true'], capture_output=True).returncode == 0
+    except OSError:
+        ok = False
+    return prefix if ok else []
+
+
 def measure_memory(method: str, args) -> dict:
+    """One memory worker for ``method`` in a fresh process; with ``--memory-layouts
+    N``, N of them, each with address randomisation off and ``PYTHONHASHSEED`` 0..N-1
+    (a fixed heap layout each, the same in every run of the same software), and the
+    median of their peak RSS growth as the row's (``deltas``: each one's)."""
+    if not getattr(args, 'memory_layouts', 0):
+        return memory_worker_run(method, args)
+    runs = [memory_worker_run(method, args, seed) for seed in range(args.memory_layouts)]
+    deltas = [r['delta'] for r in runs]
+    median = statistics.median(deltas)
+    out = dict(min(runs, key=lambda r: abs(r['delta'] - median)))
+    out.update(delta=median, deltas=deltas,
+               kind=f'{out["kind"]}, median of {len(runs)} fixed heap layouts '
+                    f'(address randomisation off, PYTHONHASHSEED 0-{len(runs) - 1})')
+    return out
+
+
+def print_layouts(memory: Dict[str, dict]) -> None:
+    """Each fixed layout's peak RSS growth per row, and CoLoRA's saving in each (the
+    rows' values of the same seed), beside the medians the table reads."""
+    if not all('deltas' in v for v in memory.values()):
+        return
+    print('(peak RSS growth per fixed heap layout, PYTHONHASHSEED 0, 1, ..., MiB: '
+          + '; '.join(f'{m} ' + ', '.join(f'{d / 2 ** 20:.0f}' for d in v['deltas'])
+                      for m, v in memory.items()) + ')')
+    if 'colora' in memory:
+        per_seed = [(f - c) / (f - lim) for f, lim, c in zip(
+            memory['full']['deltas'], memory['limit']['deltas'], memory['colora']['deltas'])]
+        print('(CoLoRA\'s saving / the limit\'s per layout: '
+              + ', '.join(f'{x:.3f}' for x in per_seed) + ')')
+
+
+def memory_worker_run(method: str, args, seed: Optional[int] = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', method,
            '--device', args.device, '--arch', args.arch, '--size', str(args.size),
            '--batch', str(args.batch), '--head-channels', str(args.head_channels),
@@ -556,7 +602,11 @@ def measure_memory(method: str, args) -> dict:
         cmd.append('--amp')
     if args.threads:
         cmd += ['--threads', str(args.threads)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    env = None
+    if seed is not None:
+        cmd = layout_off_prefix() + cmd
+        env = dict(os.environ, PYTHONHASHSEED=str(seed))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in res.stdout.splitlines():
         if line.startswith('MEMORY '):
             return json.loads(line[len('MEMORY '):])
@@ -648,6 +698,7 @@ def bench_train(args, results: dict) -> None:
         print(f'(timed steps: {faults:.0f} minor page faults per step, '
               f'malloc {args.malloc})')
         print_heap_holes(memory)
+        print_layouts(memory)
     print('\nTraining path of the pointwise layers in the timed steps:')
     for m in names:
         if paths[m]:
@@ -746,6 +797,7 @@ def bench_paper(args, results: dict) -> None:
            'live saving vs limit', 'kept MiB', 'kept saving vs limit'], rows)
     if args.device == 'cpu':
         print_heap_holes(memory)
+        print_layouts(memory)
     results['paper_targets'] = report_targets([
         (f'CoLoRA memory saving / limit saving (ConvNeXt-B 512x512, {rss_label(args)})',
          (full_m - memory['colora']['delta']) / (full_m - limit_m), '>=', 0.90),
@@ -1138,6 +1190,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
                              'default 0: glibc\'s defaults (the threshold rises with '
                              'the blocks freed, up to 32 MiB, and tensors below it '
                              'leave holes in the heap that count in the peak RSS)')
+    parser.add_argument('--memory-layouts', type=int, default=0, metavar='N',
+                        help='CPU memory columns: run each row\'s memory worker N times, '
+                             'each with address-space randomisation off (setarch -R) '
+                             'and PYTHONHASHSEED 0..N-1, and read the median peak RSS: '
+                             'every such process places the heap\'s blocks the same way '
+                             'each time, so the column is the same in every run of the '
+                             'same software; default 0: one fresh process per row, '
+                             'whose heap layout (and peak RSS) varies from run to run')
     parser.add_argument('--memory-worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -1150,6 +1210,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.memory_mmap_threshold and args.device != 'cpu':
         parser.error('--memory-mmap-threshold is for the CPU memory workers (glibc); '
                      'on CUDA the memory columns come from the caching allocator.')
+    if args.memory_layouts < 0:
+        parser.error(f'--memory-layouts {args.memory_layouts}: 0 (one fresh process per '
+                     'row) or more')
+    if args.memory_layouts and args.device != 'cpu':
+        parser.error('--memory-layouts is for the CPU memory workers (peak RSS); on CUDA '
+                     'the memory columns come from the caching allocator.')
+    if args.memory_layouts and not args.memory_worker and not layout_off_prefix():
+        parser.error('--memory-layouts needs `setarch -R` (util-linux) to start the '
+                     'memory workers with address randomisation off, which this system '
+                     'refuses or lacks; leave the option out (one fresh process per row).')
     allocator = preloaded_allocator()
     if args.memory_mmap_threshold and allocator:
         parser.error(f'--memory-mmap-threshold sets glibc\'s malloc, which the preloaded '

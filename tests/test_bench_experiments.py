@@ -390,3 +390,35 @@ def test_frozen_partner_row_keeps_no_partner_offsets():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert "unknown rows ['lorra']" in res.stderr and 'colora-frozen' in res.stderr
+
+
+def test_fixed_heap_layouts_read_the_same_peak_rss_again(monkeypatch):
+    """``--memory-layouts N``: each memory worker starts with address randomisation off
+    and ``PYTHONHASHSEED`` fixed, so a process with the same seed places the heap's
+    blocks the same way and reads the same peak RSS (fresh processes otherwise differ
+    by tens of MiB at table 1's size); the row reads the median of the N. Refused below
+    0."""
+    import argparse
+
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import bench_colora as bc
+    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
+                          '--only', 'spatial', '--memory-layouts', '-1'],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert '--memory-layouts -1: 0 (one fresh process per row) or more' in res.stderr
+    if platform.libc_ver()[0] != 'glibc' or not bc.layout_off_prefix():
+        pytest.skip('needs glibc and `setarch -R` (address randomisation off)')
+    args = argparse.Namespace(device='cpu', arch='atto', size=64, batch=2,
+                              head_channels=32, memory_steps=1, memory_mmap_threshold=0,
+                              amp=False, threads=1, memory_layouts=0)
+    first, again = (bc.memory_worker_run('limit', args, seed=0) for _ in range(2))
+    assert first['delta'] > 0
+    assert abs(first['delta'] - again['delta']) <= 1 << 20, (first['delta'], again['delta'])
+    # the median of the layouts, each one's value kept beside it
+    monkeypatch.setattr(bc, 'memory_worker_run', lambda method, a, seed=None: dict(
+        first, delta=[30, 10, 20][seed], heap=seed))
+    out = bc.measure_memory('limit', argparse.Namespace(memory_layouts=3))
+    assert out['delta'] == 20 and out['deltas'] == [30, 10, 20] and out['heap'] == 2
+    assert out['kind'].endswith('median of 3 fixed heap layouts (address randomisation '
+                                'off, PYTHONHASHSEED 0-2)')
