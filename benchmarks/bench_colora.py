@@ -23,7 +23,8 @@ Tables:
    ``torch.cuda.max_memory_allocated`` after a reset, minus what was allocated before.
    Where glibc's heap places the blocks moves the peak RSS of fresh processes by tens
    of MiB (address randomisation, the hash seed); ``--memory-layouts N`` reads the
-   median over N fixed layouts instead, the same in every run.
+   median over N fixed layouts instead, the same in every run from the same
+   environment.
 2. ``filter``: the range filter's separable path against its 2-D path (and the naive
    double loop of Eq. 7 on the smallest map), forward and forward + backward, on the
    compressed maps the spatial branch of a ConvNeXt-T sees at 512x512.
@@ -562,7 +563,8 @@ def layout_off_prefix() -> List[str]:
 def measure_memory(method: str, args) -> dict:
     """One memory worker for ``method`` in a fresh process; with ``--memory-layouts
     N``, N of them, each with address randomisation off and ``PYTHONHASHSEED`` 0..N-1
-    (a fixed heap layout each, the same in every run of the same software), and the
+    (a fixed heap layout each, the same in every run from the same command line and
+    environment variables, whose size moves the stack and with it the layout), and the
     median of their peak RSS growth as the row's (``deltas``: each one's)."""
     if not getattr(args, 'memory_layouts', 0):
         return memory_worker_run(method, args)
@@ -1195,9 +1197,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
                              'each with address-space randomisation off (setarch -R) '
                              'and PYTHONHASHSEED 0..N-1, and read the median peak RSS: '
                              'every such process places the heap\'s blocks the same way '
-                             'each time, so the column is the same in every run of the '
-                             'same software; default 0: one fresh process per row, '
-                             'whose heap layout (and peak RSS) varies from run to run')
+                             'each time, so the column is the same in every run from '
+                             'the same environment; default 0: one fresh process per '
+                             'row, whose heap layout (and peak RSS) varies from run to '
+                             'run')
     parser.add_argument('--memory-worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
