@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -61,7 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -549,15 +550,17 @@ def autograd_memory(model: nn.Module, step: Callable) -> dict:
     return dict(saved=sum(seen.values()), state=state)
 
 
-def layout_off_prefix() -> List[str]:
+@functools.lru_cache(maxsize=None)
+def layout_off_prefix() -> Tuple[str, ...]:
     """The command prefix that starts a process with address-space randomisation off
-    (util-linux's ``setarch -R``), or [] where that is refused or missing."""
-    prefix = ['setarch', platform.machine(), '-R']
+    (util-linux's ``setarch -R``), or () where that is refused or missing (asked once
+    per process)."""
+    prefix = ('setarch', platform.machine(), '-R')
     try:
-        ok = subprocess.run(prefix + ['true'], capture_output=True).returncode == 0
+        ok = subprocess.run([*prefix, 'true'], capture_output=True).returncode == 0
     except OSError:
         ok = False
-    return prefix if ok else []
+    return prefix if ok else ()
 
 
 def measure_memory(method: str, args) -> dict:
@@ -606,7 +609,11 @@ def memory_worker_run(method: str, args, seed: Optional[int] = None) -> dict:
         cmd += ['--threads', str(args.threads)]
     env = None
     if seed is not None:
-        cmd = layout_off_prefix() + cmd
+        prefix = layout_off_prefix()
+        if not prefix:
+            raise RuntimeError('a fixed heap layout needs `setarch -R` (address '
+                               'randomisation off), which this system refuses or lacks')
+        cmd = [*prefix, *cmd]
         env = dict(os.environ, PYTHONHASHSEED=str(seed))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in res.stdout.splitlines():
