@@ -227,11 +227,14 @@ def _dist_worker(out_dir):
     Path(out_dir, f'rank{runner.rank}.json').write_text(json.dumps(dict(
         rank=runner.rank, world_size=runner.world_size, iter=runner.iter,
         wrapper=type(runner.model).__name__, params=params, initial=initial)))
-    # mmengine leaves the process group open; tearing it down before exit avoids gloo's
-    # threads aborting the interpreter's shutdown ('terminate called without an
-    # active exception')
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    # mmengine leaves the process group open: closed as tools/train.py closes it, the
+    # runner dropped first, so that gloo's threads end before the interpreter's
+    # shutdown (where they could abort it: 'terminate called without an active
+    # exception')
+    sys.path.insert(0, str(Path(__file__).parents[1] / 'tools'))
+    from train import close_process_group
+    del runner
+    close_process_group()
 
 
 if __name__ == '__main__':

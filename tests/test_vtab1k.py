@@ -524,6 +524,21 @@ def test_multi_gpu_runs_go_through_torchrun(vtab):
                     '--data-root', root, '--cfg-options', 'train_cfg.max_epochs=3']
 
 
+def test_a_run_on_two_processes(vtab, tmp_path):
+    """--gpus 2 on a CPU host: torchrun, two gloo processes, one result, and each
+    process leaves with its process group closed (no abort at exit)."""
+    _, _, config, _ = vtab
+    work = tmp_path / 'work'
+    code, log = run(sys.executable, osp.join(TOOLS, 'vtab1k.py'), config, '--tasks', 'kitti',
+                    '--seeds', '0', '--gpus', '2', '--work-dir', work)
+    assert code == 0, log[-3000:]
+    assert 'terminate called' not in log
+    with open(work / 'kitti' / 'seed_0' / 'result.json') as f:
+        result = json.load(f)
+    assert result['gpus'] == 2 and result['seed'] == 0
+    assert [n for n in os.listdir(work / 'kitti' / 'seed_0') if n.endswith('.pth')] == []
+
+
 # ----------------------------------------------------------------- stored runs
 def copy_run(work, dest, task='kitti', seed=0):
     """A work dir holding a copy of one finished run of ``work``."""

@@ -181,6 +181,7 @@ def main(argv=None):
     with process_group_closed():
         metrics = runner.test()
         main_process = is_main_process()
+        del runner   # its model wrapper holds the process group
     if main_process:
         path = osp.join(cfg.work_dir, 'metrics.json')
         with open(path, 'w') as f:

@@ -606,13 +606,16 @@ def main(argv=None):
         runner = RUNNERS.build(cfg)
     with process_group_closed():
         runner.train()
+        del runner   # its model wrapper holds the process group: see close_process_group
     return 0
 
 
 @contextlib.contextmanager
 def process_group_closed():
     """Run the block, then :func:`close_process_group`: waiting for every rank after
-    a block that succeeded, at once after one that raised (which is re-raised)."""
+    a block that succeeded, at once after one that raised (which is re-raised). A
+    block that built the runner drops it at its end (``del runner``), so that the
+    group goes with it."""
     try:
         yield
     except BaseException:
@@ -624,17 +627,32 @@ def process_group_closed():
 def close_process_group(wait_for_peers=True):
     """End a distributed run cleanly.
 
-    A gloo group torn down while a peer is still finishing its last collective (the
-    final metrics broadcast, say) can abort the process at interpreter exit
-    ("terminate called without an active exception", SIGABRT), so after a run that
-    succeeded every rank waits at a barrier before the group is destroyed. After a
-    failure the barrier is skipped: the peers may never reach it.
+    After a run that succeeded every rank waits at a barrier, so that no group is torn
+    down while a peer is still in its last collective (the final metrics broadcast,
+    say); after a failure the barrier is skipped: the peers may never reach it.
+
+    ``destroy_process_group`` only unregisters the group. The model wrapper (DDP's
+    reducer) holds it too, and mmengine's runner sits in reference cycles, so the
+    group, and gloo's worker threads with it, lived on into the interpreter's
+    shutdown. A worker thread that then released the tensors of a finished
+    collective (the objects ``broadcast_object_list`` sends) needed the GIL, which a
+    finalizing interpreter no longer hands out: the process aborted ("terminate
+    called without an active exception", SIGABRT) after a run that had finished and
+    saved everything. So what the caller has dropped (the runner) is collected here,
+    while this function still holds the group, and the group's last reference is
+    dropped last: its Python handle destroys it with the GIL released, and joins
+    gloo's threads, before the interpreter shuts down.
     """
+    import gc
+
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         if wait_for_peers:
             dist.barrier()
+        held = [dist.group.WORLD]
         dist.destroy_process_group()
+        gc.collect()
+        held.clear()
 
 
 if __name__ == '__main__':

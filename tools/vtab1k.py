@@ -36,7 +36,6 @@ import copy
 import json
 import os
 import os.path as osp
-import shutil
 import subprocess
 import sys
 import time
@@ -52,7 +51,8 @@ if REPO not in sys.path:
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 from train import (CLIError, check_adapter_and_hooks, check_amp,  # noqa: E402
-                   check_pretrained, check_settings_match, check_work_dir)
+                   check_pretrained, check_settings_match, check_work_dir,
+                   process_group_closed)
 
 
 def parse_args(argv=None):
@@ -546,8 +546,10 @@ def main(argv=None):
         if args.run_one is not None:      # inside torchrun
             task, seed = get_task(args.run_one[0]), int(args.run_one[1])
             run_dir = osp.join(args.work_dir, task.name, f'seed_{seed}')
-            run_one(cfg, task, seed, run_dir, args.launcher, args.keep_checkpoints,
-                    definition)
+            # run_one drops its runner: the process group goes with it here
+            with process_group_closed():
+                run_one(cfg, task, seed, run_dir, args.launcher, args.keep_checkpoints,
+                        definition)
             return 0
         if not args.summary_only:
             check_amp(cfg, False)
