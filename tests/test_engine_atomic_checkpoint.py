@@ -14,6 +14,7 @@ import os
 import os.path as osp
 import random
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -372,12 +373,13 @@ def _ddp_worker(rank, world_size, port, out_dir):
     out = dict(full_losses=full_rec.losses, losses=rec.losses, full=weights(full),
                resumed=weights(resumed))
     torch.save(out, osp.join(out_dir, f'rank{rank}.pt'))
-    import torch.distributed as torch_dist
-    torch_dist.barrier()
-    torch_dist.destroy_process_group()
-    # a spawned gloo worker can abort in the interpreter's shutdown (SIGABRT, 'terminate
-    # called without an active exception') after its results are written: leave without it
-    os._exit(0)
+    # as the tools end a distributed run: the runners dropped, then the group closed,
+    # so that gloo's threads end before the interpreter's shutdown (where one aborted
+    # the process: 'terminate called without an active exception')
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
+    from train import close_process_group
+    del full, resumed, full_rec, rec, out
+    close_process_group()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU (gloo) path')

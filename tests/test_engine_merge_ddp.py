@@ -18,17 +18,24 @@ def _free_port():
 
 
 def _worker(rank, world_size, port, out_dir):
+    import sys
+    from types import SimpleNamespace
+
     import torch.distributed as dist
+    # imported before the group exists, as in the tools: mmengine imports
+    # torch.distributed.nn.functional, which keeps the default group of the moment it
+    # is first imported (in its functions' defaults) for the life of the process
+    from mmengine.optim import OptimWrapper
+
+    from colora_mm.adapters import inject_adapters, mark_trainable
+    from colora_mm.engine import MergeReinitHook
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), 'tools'))
+    from train import close_process_group
+
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world_size)
     try:
-        from types import SimpleNamespace
-
-        from mmengine.optim import OptimWrapper
-
-        from colora_mm.adapters import inject_adapters, mark_trainable
-        from colora_mm.engine import MergeReinitHook
-
         torch.manual_seed(0)                       # identical replicas ...
         model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
         inject_adapters(model, dict(method='colora', gamma=4), pairs=[('0', '2')])
@@ -44,16 +51,13 @@ def _worker(rank, world_size, port, out_dir):
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
                    os.path.join(out_dir, f'rank{rank}.pth'))
     except BaseException:
-        dist.destroy_process_group()
+        close_process_group(wait_for_peers=False)
         raise
-    # A gloo group torn down while the peer is still in its last collective can abort
-    # the process at exit ('terminate called without an active exception', SIGABRT):
-    # both ranks wait here first, as tools/train.py's close_process_group does. Even
-    # so a spawned worker still aborted in the interpreter's shutdown in 2 runs of 140,
-    # after its results were written: leave without it.
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    # as the tools end a distributed run: the group and gloo's threads go before the
+    # interpreter's shutdown, where a thread releasing the broadcasts' tensors aborted
+    # the process ('terminate called without an active exception')
+    del runner, model, optim
+    close_process_group()
 
 
 def test_replicas_identical_after_merge(tmp_path):
