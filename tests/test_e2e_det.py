@@ -1,6 +1,7 @@
 """End to end on CPU, detection: tools/train.py with validation on a generated
 COCO-layout dataset, tools/merge.py, tools/test.py on the merged and the unmerged
 checkpoints (same bbox mAP, same detections), and a missing annotation file refused."""
+import glob
 import importlib.util
 import json
 import os
@@ -111,3 +112,40 @@ def test_missing_annotation_file_is_refused(tmp_path, coco, capsys):
     error = single_error(captured.out + captured.err)
     assert 'annotation file' in error and 'does not exist' in error
     assert not (tmp_path / 'work').exists()
+
+
+def _free_port():
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def _launch(script, *argv):
+    result = subprocess.run(['bash', osp.join(TOOLS, script)] + [str(a) for a in argv],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable,
+                                     PORT=str(_free_port())))
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_distributed_training_and_testing_with_gloo(tmp_path, coco):
+    """The README's command, `bash tools/dist_train.sh <CoLoRA Faster R-CNN config> 2`,
+    on two CPU processes; then tools/dist_test.sh with --out (one results file)."""
+    _, root, config = coco
+    code, log = _launch('dist_train.sh', config, 2, '--work-dir', tmp_path / 'work')
+    assert code == 0, log[-4000:]
+    assert osp.isfile(tmp_path / 'work' / 'iter_3.pth')
+    text = open(glob.glob(str(tmp_path / 'work' / '*' / '*.log'))[0]).read()
+    assert 'Distributed training: True' in text and 'GPU number: 2' in text
+    assert 'Iter(train) [3/3]' in text and 'coco/bbox_mAP' in text
+    code, log = _launch('dist_test.sh', config, tmp_path / 'work' / 'iter_3.pth', 2,
+                        '--work-dir', tmp_path / 'test', '--out', tmp_path / 'res.pkl')
+    assert code == 0, log[-4000:]
+    with open(tmp_path / 'test' / 'metrics.json') as f:
+        assert 'coco/bbox_mAP' in json.load(f)
+    with open(tmp_path / 'res.pkl', 'rb') as f:
+        results = pickle.load(f)
+    # every validation image once, gathered from both processes
+    paths = sorted(osp.basename(r['img_path']) for r in results)
+    assert paths == sorted(os.listdir(osp.join(root, 'val2017')))
