@@ -37,6 +37,8 @@ Every parameter or buffer of an adapter lives under a name component starting wi
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -154,6 +156,36 @@ class Adapter(nn.Module):
         return []
 
 
+def keep_gradient_strides(module: nn.Module) -> None:
+    """Give each trainable 2-D parameter of ``module`` with a dimension of size 1 (a
+    rank-1 factor, ``d x 1`` or ``1 x d``) its gradient in the parameter's own strides.
+
+    The gradient of such a factor often arrives as a slice or a transpose whose
+    strides differ from the parameter's only along the size-1 dimension; PyTorch still
+    counts it as contiguous, so autograd keeps it as it is, and DDP, which copies
+    gradients into its buckets by stride, warns on every process ("Grad strides do not
+    match bucket view strides"). A gradient hook copies it into the parameter's
+    strides (``d`` floats, the values unchanged). Other parameters need none: where
+    their gradient's strides differ, autograd copies it into the parameter's layout
+    itself. A deep copy of the module drops the hooks; calling this again adds them
+    once."""
+    for param in module.parameters():
+        if param.requires_grad and param.dim() == 2 and 1 in param.shape and not any(
+                getattr(hook, 'func', None) is _in_parameter_strides
+                for hook in (param._backward_hooks or {}).values()):
+            param.register_hook(functools.partial(_in_parameter_strides,
+                                                  weakref.ref(param)))
+
+
+def _in_parameter_strides(ref, grad: torch.Tensor) -> Optional[torch.Tensor]:
+    param = ref()
+    if (param is None or grad.layout != torch.strided or grad.shape != param.shape
+            or grad.stride() == param.stride()):
+        return None
+    return torch.empty_strided(param.shape, param.stride(), dtype=grad.dtype,
+                               device=grad.device).copy_(grad)
+
+
 class AdaptedLayer(nn.Module):
     """A ``nn.Linear`` or ``nn.Conv2d`` with an adapter.
 
@@ -210,6 +242,7 @@ class AdaptedLayer(nn.Module):
         self.last_path: Optional[str] = None
         self.merged = False
         self.adapter_branch = make_adapter(self)
+        keep_gradient_strides(self.adapter_branch)
         # The delta baked in by merge(), kept so that unmerge() is exact even for
         # adapters whose delta depends on the base weight (HiRA).
         self._merged_delta: Optional[torch.Tensor] = None

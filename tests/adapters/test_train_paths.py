@@ -583,3 +583,30 @@ def test_what_the_low_rank_ops_keep_for_backward(op, producer, d_in, d_out, kept
     want = torch.autograd.grad(ref.sum(), (u, left, right))
     for a, b in zip(got, want):
         assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize('cls,spec', [
+    (ConvPairNet, dict(method='colora', gamma=4, share_ratio=0.5, spatial=False)),
+    (ChannelsLastBlock, dict(method='colora', gamma=6, share_ratio=0.5, spatial=True)),
+    (ChannelsLastBlock, dict(method='lora', gamma=12)),
+    (ChannelsLastBlock, dict(method='pissa', gamma=12))])
+@pytest.mark.parametrize('path', ['activation', 'weight'])
+def test_rank_one_factors_get_their_gradient_in_their_own_strides(cls, spec, path):
+    """A ``d x 1`` factor's gradient arrives in the factor's strides (what DDP's
+    buckets expect); the values are those autograd computes without the hook (a deep
+    copy drops it)."""
+    model = _build(cls, spec, path)
+    bare = copy.deepcopy(model)
+    x = _input(model)
+    _, grads = _run(model, x)
+    _, bare_grads = _run(bare, x)
+    params = dict(model.named_parameters())
+    rank_one = [n for n, p in params.items() if is_adapter_name(n) and 1 in p.shape]
+    assert rank_one
+    assert grads.keys() == bare_grads.keys()
+    for name in grads:
+        assert params[name].grad.stride() == params[name].stride(), name
+        assert torch.equal(grads[name], bare_grads[name]), name
+    if path == 'activation':    # without the hook, some of them arrive transposed
+        assert any(p.grad.stride() != p.stride() for n, p in bare.named_parameters()
+                   if n in rank_one)
