@@ -167,8 +167,8 @@ def keep_gradient_strides(module: nn.Module) -> None:
     match bucket view strides"). A gradient hook copies it into the parameter's
     strides (``d`` floats, the values unchanged). Other parameters need none: where
     their gradient's strides differ, autograd copies it into the parameter's layout
-    itself. A deep copy of the module drops the hooks; calling this again adds them
-    once."""
+    itself. A deep copy of the module drops the hooks (an :class:`AdaptedLayer` adds
+    them back to its copies itself); calling this again adds them once."""
     for param in module.parameters():
         if param.requires_grad and param.dim() == 2 and 1 in param.shape and not any(
                 getattr(hook, 'func', None) is _in_parameter_strides
@@ -249,6 +249,12 @@ class AdaptedLayer(nn.Module):
         # Take the replaced layer's mode: injecting into a model already in eval mode must
         # not leave train-mode adapters behind (they would update partner buffers).
         self.train(base.training)
+
+    def __setstate__(self, state: dict) -> None:
+        # A deep copy or an unpickled module gets new parameters without their tensor
+        # hooks (autograd does not copy them): give the rank-1 factors theirs again.
+        super().__setstate__(state)
+        keep_gradient_strides(self.adapter_branch)
 
     # --------------------------------------------------------------- helpers
     @property

@@ -593,10 +593,11 @@ def test_what_the_low_rank_ops_keep_for_backward(op, producer, d_in, d_out, kept
 @pytest.mark.parametrize('path', ['activation', 'weight'])
 def test_rank_one_factors_get_their_gradient_in_their_own_strides(cls, spec, path):
     """A ``d x 1`` factor's gradient arrives in the factor's strides (what DDP's
-    buckets expect); the values are those autograd computes without the hook (a deep
-    copy drops it)."""
+    buckets expect); the values are those autograd computes without the hook."""
     model = _build(cls, spec, path)
     bare = copy.deepcopy(model)
+    for p in bare.parameters():
+        p._backward_hooks = None
     x = _input(model)
     _, grads = _run(model, x)
     _, bare_grads = _run(bare, x)
@@ -610,3 +611,31 @@ def test_rank_one_factors_get_their_gradient_in_their_own_strides(cls, spec, pat
     if path == 'activation':    # without the hook, some of them arrive transposed
         assert any(p.grad.stride() != p.stride() for n, p in bare.named_parameters()
                    if n in rank_one)
+
+
+@pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
+def test_copies_of_an_adapted_model_keep_the_gradient_strides(how):
+    """Autograd does not copy tensor hooks: a deep copy (EMA, a model built from
+    another) or an unpickled model gets them back from its adapted layers, once."""
+    import io
+    model = _build(ChannelsLastBlock, dict(method='colora', gamma=6, share_ratio=0.5,
+                                           spatial=True), 'activation')
+    if how == 'deepcopy':
+        other = copy.deepcopy(model)
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        other = torch.load(buf, weights_only=False)
+    rank_one = [p for n, p in other.named_parameters()
+                if is_adapter_name(n) and p.dim() == 2 and 1 in p.shape]
+    assert rank_one
+    for p in rank_one:
+        assert len(p._backward_hooks or {}) == 1
+    _, grads = _run(other, _input(other))
+    _, want = _run(model, _input(model))
+    for p in rank_one:
+        assert p.grad.stride() == p.stride()
+    assert grads.keys() == want.keys()
+    for name in grads:
+        assert torch.equal(grads[name], want[name]), name
