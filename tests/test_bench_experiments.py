@@ -135,19 +135,20 @@ def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
     unless the variant created it before; CoLoRA's partner offsets are first written in
     the first step (ConvNeXt-atto: 12 pairs, 2 sides, 2 factors each); the saving
     columns read 0 for full fine-tuning and 1 for the limit; the trimmed variant (the
-    heap's free pages returned before every step) reads like the others."""
+    heap's free pages returned before every step) reads like the others; the variant
+    that keeps the gradients holds them (half AdamW's moments) after the steps."""
     out = run('heap_layout.py', '--arch', 'atto', '--size', '64', '--head-channels', '32',
               '--repeats', '1', '--steps', '2', '--methods', 'full', 'limit', 'colora')
     first, _, after = out.partition('After the last step')
+    variants = ('as run', 'state first', 'trimmed', 'grads kept')
     rows, held = {}, {}
     for text, table in ((first, rows), (after, held)):
         for line in text.splitlines():
             cells = [c.strip() for c in line.split('|')[1:-1]]
-            if len(cells) == 8 and cells[1] in ('as run', 'state first', 'trimmed'):
+            if len(cells) == 8 and cells[1] in variants:
                 table[cells[0], cells[1]] = cells
-    assert set(rows) == {(m, v) for m in ('full', 'limit', 'colora')
-                         for v in ('as run', 'state first', 'trimmed')}
-    for variant in ('as run', 'state first', 'trimmed'):
+    assert set(rows) == {(m, v) for m in ('full', 'limit', 'colora') for v in variants}
+    for variant in variants:
         for col in (5, 6):
             assert rows['full', variant][col] == '0.00'
             assert rows['limit', variant][col] == '1.00'
@@ -156,6 +157,7 @@ def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
         assert float(rows['colora', variant][4]) > 0
     assert 'AdamW state:' in rows['colora', 'as run'][7]
     assert 'AdamW state:' in rows['colora', 'trimmed'][7]
+    assert 'AdamW state:' in rows['colora', 'grads kept'][7]
     assert 'AdamW state' not in rows['colora', 'state first'][7]
     # after the steps: what is held, the tensors among it, the heap and its holes
     assert set(held) == set(rows)
@@ -165,6 +167,9 @@ def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
         assert used >= adamw + partners - 0.1 and 0 <= free <= heap, cells
         assert (partners > 0) == (key[0] == 'colora'), cells
     assert float(held['full', 'as run'][3]) > 4 * float(held['limit', 'as run'][3])
+    for method in ('full', 'colora'):
+        grads = float(held[method, 'grads kept'][5]) - float(held[method, 'as run'][5])
+        assert 0.4 < grads / float(held[method, 'as run'][3]) < 0.6, (method, grads)
 
 
 @pytest.mark.parametrize('flag', ['--size', '--merge-size'])

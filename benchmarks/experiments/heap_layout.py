@@ -7,21 +7,26 @@ the step the highest of them sits (no block above it can be returned to the syst
 the last step, the bytes in use in malloc's blocks against the heap's size and its free
 part (``mallinfo2``), which separates what the steps hold from the heap's holes.
 
-Three variants per method: ``as run`` (what table 1 measures), ``state first``
+Four variants per method: ``as run`` (what table 1 measures), ``state first``
 (AdamW's state created before the first step, as ``zeros_like`` of every trainable
-parameter: the same values AdamW's first step would create) and ``trimmed``
+parameter: the same values AdamW's first step would create), ``trimmed``
 (``malloc_trim(0)`` before every step: glibc returns the free pages inside its heap to
 the system, so that a step's peak counts only the pages touched in that step, not the
-ones earlier steps left resident). The last two are diagnoses, not ways to train: they
-show how much of a method's peak is where its long-lived blocks land, and how much is
-pages that earlier steps left resident, rather than what it holds. The first step runs
+ones earlier steps left resident) and ``grads kept`` (every trainable parameter's
+gradient made before the first step and zeroed in place after each step,
+``zero_grad(set_to_none=False)``: autograd then adds into it instead of keeping a block
+it made in the middle of backward, so no gradient block is placed inside a step). The
+last three are diagnoses, not ways to train: they show how much of a method's peak is
+where its long-lived blocks land, and how much is pages that earlier steps left
+resident, rather than what it holds. The first step runs
 on a fresh heap (every block from its top, nothing to fit between), so "saving vs
 limit, step 1" of the ``state first`` variant is the peak-RSS saving without the
 heap's layout. Each worker is a fresh process; methods and variants run in turn,
 ``--repeats`` times.
 
     python benchmarks/experiments/heap_layout.py [--steps 4] [--repeats 3]
-        [--methods full limit lora colora] [--variants 'as run' 'state first' trimmed]
+        [--methods full limit lora colora]
+        [--variants 'as run' 'state first' trimmed 'grads kept']
         [--arch tiny --size 256 --head-channels 128]
 """
 import argparse
@@ -34,7 +39,7 @@ from types import SimpleNamespace
 
 from _common import bench_colora, torch
 
-VARIANTS = ('as run', 'state first', 'trimmed')
+VARIANTS = ('as run', 'state first', 'trimmed', 'grads kept')
 
 
 def heap_range():
@@ -55,6 +60,16 @@ def create_adamw_state(optimizer: torch.optim.Optimizer) -> None:
             state['step'] = torch.tensor(0.0, dtype=torch.get_default_dtype())
             state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def keep_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter a zero gradient now and make ``zero_grad`` zero it in
+    place from then on (mmengine's ``OptimWrapper`` calls it after each step)."""
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            p.grad = torch.zeros_like(p)
+    zero_grad = optimizer.zero_grad
+    optimizer.zero_grad = lambda set_to_none=True: zero_grad(set_to_none=False)
 
 
 def storages(model, optimizer) -> dict:
@@ -84,6 +99,8 @@ def worker(method: str, variant: str, args) -> None:
     heap_before = bench_colora.heap_state()
     if variant == 'state first':
         create_adamw_state(step.optimizer)
+    if variant == 'grads kept':
+        keep_gradients(step.optimizer)
     known = set(storages(model, step.optimizer))
     top_before = heap_range()[1]
     peaks, left, heaps = [], {}, []
@@ -144,7 +161,7 @@ def main():
     parser.add_argument('--head-channels', type=int, default=128)
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
-                        help='the variants to run (default: all three)')
+                        help='the variants to run (default: all four)')
     parser.add_argument('--variant', default='as run', choices=VARIANTS,
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
