@@ -34,9 +34,10 @@ import logging
 import os
 import os.path as osp
 import platform
+import sysconfig
 import threading
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -75,7 +76,10 @@ def choice() -> str:
 
 def _cpu_signature() -> str:
     """What the compiled code depends on besides its source: the CPU's instruction set
-    (the kernel is built with -march=native), torch's version, the compiler flags."""
+    (the kernel is built with -march=native), torch's version and installation (its
+    headers and libraries: the build's command line names them, and a build made
+    against another environment's would be rebuilt on every switch), Python's headers,
+    the compiler flags."""
     flags = ''
     try:
         with open('/proc/cpuinfo') as f:
@@ -85,7 +89,35 @@ def _cpu_signature() -> str:
                     break
     except OSError:
         pass
-    return '|'.join([platform.machine(), flags, torch.__version__, ' '.join(CFLAGS)])
+    return '|'.join([platform.machine(), flags, torch.__version__,
+                     osp.dirname(osp.abspath(torch.__file__)),
+                     sysconfig.get_paths().get('include', ''), ' '.join(CFLAGS)])
+
+
+def stage_sources(path: str, sources: Sequence[str] = SOURCES) -> List[str]:
+    """Copies of ``sources`` in the build directory ``path``, each written only where
+    it is missing or differs (atomically, so a process reading it never sees half a
+    file). The build then names the same files from every copy of the package (another
+    clone, an installed one): ninja finds the build current instead of rebuilding
+    whenever a copy elsewhere built it last, which a changed source path on its
+    command line would make it do."""
+    staged = []
+    for src in sources:
+        with open(src, 'rb') as f:
+            data = f.read()
+        dst = osp.join(path, osp.basename(src))
+        try:
+            with open(dst, 'rb') as f:
+                same = f.read() == data
+        except OSError:
+            same = False
+        if not same:
+            tmp = f'{dst}.{os.getpid()}.{threading.get_ident()}.tmp'
+            with open(tmp, 'wb') as f:
+                f.write(data)
+            os.replace(tmp, dst)
+        staged.append(dst)
+    return staged
 
 
 def build_dir() -> str:
@@ -119,7 +151,7 @@ def load_kernel() -> Optional[object]:
                 from torch.utils.cpp_extension import load
             finally:
                 logger.setLevel(level)
-            _state['module'] = load(name, list(SOURCES), extra_cflags=CFLAGS,
+            _state['module'] = load(name, stage_sources(path, SOURCES), extra_cflags=CFLAGS,
                                     extra_ldflags=['-fopenmp'], build_directory=path,
                                     verbose=False)
         except Exception as err:       # no compiler, no ninja, a failed build

@@ -1,6 +1,7 @@
 """The depthwise-style up-projection's CPU kernel (``colora_mm/adapters/up3x3.py``):
 equal to PyTorch's grouped convolution in values and both gradients, taken only where
 it applies, and a build that fails falls back with one warning."""
+import os
 import warnings
 
 import pytest
@@ -154,6 +155,52 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
         warnings.simplefilter('error')
         U.up3x3(z, weight)                 # the failure is remembered: no second try
     assert 'FileNotFoundError' in U._state['error']
+
+
+def test_sources_are_staged_in_the_build_directory_once(tmp_path):
+    """Two copies of the package with the same sources build from the same files (so
+    ninja's command line does not change between them); a staged file is rewritten only
+    when the source differs."""
+    build = tmp_path / 'build'
+    build.mkdir()
+    copies = []
+    for where in ('clone_a', 'clone_b'):
+        (tmp_path / where).mkdir()
+        for src in U.SOURCES:
+            dst = tmp_path / where / os.path.basename(src)
+            dst.write_bytes(open(src, 'rb').read())
+        copies.append([str(tmp_path / where / os.path.basename(s)) for s in U.SOURCES])
+    first = U.stage_sources(str(build), copies[0])
+    assert first == [str(build / os.path.basename(s)) for s in U.SOURCES]
+    stamps = [os.stat(f).st_mtime_ns for f in first]
+    assert U.stage_sources(str(build), copies[1]) == first
+    assert [os.stat(f).st_mtime_ns for f in first] == stamps     # not touched
+    with open(copies[1][0], 'ab') as f:
+        f.write(b'\n// changed\n')
+    U.stage_sources(str(build), copies[1])
+    assert open(first[0], 'rb').read() == open(copies[1][0], 'rb').read()
+    assert sorted(os.listdir(build)) == sorted(os.path.basename(s) for s in U.SOURCES)
+
+
+def test_the_build_reads_the_staged_sources(monkeypatch, tmp_path):
+    """``load_kernel`` hands torch's builder the copies in the build directory, a
+    directory named by the sources' digest and what the build depends on."""
+    import torch.utils.cpp_extension as ext
+    seen = {}
+
+    def fake_load(name, sources, build_directory, **kw):
+        seen.update(name=name, sources=sources, build_directory=build_directory)
+        return 'module'
+
+    monkeypatch.setattr(U, '_state', {})
+    monkeypatch.setenv(U.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(ext, 'load', fake_load)
+    assert U.load_kernel() == 'module'
+    assert seen['build_directory'] == str(tmp_path / seen['name'])
+    assert seen['sources'] == [os.path.join(seen['build_directory'], os.path.basename(s))
+                               for s in U.SOURCES]
+    for staged, src in zip(seen['sources'], U.SOURCES):
+        assert open(staged, 'rb').read() == open(src, 'rb').read()
 
 
 def test_operator_counters_and_fake_tensors_see_the_convolution(kernel, monkeypatch):
