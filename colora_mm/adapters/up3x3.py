@@ -74,7 +74,7 @@ def choice() -> str:
     return value
 
 
-def _cpu_signature() -> str:
+def _build_signature() -> str:
     """What the compiled code depends on besides its source: the CPU's instruction set
     (the kernel is built with -march=native), torch's version and installation (its
     headers and libraries: the build's command line names them, and a build made
@@ -94,7 +94,7 @@ def _cpu_signature() -> str:
                      sysconfig.get_paths().get('include', ''), ' '.join(CFLAGS)])
 
 
-def stage_sources(path: str, sources: Sequence[str] = SOURCES) -> List[str]:
+def stage_sources(path: str, sources: Sequence[str]) -> List[str]:
     """Copies of ``sources`` in the build directory ``path``, each written only where
     it is missing or differs (atomically, so a process reading it never sees half a
     file). The build then names the same files from every copy of the package (another
@@ -138,7 +138,7 @@ def load_kernel() -> Optional[object]:
             for src in SOURCES:
                 with open(src, 'rb') as f:
                     source += f.read()
-            digest = hashlib.sha1(source + _cpu_signature().encode()).hexdigest()[:12]
+            digest = hashlib.sha1(source + _build_signature().encode()).hexdigest()[:12]
             name = f'colora_mm_up3x3_{digest}'
             path = osp.join(build_dir(), name)
             os.makedirs(path, exist_ok=True)
