@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -169,12 +169,32 @@ def keep_gradient_strides(module: nn.Module) -> None:
     their gradient's strides differ, autograd copies it into the parameter's layout
     itself. A deep copy of the module drops the hooks (an :class:`AdaptedLayer` adds
     them back to its copies itself); calling this again adds them once."""
-    for param in module.parameters():
+    for param in _restored_parameters(module):
         if param.requires_grad and param.dim() == 2 and 1 in param.shape and not any(
                 getattr(hook, 'func', None) is _in_parameter_strides
                 for hook in (param._backward_hooks or {}).values()):
             param.register_hook(functools.partial(_in_parameter_strides,
                                                   weakref.ref(param)))
+
+
+def _restored_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
+    """``module.parameters()``, skipping the modules a deep copy or an unpickling has
+    created but not filled yet: a pair reached through its second layer is restored
+    after its first layer, and gives its own parameters their hooks itself
+    (:meth:`.CoLoRAPair.__setstate__`)."""
+    seen, visited, stack = set(), set(), [module]
+    while stack:
+        mod = stack.pop()
+        state = vars(mod)
+        if id(mod) in visited or '_parameters' not in state:
+            continue
+        visited.add(id(mod))
+        for param in state['_parameters'].values():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                yield param
+        stack.extend(m for m in reversed(list(state.get('_modules', {}).values()))
+                     if m is not None)
 
 
 def _in_parameter_strides(ref, grad: torch.Tensor) -> Optional[torch.Tensor]:

@@ -41,7 +41,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .base import AdaptedLayer, Adapter, compute_dtype, no_autocast
+from .base import (AdaptedLayer, Adapter, compute_dtype, keep_gradient_strides,
+                   no_autocast)
 from .init import init_a_
 from .scaling import plain_scaled, scaled_columns
 from .up3x3 import pair_side_factors, pair_side_kernel_applies
@@ -144,6 +145,13 @@ class CoLoRAPair(nn.Module):
         # once by :meth:`factors`.
         self._stacked: List[Optional[tuple]] = [None, None]
         self.reset_parameters()
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy of a model whose second layer comes first reaches this pair through
+        # that layer and restores it after its first layer: the first layer could not
+        # give these parameters their gradient-stride hooks then, so the pair does.
+        super().__setstate__(state)
+        keep_gradient_strides(self)
 
     def _new_param(self, name: str, shape: tuple, rank: int) -> None:
         self.register_parameter(name, nn.Parameter(torch.zeros(shape)) if rank else None)

@@ -43,6 +43,16 @@ class ChannelsLastBlock(ConvNeXtBlock):
 NETS = [LinearPairNet, ConvPairNet, MixedPairNet, StridedConvPairNet, ChannelsLastBlock]
 
 
+class SecondLayerFirstBlock(ChannelsLastBlock):
+    """The same block with its pair's second layer registered before the first: a copy
+    reaches the pair through the second layer."""
+
+    def __init__(self):
+        super().__init__()
+        order = ['pwconv2', 'dwconv', 'norm', 'pwconv1', 'act']
+        self._modules = {name: self._modules[name] for name in order}
+
+
 def _build(cls, spec_kw, path, seed=0):
     torch.manual_seed(seed)
     model = cls()
@@ -613,13 +623,15 @@ def test_rank_one_factors_get_their_gradient_in_their_own_strides(cls, spec, pat
                    if n in rank_one)
 
 
+@pytest.mark.parametrize('cls', [ChannelsLastBlock, SecondLayerFirstBlock])
 @pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
-def test_copies_of_an_adapted_model_keep_the_gradient_strides(how):
+def test_copies_of_an_adapted_model_keep_the_gradient_strides(how, cls):
     """Autograd does not copy tensor hooks: a deep copy (EMA, a model built from
-    another) or an unpickled model gets them back from its adapted layers, once."""
+    another) or an unpickled model gets them back from its adapted layers, once,
+    whichever of a pair's layers the module tree lists first."""
     import io
-    model = _build(ChannelsLastBlock, dict(method='colora', gamma=6, share_ratio=0.5,
-                                           spatial=True), 'activation')
+    model = _build(cls, dict(method='colora', gamma=6, share_ratio=0.5,
+                             spatial=True), 'activation')
     if how == 'deepcopy':
         other = copy.deepcopy(model)
     else:
