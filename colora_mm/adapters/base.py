@@ -262,6 +262,12 @@ class AdaptedLayer(nn.Module):
         self.last_path: Optional[str] = None
         self.merged = False
         self.adapter_branch = make_adapter(self)
+        weight = base.weight
+        if weight.device.type != 'meta':
+            # where the layer is and in its precision: injecting into a float64 or a
+            # CUDA model is injecting and then calling ``.to()`` on the model
+            self.adapter_branch.to(device=weight.device, dtype=weight.dtype
+                                   if weight.is_floating_point() else None)
         keep_gradient_strides(self.adapter_branch)
         # The delta baked in by merge(), kept so that unmerge() is exact even for
         # adapters whose delta depends on the base weight (HiRA).

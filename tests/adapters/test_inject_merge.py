@@ -152,3 +152,27 @@ def test_merge_unmerge_round_trip_and_second_merge_refused(case):
     with torch.no_grad():
         assert max_abs_diff(model(x), want) < 1e-5
     assert unmerge_adapters(model) == 0
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize('case', FOLDABLE + NOT_FOLDABLE, ids=_case_id)
+def test_injecting_into_a_converted_model_is_converting_the_adapted_one(case, dtype):
+    """The adapters take their layer's precision (and device): injecting into a
+    float64 or bf16 model gives what injecting first and converting after gives, in
+    every tensor and in the outputs."""
+    net, over, _ = case
+    first = build(net).to(dtype)
+    inject_adapters(first, _spec(net, over), pairs=first.pairs, spatial=first.spatial)
+    after = build(net)
+    inject_adapters(after, _spec(net, over), pairs=after.pairs, spatial=after.spatial)
+    after.to(dtype)
+    state, want_state = first.state_dict(), after.state_dict()
+    assert state.keys() == want_state.keys()
+    for key, value in state.items():
+        assert value.dtype == want_state[key].dtype, key
+        assert torch.equal(value, want_state[key]), key
+    randomize_adapters(first)
+    randomize_adapters(after)
+    x = net_input(first).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(first(x), after(x))
