@@ -46,6 +46,25 @@ def spatial_style(layer: AdaptedLayer) -> str:
                      '`spatial`.')
 
 
+def check_same_padding(layer: AdaptedLayer) -> None:
+    """Raise unless ``layer`` keeps the size of what it reads ("same" padding, odd
+    kernel): the branch (1x1 or 3x3 at the conv's stride) gives maps of that size, and
+    the two add up only where the conv's match them at every input size."""
+    k, p, d = tuple(layer.kernel_size), layer.padding, tuple(layer.dilation)
+    odd = all(ki % 2 for ki in k)
+    same = p == 'same' or (not isinstance(p, str) and all(
+        2 * pi == di * (ki - 1) for ki, pi, di in zip(k, p, d)))
+    if odd and same:
+        return
+    want = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
+    fix = (f'give the conv padding={want} (or "same")' if odd else
+           'an even kernel has no centre to align the branch with')
+    raise ValueError(f'{layer.describe()}: padding={p!r}, dilation={d}: the conv does not '
+                     'keep its input\'s size, so its output cannot take the spatial '
+                     f'branch\'s (which does); {fix}, or leave this layer out of '
+                     '`spatial`.')
+
+
 class SpatialLowRankBranch(Adapter):
     """Low-rank branch parallel to a spatial conv, optionally with the range filter.
 
@@ -63,6 +82,7 @@ class SpatialLowRankBranch(Adapter):
                  filter_lambda: float = 0.2, scale: Optional[float] = None) -> None:
         super().__init__()
         self.style = spatial_style(layer)
+        check_same_padding(layer)
         c_in, c_out = layer.in_channels, layer.out_channels
         if rank <= 0:
             raise ValueError(f'{layer.describe()}: spatial rank r={rank}; raise the width '
@@ -81,10 +101,6 @@ class SpatialLowRankBranch(Adapter):
         else:
             self.up = nn.Conv2d(rank, c_out, 1, stride=layer.stride, bias=False)
             self.scale = 0.5 if scale is None else scale
-            k, p, d = layer.kernel_size, layer.padding, layer.dilation
-            if any(pi != di * (ki - 1) // 2 for ki, pi, di in zip(k, p, d)):
-                raise ValueError(f'{layer.describe()}: padding={p} is not "same" for '
-                                 f'kernel {k}, dilation {d}; the dense branch needs it.')
         self.use_filter = use_filter
         self.filter_lambda = filter_lambda
         self.filter = RangeKernelFilter() if use_filter else None

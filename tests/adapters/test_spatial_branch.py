@@ -97,3 +97,33 @@ def test_dense_fold_is_the_centre_tap():
     mask = torch.ones(3, 3, dtype=torch.bool)
     mask[1, 1] = False
     assert delta[:, :, mask].abs().max() == 0
+
+
+@pytest.mark.parametrize('conv', [
+    dict(kernel_size=3, padding='same'),
+    dict(kernel_size=5, padding=2),
+    dict(kernel_size=(3, 5), padding=(1, 2)),
+    dict(kernel_size=3, padding=2, dilation=2),
+    dict(kernel_size=7, padding='same', groups=8),
+    dict(kernel_size=5, padding=4, dilation=2, stride=2, groups=8)])
+def test_every_size_keeping_conv_takes_the_branch(conv):
+    """Any odd kernel whose padding keeps the input's size ("same", as a string or as
+    numbers, dilated too) takes the branch; the dense style folds into its centre."""
+    torch.manual_seed(0)
+    base = torch.nn.Conv2d(8, 8, **conv)
+    model = torch.nn.Sequential(base, torch.nn.Conv2d(8, 16, 1),
+                                torch.nn.Conv2d(16, 8, 1)).double()
+    inject_adapters(model, AdapterSpec(method='colora', gamma=4, use_filter=False),
+                    spatial=['0'], pairs=[('1', '2')])
+    randomize_adapters(model, std=0.3)
+    layer = model[0]
+    for hw in (7, 10):
+        x = _input(8, hw)
+        out = layer(x)
+        assert out.shape == base(x).shape
+    if layer.adapter_branch.style == 'dense':
+        with torch.no_grad():
+            want = layer(x)
+            folded = F.conv2d(x, layer.weight + layer.get_delta_weight(), layer.bias,
+                              layer.stride, layer.padding, layer.dilation)
+        assert max_abs_diff(folded, want) < 1e-10

@@ -30,6 +30,11 @@ class Odd(nn.Module):
         self.grouped_3x3 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
         self.multiplier_3x3 = nn.Conv2d(8, 16, 3, padding=1, groups=8)
         self.valid_3x3 = nn.Conv2d(16, 16, 3, padding=0)          # not "same"
+        self.valid_dw7 = nn.Conv2d(16, 16, 7, padding=0, groups=16)
+        self.short_dw5 = nn.Conv2d(16, 16, 5, padding=1, groups=16)
+        self.dilated_dw7 = nn.Conv2d(16, 16, 7, padding=3, dilation=2, groups=16)
+        self.even_4x4 = nn.Conv2d(16, 16, 4, padding=1)           # (4 - 1) // 2 = 1
+        self.even_same = nn.Conv2d(16, 16, 4, padding='same')
 
 
 def test_rank_zero_from_gamma_pair():
@@ -109,7 +114,12 @@ def test_grouped_or_spatial_conv_as_pointwise_layer(method):
     ('grouped_3x3', ['groups=4', 'neither dense', 'Leave this layer out']),
     ('multiplier_3x3', ['groups=8', '8->16']),
     ('pw', ['k x k', 'pointwise']),
-    ('valid_3x3', ['padding=(0, 0)', 'same'])])
+    ('valid_3x3', ['padding=(0, 0)', 'same', 'padding=(1, 1)']),
+    ('valid_dw7', ['groups=16', 'padding=(0, 0)', 'padding=(3, 3)']),
+    ('short_dw5', ['padding=(1, 1)', 'padding=(2, 2)']),
+    ('dilated_dw7', ['dilation=(2, 2)', 'padding=(6, 6)']),
+    ('even_4x4', ['padding=(1, 1)', 'even kernel']),
+    ('even_same', ["padding='same'", 'even kernel'])])
 def test_conv_the_spatial_branch_cannot_handle(name, fragments):
     model = Odd()
     model.pw_a, model.pw_b = nn.Conv2d(16, 32, 1), nn.Conv2d(32, 16, 1)
