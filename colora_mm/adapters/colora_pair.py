@@ -391,7 +391,12 @@ class CoLoRAPair(nn.Module):
                 state_dict[prefix + lname] = torch.zeros(din, 0)
                 state_dict[prefix + rname] = torch.zeros(0, dout)
         # The offsets' inner width varies (0, r, or more after a fold): take the
-        # checkpoint's.
+        # checkpoint's; any other shape is refused here, not at the first forward.
+        bad = self._misfit_offsets(state_dict, prefix)
+        if bad:
+            error_msgs.extend(dict.fromkeys(bad.values()))
+            state_dict = {k: (getattr(self, k[len(prefix):]) if k in bad else v)
+                          for k, v in state_dict.items()}
         for lname, rname in OFFSET_NAMES:
             for name in (lname, rname):
                 key = prefix + name
@@ -400,6 +405,36 @@ class CoLoRAPair(nn.Module):
                     setattr(self, name, ref.new_zeros(state_dict[key].shape))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+    def _misfit_offsets(self, state_dict, prefix) -> dict:
+        """``{key: message}`` for each stored partner offset whose shape does not fit
+        this pair (``(d_in x k) @ (k x d_out)``, one inner width ``k`` per side)."""
+        bad = {}
+        name = prefix.rstrip('.') or type(self).__name__
+        layers = f' (layers {self.where})' if self.where else ''
+        for index, (lname, rname) in enumerate(OFFSET_NAMES):
+            din, dout = self.side_shapes()[index]
+            lkey, rkey = prefix + lname, prefix + rname
+            left, right = state_dict.get(lkey), state_dict.get(rkey)
+            shapes = [None if t is None else tuple(t.shape) for t in (left, right)]
+            fits = [t is None or (t.dim() == 2 and t.shape[j] == want)
+                    for j, (t, want) in enumerate(((left, din), (right, dout)))]
+            inner = (left is None or right is None or not all(fits)
+                     or left.shape[1] == right.shape[0])
+            if all(fits) and inner:
+                continue
+            why = ('their inner widths differ' if all(fits) else
+                   'the outer sizes are not the layers\' widths')
+            message = (f'{name}{layers}: the checkpoint\'s partner offset of W{index + 1}, '
+                       f'{lkey} {shapes[0]} @ {rkey} {shapes[1]}, does not fit ({why}); '
+                       f'this pair takes ({din} x k) @ (k x {dout}) with one inner width '
+                       'k: the checkpoint is of another architecture or was altered; '
+                       'build the model with the config it was trained with, or load it '
+                       'without these keys and call reset_adapters_from_weights().')
+            for key, ok in ((lkey, fits[0] and inner), (rkey, fits[1] and inner)):
+                if key in state_dict and not ok:
+                    bad[key] = message
+        return bad
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         if self._legacy_partners is not None:
@@ -477,6 +512,11 @@ class CoLoRAPairLayer(Adapter):
         if not self.training or pair.partner_policy != 'effective' or factors is None:
             return
         snapshot = tuple(f.detach() for f in factors)
+        if torch.is_inference_mode_enabled():
+            # a training-mode forward under torch.inference_mode(): the offsets must be
+            # normal tensors, or the next training step could not save them for backward
+            with torch.inference_mode(False):
+                snapshot = tuple(f.clone() for f in snapshot)
         if self.index == 0:
             # Hold W1's offset until the second layer has used this step's partner W1.
             pair._pending = snapshot

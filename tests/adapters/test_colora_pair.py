@@ -300,6 +300,49 @@ def test_reset_reseeds_partners_from_current_base_weights(cls):
     assert max_abs_diff(pair.partner_w1, W1 + dW1) < 1e-5
 
 
+@pytest.mark.parametrize('cls', [LinearPairNet, ConvPairNet])
+def test_a_training_forward_without_gradients_then_a_training_step(cls):
+    """A training-mode forward under ``torch.inference_mode()`` takes its snapshot as
+    one under ``torch.no_grad()`` does, and the next training step still trains."""
+    runs = {}
+    for mode in ('no_grad', 'inference_mode'):
+        model, _ = _build(cls, 12, 20, 8, 2, 0.5, policy='effective')
+        mark_trainable(model, 'colora')
+        randomize_adapters(model, std=0.3)
+        x = net_input(model)
+        model.train()
+        with getattr(torch, mode)():
+            model(x)
+        pair = _pair_of(model, cls.pairs[0][0])
+        assert not any(t.is_inference() for t in pair.buffers())
+        _train_step(model, x)
+        runs[mode] = model.state_dict()
+    for key, value in runs['no_grad'].items():
+        assert torch.equal(runs['inference_mode'][key], value), key
+
+
+@pytest.mark.parametrize('key,shape,fragments', [
+    ('partner_l1', (7, 3), ['(7, 3)', '12 x k']),
+    ('partner_r2', (3, 9), ['(3, 9)', 'k x 8']),
+    ('partner_r1', (2, 20), ['inner widths', '(12, 4)', '(2, 20)'])])
+def test_partner_offsets_of_other_shapes_are_refused_on_load(key, shape, fragments):
+    """Only the offsets' inner width may differ from the model's (0, r, more after a
+    fold); a checkpoint with other shapes is refused when it loads, not at the first
+    forward."""
+    model, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5)
+    randomize_adapters(model, std=0.3)
+    model.train()
+    model(net_input(model))                       # offsets of width r = 4
+    sd = model.state_dict()
+    sd['fc1.adapter_branch.pair.' + key] = torch.zeros(shape)
+    other, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5)
+    with pytest.raises(RuntimeError) as info:
+        other.load_state_dict(sd)
+    msg = str(info.value)
+    for fragment in ['fc1.adapter_branch.pair.' + key, *fragments]:
+        assert fragment in msg, msg
+
+
 def test_deepcopy_keeps_one_shared_pair():
     model, _ = _build(LinearPairNet, 12, 20, 8, 2, 0.5)
     clone = copy.deepcopy(model)
