@@ -282,6 +282,43 @@ class AdaptedLayer(nn.Module):
         super().__setstate__(state)
         keep_gradient_strides(self.adapter_branch)
 
+    # ----------------------------------------------------------- checkpoints
+    #: Under this name a layer merged in place (``merge()``) stores the update it baked
+    #: into ``weight``: a checkpoint says whether its weight is merged, and restores
+    #: the layer as it was (merged, and exactly unmergeable).
+    MERGED_DELTA = ADAPTER_PREFIX + 'merged_delta'
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged and self._merged_delta is not None:
+            delta = self._merged_delta
+            destination[prefix + self.MERGED_DELTA] = delta if keep_vars else delta.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+        key = prefix + self.MERGED_DELTA
+        delta = state_dict.get(key)
+        if delta is not None and tuple(delta.shape) != tuple(self.weight.shape):
+            error_msgs.append(f'{self.describe()}: the checkpoint\'s {key} has shape '
+                              f'{tuple(delta.shape)}, not the weight\'s; the checkpoint '
+                              'is of another architecture.')
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if prefix + 'weight' in state_dict:
+            # the checkpoint's weight is merged exactly when it carries the update
+            if delta is not None:
+                self._merged_delta = delta.detach().to(self.weight.device,
+                                                       self.weight.dtype).clone()
+            else:
+                self._merged_delta = None
+            self.merged = delta is not None
+        elif self.merged:
+            # the adapter is loaded without the weight: the update baked in is stale
+            self.unmerge()
+
     # --------------------------------------------------------------- helpers
     @property
     def is_pointwise(self) -> bool:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from colora_mm.adapters import (AdaptedLayer, AdapterSpec, NotFoldableError,
-                                inject_adapters, is_adapter_name, iter_adapted_layers,
+                                adapter_state_dict, inject_adapters, is_adapter_name, iter_adapted_layers,
                                 merge_adapters, reset_adapters_from_weights,
                                 unmerge_adapters)
 
@@ -176,3 +176,52 @@ def test_injecting_into_a_converted_model_is_converting_the_adapted_one(case, dt
     x = net_input(first).to(dtype)
     with torch.no_grad():
         assert torch.equal(first(x), after(x))
+
+
+@pytest.mark.parametrize('case', FOLDABLE + NOT_FOLDABLE, ids=_case_id)
+def test_checkpoints_say_whether_their_weights_are_merged(case):
+    """A layer merged in place saves the update it baked in: its checkpoint loads into
+    an unmerged model as a merged one (never applied twice), an unmerged checkpoint
+    loads into a merged model as an unmerged one, and adapter tensors loaded without
+    the weights unmerge the stale update."""
+    net, over, expect_unfolded = case
+    _, model = _trained(net, over)
+    x = net_input(model)
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(x)
+        merge_adapters(model, replace=False)
+        merged_out = model(x)
+    merged_state = {k: v.clone() for k, v in model.state_dict().items()}
+    merged_names = {n for n, l in iter_adapted_layers(model) if l.merged}
+    assert {k for k in merged_state if k.endswith('adapter_merged_delta')} == {
+        n + '.adapter_merged_delta' for n in merged_names}
+
+    fresh = _inject(net, over, seed=7)[1].eval()
+    fresh.load_state_dict(merged_state)
+    assert {n for n, l in iter_adapted_layers(fresh) if l.merged} == merged_names
+    with torch.no_grad():
+        assert torch.equal(fresh(x), merged_out)
+    unmerge_adapters(fresh)
+    unmerge_adapters(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+    again = _inject(net, over, seed=7)[1].eval()
+    again.load_state_dict(merged_state)               # merged, then an unmerged checkpoint
+    again.load_state_dict(plain_state)
+    assert not any(l.merged for _, l in iter_adapted_layers(again))
+    with torch.no_grad():
+        assert torch.equal(again(x), want)
+
+    again.load_state_dict(merged_state)               # merged, then adapter tensors only
+    stale = _trained(net, over)[1]
+    other = {k: v + 0.01 * (i + 1) for i, (k, v) in enumerate(
+        adapter_state_dict(stale).items()) if v.is_floating_point()}
+    again.load_state_dict(other, strict=False)
+    assert not any(l.merged for _, l in iter_adapted_layers(again))
+    check = _inject(net, over, seed=7)[1].eval()
+    check.load_state_dict(plain_state)
+    check.load_state_dict(other, strict=False)
+    with torch.no_grad():
+        assert max_abs_diff(again(x), check(x)) < 1e-5
