@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from .base import (AdaptedLayer, Adapter, compute_dtype, keep_gradient_strides,
                    no_autocast)
+from .lowrank import compiling
 from .init import init_a_
 from .scaling import plain_scaled, scaled_columns
 from .up3x3 import pair_side_factors, pair_side_kernel_applies
@@ -66,7 +67,10 @@ def pair_ranks(n: int, gamma: int, share_ratio: float, where: str = '') -> tuple
     if r == 0:
         raise ValueError(f'{where}: rank r = n // gamma = {n} // {gamma} = 0 for block '
                          f'width n={n}; use gamma <= {n}.')
-    rs = int(math.floor(r * share_ratio))
+    # floor(r * share_ratio) of the ratio meant: in binary floating point 90 * 0.7 is
+    # 62.99..., which is 63 here (a product within 1e-9 below an integer is that
+    # integer; no ratio of up to eight decimals lands that close otherwise)
+    rs = math.floor(r * share_ratio + 1e-9)
     return r, rs, r - rs
 
 
@@ -512,7 +516,7 @@ class CoLoRAPairLayer(Adapter):
         if not self.training or pair.partner_policy != 'effective' or factors is None:
             return
         snapshot = tuple(f.detach() for f in factors)
-        if torch.is_inference_mode_enabled():
+        if not compiling() and torch.is_inference_mode_enabled():
             # a training-mode forward under torch.inference_mode(): the offsets must be
             # normal tensors, or the next training step could not save them for backward
             with torch.inference_mode(False):

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from colora_mm.adapters import (AdapterSpec, CoLoRAPair, CoLoRAPairLayer, inject_adapters,
                                 mark_trainable, reset_adapters_from_weights)
 
+from colora_mm.adapters.colora_pair import pair_ranks
+
 from adapter_nets import (ConvPairNet, LinearPairNet, MixedPairNet, colora_deltas64,
                           expected_ranks, max_abs_diff, net_input, randomize_adapters)
 
@@ -86,6 +88,14 @@ def test_ranks_and_shapes(d, d_mid, d_out, gamma, share):
         else:
             assert getattr(pair, k).shape == shape, k
     assert pair.partner_w1.shape == (d, d_mid) and pair.partner_w2.shape == (d_mid, d_out)
+
+
+@pytest.mark.parametrize('n,share,rs', [(90, 0.7, 63), (170, 0.7, 119), (90, 0.5, 45),
+                                         (7, 0.5, 3), (10, 0.3, 3), (9, 1 / 3, 3)])
+def test_the_shared_rank_is_the_floor_of_the_ratio_meant(n, share, rs):
+    """``rs = floor(r share_ratio)`` of the ratio meant: in binary floating point
+    90 * 0.7 is 62.99..., which must not floor to 62."""
+    assert pair_ranks(n, 1, share) == (n, rs, n - rs)
 
 
 @pytest.mark.parametrize('cls', [LinearPairNet, ConvPairNet, MixedPairNet])
