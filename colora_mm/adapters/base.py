@@ -248,8 +248,9 @@ class AdaptedLayer(nn.Module):
             self.groups = base.groups
             self.padding_mode = base.padding_mode
             if base.padding_mode != 'zeros':
-                raise ValueError(f'{name}: padding_mode={base.padding_mode!r} is not '
-                                 'supported; only zero padding.')
+                raise ValueError(f'{self.describe()}: padding_mode={base.padding_mode!r} '
+                                 'is not supported, only zero padding; leave this layer '
+                                 'out of the targets.')
         else:
             self.in_channels = base.in_features
             self.out_channels = base.out_features
@@ -394,6 +395,9 @@ class AdaptedLayer(nn.Module):
         return F.conv2d(z, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_conv and x.dim() == 3:
+            # an unbatched (C, H, W) map, which nn.Conv2d takes too
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self.merged:
             return self.base_forward(x)
         width = (x.shape[-3] if x.dim() >= 3 else None) if self.is_conv else x.shape[-1]
@@ -405,6 +409,12 @@ class AdaptedLayer(nn.Module):
                              'what the upstream layer takes (the adapter does not change '
                              'the layer\'s shapes).')
         autocast = autocast_dtype(x.device.type)
+        if autocast is None and x.dtype != self.weight.dtype:
+            # what the upstream layer refuses too, whichever path this forward takes
+            raise ValueError(f'{self.describe()}: input {tuple(x.shape)} is {x.dtype}, the '
+                             f'weight {self.weight.dtype}; convert one to the other '
+                             '(model.to(dtype) or x.to(dtype)), or run under '
+                             'torch.autocast.')
         if self.is_conv and x.dtype == torch.float32 and autocast is not None:
             # One cast for the base convolution and the adapter's (the activation path's
             # down-projection, a spatial branch's): autocast would cast ``x`` for each

@@ -289,6 +289,38 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _name_list(targets, what: str, argument: str) -> List[str]:
+    """``targets`` as a list of strings; a lone string (read letter by letter
+    otherwise) or anything else is refused with the fix."""
+    if not isinstance(targets, str):
+        targets = list(targets)
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f'{what}: {argument}={targets!r}; give a list of module names or '
+                         f'patterns, e.g. {argument}=[{targets!r}].'
+                         if isinstance(targets, str) else
+                         f'{what}: {argument}={targets!r}; every entry must be a module '
+                         'name or pattern (str).')
+    return list(targets)
+
+
+def _pair_list(pairs) -> List[Tuple[str, str]]:
+    """``pairs`` as a list of ``(W1, W2)`` name pairs; refuses a flat pair or a string."""
+    items = None if isinstance(pairs, str) else list(pairs)
+
+    def is_pair(p):
+        return (isinstance(p, (tuple, list)) and len(p) == 2
+                and all(isinstance(n, str) for n in p))
+
+    if items is None or not all(is_pair(p) for p in items):
+        flat = items is not None and len(items) == 2 and all(
+            isinstance(n, str) for n in items)
+        example = (f'pairs=[{tuple(items)!r}]' if flat
+                   else "pairs=[('pwconv1', 'pwconv2'), ...]")
+        raise ValueError(f'CoLoRA pairs: pairs={pairs!r}; give a list of (W1, W2) name '
+                         f'pairs, e.g. {example}.')
+    return [tuple(p) for p in items]
+
+
 def resolve_names(model: nn.Module, targets: Iterable[str], what: str) -> List[str]:
     """Module names for explicit names or full-match regular expressions."""
     names = [n for n, _ in model.named_modules() if n]
@@ -298,7 +330,13 @@ def resolve_names(model: nn.Module, targets: Iterable[str], what: str) -> List[s
         if target in name_set:
             hits = [target]
         else:
-            pattern = re.compile(target)
+            try:
+                pattern = re.compile(target)
+            except re.error as err:
+                raise ValueError(f'{what}: {target!r} is neither a module name of '
+                                 f'{type(model).__name__} nor a valid regular expression '
+                                 f'({err}); escape special characters (re.escape) or '
+                                 'give the exact name.') from None
             hits = [n for n in names if pattern.fullmatch(n)]
         if not hits:
             sample = ', '.join(names[:6])
@@ -358,6 +396,11 @@ def inject_adapters(model: nn.Module, spec: Union[AdapterSpec, dict, None], *,
     """
     spec = AdapterSpec.from_dict(spec)
     method = spec.method
+    pairs = _pair_list(pairs)
+    spatial = _name_list(spatial, f'inject_adapters(method={method!r})', 'spatial')
+    if pointwise is not None:
+        pointwise = _name_list(pointwise, f'inject_adapters(method={method!r})',
+                               'pointwise')
     layer_spec = LayerSpecs(model, spec)    # per-target settings (spec.overrides)
     injected: Dict[str, AdaptedLayer] = {}
     if method in ('full', 'bitfit'):

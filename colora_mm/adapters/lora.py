@@ -22,8 +22,9 @@ def pointwise_rank(layer: AdaptedLayer, gamma: int) -> int:
     if not layer.is_pointwise:
         raise ValueError(f'{layer.describe()}: this adapter applies to pointwise layers '
                          '(Linear or 1x1 conv with groups=1) only.')
-    if gamma <= 0:
-        raise ValueError(f'{layer.describe()}: gamma={gamma} must be a positive integer.')
+    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma <= 0:
+        raise ValueError(f'{layer.describe()}: gamma={gamma!r} must be a positive '
+                         'integer (the rank divisor, r = min(in, out) // gamma).')
     n = min(layer.in_channels, layer.out_channels)
     r = n // gamma
     if r == 0:

@@ -334,3 +334,60 @@ def test_input_of_the_wrong_width_names_the_layer(method):
         _raises(lambda: conv(x), f'{name} (Conv2d', 'in its channel dim',
                 f'takes {conv.in_channels}')
         assert conv(torch.randn(1, conv.in_channels, 8, 8)).shape[1] == conv.out_channels
+
+
+def test_targets_given_in_the_wrong_form_name_the_fix():
+    """A flat pair or a lone string (which Python would read letter by letter) and a
+    pattern that is not a regular expression are refused with the form to write."""
+    net = ConvNeXtBlock(16)
+    spec = AdapterSpec(method='colora', gamma=4)
+    _raises(lambda: inject_adapters(net, spec, pairs=('pwconv1', 'pwconv2')),
+            "pairs=[('pwconv1', 'pwconv2')]")
+    _raises(lambda: inject_adapters(net, spec, pairs='pwconv1'), 'list of (W1, W2)')
+    _raises(lambda: inject_adapters(net, spec, pairs=net.pairs, spatial='dwconv'),
+            "spatial=['dwconv']")
+    _raises(lambda: inject_adapters(net, AdapterSpec(method='lora', gamma=4),
+                                    pointwise='pwconv1'), "pointwise=['pwconv1']")
+    _raises(lambda: inject_adapters(net, spec, pairs=net.pairs, spatial=['dw[conv']),
+            "'dw[conv'", 'regular expression', 're.escape')
+    _raises(lambda: inject_adapters(net, spec, pairs=net.pairs, spatial=[3]),
+            'spatial=[3]', '(str)')
+    assert not list(iter_adapted_layers(net))
+    layers = inject_adapters(net, spec, pairs=(p for p in net.pairs),
+                             spatial=iter(net.spatial))
+    assert sorted(layers) == ['dwconv', 'pwconv1', 'pwconv2']
+
+
+def test_adapter_classes_used_directly_check_their_settings():
+    from colora_mm.adapters import LoRA
+    _raises(lambda: AdaptedLayer(nn.Linear(12, 20), lambda l: LoRA(l, 2.5), 'fc'),
+            'fc (Linear', 'gamma=2.5', 'positive integer')
+    _raises(lambda: AdaptedLayer(nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'),
+                                 lambda l: None, 'conv'),
+            'conv (Conv2d', '4->4', "padding_mode='reflect'", 'leave this layer out')
+
+
+@pytest.mark.parametrize('path', ['activation', 'weight'])
+def test_input_of_another_dtype_is_refused_on_either_path(path):
+    """As the upstream layer refuses it (outside autocast), whichever path the forward
+    takes, with the layer, the dtypes and the fix."""
+    import torch
+    net = LinearPairNet()
+    inject_adapters(net, AdapterSpec(method='lora', gamma=2, train_path=path),
+                    pairs=net.pairs)
+    _raises(lambda: net.fc1(torch.randn(3, 12, dtype=torch.float64)), 'fc1 (Linear',
+            'torch.float64', 'torch.float32', 'model.to(dtype)', 'autocast')
+    with pytest.raises(RuntimeError):
+        nn.Linear(12, 20)(torch.randn(3, 12, dtype=torch.float64))
+
+
+def test_an_unbatched_map_is_taken_as_nn_conv2d_takes_it():
+    import torch
+    from adapter_nets import randomize_adapters
+    net = ConvNeXtBlock(16)
+    inject_adapters(net, AdapterSpec(method='colora', gamma=4), pairs=net.pairs,
+                    spatial=net.spatial)
+    randomize_adapters(net)
+    x = torch.randn(16, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(net.dwconv(x), net.dwconv(x[None])[0])
