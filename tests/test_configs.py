@@ -249,8 +249,8 @@ def test_coco_config_numbers(path):
     assert list(model.neck.in_channels) == CHANNELS[info['bb']]
     assert model.roi_head.bbox_head.num_classes == 80
     assert cfg.train_dataloader.dataset.type == 'CocoDataset'
-    if info['bb'] == 'r50':   # upstream detection ResNet: stem + stage 1 frozen, BN eval
-        assert model.backbone.frozen_stages == 1 and model.backbone.norm_eval is True
+    if info['bb'] == 'r50':   # upstream detection ResNet, but no stage frozen; BN eval
+        assert model.backbone.frozen_stages == -1 and model.backbone.norm_eval is True
 
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
