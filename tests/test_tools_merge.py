@@ -96,6 +96,10 @@ for case in sys.argv[1:]:
     else:
         from mmdet.registry import MODELS
     model = MODELS.build(cfg.model).eval()
+    from mmengine.registry import HOOKS   # what a Runner builds from the config
+    with HOOKS.switch_scope_and_registry(cfg.default_scope) as hooks:
+        for hook in [*cfg.default_hooks.values(), *cfg.get('custom_hooks', [])]:
+            assert hooks.get(hook['type']) is not None, (case, hook['type'])
     state = torch.load(f'{case}/merged.pth', map_location='cpu',
                        weights_only=True)['state_dict']
     model.load_state_dict(state, strict=True)

@@ -223,6 +223,11 @@ def plain_config(cfg):
     hooks = [h for h in cfg.get('custom_hooks', []) if not str(
         h.get('type', '')).startswith('CoLoRA') and h.get('type') != 'MergeReinitHook']
     cfg.custom_hooks = hooks
+    # AtomicCheckpointHook takes CheckpointHook's arguments: a config that builds
+    # without colora_mm (a Runner too) gets upstream's hook
+    for hook in (cfg.get('default_hooks') or {}).values():
+        if isinstance(hook, dict) and hook.get('type') == 'AtomicCheckpointHook':
+            hook['type'] = 'CheckpointHook'
     wrapper = cfg.get('optim_wrapper', {})
     if wrapper.get('constructor') == 'LayerDecayResNetOptimizerConstructor':
         # colora_mm's constructor; the plain model is for evaluation and deployment.
