@@ -303,6 +303,22 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous(uninterrupted, tm
     assert find_resumable_checkpoint(str(tmp_path))[0] == str(newest)
 
 
+def test_a_relative_work_dir_lists_each_checkpoint_once(tmp_path, monkeypatch):
+    """``last_checkpoint`` holds an absolute path; the work dir given relative is the
+    same folder: each file is a candidate once, in the spelling the work dir gives."""
+    from colora_mm.engine.checkpoint_hook import checkpoint_candidates
+    work = tmp_path / 'work'
+    work.mkdir()
+    for step in (1, 2):
+        (work / f'iter_{step}.pth').write_bytes(b'x')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_2.pth'))
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint_candidates('work') == ['work/iter_2.pth', 'work/iter_1.pth']
+    with pytest.raises(ValueError) as info:
+        find_resumable_checkpoint('work')
+    assert str(info.value).count('iter_2.pth') == 1
+
+
 def test_no_checkpoint_loads_is_an_error(tmp_path):
     (tmp_path / 'iter_2.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match='no checkpoint in .* can be resumed from'):

@@ -394,3 +394,50 @@ def test_hooks_that_cannot_work_are_refused_before_any_work(configs, tmp_path, c
     assert not work_dir.exists()
     args = train.parse_args([str(config)])               # the config as written: fine
     train.check_before_work(train.setup_cfg(args), args)
+
+
+def test_a_config_that_says_resume_does_not_resume_by_itself(configs, tmp_path, capsys):
+    """As mmseg's train.py: only --resume resumes (a config saved by a run that
+    resumed says resume = True and must not resume a fresh run from another one)."""
+    config = tmp_path / 'saved.py'
+    config.write_text(open(configs['seg']).read() + "resume = True\nload_from = 'x.pth'\n")
+    cfg = train_cfg(config)
+    assert cfg.resume is False
+    assert 'not resuming' in capsys.readouterr().out
+    assert train_cfg(config, '--resume').resume is True
+
+
+def test_full_precision_leaves_the_mixed_precision_settings_out(configs, capsys):
+    """Following the CPU's advice (``optim_wrapper.type=OptimWrapper``) on a config made
+    for AMP: OptimWrapper takes no loss scale."""
+    cfg = train_cfg(configs['seg'], '--cfg-options', 'optim_wrapper.type=OptimWrapper',
+                    'optim_wrapper.loss_scale=dynamic', 'optim_wrapper.dtype=float16')
+    assert 'loss_scale' not in cfg.optim_wrapper and 'dtype' not in cfg.optim_wrapper
+    assert 'loss_scale, dtype left out' in capsys.readouterr().out
+    cfg = train_cfg(configs['seg'], '--cfg-options', 'optim_wrapper.type=AmpOptimWrapper',
+                    'optim_wrapper.loss_scale=dynamic')
+    assert cfg.optim_wrapper.loss_scale == 'dynamic'
+
+
+@pytest.mark.parametrize('tool', ['train', 'test'])
+def test_a_work_dirs_own_config_is_never_overwritten(configs, tmp_path, tool, capsys):
+    """The runner saves its config as WORK_DIR/<config name>: run from the config a
+    work dir keeps, the tools save this run's beside it as <name>_run.py."""
+    work = tmp_path / 'work'
+    work.mkdir()
+    config = work / 'seg.py'
+    config.write_text(open(configs['seg']).read())
+    before = config.read_text()
+    cfg = train_cfg(config, '--work-dir', work, '--cfg-options', 'train_cfg.max_iters=3')
+    module = train if tool == 'train' else test
+    module.keep_input_config(cfg, str(config))
+    assert 'is the config this work dir keeps' in capsys.readouterr().out
+    runner = test.make_runner(cfg)
+    del runner
+    assert config.read_text() == before
+    assert 'max_iters=3' in (work / 'seg_run.py').read_text().replace(' ', '')
+    other = tmp_path / 'elsewhere.py'                  # the usual case: untouched
+    other.write_text(before)
+    cfg = train_cfg(other, '--work-dir', work)
+    train.keep_input_config(cfg, str(other))
+    assert osp.basename(cfg.filename) == 'elsewhere.py'

@@ -25,7 +25,8 @@ import sys
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import (CLIError, check_adapter, check_data_roots,  # noqa: E402
                    check_output_outside_data, check_settings_match,
-                   check_state_dict_matches, check_work_dir, load_config,
+                   check_state_dict_matches, check_work_dir, keep_input_config,
+                   load_config,
                    parse_with_clear_errors, process_group_closed, read_checkpoint,
                    read_state_dict)
 
@@ -170,6 +171,7 @@ def main(argv=None):
             raise CLIError(f'checkpoint {args.checkpoint} does not exist')
         cfg = setup_cfg(args)
         check_checkpoint(cfg, args)
+        keep_input_config(cfg, args.config)
         runner = make_runner(cfg)
     except CLIError as err:
         print(f'error: {err}', file=sys.stderr)

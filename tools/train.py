@@ -571,6 +571,11 @@ def setup_cfg(args):
                            'config')
         cfg.auto_scale_lr.enable = True
 
+    if args.resume is None and cfg.get('resume'):
+        # as mmseg's tools/train.py: only --resume resumes (a config a run saved with
+        # --resume says resume = True, and must not resume another run by itself)
+        print('note: the config says resume = True; not resuming (pass --resume to)')
+        cfg.resume = False
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
@@ -579,6 +584,17 @@ def setup_cfg(args):
             raise CLIError(f'--resume: checkpoint {args.resume} does not exist')
         cfg.resume = True
         cfg.load_from = args.resume
+
+    wrapper = cfg.get('optim_wrapper') or {}
+    if wrapper.get('type', 'OptimWrapper') == 'OptimWrapper':
+        # AmpOptimWrapper's arguments, which OptimWrapper refuses: what is left of a
+        # mixed-precision config switched to full precision with --cfg-options
+        dropped = [key for key in ('loss_scale', 'dtype') if key in wrapper]
+        for key in dropped:
+            wrapper.pop(key)
+        if dropped:
+            print(f'note: optim_wrapper is OptimWrapper (full precision): its '
+                  f'mixed-precision setting(s) {", ".join(dropped)} left out')
 
     splits = {'train_dataloader'}
     if cfg.get('val_cfg') and cfg.get('val_dataloader'):
@@ -590,11 +606,32 @@ def setup_cfg(args):
     return cfg
 
 
+def keep_input_config(cfg, config_path):
+    """mmengine's runner saves the config it runs as ``WORK_DIR/<config file name>``:
+    where that file is the input config itself (a work dir's saved config run again),
+    this run's config is saved beside it as ``<name>_run.py`` instead, so that the
+    input is never overwritten."""
+    if not cfg.filename:
+        return
+    target = osp.join(cfg.work_dir, osp.basename(cfg.filename))
+    if not (osp.exists(target) and osp.exists(config_path)
+            and osp.samefile(target, config_path)):
+        return
+    from mmengine.config import Config
+    stem = osp.splitext(osp.basename(cfg.filename))[0]
+    renamed = osp.join(osp.dirname(cfg.filename), f'{stem}_run.py')
+    super(Config, cfg).__setattr__('_filename', renamed)
+    print(f'note: {config_path} is the config this work dir keeps; this run\'s config '
+          f'is saved as {osp.join(cfg.work_dir, osp.basename(renamed))} (the input is '
+          'not overwritten)')
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = setup_cfg(args)
         check_before_work(cfg, args)
+        keep_input_config(cfg, args.config)
     except CLIError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

@@ -90,21 +90,26 @@ def checkpoint_candidates(work_dir: str, templates=()) -> List[str]:
             named = f.read().strip() or None
         if named:
             folders.append(osp.dirname(named) or work_dir)
-    found: Dict[str, Tuple[int, float]] = {}
+    # one entry per file, by its real path: the work dir as given (relative, say) and
+    # the folder of the absolute path in last_checkpoint are often the same folder;
+    # each file keeps the first spelling of its path
+    found: Dict[str, Tuple[str, int, float]] = {}
     for folder in folders:
         if not osp.isdir(folder):
             continue
-        for name in os.listdir(folder):
+        for name in sorted(os.listdir(folder)):
             for pattern in patterns:
                 match = pattern.match(name)
-                path = osp.join(folder, name)
+                path = osp.normpath(osp.join(folder, name))
                 if match and osp.isfile(path):
-                    found[osp.normpath(path)] = (int(match.group(1)),
-                                                 osp.getmtime(path))
+                    found.setdefault(osp.realpath(path), (
+                        path, int(match.group(1)), osp.getmtime(path)))
                     break
-    if named and osp.isfile(named) and osp.normpath(named) not in found:
-        found[osp.normpath(named)] = (-1, osp.getmtime(named))   # step unknown: last
-    return sorted(found, key=lambda p: found[p], reverse=True)
+    if named and osp.isfile(named):
+        found.setdefault(osp.realpath(named), (osp.normpath(named), -1,
+                                               osp.getmtime(named)))   # step unknown: last
+    return [path for path, *_ in sorted(found.values(), key=lambda e: e[1:],
+                                        reverse=True)]
 
 
 def read_resumable(path: str) -> dict:
