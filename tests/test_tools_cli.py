@@ -318,6 +318,15 @@ def test_merged_checkpoint_with_the_adapter_config_names_the_merged_one(configs,
     assert 'does not match config' in message
     assert f'merged checkpoint (tools/merge.py): test it with the config written beside ' \
            f'it, {tmp_path / "merged.py"}' in message
+    # also where its recorded adapter settings are what refuse it first
+    from colora_mm.engine.adapter_settings import META_KEY
+    torch.save(dict(meta={'merged_from': '/some/iter_10.pth',
+                          META_KEY: {'backbone': dict(method='lora')}},
+                    state_dict={'backbone.x': torch.zeros(1)}), ckpt)
+    assert test.main([configs['seg'], str(ckpt)]) == 2
+    message = _error(capsys)
+    assert 'other adapter settings' in message
+    assert f'test it with the config written beside it, {tmp_path / "merged.py"}' in message
 
 
 def test_cfg_options_typos_are_refused(configs, capsys):

@@ -139,14 +139,15 @@ def check_checkpoint(cfg, args):
     from merge import build_model
     current = check_adapter(cfg, args.config)
     checkpoint = read_checkpoint(args.checkpoint)
-    check_settings_match(checkpoint, args.checkpoint, current, args.config,
-                         args.allow_mismatch)
-    state = read_state_dict(args.checkpoint, checkpoint)
-    model_cfg = cfg.model.get('module', cfg.model) if args.tta else cfg.model
-    model = build_model(model_cfg)
     try:
+        check_settings_match(checkpoint, args.checkpoint, current, args.config,
+                             args.allow_mismatch)
+        state = read_state_dict(args.checkpoint, checkpoint)
+        model_cfg = cfg.model.get('module', cfg.model) if args.tta else cfg.model
+        model = build_model(model_cfg)
         check_state_dict_matches(model, state, args.checkpoint, args.config)
     except CLIError as err:
+        # whichever check refused it, a merged checkpoint has its own config
         meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
         if isinstance(meta, dict) and meta.get('merged_from'):
             from merge import config_path_for
