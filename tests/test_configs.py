@@ -161,8 +161,8 @@ def _adapter(adapter, info):
         assert adapter.share_ratio == (float(info['sr']) if info['sr'] else 0.5)
         assert adapter.use_filter is True
         assert adapter.partner_policy == 'effective'
-        # ConvNeXt: spatial rank C // (2 gamma), the paper's #Param (METHOD.md
-        # section 2); ResNet: C // gamma
+        # ConvNeXt: spatial rank C // (2 gamma), the paper's #Param (appendix
+        # Table 8's settings); ResNet: C // gamma
         if info['bb'].startswith('convnext'):
             assert adapter.spatial_gamma == 2 * adapter.gamma
         else:

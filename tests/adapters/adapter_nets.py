@@ -1,7 +1,7 @@
 """Tiny networks and float64 references shared by the adapter tests.
 
-The references here are written from the equations (METHOD.md sections 1-2, the
-appendix's Eqs. 7-15), never from the package's helpers, so that a test comparing the
+The references here are written from the equations (the appendix's Eqs. 7-15), never
+from the package's helpers, so that a test comparing the
 two fails when the package's math is wrong.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Trainable-parameter counts on the built modules against the closed forms
-(appendix Table 1 and METHOD.md sections 1-3)."""
+(appendix Table 1, and the branches' shapes as spatial.py and conv_adapter.py build them)."""
 import pytest
 
 from colora_mm.adapters import (AdapterSpec, inject_adapters, mark_trainable,

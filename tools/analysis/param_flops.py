@@ -23,8 +23,9 @@ Columns (FLOPs are multiply-accumulates, Table 1's unit; G = 1e9, M = 1e6):
 
 * ``adapters``: adapter parameters, counted on the model (the adapters' own
   ``num_trainable()``, checked against the parameters' ``numel``) and from the closed
-  form (Table 1 for the pointwise layers; the shapes of METHOD.md sections 2-3 for the
-  spatial branches and Conv-Adapter, which Table 1 does not list);
+  form (Table 1 for the pointwise layers; the branches' shapes, as
+  ``colora_mm/adapters/spatial.py`` and ``conv_adapter.py`` build them, for the spatial
+  branches and Conv-Adapter, which Table 1 does not list);
 * ``trainable``: what the optimiser updates in the backbone (adapters + every bias +
   every norm for PEFT, everything for ``full``) and its share of the backbone;
 * ``paper``: the appendix's #Param (Tables 5-7 for ResNet-50/ConvNeXt-S on VTAB,
@@ -261,7 +262,7 @@ def formula_update_flops(layer: AdaptedLayer) -> int:
 def formula_params(layer: AdaptedLayer) -> int:
     """Closed-form adapter parameters: Table 1 for pointwise layers (a pair's
     ``r(d + d'') + 2 rl d'`` on its first layer; ``r(d_in + d_out)`` per LoRA/PiSSA/HiRA
-    layer, i.e. ``r(d + 2d' + d'')`` per pair), METHOD.md for the branches."""
+    layer, i.e. ``r(d + 2d' + d'')`` per pair), the branches' shapes for the rest."""
     adapter = layer.adapter_branch
     c_in, c_out = layer.in_channels, layer.out_channels
     if isinstance(adapter, CoLoRAPairLayer):
