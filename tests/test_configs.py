@@ -361,7 +361,13 @@ def test_config_builds_at_reduced_width(path):
     # The right adapters, in every block.
     layers = dict(iter_adapted_layers(backbone))
     blocks = (4 if info['bb'].startswith('convnext') else 16)
-    assert len(layers) == LAYERS_PER_BLOCK[method] * blocks
+    shortcuts = [n for n in layers if '.downsample.' in n]
+    if info['bb'] == 'r50' and method in ('lora', 'pissa', 'hira'):
+        # every 1x1 conv: the four stages' shortcut convolutions too
+        assert sorted(shortcuts) == [f'layer{i}.0.downsample.0' for i in range(1, 5)]
+    else:
+        assert not shortcuts
+    assert len(layers) == LAYERS_PER_BLOCK[method] * blocks + len(shortcuts)
     # The trainable set: everything for full fine-tuning, otherwise adapters, biases
     # and norms only (minus what a frozen stage freezes).
     frozen_prefixes = ()

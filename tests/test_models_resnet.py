@@ -67,6 +67,35 @@ def test_pairs_and_spatial_on_every_bottleneck(codebase):
             assert branch.up.stride == blk.conv2.stride
 
 
+@pytest.mark.parametrize('codebase', ['mmseg', 'mmdet'])
+@pytest.mark.parametrize('method', ['lora', 'pissa', 'hira'])
+@pytest.mark.parametrize('avg_down', [False, True])
+def test_pointwise_baselines_take_every_1x1_conv(codebase, method, avg_down):
+    """"Applied to all 1 x 1 convolutional layers" (appendix F): conv1 and conv3 of
+    every bottleneck and each stage's shortcut convolution (after the average pool
+    with avg_down), which keeps its stride; the adapted model is the base model."""
+    model = build(codebase, adapter=dict(method=method, gamma=4), frozen_stages=-1,
+                  avg_down=avg_down).eval()
+    conv = '1' if avg_down else '0'
+    shortcuts = [f'layer{s}.0.downsample.{conv}' for s in range(1, 5)]
+    assert model.adapted_layer_names == [
+        f'layer{s + 1}.{b}.conv{k}' for s, blocks in enumerate((3, 4, 6, 3))
+        for b in range(blocks) for k in (1, 3)] + shortcuts
+    for name in shortcuts:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, AdaptedLayer) and layer.adapter_branch.method == method
+    assert tuple(model.layer2[0].downsample.get_submodule(conv).stride) == (
+        (1, 1) if avg_down else (2, 2))
+    plain = upstream(codebase)(avg_down=avg_down, **NARROW)
+    plain.eval()                          # the upstream train() returns None
+    plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not is_adapter_name(k)})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, want in zip(model(x), plain(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_basic_block_depth_needs_full_finetuning():
     with pytest.raises(ValueError, match=r'layer1\.0 is a BasicBlock.*depth 50'):
         build(depth=18, base_channels=16, stem_channels=16)

@@ -56,6 +56,11 @@ class AdaptedBackboneMixin:
         """Reason a pretrained checkpoint never carries tensor ``name``, or None."""
         return None
 
+    def pointwise_targets(self, pairs: List[Tuple[str, str]]) -> Optional[List[str]]:
+        """The layers LoRA, PiSSA and HiRA adapt, or None for both layers of every
+        pair (the default)."""
+        return None
+
     def extra_adapters(self) -> List[Tuple[AdapterSpec, Dict]]:
         """Further ``(spec, targets)`` injected after the main spec's, with targets as
         ``inject_adapters`` keywords (Swin's attention projections). Default: none."""
@@ -92,8 +97,11 @@ class AdaptedBackboneMixin:
             if self.adapter_spec.method != 'bitfit':
                 # bitfit trains biases and norms: no target layers, any architecture
                 pairs, spatial = self.adapter_targets()
+                pointwise = (self.pointwise_targets(pairs)
+                             if spec.method in ('lora', 'pissa', 'hira') else None)
                 self.adapted_layer_names = list(inject_adapters(
-                    self, self.adapter_spec, pairs=pairs, spatial=spatial))
+                    self, self.adapter_spec, pairs=pairs, spatial=spatial,
+                    pointwise=pointwise))
             for extra_spec, targets in self.extra_adapters():
                 self.adapted_layer_names += list(inject_adapters(self, extra_spec,
                                                                  **targets))

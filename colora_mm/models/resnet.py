@@ -2,7 +2,9 @@
 
 Every Bottleneck contributes one correlated pair ``(conv1, conv3)`` (1x1 ``in -> w`` and
 1x1 ``w -> 4w``; the 3x3 ``conv2`` between them keeps the widths chained) and one spatial
-branch parallel to ``conv2``, added before ``bn2``. Freezing follows the upstream ResNet:
+branch parallel to ``conv2``, added before ``bn2``. The pointwise baselines (LoRA,
+PiSSA, HiRA) adapt every 1x1 convolution: ``conv1`` and ``conv3`` of each block and the
+1x1 convolution of each stage's shortcut (``downsample``). Freezing follows the upstream ResNet:
 stages up to ``frozen_stages`` (stem included) are frozen whole, adapters included, and
 stay so across ``train()``; ``norm_eval`` keeps BatchNorm statistics fixed; a
 ``norm_cfg`` with ``requires_grad=False`` keeps the norms' affine parameters frozen.
@@ -16,6 +18,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn as nn
 
 from .adapted_backbone import AdaptedBackboneMixin, freeze_norms_if_configured
 from .pretrained import drop_classifier
@@ -60,6 +63,20 @@ class ResNetAdapterMixin(AdaptedBackboneMixin):
                 pairs.append((f'{name}.conv1', f'{name}.conv3'))
                 spatial.append(f'{name}.conv2')
         return pairs, spatial
+
+    def pointwise_targets(self, pairs: List[Tuple[str, str]]) -> List[str]:
+        """Every 1x1 convolution: both layers of each pair, and the shortcuts' 1x1
+        convolutions (strided, or after an average pool with ``avg_down``)."""
+        names = [name for pair in pairs for name in pair]
+        for layer_name in self.res_layers:
+            for j, block in enumerate(getattr(self, layer_name)):
+                shortcut = getattr(block, 'downsample', None)
+                for child, module in (shortcut.named_children()
+                                      if shortcut is not None else ()):
+                    if (isinstance(module, nn.Conv2d) and module.groups == 1
+                            and tuple(module.kernel_size) == (1, 1)):
+                        names.append(f'{layer_name}.{j}.downsample.{child}')
+        return names
 
     def _refreeze(self) -> None:
         freeze_norms_if_configured(self, self.norm_cfg)
