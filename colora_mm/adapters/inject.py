@@ -22,7 +22,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .base import AdaptedLayer, is_adapter_name
 from .colora_pair import PARTNER_POLICIES, CoLoRAPair, CoLoRAPairLayer
-from .conv_adapter import ConvAdapter
+from .conv_adapter import ACTIVATIONS, ConvAdapter
 from .hira import HiRA
 from .lora import LoRA, PiSSA
 from .overrides import LayerSpecs, all_or_nothing, check_overrides
@@ -137,6 +137,9 @@ class AdapterSpec:
         if self.partner_policy not in PARTNER_POLICIES:
             raise ValueError(f'AdapterSpec: partner_policy={self.partner_policy!r}; '
                              f'expected one of {PARTNER_POLICIES}.')
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f'AdapterSpec: act={self.act!r} (the Conv-Adapter '
+                             f'activation); expected one of {tuple(ACTIVATIONS)}.')
         self.overrides = check_overrides(self)
         self._warn_ignored_keys()
 

@@ -130,6 +130,7 @@ def test_conv_the_spatial_branch_cannot_handle(name, fragments):
 
 def test_other_bad_specs():
     _raises(lambda: AdapterSpec(method='adapterfusion'), 'adapterfusion', 'colora')
+    _raises(lambda: AdapterSpec(method='conv_adapter', act='silu'), "act='silu'", 'gelu')
     _raises(lambda: AdapterSpec.from_dict(dict(method='colora', rank=4)), 'rank', 'gamma')
     _raises(lambda: AdapterSpec(method='colora', gamma=0), 'gamma=0')
     _raises(lambda: AdapterSpec(method='colora', partner_policy='ema'), 'ema', 'frozen')
