@@ -253,6 +253,46 @@ def test_merge_reinit_leaves_outputs_unchanged(method, adapter):
     train_steps(model, optim, steps=1)
 
 
+@pytest.mark.parametrize('method', ['colora', 'lora', 'pissa'])
+def test_merge_reinit_leaves_a_frozen_stage_as_it_is(method):
+    """Adapters that do not train (a frozen stage's) are neither folded nor
+    re-initialised: their tensors, and the base weights under them, stay the same."""
+    model = SegCoLoRAResNet(depth=50, base_channels=16, stem_channels=16,
+                            frozen_stages=1, adapter=dict(method=method, gamma=4))
+    model.init_weights()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    from colora_mm.engine.hooks import fold_independent_parts
+    params = fold_independent_parts(model)
+    assert params and all(p.requires_grad for p in params)
+    after = model.state_dict()
+    frozen = [k for k in before if k.startswith(('conv1.', 'bn1.', 'layer1.'))]
+    assert frozen
+    for key in frozen:
+        assert torch.equal(after[key], before[key]), key
+    assert any(not torch.equal(after[k], before[k]) for k in before
+               if k.startswith('layer2.') and is_adapter_name(k))
+
+
+def test_merge_reinit_drops_the_gradients_accumulated_for_the_old_factors():
+    """With gradient accumulation a merge can fall between two updates: the
+    re-initialised factors must not take the gradients of the factors they replace."""
+    from mmengine.optim import OptimWrapper
+    model = convnext('lora', ONE_BLOCK_CONVNEXT)
+    optim = OptimWrapper(torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2),
+        accumulative_counts=2)
+    optim.initialize_count_status(model, 0, 10)
+    train_steps(model, optim, steps=3)             # the third backward is not applied
+    adapters = [p for n, p in model.named_parameters() if is_adapter_name(n)]
+    assert all(p.grad is not None for p in adapters)
+    MergeReinitHook(interval=3).after_train_iter(fake_runner(model, optim, iteration=2), 2)
+    for _, layer in iter_adapted_layers(model):
+        a = layer.adapter_branch
+        assert a.A.grad is None and a.B.grad is None
+        assert torch.count_nonzero(a.B) == 0
+    train_steps(model, optim, steps=1)             # the update after the merge
+
+
 def test_merge_reinit_interval_validation():
     with pytest.raises(ValueError, match='interval=0'):
         MergeReinitHook(interval=0)

@@ -88,13 +88,39 @@ def test_resnet_block_count_is_checked():
 
 def test_resnet_constructor_refuses_keys_it_would_ignore():
     from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
-    constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
-        type='LayerDecayResNetOptimizerConstructor', optim_wrapper_cfg=OPTIM,
-        paramwise_cfg=dict(num_layers=16, decay_rate=0.99, norm_decay_mult=0.0)))
-    model = Detector(DetCoLoRAResNet(depth=50, base_channels=16, stem_channels=16,
-                                     adapter=dict(method='colora')))
     with pytest.raises(ValueError, match=r"\['norm_decay_mult'\] are not supported"):
-        constructor(model)
+        OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
+            type='LayerDecayResNetOptimizerConstructor', optim_wrapper_cfg=OPTIM,
+            paramwise_cfg=dict(num_layers=16, decay_rate=0.99, norm_decay_mult=0.0)))
+
+
+@pytest.mark.parametrize('paramwise_cfg', [None, {}, dict(num_layers=16)])
+def test_resnet_constructor_refuses_a_missing_paramwise_cfg(paramwise_cfg):
+    """mmengine calls add_params only for a non-empty paramwise_cfg: without one the
+    constructor would give one undecayed group silently."""
+    from mmengine.optim import build_optim_wrapper
+    model = Detector(DetCoLoRAResNet(depth=50, base_channels=16, stem_channels=16,
+                                     adapter=dict(method='lora', gamma=8)))
+    cfg = dict(OPTIM, constructor='LayerDecayResNetOptimizerConstructor')
+    if paramwise_cfg is not None:
+        cfg['paramwise_cfg'] = paramwise_cfg
+    with pytest.raises(ValueError, match='paramwise_cfg needs num_layers and decay_rate'):
+        build_optim_wrapper(model, cfg)
+
+
+def test_resnet_constructor_without_weight_decay_keeps_the_optimizers_default():
+    import torch
+    from mmengine.optim import build_optim_wrapper
+    model = Detector(DetCoLoRAResNet(depth=50, base_channels=16, stem_channels=16,
+                                     adapter=dict(method='lora', gamma=8)))
+    optim = build_optim_wrapper(model, dict(
+        type='OptimWrapper', optimizer=dict(type='AdamW', lr=BASE_LR),
+        constructor='LayerDecayResNetOptimizerConstructor',
+        paramwise_cfg=dict(num_layers=16, decay_rate=0.99)))
+    decays = {g['group_name']: g['weight_decay'] for g in optim.optimizer.param_groups}
+    default = torch.optim.AdamW([nn.Parameter(torch.zeros(1))]).defaults['weight_decay']
+    assert all(wd == (0.0 if name.endswith('no_decay') else default)
+               for name, wd in decays.items()), decays
 
 
 def test_resnet_constructor_through_mmengine_builder():

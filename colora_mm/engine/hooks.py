@@ -167,14 +167,27 @@ class CoLoRAReportHook(Hook):
             print_log('CoLoRA report\n' + format_path_report(paths), logger='current')
 
 
+def _trains(layer) -> bool:
+    """Whether any parameter of ``layer``'s adapter trains (a CoLoRA pair's live on
+    the pair, which its second layer does not register)."""
+    adapter = layer.adapter_branch
+    owner = adapter.get_pair() if hasattr(adapter, 'get_pair') else adapter
+    return any(p.requires_grad for p in owner.parameters())
+
+
 @torch.no_grad()
 def fold_independent_parts(model: nn.Module) -> List[nn.Parameter]:
-    """Fold every adapter's independent low-rank part into its base weight and
+    """Fold every trained adapter's independent low-rank part into its base weight and
     re-initialise it (``Adapter.fold_independent_``); returns the re-initialised
-    parameters."""
+    parameters. Adapters that do not train (a frozen stage's) are left as they are,
+    and the re-initialised parameters lose any gradient accumulated for their old
+    values (gradient accumulation across a merge)."""
     params: List[nn.Parameter] = []
     for _, layer in iter_adapted_layers(model):
-        params.extend(layer.adapter_branch.fold_independent_(layer))
+        if _trains(layer):
+            params.extend(layer.adapter_branch.fold_independent_(layer))
+    for p in params:
+        p.grad = None
     return params
 
 

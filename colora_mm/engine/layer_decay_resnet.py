@@ -25,7 +25,7 @@ registries fall back to.
 from __future__ import annotations
 
 import re
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch.nn as nn
 from mmengine.logging import print_log
@@ -67,8 +67,14 @@ class LayerDecayResNetOptimizerConstructor(DefaultOptimWrapperConstructor):
     - ``decay_rate`` (float): Per-block decay. The paper uses 0.99.
     """
 
-    def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
-        cfg = self.paramwise_cfg
+    def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
+        super().__init__(optim_wrapper_cfg, paramwise_cfg)
+        # here, not in add_params: mmengine calls add_params only for a non-empty
+        # paramwise_cfg, so a missing one would give one undecayed group silently
+        self._check_paramwise_cfg()
+
+    def _check_paramwise_cfg(self) -> None:
+        cfg = self.paramwise_cfg or {}
         if 'num_layers' not in cfg or 'decay_rate' not in cfg:
             raise ValueError('LayerDecayResNetOptimizerConstructor: paramwise_cfg needs '
                              f'num_layers and decay_rate, got {dict(cfg)}; e.g. '
@@ -79,6 +85,10 @@ class LayerDecayResNetOptimizerConstructor(DefaultOptimWrapperConstructor):
                              f'{sorted(unknown)} are not supported (only num_layers and '
                              'decay_rate; biases and 1-D parameters never decay); remove '
                              'them or use DefaultOptimWrapperConstructor.')
+
+    def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
+        cfg = self.paramwise_cfg
+        self._check_paramwise_cfg()
         num_layers, decay_rate = int(cfg['num_layers']), float(cfg['decay_rate'])
         backbone = getattr(module, 'backbone', None)
         if backbone is None or not hasattr(backbone, 'res_layers'):
@@ -102,8 +112,12 @@ class LayerDecayResNetOptimizerConstructor(DefaultOptimWrapperConstructor):
             if key not in groups:
                 scale = decay_rate ** (num_layers + 1 - layer_id)
                 groups[key] = dict(params=[], param_names=[], group_name=key,
-                                   lr_scale=scale, lr=scale * self.base_lr,
-                                   weight_decay=0.0 if no_decay else self.base_wd)
+                                   lr_scale=scale, lr=scale * self.base_lr)
+                if no_decay:
+                    groups[key]['weight_decay'] = 0.0
+                elif self.base_wd is not None:
+                    # none in the optimizer's config: its own default applies
+                    groups[key]['weight_decay'] = self.base_wd
             groups[key]['params'].append(param)
             groups[key]['param_names'].append(name)
         ordered = list(groups.values())
