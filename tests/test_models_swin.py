@@ -85,6 +85,22 @@ def test_attention_projections_take_lora_as_an_option():
     assert len(model.adapted_layer_names) == 4 * len(blocks())
 
 
+def test_the_attention_adapter_is_recorded_and_compared():
+    """A checkpoint's record says which attention adapter it was trained with: LoRA
+    and HiRA there have the same tensors, and only the record tells them apart."""
+    from colora_mm.engine.adapter_settings import adapter_settings, settings_differences
+    lora = adapter_settings(build(attn_adapter=dict(method='lora', gamma=8)), 'backbone')
+    hira = adapter_settings(build(attn_adapter=dict(method='hira', gamma=8)), 'backbone')
+    plain = adapter_settings(build(), 'backbone')
+    assert lora['backbone (attention)']['method'] == 'lora'
+    assert 'backbone (attention)' not in plain
+    assert settings_differences(lora, lora) == []
+    assert any('backbone (attention).adapter.method' in d
+               for d in settings_differences(lora, hira))
+    assert any(d.startswith('backbone (attention): adapted in the checkpoint')
+               for d in settings_differences(lora, plain))
+
+
 def test_lora_adapts_the_mlp_layers():
     model = build(adapter=dict(method='lora', gamma=8))
     names = {n for n, _ in iter_adapted_layers(model)}

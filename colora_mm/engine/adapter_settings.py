@@ -40,10 +40,14 @@ def adapter_settings(model: nn.Module, prefix: str = '') -> Dict[str, dict]:
     ``adapter_spec`` (the adapted backbones); ``prefix`` names ``model`` itself."""
     record = {}
     for name, module in model.named_modules():
+        full = '.'.join(p for p in (prefix, name) if p) or '(model)'
         spec = getattr(module, 'adapter_spec', None)
         if isinstance(spec, AdapterSpec):
-            full = '.'.join(p for p in (prefix, name) if p)
-            record[full or '(model)'] = spec.to_dict()
+            record[full] = spec.to_dict()
+        # a second spec of the same backbone (Swin's attention projections)
+        attention = getattr(module, 'attn_adapter_spec', None)
+        if isinstance(attention, AdapterSpec):
+            record[f'{full} (attention)'] = attention.to_dict()
     return record
 
 
