@@ -382,12 +382,28 @@ def test_summary_only_rebuilds_the_table(benchmark, vtab, capsys):
     _, _, config, _ = vtab
     os.remove(work / 'results.md')
     tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
-    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '1', '--work-dir',
+    before = json.loads((work / 'results.json').read_text())['runs']
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir',
                       str(work), '--summary-only'])
     assert code == 0
     out = capsys.readouterr().out
-    assert 'KITTI-Dist' in out and 'Camelyon' not in out and '(paper)' not in out
+    # the files hold every finished run of the work dir, whatever --tasks and --seeds
+    # select (a benchmark run group by group or seed by seed keeps all of them)
+    assert 'KITTI-Dist' in out and 'Camelyon' in out and '(paper)' not in out
     assert osp.isfile(work / 'results.md')
+    assert json.loads((work / 'results.json').read_text())['runs'] == before
+    assert sorted(before) == sorted(TWO_TASKS) and all(
+        sorted(seeds) == ['0', '1'] for seeds in before.values())
+
+
+def test_summary_only_writes_nothing_without_runs(vtab, tmp_path, capsys):
+    _, _, config, _ = vtab
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    work = tmp_path / 'none'
+    assert tool.main([config, '--tasks', 'kitti', '--work-dir', str(work),
+                      '--summary-only']) == 2
+    assert 'no finished run' in capsys.readouterr().err
+    assert not work.exists()
 
 
 # ----------------------------------------------------------------- bad input
@@ -474,6 +490,8 @@ def test_check_data_accepts_a_complete_task(vtab, capsys):
                                           reason='mixed precision runs on the GPU')),
     (['--cfg-options', 'model.backbone.init_cfg.type=Pretrained'],
      '--cfg-options: init_cfg='),
+    (['--cfg-options', 'foo'], 'write each option as KEY=VALUE'),
+    (['--cfg-options', 'trian_cfg.max_epochs=1'], 'did you mean train_cfg.max_epochs'),
 ])
 def test_tool_refuses_bad_arguments(vtab, tmp_path, capsys, argv, message):
     _, _, config, _ = vtab
@@ -483,6 +501,16 @@ def test_tool_refuses_bad_arguments(vtab, tmp_path, capsys, argv, message):
     assert code == 2
     assert message in single_error(captured.out + captured.err)
     assert not (tmp_path / 'w').exists()
+
+
+def test_full_precision_leaves_the_mixed_precision_settings_out(vtab):
+    """What the CPU check advises for an AMP config, ``optim_wrapper.type=OptimWrapper``:
+    OptimWrapper takes no loss scale."""
+    _, _, config, _ = vtab
+    tool = load_tool('colora_tools_vtab1k', osp.join(TOOLS, 'vtab1k.py'))
+    cfg = tool.load_config(config, tool.cfg_options_dict([
+        'optim_wrapper.type=OptimWrapper', 'optim_wrapper.loss_scale=dynamic']))
+    assert cfg.optim_wrapper.type == 'OptimWrapper' and 'loss_scale' not in cfg.optim_wrapper
 
 
 def test_tool_refuses_a_missing_pretrained_checkpoint(vtab, tmp_path, capsys):

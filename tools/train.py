@@ -585,16 +585,7 @@ def setup_cfg(args):
         cfg.resume = True
         cfg.load_from = args.resume
 
-    wrapper = cfg.get('optim_wrapper') or {}
-    if wrapper.get('type', 'OptimWrapper') == 'OptimWrapper':
-        # AmpOptimWrapper's arguments, which OptimWrapper refuses: what is left of a
-        # mixed-precision config switched to full precision with --cfg-options
-        dropped = [key for key in ('loss_scale', 'dtype') if key in wrapper]
-        for key in dropped:
-            wrapper.pop(key)
-        if dropped:
-            print(f'note: optim_wrapper is OptimWrapper (full precision): its '
-                  f'mixed-precision setting(s) {", ".join(dropped)} left out')
+    drop_amp_settings(cfg)
 
     splits = {'train_dataloader'}
     if cfg.get('val_cfg') and cfg.get('val_dataloader'):
@@ -604,6 +595,22 @@ def setup_cfg(args):
     from colora_mm.compat import configure_cpu_ddp
     configure_cpu_ddp(cfg)   # gloo and device_ids=None when there is no CUDA
     return cfg
+
+
+def drop_amp_settings(cfg):
+    """``AmpOptimWrapper``'s arguments left in an ``OptimWrapper`` (a mixed-precision
+    config switched to full precision with ``--cfg-options
+    optim_wrapper.type=OptimWrapper``, what the CPU check advises), which it refuses:
+    left out, with a note."""
+    wrapper = cfg.get('optim_wrapper') or {}
+    if wrapper.get('type', 'OptimWrapper') != 'OptimWrapper':
+        return
+    dropped = [key for key in ('loss_scale', 'dtype') if key in wrapper]
+    for key in dropped:
+        wrapper.pop(key)
+    if dropped:
+        print(f'note: optim_wrapper is OptimWrapper (full precision): its '
+              f'mixed-precision setting(s) {", ".join(dropped)} left out')
 
 
 def keep_input_config(cfg, config_path):

@@ -34,6 +34,7 @@ split over them); otherwise the runs execute in this process, one after the othe
 import argparse
 import copy
 import json
+import math
 import os
 import os.path as osp
 import subprocess
@@ -51,8 +52,8 @@ if REPO not in sys.path:
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 from train import (CLIError, check_adapter_and_hooks, check_amp,  # noqa: E402
-                   check_pretrained, check_settings_match, check_work_dir,
-                   process_group_closed)
+                   check_option_keys, check_pretrained, check_settings_match,
+                   check_work_dir, drop_amp_settings, process_group_closed)
 
 
 def parse_args(argv=None):
@@ -97,8 +98,9 @@ def cfg_options_dict(pairs):
     parser.add_argument('--o', nargs='+', action=DictAction)
     try:
         return parser.parse_args(['--o', *pairs]).o
-    except SystemExit:
-        raise CLIError(f'--cfg-options: cannot parse {pairs}; use key=value')
+    except (SystemExit, ValueError):     # DictAction: a bare ValueError without '='
+        raise CLIError(f'--cfg-options: cannot parse {pairs}; write each option as '
+                       'KEY=VALUE (e.g. train_cfg.max_epochs=50)')
 
 
 # ---------------------------------------------------------------- config
@@ -114,6 +116,7 @@ def load_config(path, cfg_options, data_root=None):
     from mmengine.config import Config
     cfg = Config.fromfile(path)
     if cfg_options:
+        check_option_keys(cfg, cfg_options, path)
         try:
             cfg.merge_from_dict(cfg_options)
         except (TypeError, KeyError) as err:
@@ -130,6 +133,7 @@ def load_config(path, cfg_options, data_root=None):
                            '(configs/_base_/vtab1k_1xb32-100e.py)')
         if data_root is not None:
             dataset['data_root'] = data_root
+    drop_amp_settings(cfg)
     return cfg
 
 
@@ -399,7 +403,8 @@ def read_result(path):
         if not isinstance(result, dict) or not {'seed', 'top1'} <= set(result):
             raise ValueError('no seed and top1 in it')
         int(result['seed'])
-        float(result['top1'])
+        if not math.isfinite(float(result['top1'])):
+            raise ValueError(f'top1 is {result["top1"]}')
     except (OSError, ValueError, TypeError) as err:   # JSONDecodeError is a ValueError
         raise CLIError(f'{path} is damaged ({type(err).__name__}: '
                        f'{str(err).splitlines()[0] if str(err) else ""}); remove '
@@ -407,12 +412,21 @@ def read_result(path):
     return result
 
 
+def table_tasks(selected, runs):
+    """The tasks of the table, in VTAB-1k's order: the selected ones and every one
+    with a finished run in the work dir."""
+    from colora_mm.datasets import TASKS
+    chosen = {t.name for t in selected} | set(runs)
+    return [t.name for t in TASKS if t.name in chosen]
+
+
 def write_results(work_dir, cfg_path, identity, runs, tasks, with_paper):
     """``results.json`` and ``results.md`` from the finished runs."""
     from colora_mm.evaluation import format_markdown, group_of_tasks, summarize
     summary = summarize({t: {s: r['top1'] for s, r in seeds.items()}
                          for t, seeds in runs.items()})
-    params = next((r['params'] for seeds in runs.values() for r in seeds.values()), None)
+    params = next((r['params'] for seeds in runs.values() for r in seeds.values()
+                   if r.get('params') is not None), None)
     backbone, method = identity
     data = dict(config=cfg_path, backbone=backbone, method=method, params=params,
                 runs={t: {str(s): {k: v for k, v in r.items() if k != 'definition'}
@@ -452,18 +466,16 @@ def check_layout(cfg, tasks):
 
 
 def check_stored_results(args, tasks, definition):
-    """Every stored result of the selected runs, before any work: one of another model
-    is refused. Returns the notes to print."""
+    """Every stored result of the work dir, before any work (the summary takes them
+    all, the selected tasks and seeds or not): one of another model is refused.
+    Returns the notes to print."""
     notes = []
-    for task in tasks:
-        for seed in args.seeds:
-            run_dir = osp.join(args.work_dir, task.name, f'seed_{seed}')
-            path = osp.join(run_dir, 'result.json')
-            if osp.isfile(path):
-                note = check_stored_result(read_result(path), run_dir, definition,
-                                           args.config)
-                if note:
-                    notes.append(note)
+    for task, seeds in collect(args.work_dir).items():
+        for seed, result in seeds.items():
+            run_dir = osp.join(args.work_dir, task, f'seed_{seed}')
+            note = check_stored_result(result, run_dir, definition, args.config)
+            if note:
+                notes.append(note)
     return notes
 
 
@@ -512,6 +524,7 @@ def check_resumable(args, cfg, tasks, current, definition):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.seeds = list(dict.fromkeys(args.seeds))      # each seed runs once
     try:
         if args.gpus < 1:
             raise CLIError(f'--gpus {args.gpus}: give 1 or more')
@@ -564,10 +577,9 @@ def main(argv=None):
         print(note, flush=True)
 
     identity = model_identity(cfg)
-    names = [t.name for t in tasks]
-    os.makedirs(args.work_dir, exist_ok=True)
     jobs = [(task, seed) for task in tasks for seed in args.seeds]
     if not args.summary_only:
+        os.makedirs(args.work_dir, exist_ok=True)
         timed = []
         for index, (task, seed) in enumerate(jobs, 1):
             run_dir = osp.join(args.work_dir, task.name, f'seed_{seed}')
@@ -603,14 +615,16 @@ def main(argv=None):
             eta = _duration(left * sum(timed) / len(timed))
             print(f'{head}: top-1 {result["top1"]:.2f} in {_duration(timed[-1])}; '
                   f'{left} runs left, ETA {eta}', flush=True)
-            write_results(args.work_dir, args.config, identity,
-                          collect(args.work_dir, names, args.seeds), names, args.paper)
-    runs = collect(args.work_dir, names, args.seeds)
+            runs = collect(args.work_dir)      # every run of the work dir
+            write_results(args.work_dir, args.config, identity, runs,
+                          table_tasks(tasks, runs), args.paper)
+    runs = collect(args.work_dir)
     if not runs:
-        print(f'error: no finished run under {args.work_dir} for the tasks '
-              f'{", ".join(names)}', file=sys.stderr)
+        print(f'error: no finished run under {args.work_dir} (run the tasks first, '
+              'without --summary-only)', file=sys.stderr)
         return 2
-    table = write_results(args.work_dir, args.config, identity, runs, names, args.paper)
+    table = write_results(args.work_dir, args.config, identity, runs,
+                          table_tasks(tasks, runs), args.paper)
     print(table)
     print(f'results: {osp.join(args.work_dir, "results.json")}, '
           f'{osp.join(args.work_dir, "results.md")}')
