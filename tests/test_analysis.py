@@ -217,3 +217,21 @@ def test_script_exit_status(tmp_path):
     assert lines[-1] == 'error: checkpoint nothere.pth does not exist'
     assert 'Traceback' not in result.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_model_of_other_settings_is_one_line(tmp_path, capsys):
+    """A checkpoint of the same method at another gamma (same keys, other shapes), or
+    settings no model takes: one ``error:`` line, exit status 2."""
+    a = save(build('colora'), tmp_path / 'iter_1.pth', 0)
+    b = save(build('colora'), tmp_path / 'iter_2.pth', 1)
+    cases = [
+        (['--method', 'colora', '--gamma', '2'], 'does not match the model'),
+        (['--method', 'colora', '--gamma', '0'], 'gamma=0'),
+        (['--method', 'colora', '--share-ratio', '3'], 'share_ratio'),
+    ]
+    for extra, message in cases:
+        argv = [a, b, '--backbone', 'convnext_atto', *extra, '--out-dir',
+                str(tmp_path / 'out')]
+        assert correlation.cli(argv) == 2, argv
+        line, = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith('error: ') and message in line, (argv, line)

@@ -273,6 +273,10 @@ def test_demo_configs_with_an_arch_dict(capsys):
     assert row.infer_plain > 0 and row.update_counted > 0
 
 
+REPO_DIR = osp.dirname(osp.dirname(osp.abspath(__file__)))
+README = osp.join(REPO_DIR, 'README.md')
+
+
 @pytest.mark.parametrize('argv,message', [
     (['nothere.py', '--params-only'], 'config file nothere.py does not exist'),
     (['--backbone', 'resnet50', '--method', 'lora', '--input-size', '0', '0'],
@@ -280,7 +284,13 @@ def test_demo_configs_with_an_arch_dict(capsys):
     (['--backbone', 'resnet50', '--method', 'lora', '--input-size', '-8', '8'],
      '--input-size -8 8: each side must be at least 32'),
     (['CONFIG', '--input-size', '16', '64'],
-     '--input-size 16 64: each side must be at least 32')])
+     '--input-size 16 64: each side must be at least 32'),
+    ([REPO_DIR, '--params-only'], f'config file {REPO_DIR} is a folder'),
+    ([README, '--params-only'], f'{README} is not an mmseg/mmdet/mmpretrain model'),
+    (['--backbone', 'resnet50', '--method', 'lora', '--gamma', '0', '--params-only'],
+     'resnet50 lora'),
+    (['--backbone', 'resnet50', '--method', 'lora', '--params-only', '--json',
+      '/nonexistent_dir/rows.json'], '--json /nonexistent_dir/rows.json: its folder')])
 def test_user_errors_are_one_line(capsys, argv, message):
     argv = [DEMO_CONFIGS[0] if a == 'CONFIG' else a for a in argv]
     assert param_flops.cli(argv) == 2
@@ -288,6 +298,12 @@ def test_user_errors_are_one_line(capsys, argv, message):
     assert captured.out == ''
     line, = captured.err.strip().splitlines()
     assert line.startswith(f'error: {message}')
+
+
+def test_the_table_8_sweep_comes_with_colora_only():
+    names = [param_flops.variant_name(k, a) for k, a in param_flops.default_variants(
+        ['convnext_b'], ['lora'], None, None, True, 'paper')]
+    assert names == ['convnext_b lora']
 
 
 def test_script_exit_status(tmp_path):

@@ -153,6 +153,14 @@ def load_into(model: nn.Module, path: str) -> str:
             f'{missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected '
             f'{unexpected[:5]}{"..." if len(unexpected) > 5 else ""}. Build the model '
             'the checkpoint was trained with (--config, or --backbone/--method/--gamma).')
+    reshaped = [f'{k} {tuple(state[k].shape)} (model {tuple(v.shape)})'
+                for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if reshaped:
+        raise CLIError(
+            f'{path} does not match the model ({type(model).__name__}): other shapes, '
+            f'{"; ".join(reshaped[:3])}{"..." if len(reshaped) > 3 else ""}. Build the '
+            'model the checkpoint was trained with (--config, or '
+            '--backbone/--method/--gamma/--share-ratio).')
     model.load_state_dict(state, strict=True)
     return checkpoint_label(path, ckpt)
 
@@ -244,6 +252,18 @@ def plot_grid(rows: Sequence[Dict], path: str, title: str = '') -> None:
 
 # ---------------------------------------------------------------------- main
 def build_model(args) -> nn.Module:
+    """The model the checkpoints load into; bad settings are one CLIError."""
+    try:
+        return _build_model(args)
+    except CLIError:
+        raise
+    except (ValueError, TypeError, AssertionError, KeyError) as err:
+        where = f'config {args.config}' if args.config else (
+            f'--backbone {args.backbone} --method {args.method}')
+        raise CLIError(f'{where}: {str(err).splitlines()[0] if str(err) else err!r}')
+
+
+def _build_model(args) -> nn.Module:
     if args.config:
         from mmengine.config import Config
         if not osp.isfile(args.config):

@@ -455,8 +455,15 @@ def backbone_from_config(path: str) -> Tuple[nn.Module, dict, str]:
     """The backbone of an mmseg/mmdet config, built without pretrained weights."""
     from mmengine.config import Config
     if not osp.isfile(path):
-        raise CLIError(f'config file {path} does not exist')
-    cfg = Config.fromfile(path)
+        raise CLIError(f'config file {path} ' + ('is a folder; give a config file'
+                       if osp.isdir(path) else 'does not exist'))
+    try:
+        cfg = Config.fromfile(path)
+        cfg.model.backbone
+    except Exception as err:  # noqa: BLE001 - not an mmengine model config
+        raise CLIError(f'{path} is not an mmseg/mmdet/mmpretrain model config '
+                       f'({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}'
+                       '); give a config with model.backbone')
     backbone_cfg = copy.deepcopy(cfg.model.backbone.to_dict()
                                  if hasattr(cfg.model.backbone, 'to_dict')
                                  else dict(cfg.model.backbone))
@@ -551,7 +558,7 @@ def default_variants(backbones: Sequence[str], methods: Sequence[str],
                 if gamma is not None and method != 'full':
                     adapter['gamma'] = gamma
             variants.append((kind, adapter))
-        if sweep and kind == 'convnext_b':
+        if sweep and kind == 'convnext_b' and 'colora' in methods:
             for g, sr in TABLE8_SWEEP:
                 if (g, sr) == (16, 0.5) and 'colora' in methods and gamma is None:
                     continue
@@ -632,7 +639,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     flops = not args.params_only
     for path in args.configs:
         if not osp.isfile(path):
-            raise CLIError(f'config file {path} does not exist')
+            raise CLIError(f'config file {path} ' + ('is a folder; give a config file'
+                           if osp.isdir(path) else 'does not exist'))
+    if args.json and not osp.isdir(osp.dirname(osp.abspath(args.json))):
+        raise CLIError(f'--json {args.json}: its folder does not exist')
     check_input_size(input_size)
 
     rows: List[Row] = []
@@ -650,7 +660,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         for kind, adapter in default_variants(args.backbone, args.method, args.gamma,
                                               args.share_ratio, sweep,
                                               args.spatial_gamma):
-            model = build_backbone(kind, adapter)
+            try:
+                model = build_backbone(kind, adapter)
+            except CLIError:
+                raise
+            except (ValueError, TypeError, AssertionError) as err:
+                raise CLIError(f'{variant_name(kind, adapter)}: '
+                               f'{str(err).splitlines()[0] if str(err) else err!r}')
             row = analyse(model, variant_name(kind, adapter), kind, adapter, input_size,
                           plain_cache.get(kind), flops=flops)
             if flops:
