@@ -135,22 +135,27 @@ def read_split(path: str, num_classes: int) -> List[Tuple[str, int]]:
         raise VTABLayoutError(f'missing split file {path}; every VTAB-1k task folder '
                               f'needs {names} (docs/data.md)')
     samples = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
-                raise VTABLayoutError(f'{path}:{number}: {line!r} is not '
-                                      '"relative/path label" (label an integer)')
-            label = int(parts[1])
-            if not 0 <= label < num_classes:
-                raise VTABLayoutError(
-                    f'{path}:{number}: label {label} is out of range 0..{num_classes - 1} '
-                    f'for a {num_classes}-class task; the file belongs to another task, '
-                    'or its labels are not 0-based')
-            samples.append((parts[0], label))
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as err:
+        raise VTABLayoutError(f'{path} is not UTF-8 text ({err.reason} at byte '
+                              f'{err.start}); write the split file as "path label" lines')
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
+            raise VTABLayoutError(f'{path}:{number}: {line!r} is not '
+                                  '"relative/path label" (label an integer)')
+        label = int(parts[1])
+        if not 0 <= label < num_classes:
+            raise VTABLayoutError(
+                f'{path}:{number}: label {label} is out of range 0..{num_classes - 1} '
+                f'for a {num_classes}-class task; the file belongs to another task, '
+                'or its labels are not 0-based')
+        samples.append((parts[0], label))
     if not samples:
         raise VTABLayoutError(f'{path} lists no images')
     return samples

@@ -66,12 +66,18 @@ def check_ade20k(root, quick=False):
             from PIL import Image
             import numpy as np
             for stem in sample:
-                label = Image.open(osp.join(ann_dir, stem + '.png'))
-                values = np.asarray(label)
+                path = osp.join(ann_dir, stem + '.png')
+                try:
+                    label = Image.open(path)
+                    values = np.asarray(label)
+                except (OSError, ValueError) as err:   # not a readable image
+                    problems.append(f'{path} cannot be read as an image '
+                                    f'({type(err).__name__})')
+                    continue
                 if values.ndim != 2:
-                    problems.append(f'{stem}.png is not single-channel ({label.mode})')
+                    problems.append(f'{path} is not single-channel ({label.mode})')
                 elif values.max() > 150:
-                    problems.append(f'{stem}.png has label {values.max()} > 150')
+                    problems.append(f'{path} has label {values.max()} > 150')
     return counts, problems
 
 
@@ -86,8 +92,15 @@ def check_coco(root, quick=False):
         if not osp.isdir(img_dir):
             problems.append(f'missing folder {img_dir}')
             continue
-        with open(ann) as f:
-            coco = json.load(f)
+        try:
+            with open(ann) as f:
+                coco = json.load(f)
+        except (OSError, ValueError) as err:          # JSONDecodeError, bad UTF-8
+            problems.append(f'{ann} cannot be read as JSON ({type(err).__name__})')
+            continue
+        if not isinstance(coco, dict):
+            problems.append(f'{ann} holds a {type(coco).__name__}, not a COCO dict')
+            continue
         for key in ('images', 'annotations', 'categories'):
             if key not in coco:
                 problems.append(f'{ann} has no {key!r}')

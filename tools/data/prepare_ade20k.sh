@@ -4,7 +4,8 @@
 #
 #   bash tools/data/prepare_ade20k.sh [DATA_DIR]      # DATA_DIR defaults to ./data
 #
-# Idempotent: an existing archive or unpacked folder is kept. The layout is checked at
+# Idempotent: an existing archive or unpacked folder is kept (unzip -n: files already
+# there are not asked about or replaced). The layout is checked at
 # the end (tools/data/check_data.py).
 set -euo pipefail
 DATA_DIR="${1:-data}"
@@ -18,7 +19,12 @@ if [ ! -d "$DEST/ADEChallengeData2016/images" ]; then
     mv "$DEST/ADEChallengeData2016.zip.part" "$DEST/ADEChallengeData2016.zip"
   fi
   echo "[ade20k] unpacking into $DEST"
-  unzip -q "$DEST/ADEChallengeData2016.zip" -d "$DEST"
+  unzip -q -n "$DEST/ADEChallengeData2016.zip" -d "$DEST"
 fi
-PYTHON="${PYTHON:-python}"
+# the checkout's .venv (tools/setup_env.sh) unless PYTHON names another interpreter
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python
+  VENV_PY="$(dirname "$0")/../../.venv/bin/python"
+  [ -x "$VENV_PY" ] && PYTHON="$VENV_PY"
+fi
 "$PYTHON" "$(dirname "$0")/check_data.py" ade20k "$DEST/ADEChallengeData2016"

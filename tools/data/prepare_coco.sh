@@ -4,7 +4,8 @@
 #
 #   bash tools/data/prepare_coco.sh [DATA_DIR]        # DATA_DIR defaults to ./data
 #
-# Idempotent: existing archives or unpacked folders are kept. The layout is checked at
+# Idempotent: existing archives or unpacked folders are kept (unzip -n: files already
+# there are not asked about or replaced). The layout is checked at
 # the end (tools/data/check_data.py).
 set -euo pipefail
 DATA_DIR="${1:-data}"
@@ -22,13 +23,18 @@ for split in train2017 val2017; do
   if [ ! -d "$DEST/$split" ]; then
     fetch "$BASE/zips/$split.zip" "$split.zip"
     echo "[coco] unpacking $split"
-    unzip -q "$DEST/$split.zip" -d "$DEST"
+    unzip -q -n "$DEST/$split.zip" -d "$DEST"
   fi
 done
 if [ ! -f "$DEST/annotations/instances_val2017.json" ]; then
   fetch "$BASE/annotations/annotations_trainval2017.zip" annotations_trainval2017.zip
   echo "[coco] unpacking annotations"
-  unzip -q "$DEST/annotations_trainval2017.zip" -d "$DEST"
+  unzip -q -n "$DEST/annotations_trainval2017.zip" -d "$DEST"
 fi
-PYTHON="${PYTHON:-python}"
+# the checkout's .venv (tools/setup_env.sh) unless PYTHON names another interpreter
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python
+  VENV_PY="$(dirname "$0")/../../.venv/bin/python"
+  [ -x "$VENV_PY" ] && PYTHON="$VENV_PY"
+fi
 "$PYTHON" "$(dirname "$0")/check_data.py" coco "$DEST"
