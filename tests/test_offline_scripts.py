@@ -116,6 +116,16 @@ exec {sys.executable} "$@"
                     '--no-mmcv-wheels', env=env)
     assert code == 0, out
     assert not osp.exists(tmp_path / 'b' / 'mmcv-build')
+    # over the limit: the largest files named, the mmcv wheels among them, and no
+    # manifest (the install and the GPU check refuse the folder)
+    (cache / 'torch-2.11.0+cu130-cpu' / 'mmcv-2.1.0-cp312-cp312-linux_x86_64.whl'
+     ).write_bytes(b'w' * (2 << 20))
+    code, out = run('tools/offline_bundle.sh', tmp_path / 'c', '--python', '3.12',
+                    '--max-mib', '1', env=env)
+    assert code != 0
+    assert 'over the 1 MiB limit (largest: mmcv-build/torch-2.11.0_cu130-cpu/' in out, out
+    assert '--no-mmcv-wheels' in out
+    assert not osp.exists(tmp_path / 'c' / 'manifest.json')
 
 
 def test_setup_stops_before_torch_when_the_disk_is_full(tmp_path):

@@ -185,8 +185,14 @@ print(f'[bundle] {len(files)} files, {folder / 2**20:.1f} MiB in {out} '
       f'(node provides: {", ".join(manifest["node_provides"])})'
       + (f'; {len(built)} mmcv wheel(s) built before' if built else ''))
 if folder > float(max_mib) * 2**20:
-    big = ', '.join(f"{e['name']} {e['bytes'] / 2**20:.0f} MiB"
-                    for e in sorted(files, key=lambda e: -e['bytes'])[:3])
+    # no manifest for a bundle over the limit: setup_offline.sh and gpu_check.sh
+    # refuse a folder without one
+    for name in ('manifest.json', 'manifest.tsv'):
+        os.remove(os.path.join(out, name))
+    sizes = [(e['name'], e['bytes']) for e in files] + [
+        (rel, os.path.getsize(os.path.join(out, rel))) for rel in built]
+    big = ', '.join(f"{name} {size / 2**20:.0f} MiB"
+                    for name, size in sorted(sizes, key=lambda e: -e[1])[:3])
     sys.exit(f'[bundle] error: {folder / 2**20:.1f} MiB is over the {max_mib} MiB limit '
              f'(largest: {big}); leave a group to the node (--exclude GROUP) or raise '
              '--max-mib' + (', or --no-mmcv-wheels' if built else ''))

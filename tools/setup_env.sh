@@ -149,7 +149,10 @@ else
     src="$tmp/mmcv-$MMCV_VERSION/mmcv/ops/csrc/pytorch"
     total=$(ls "$src"/*.cpp "$src"/cpu/*.cpp | wc -l)
     [ "$FORCE_CUDA" = "1" ] && total=$((total + $(ls "$src"/cuda/*.cu | wc -l)))
+    # -g0 after Python's -g: no debug information (a wheel of about a third the size,
+    # which an offline bundle can carry; a faster build)
     MMCV_WITH_OPS=1 FORCE_CUDA="$FORCE_CUDA" MAX_JOBS="$jobs" \
+      CFLAGS="${CFLAGS:+$CFLAGS }-g0" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }-g0" \
       "$PY" -m pip wheel --no-deps --no-build-isolation --disable-pip-version-check \
       -w "$tmp/dist" "$tmp/mmcv-$MMCV_VERSION" >"$log" 2>&1 &
     build=$!
