@@ -295,15 +295,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def _name_list(targets, what: str, argument: str) -> List[str]:
     """``targets`` as a list of strings; a lone string (read letter by letter
     otherwise) or anything else is refused with the fix."""
-    if not isinstance(targets, str):
-        targets = list(targets)
-    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+    if isinstance(targets, str):
         raise ValueError(f'{what}: {argument}={targets!r}; give a list of module names or '
-                         f'patterns, e.g. {argument}=[{targets!r}].'
-                         if isinstance(targets, str) else
-                         f'{what}: {argument}={targets!r}; every entry must be a module '
+                         f'patterns, e.g. {argument}=[{targets!r}].')
+    targets = list(targets)
+    if not all(isinstance(t, str) for t in targets):
+        raise ValueError(f'{what}: {argument}={targets!r}; every entry must be a module '
                          'name or pattern (str).')
-    return list(targets)
+    return targets
 
 
 def _pair_list(pairs) -> List[Tuple[str, str]]:
