@@ -116,6 +116,17 @@ def test_effective_weights_include_the_adapter_update(tmp_path):
     assert row['W1'] > 1e-3 and row['W2'] == 0.0        # B1 only feeds W1' (Eq. 14)
 
 
+def test_labels_follow_the_checkpoint_kind():
+    """mmengine records both counters in every checkpoint: an epoch-based run's
+    ``epoch_N.pth`` is labelled by its epoch, an ``iter_N.pth`` by its iteration."""
+    ckpt = {'meta': {'epoch': 3, 'iter': 1500}}
+    assert correlation.checkpoint_label('/w/epoch_3.pth', ckpt) == 'epoch 3'
+    assert correlation.checkpoint_label('/w/iter_1500.pth', ckpt) == 'iter 1500'
+    assert correlation.checkpoint_label('/w/best.pth', ckpt) == 'iter 1500'
+    assert correlation.checkpoint_label('/w/epoch_2.pth', {'meta': {'iter': 9}}) == 'iter 9'
+    assert correlation.checkpoint_label('/w/model.pth', {'state_dict': {}}) == 'model'
+
+
 def test_plain_resnet_against_raw_tensors_and_a_known_update(tmp_path):
     """A plain (full fine-tuning) ResNet: bottleneck pairs (conv1, conv3) read straight
     from the checkpoint tensors, and a rank-1 update of known singular value."""

@@ -122,8 +122,13 @@ def expand_checkpoints(paths: Sequence[str]) -> List[str]:
 
 
 def checkpoint_label(path: str, ckpt: dict) -> str:
+    """``'iter N'`` or ``'epoch N'`` from the checkpoint's meta, by the file's kind:
+    mmengine records both counters in every checkpoint, and an epoch-based run's
+    ``epoch_N.pth`` is labelled by its epoch; else the file name."""
     meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
-    for key in ('iter', 'epoch'):
+    keys = (('epoch', 'iter') if osp.basename(path).startswith('epoch_')
+            else ('iter', 'epoch'))
+    for key in keys:
         if isinstance(meta, dict) and meta.get(key) is not None:
             return f'{key} {meta[key]}'
     return osp.splitext(osp.basename(path))[0]
