@@ -11,6 +11,10 @@ lands where it belongs without downloading anything.
   OpenMMLab checkpoints (``{'meta', 'state_dict'}``, keys behind ``backbone.``, a
   classifier ``head.fc``), built from the upstream modules themselves.
 
+* :func:`trained_checkpoint`: a colora_mm config's model as training leaves it
+  (adapters moved away from their initial values), saved as mmengine's runner does,
+  with ``meta['dataset_meta']``.
+
 * :func:`swin_original_checkpoint`: the original Swin Transformer release,
   ``{'model': sd}`` (``patch_embed.proj``, ``layers.i.blocks.j.norm1|attn|norm2|mlp``,
   stored ``attn_mask`` buffers of the shifted blocks, ``layers.i.downsample``, ``norm``,
@@ -308,3 +312,39 @@ def save(obj, path) -> str:
     """``torch.save`` and return the path as a string (for ``init_cfg``)."""
     torch.save(obj, str(path))
     return str(path)
+
+
+# ---------------------------------------------------------------- trained models
+def trained_checkpoint(config: str, path, seed: int = 0, dataset_meta: bool = True):
+    """Build ``config``'s model, move its adapters and biases away from their initial
+    values (a forward in training mode moves CoLoRA's partners), and save it as
+    mmengine's runner does: ``{'meta': {'iter', 'dataset_meta'}, 'state_dict'}``, the
+    class names taken from the config's training set (``dataset_meta=False``: none).
+    Returns the model, in eval mode."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from colora_mm.adapters import is_adapter_name
+    cfg = Config.fromfile(config)
+    init_default_scope(cfg.default_scope)
+    if cfg.default_scope == 'mmseg':
+        from mmseg.registry import DATASETS, MODELS
+    else:
+        from mmdet.registry import DATASETS, MODELS
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    generator = _generator(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_name(name) or name.endswith('.bias'):
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    model.train()
+    model.extract_feat(torch.randn(2, 3, 64, 64, generator=generator))  # partners move
+    meta = dict(iter=1)
+    if dataset_meta:   # the config's classes, else its dataset class's
+        dataset = cfg.train_dataloader.dataset
+        classes = (dataset.get('metainfo') or {}).get('classes') or \
+            DATASETS.get(dataset.type).METAINFO['classes']
+        meta['dataset_meta'] = dict(classes=tuple(classes))
+    torch.save(dict(meta=meta, state_dict=model.state_dict()), path)
+    return model.eval()

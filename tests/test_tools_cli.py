@@ -365,6 +365,55 @@ def test_dist_scripts_check_their_arguments(configs, script, argv, fragment):
     assert res.returncode == 2 and fragment in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize('script', ['dist_train.sh', 'dist_test.sh'])
+@pytest.mark.parametrize('bad, fragment', [
+    (['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+    (['--cfg-options', 'model.backbone.adpater.gamma=8'],
+     'model.backbone.adpater is not an argument of CoLoRAConvNeXt'),
+])
+def test_dist_scripts_report_a_wrong_setting_once(configs, tmp_path, script, bad,
+                                                  fragment):
+    """The launchers run the tool's checks once before torchrun starts the processes:
+    a wrong option or setting is one message (exit status 2), not one per process
+    followed by torchrun's report of the failed processes."""
+    import subprocess
+    ckpt = tmp_path / 'model.pth'
+    torch.save({'state_dict': {}}, ckpt)
+    args = [configs['seg'], '2'] if script == 'dist_train.sh' else \
+        [configs['seg'], str(ckpt), '2']
+    res = subprocess.run(['bash', osp.join(ROOT, 'tools', script), *args, *bad,
+                          '--work-dir', str(tmp_path / 'work')],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count(fragment) == 1, res.stderr
+    assert 'torch.distributed' not in res.stderr and 'ChildFailedError' not in res.stderr
+    assert not (tmp_path / 'work').exists()
+
+
+@pytest.mark.parametrize('tool', ['train', 'test'])
+def test_check_only_runs_the_checks_and_writes_nothing(configs, tmp_path, capsys, tool):
+    work = tmp_path / 'work'
+    if tool == 'train':
+        assert train.main([configs['seg'], '--work-dir', str(work), '--check-only']) == 0
+        assert capsys.readouterr().out.strip().endswith(f'would train in {work}')
+        # a failing check still fails
+        assert train.main([configs['seg'], '--work-dir', str(work), '--check-only',
+                           '--cfg-options', 'model.backbone.adapter.gamma=0']) == 2
+        assert _error(capsys)
+    else:
+        from helpers_ckpt import trained_checkpoint
+        ckpt = tmp_path / 'model.pth'
+        trained_checkpoint(configs['seg'], ckpt)
+        assert test.main([configs['seg'], str(ckpt), '--work-dir', str(work),
+                          '--check-only']) == 0
+        assert capsys.readouterr().out.strip().endswith(
+            f'{ckpt} would be evaluated with {configs["seg"]}')
+        assert test.main([configs['seg'], str(tmp_path / 'none.pth'),
+                          '--work-dir', str(work), '--check-only']) == 2
+        assert 'none.pth does not exist' in _error(capsys)
+    assert not work.exists()
+
+
 def test_backbone_keys_it_does_not_take_are_named(configs, capsys):
     assert train.main([configs['seg'], '--cfg-options',
                        'model.backbone.adpater.gamma=8']) == 2

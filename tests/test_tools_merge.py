@@ -21,6 +21,7 @@ import colora_mm  # noqa: E402,F401
 from colora_mm.adapters import is_adapter_name, iter_adapted_layers  # noqa: E402
 from data_gen import (make_ade20k,  # noqa: E402
                       write_tiny_config)
+from helpers_ckpt import trained_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
 
@@ -57,22 +58,6 @@ def tiny(tmp_path, shipped, name='tiny.py', data_root=None, **extra):
 
 
 test_tool = load_tool('test')
-
-
-def trained_checkpoint(config, path, seed=0):
-    """A checkpoint as training would leave it: adapters moved away from zero."""
-    cfg = Config.fromfile(config)
-    model = registry(cfg.default_scope).build(cfg.model)
-    model.init_weights()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter_name(name) or name.endswith('.bias'):
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    model.train()
-    model.extract_feat(torch.randn(2, 3, 64, 64, generator=generator))  # partners move
-    torch.save(dict(meta=dict(iter=1), state_dict=model.state_dict()), path)
-    return model.eval()
 
 
 def features(model, x):

@@ -33,6 +33,12 @@ if [ -z "${PYTHON:-}" ]; then
   [ -x "$HERE/../.venv/bin/python" ] && PYTHON="$HERE/../.venv/bin/python"
 fi
 
+# Every check once, before the processes start: a wrong option or setting is one
+# error line (exit status 2), not one per process and torchrun's failure report.
+PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
+"$PYTHON" "$HERE/train.py" "$CONFIG" \
+    --launcher pytorch "${@:3}" --check-only >/dev/null
+
 PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes="$NNODES" \

@@ -13,9 +13,11 @@ branch, Conv-Adapter) keeps its branch and is listed.
 Writes two files, each atomically (a temporary file, then ``os.replace``), and only
 when every check passed:
 
-* OUT: ``{'meta': ..., 'state_dict': ...}`` with tensors only. When everything folded
-  its keys are the upstream backbone's (mmpretrain ConvNeXt, mmseg/mmdet ResNet or
-  SwinTransformer): it loads into the plain upstream model, without colora_mm.
+* OUT: ``{'meta': ..., 'state_dict': ...}`` with tensors only; its meta keeps the
+  checkpoint's ``dataset_meta`` (the class names and palette the inference APIs and
+  ``tools/infer.py`` label predictions with). When everything folded its keys are the
+  upstream backbone's (mmpretrain ConvNeXt, mmseg/mmdet ResNet or SwinTransformer): it
+  loads into the plain upstream model, without colora_mm.
 * OUT with the suffix ``.py``: the config to evaluate OUT with (``tools/test.py``):
   the upstream backbone type when everything folded; otherwise CONFIG with
   ``model.backbone.adapter.merged=True``: the backbone then builds the merged
@@ -338,6 +340,10 @@ def merge(args):
     if unfolded:   # the merged model still has adapters: record their settings
         from colora_mm.engine.adapter_settings import META_KEY
         meta[META_KEY] = current
+    source_meta = source.get('meta') if isinstance(source, dict) else None
+    if isinstance(source_meta, dict) and 'dataset_meta' in source_meta:
+        # the class names and palette: what the upstream inference APIs label with
+        meta['dataset_meta'] = source_meta['dataset_meta']
     checkpoint = dict(meta=meta, state_dict={k: v.detach().cpu().contiguous()
                                              for k, v in merged_state.items()})
     text = header + out_cfg.pretty_text

@@ -8,7 +8,8 @@ settings when the checkpoint records them; ``--allow-mismatch`` lets other setti
 through): anything else is refused with the list of differences instead of being
 evaluated half-loaded. The adapter spec, the data root and its sub-folders and the
 checkpoint are checked before the runner exists; a wrong one ends with one ``error:``
-line and exit status 2. Configs
+line and exit status 2 (``--check-only`` runs the checks alone; ``tools/dist_test.sh``
+runs it once before it starts the processes). Configs
 written by ``tools/merge.py`` work as they are (``adapter.merged=True`` builds the
 merged structure first). The metrics are logged and, on rank 0, also written to
 ``WORK_DIR/metrics.json``.
@@ -67,6 +68,13 @@ def parse_args(argv=None):
         action='store_true',
         help='evaluate although the adapter settings recorded in the checkpoint differ '
         "from the config's")
+    parser.add_argument(
+        '--check-only',
+        action='store_true',
+        help='run every check of the config, the options, the data folder and the '
+        'checkpoint, then exit without evaluating or writing anything (status 0: the '
+        'evaluation would start; tools/dist_test.sh runs this once before it starts '
+        'the processes)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parse_with_clear_errors(parser, argv)
     if 'LOCAL_RANK' not in os.environ:
@@ -172,6 +180,9 @@ def main(argv=None):
             raise CLIError(f'checkpoint {args.checkpoint} does not exist')
         cfg = setup_cfg(args)
         check_checkpoint(cfg, args)
+        if args.check_only:
+            print(f'checked: {args.checkpoint} would be evaluated with {args.config}')
+            return 0
         keep_input_config(cfg, args.config)
         runner = make_runner(cfg)
     except CLIError as err:

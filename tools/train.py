@@ -13,7 +13,9 @@ present, local pretrained checkpoints, the data roots and their sub-folders, and
 ``--resume`` the checkpoint (the newest one that loads, when none is named) and the
 adapter settings it was trained with (``--allow-mismatch`` overrides), and a local
 ``load_from`` checkpoint likewise (one trained without adapter tensors, e.g. full
-fine-tuning, initialises any config).
+fine-tuning, initialises any config). ``--check-only`` runs these checks and exits
+(``tools/dist_train.sh`` runs it once, so that a wrong setting is one error line, not
+one per process and torchrun's report of the failed processes).
 
     python tools/train.py configs/ade20k/colora_convnext_b.py --work-dir work_dirs/b
     bash tools/dist_train.sh configs/ade20k/colora_convnext_b.py 4 --amp
@@ -76,6 +78,13 @@ def parse_args(argv=None):
         choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none',
         help='job launcher')
+    parser.add_argument(
+        '--check-only',
+        action='store_true',
+        help='run every check of the config, the options, the data folders and the '
+        'checkpoints, then exit without training or writing anything (status 0: '
+        'training would start; tools/dist_train.sh runs this once before it starts '
+        'the processes)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parse_with_clear_errors(parser, argv)
     if 'LOCAL_RANK' not in os.environ:
@@ -638,6 +647,9 @@ def main(argv=None):
     try:
         cfg = setup_cfg(args)
         check_before_work(cfg, args)
+        if args.check_only:
+            print(f'checked: {args.config} would train in {cfg.work_dir}')
+            return 0
         keep_input_config(cfg, args.config)
     except CLIError as err:
         print(f'error: {err}', file=sys.stderr)
