@@ -527,3 +527,61 @@ def test_checkpointed_blocks_train_like_plain_ones(adapter, factors, monkeypatch
     assert plain.keys() == ckpt.keys() and plain
     for name, want in plain.items():
         assert (ckpt[name] - want).abs().max() <= 1e-5 * max(want.abs().max().item(), 1e-6), name
+
+
+def test_layer_scale_of_another_kind_is_an_error():
+    """A checkpoint with layer scale (``gamma`` in every block) into a backbone
+    without it, and the reverse, are other variants of the architecture: refused with
+    the setting that fixes it (the blocks would compute another function)."""
+    with_scale = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=8)
+    model = build(layer_scale_init_value=0.)
+    model.init_cfg = dict(type='Pretrained', checkpoint=with_scale)
+    with pytest.raises(ValueError, match=r'it has stages\.\*\.\*\.gamma \(6 tensors\).*'
+                       r'layer_scale_init_value > 0.*allow_partial=True'):
+        model.init_weights()
+    without = {'model': {k: v for k, v in with_scale['model'].items()
+                         if not k.endswith('.gamma')}}
+    model = build()
+    model.init_cfg = dict(type='Pretrained', checkpoint=without)
+    with pytest.raises(ValueError, match=r'every stages\.\*\.\*\.gamma of the backbone '
+                       r'\(6 tensors\) is missing'):
+        model.init_weights()
+    model = build()
+    model.init_cfg = dict(type='Pretrained', checkpoint=without, allow_partial=True)
+    model.init_weights()
+    assert 'kinds of tensor' in model.pretrained_report.notes[-1]
+
+
+def test_convnext_v2_checkpoint_is_an_error():
+    ckpt = convnext_original_checkpoint(REDUCED_CONVNEXT, seed=8)
+    sd = {k: v for k, v in ckpt['model'].items() if not k.endswith('.gamma')}
+    for key in [k for k in sd if k.endswith('.pwconv1.weight')]:
+        block = key[:-len('pwconv1.weight')]
+        width = sd[key].shape[0]
+        sd[block + 'grn.gamma'] = torch.zeros(1, 1, 1, width)
+        sd[block + 'grn.beta'] = torch.zeros(1, 1, 1, width)
+    model = build()
+    model.init_cfg = dict(type='Pretrained', checkpoint={'model': sd})
+    with pytest.raises(ValueError, match=r'stages\.\*\.\*\.grn\.beta.*ConvNeXt-V2'):
+        model.init_weights()
+
+
+@pytest.mark.parametrize('linear_pw_conv', [True, False])
+def test_mmpretrain_checkpoint_of_the_other_pointwise_form(tmp_path, linear_pw_conv):
+    """Pointwise weights saved as Linear ``(out, in)`` load into 1x1 convs ``(out, in,
+    1, 1)`` and the reverse: the same numbers."""
+    source = build(linear_pw_conv=not linear_pw_conv)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    state = {k: v for k, v in source.state_dict().items() if not is_adapter_name(k)}
+    path = save({'state_dict': {f'backbone.{k}': v for k, v in state.items()}},
+                tmp_path / 'mmpretrain.pth')
+    model = build(linear_pw_conv=linear_pw_conv,
+                  init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    own = model.state_dict()
+    for key, value in state.items():
+        torch.testing.assert_close(own[key].reshape(value.shape), value, rtol=0, atol=0)
+    assert model.pretrained_report.clean
+    assert own['stages.0.0.pointwise_conv1.weight'].dim() == (2 if linear_pw_conv else 4)

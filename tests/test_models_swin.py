@@ -403,3 +403,67 @@ def test_checkpoint_of_another_depth_is_an_error():
                                                  checkpoint=ckpt)).init_weights(),
             'CoLoRASwin', '2 blocks/layers the backbone lacks',
             'stages.2.blocks.2, stages.2.blocks.3', 'allow_partial=True')
+
+
+@pytest.mark.parametrize('codebase', ['mmseg', 'mmdet'])
+def test_absolute_position_embedding_loads(codebase, tmp_path):
+    """``use_abs_pos_embed=True``: upstream's parameter is ``(1, L, C)`` as in the
+    checkpoints; it loads as it is."""
+    ckpt = openmmlab_swin_checkpoint(REDUCED_SWIN, seed=3, prefix='', wrap=False)
+    pos = torch.randn(1, 56 * 56, REDUCED_SWIN['embed_dims'])
+    ckpt['absolute_pos_embed'] = pos
+    model = build(codebase, use_abs_pos_embed=True,
+                  init_cfg=dict(type='Pretrained', checkpoint=save(ckpt, tmp_path / 'a.pth')))
+    model.init_weights()
+    torch.testing.assert_close(model.absolute_pos_embed.detach(), pos, rtol=0, atol=0)
+    assert model.pretrained_report.clean
+
+
+@pytest.mark.parametrize('codebase', ['mmseg', 'mmdet'])
+def test_pissa_from_scratch_decomposes_the_initialised_weights(codebase):
+    """Without a checkpoint the adapted Linear layers get upstream's truncated-normal
+    initialisation first, then PiSSA's SVD of those weights: ``s B A`` is the top-r
+    part of the effective weight, which has upstream's std."""
+    model = build(codebase, adapter=dict(method='pissa'))
+    model.init_weights()
+    layers = list(iter_adapted_layers(model))
+    assert layers
+    for name, layer in layers:
+        pissa = layer.adapter_branch
+        low = (pissa.scaling * pissa.B.double() @ pissa.A.double()).detach()
+        effective = (layer.weight_matrix().double() + low).detach()
+        u, s, vh = torch.linalg.svd(effective, full_matrices=False)
+        r = pissa.rank
+        torch.testing.assert_close(low, (u[:, :r] * s[:r]) @ vh[:r], rtol=0, atol=1e-6,
+                                   msg=name)
+        assert 0.015 < float(effective.std()) < 0.025, name
+
+
+def test_pretrained_load_leaves_out_upstreams_from_scratch_notice(tmp_path, capsys):
+    """Upstream announces training from scratch whenever its init_cfg is empty, which
+    it is while it initialises before the checkpoint loads: not printed (mmseg) nor
+    logged (mmdet) then; printed when there is no checkpoint."""
+    import logging
+
+    from mmengine.logging import MMLogger
+    ckpt = save(openmmlab_swin_checkpoint(REDUCED_SWIN, seed=3, prefix='', wrap=False),
+                tmp_path / 'swin.pth')
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = MMLogger.get_current_instance()
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        for codebase in ('mmseg', 'mmdet'):
+            build(codebase, init_cfg=dict(type='Pretrained', checkpoint=ckpt)).init_weights()
+        assert 'No pre-trained weights' not in capsys.readouterr().out
+        assert not [r for r in records if 'No pre-trained weights' in r]
+        assert [r for r in records if 'loaded' in r]        # the load report still is
+        build('mmseg').init_weights()
+        assert 'No pre-trained weights for CoLoRASwin' in capsys.readouterr().out
+    finally:
+        logger.removeHandler(keep)

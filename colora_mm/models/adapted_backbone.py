@@ -133,7 +133,7 @@ class AdaptedBackboneMixin:
         original_cfg = self.init_cfg
         self.init_cfg = others or None
         try:
-            super().init_weights()
+            self._upstream_init_weights(pretrained=bool(pretrained))
         finally:
             self.init_cfg = original_cfg
         if others:
@@ -154,6 +154,13 @@ class AdaptedBackboneMixin:
                 expected_missing=self.expected_missing,
                 allow_partial=bool(cfg.get('allow_partial', False)))
         reset_adapters_from_weights(self)
+
+    def _upstream_init_weights(self, pretrained: bool) -> None:
+        """The upstream backbone's ``init_weights``, run with ``init_cfg`` holding
+        the non-``Pretrained`` entries only (``pretrained``: a checkpoint loads right
+        after). Before the adapter state is derived from the weights, so a backbone
+        that initialises more (its adapted layers) does it here."""
+        super().init_weights()
 
     def extra_repr(self) -> str:
         spec = self.adapter_spec

@@ -72,16 +72,28 @@ class CoLoRAConvNeXt(AdaptedBackboneMixin, ConvNeXt):
         if layout == 'convnext_original':
             final = self.final_norm_name if hasattr(self, self.final_norm_name) else None
             converted, renamed = convert_convnext_original(state_dict, final, dropped)
-            # linear_pw_conv=False stores the pointwise layers as 1x1 convs.
-            own = self.state_dict()
-            for key, value in converted.items():
-                if key in own and own[key].dim() == 4 and value.dim() == 2:
-                    converted[key] = value.reshape(own[key].shape)
-            return converted, renamed
+            return self._fit_pointwise(converted), renamed
         if layout == 'openmmlab':
-            return drop_classifier(state_dict, ('head.',), dropped), {}
+            return self._fit_pointwise(drop_classifier(state_dict, ('head.',),
+                                                       dropped)), {}
         raise ValueError(f'CoLoRAConvNeXt: a {layout!r} checkpoint is not a ConvNeXt; '
                          'use the original ConvNeXt release or an mmpretrain checkpoint.')
+
+    def _fit_pointwise(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Pointwise weights stored as ``Linear`` ``(out, in)`` or as 1x1 convs ``(out,
+        in, 1, 1)`` (``linear_pw_conv``, mmpretrain's choice) take this backbone's form:
+        the same numbers either way."""
+        own = self.state_dict()
+        for key, value in state_dict.items():
+            target = own.get(key)
+            if target is None or '.pointwise_conv' not in key:
+                continue
+            if (target.dim() == 4 and value.dim() == 2 and target.shape[2:] == (1, 1)
+                    and target.shape[:2] == value.shape) or (
+                    target.dim() == 2 and value.dim() == 4 and value.shape[2:] == (1, 1)
+                    and value.shape[:2] == target.shape):
+                state_dict[key] = value.reshape(target.shape)
+        return state_dict
 
     def expected_missing(self, name: str) -> Optional[str]:
         head = name.split('.', 1)[0]

@@ -26,8 +26,12 @@ reported as unexpected, and every backbone tensor the checkpoint does not provid
 reported as missing. A shape mismatch is an error, and so is a checkpoint of another
 depth: whole numbered blocks or layers (``stages.2.9``, ``layer3.5``) of the backbone
 missing from it, or whole blocks in it that the backbone lacks (a ConvNeXt-T checkpoint in
-a ConvNeXt-S, or the reverse), unless the backbone's ``init_cfg`` sets
-``allow_partial=True`` (those blocks then keep their initialisation, or are not loaded).
+a ConvNeXt-S, or the reverse), and a checkpoint of another variant: a kind of tensor
+missing from every block that has it, or present in several blocks of the checkpoint
+and in none of the backbone (layer scale ``gamma`` on one side only, ConvNeXt-V2's
+``grn``), unless the backbone's ``init_cfg`` sets ``allow_partial=True`` (those tensors
+then keep their initialisation, or are not loaded). ConvNeXt's pointwise weights load
+into either form of the layer (``Linear`` or 1x1 conv, ``linear_pw_conv``).
 """
 from __future__ import annotations
 
@@ -67,6 +71,11 @@ class PretrainedLoadReport:
     #: the checkpoint provides, and of the checkpoint that the backbone lacks entirely.
     missing_blocks: List[str] = field(default_factory=list)
     unexpected_blocks: List[str] = field(default_factory=list)
+    #: Tensor names (block numbers as ``*``) the checkpoint lacks in every block of
+    #: the backbone, or has in several blocks where the backbone has none: another
+    #: variant of the architecture (layer scale, GRN), not a stray tensor.
+    missing_kinds: List[str] = field(default_factory=list)
+    unexpected_kinds: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
     def summary(self, owner: str) -> str:
@@ -238,8 +247,9 @@ def fit_swin_positions(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]
     import torch.nn.functional as F
     out = OrderedDict(sd)
     pos = out.get('absolute_pos_embed')
-    if pos is not None and 'absolute_pos_embed' in own and pos.dim() == 3:
-        n, c, h, w = own['absolute_pos_embed'].shape
+    target = own.get('absolute_pos_embed')
+    if pos is not None and target is not None and pos.dim() == 3 and target.dim() == 4:
+        n, c, h, w = target.shape
         if pos.shape == (n, h * w, c):
             out['absolute_pos_embed'] = pos.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
     for key, table in sd.items():
@@ -301,9 +311,44 @@ def _whole_units(keys: List[str], own_names: List[str],
     return units
 
 
+def _kind(key: str) -> str:
+    """``'stages.2.9.gamma'`` -> ``'stages.*.*.gamma'``."""
+    return '.'.join('*' if part.isdigit() else part for part in key.split('.'))
+
+
+def _systematic(keys: List[str], own_names: List[str], missing: bool) -> List[str]:
+    """The kinds of tensor (:func:`_kind`) among ``keys`` that are not strays: with
+    ``missing``, kinds every tensor of which the backbone has is absent from the
+    checkpoint; without, kinds the checkpoint has in two or more blocks and the
+    backbone not at all."""
+    from collections import Counter
+    found = Counter(_kind(k) for k in keys)
+    own = Counter(_kind(k) for k in own_names)
+    return sorted(kind for kind, n in found.items()
+                  if '*' in kind and n >= 2 and (own[kind] == n if missing
+                                                 else own[kind] == 0))
+
+
+def _variant_hint(kinds: List[str]) -> str:
+    hints = []
+    if any(k.endswith('.gamma') and '.grn.' not in k for k in kinds):
+        hints.append('layer scale (`gamma`) differs: set layer_scale_init_value > 0 for '
+                     'a checkpoint with it (the released ConvNeXts), 0 without')
+    if any('.grn.' in k for k in kinds):
+        hints.append('GRN tensors: a ConvNeXt-V2 checkpoint, and this backbone is '
+                     'ConvNeXt (V1); pick a V1 checkpoint')
+    return ('; '.join(hints) + '. ') if hints else ''
+
+
 def _partial_message(owner: str, source: str, layout: str,
                      report: 'PretrainedLoadReport') -> str:
     parts = []
+    for kind in report.missing_kinds:
+        n = sum(1 for k in report.missing_other if _kind(k) == kind)
+        parts.append(f'every {kind} of the backbone ({n} tensors) is missing from it')
+    for kind in report.unexpected_kinds:
+        n = sum(1 for k in report.unexpected if _kind(k) == kind)
+        parts.append(f'it has {kind} ({n} tensors), which the backbone has none of')
     if report.missing_blocks:
         n = sum(1 for k in report.missing_other
                 if any(k.startswith(u + '.') for u in report.missing_blocks))
@@ -315,11 +360,14 @@ def _partial_message(owner: str, source: str, layout: str,
                 if any(k.startswith(u + '.') for u in report.unexpected_blocks))
         parts.append(f'it has {len(report.unexpected_blocks)} blocks/layers the backbone '
                      f'lacks ({n} tensors: {_abbrev(report.unexpected_blocks, 6)})')
+    kinds = report.missing_kinds + report.unexpected_kinds
+    fix = (_variant_hint(kinds) + 'Set the backbone\'s arguments to match the checkpoint'
+           if kinds else 'Set arch/depth (depths, num_stages...) to match the checkpoint')
     return (f'{owner}: the pretrained checkpoint {source} (layout {layout!r}) is of '
-            f'another depth or architecture: {"; ".join(parts)}. Set arch/depth (depths, '
-            'num_stages...) to match the checkpoint, or pick the checkpoint of this '
-            'architecture; to load it anyway, set allow_partial=True in the backbone\'s '
-            'init_cfg (--cfg-options model.backbone.init_cfg.allow_partial=True).')
+            f'another depth or architecture: {"; ".join(parts)}. {fix}, or pick the '
+            'checkpoint of this architecture; to load it anyway, set allow_partial=True '
+            'in the backbone\'s init_cfg (--cfg-options '
+            'model.backbone.init_cfg.allow_partial=True).')
 
 
 class PretrainedCheckpointError(RuntimeError):
@@ -387,8 +435,10 @@ def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: 
         allow_partial (bool): Load a checkpoint that lacks whole blocks or layers of
             the backbone (they keep their initialisation), or that has whole blocks the
             backbone lacks (they are not loaded): a checkpoint of another depth, such as
-            ConvNeXt-T weights in a ConvNeXt-S. Without it that is an error naming the
-            blocks; single tensors missing or unexpected are only reported. Set it in
+            ConvNeXt-T weights in a ConvNeXt-S, or whose blocks lack a kind of tensor
+            the backbone's all have, or have one the backbone's have not (layer scale).
+            Without it that is an error naming the blocks or the kinds; single tensors
+            missing or unexpected are only reported. Set it in
             the config as ``init_cfg=dict(type='Pretrained', checkpoint=...,
             allow_partial=True)``. Defaults to False.
 
@@ -448,13 +498,23 @@ def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: 
                                          and not k.endswith('num_batches_tracked')],
         absent=set(report.missing_other) | set(report.missing_expected))
     report.unexpected_blocks = _whole_units(report.unexpected, own_names=list(own))
-    if report.missing_blocks or report.unexpected_blocks:
+    in_blocks = [k for k in report.missing_other
+                 if not any(k.startswith(u + '.') for u in report.missing_blocks)]
+    report.missing_kinds = _systematic(in_blocks, list(own), missing=True)
+    report.unexpected_kinds = _systematic(
+        [k for k in report.unexpected
+         if not any(k.startswith(u + '.') for u in report.unexpected_blocks)],
+        list(own), missing=False)
+    if (report.missing_blocks or report.unexpected_blocks or report.missing_kinds
+            or report.unexpected_kinds):
         if not allow_partial:
             raise ValueError(_partial_message(owner, source, layout, report))
         report.notes.append(
-            f'allow_partial=True: {len(report.missing_blocks)} blocks/layers not in the '
-            f'checkpoint keep their initialisation, {len(report.unexpected_blocks)} of the '
-            'checkpoint are not loaded')
+            f'allow_partial=True: {len(report.missing_blocks)} blocks/layers and '
+            f'{len(report.missing_kinds)} kinds of tensor not in the checkpoint keep their '
+            f'initialisation, {len(report.unexpected_blocks)} blocks/layers and '
+            f'{len(report.unexpected_kinds)} kinds of tensor of the checkpoint are not '
+            'loaded')
     # strict=False for the adapter tensors only; everything else is accounted for above.
     module.load_state_dict({k: sd[k] for k in report.loaded}, strict=False)
     print_log(report.summary(owner), logger=logger,

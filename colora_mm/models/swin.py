@@ -37,19 +37,47 @@ plain ``SwinTransformer`` one.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from colora_mm.adapters import (AdapterSpec, iter_adapted_layers,
-                                reset_adapters_from_weights, resolve_names)
+from colora_mm.adapters import AdapterSpec, iter_adapted_layers, resolve_names
 
 from .adapted_backbone import AdaptedBackboneMixin, freeze_norms_if_configured
 from .pretrained import convert_swin_original, fit_swin_positions
 
 #: Methods the attention projections can take (pointwise updates).
 ATTENTION_METHODS = ('lora', 'pissa', 'hira')
+#: How upstream's SwinTransformer.init_weights starts its notice for an empty init_cfg.
+_SCRATCH_NOTICE = 'No pre-trained weights for'
+
+
+@contextlib.contextmanager
+def _without_scratch_notice():
+    """Leave out upstream's "No pre-trained weights for X, training start from
+    scratch" (mmseg prints it, mmdet logs it as a warning); everything else the block
+    prints or logs goes through."""
+    from mmengine.logging import MMLogger
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return _SCRATCH_NOTICE not in record.getMessage()
+
+    logger, drop, printed = MMLogger.get_current_instance(), _Drop(), io.StringIO()
+    logger.addFilter(drop)
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        logger.removeFilter(drop)
+        sys.stdout.write(''.join(line for line in
+                                 printed.getvalue().splitlines(keepends=True)
+                                 if _SCRATCH_NOTICE not in line))
 
 
 class SwinAdapterMixin(AdaptedBackboneMixin):
@@ -188,18 +216,22 @@ class SwinAdapterMixin(AdaptedBackboneMixin):
         self._freeze_stages()
 
     # ------------------------------------------------------------ weights
-    def init_weights(self) -> None:
-        """Upstream initialisation, the pretrained checkpoint (any supported layout),
-        and the adapter state that depends on the loaded weights. Without a pretrained
-        checkpoint the adapted ``Linear`` layers get upstream's truncated-normal
-        initialisation too (upstream's loop looks for ``nn.Linear`` and would miss
-        them inside their wrappers)."""
-        super().init_weights()
-        if self.init_cfg is None:
-            from mmengine.model.weight_init import trunc_normal_init
-            for _, layer in iter_adapted_layers(self):
-                trunc_normal_init(layer.base_view(), std=.02, bias=0.)
-            reset_adapters_from_weights(self)
+    def _upstream_init_weights(self, pretrained: bool) -> None:
+        """Upstream's initialisation. Without a pretrained checkpoint the adapted
+        ``Linear`` layers get upstream's truncated-normal initialisation too
+        (upstream's loop looks for ``nn.Linear`` and would miss them inside their
+        wrappers), before the adapter state (PiSSA's SVD) is derived from them. With
+        one, upstream's notice that training starts from scratch (its ``init_cfg`` is
+        empty while it runs) is left out: the checkpoint loads right after."""
+        if not pretrained:
+            super()._upstream_init_weights(pretrained)
+            if self.init_cfg is None:
+                from mmengine.model.weight_init import trunc_normal_init
+                for _, layer in iter_adapted_layers(self):
+                    trunc_normal_init(layer.base_view(), std=.02, bias=0.)
+            return
+        with _without_scratch_notice():
+            super()._upstream_init_weights(pretrained)
 
     def convert_pretrained(self, state_dict: Dict[str, torch.Tensor], layout: str,
                            dropped: Dict[str, str]) -> Tuple[Dict, Dict]:
