@@ -267,6 +267,18 @@ def test_deep_stem_openmmlab_checkpoint():
                                ckpt['state_dict']['backbone.stem.0.weight'])
 
 
+@pytest.mark.parametrize('deep_stem', [True, False])
+def test_stem_of_the_other_kind_names_deep_stem(deep_stem):
+    """A V1c checkpoint (deep stem) in a plain-stem ResNet, and the reverse: the error
+    names ``deep_stem`` as the fix."""
+    ckpt = openmmlab_resnet_checkpoint('mmseg', seed=5, **dict(NARROW, deep_stem=deep_stem))
+    model = build('mmseg', deep_stem=not deep_stem)
+    model.init_cfg = dict(type='Pretrained', checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r'stem.*deep_stem=True for a checkpoint with '
+                       r'stem\.\* tensors'):
+        model.init_weights()
+
+
 def test_width_mismatch_is_an_error():
     sd = torchvision_resnet_state_dict(seed=0)       # full width
     model = build('mmseg')                           # narrow

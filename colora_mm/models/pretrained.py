@@ -363,6 +363,9 @@ def _partial_message(owner: str, source: str, layout: str,
     kinds = report.missing_kinds + report.unexpected_kinds
     fix = (_variant_hint(kinds) + 'Set the backbone\'s arguments to match the checkpoint'
            if kinds else 'Set arch/depth (depths, num_stages...) to match the checkpoint')
+    if any(u.startswith('stem.') for u in report.missing_blocks + report.unexpected_blocks):
+        fix += (' (deep_stem=True for a checkpoint with stem.* tensors, the V1c ResNets; '
+                'deep_stem=False for one with conv1)')
     return (f'{owner}: the pretrained checkpoint {source} (layout {layout!r}) is of '
             f'another depth or architecture: {"; ".join(parts)}. {fix}, or pick the '
             'checkpoint of this architecture; to load it anyway, set allow_partial=True '
