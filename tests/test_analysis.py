@@ -59,8 +59,10 @@ def read_csv(path):
 
 
 def test_colora_series_against_merged_weights(tmp_path):
-    """CoLoRA checkpoints: the tool's numbers equal svdvals of the differences of the
-    merged (plain) pointwise weights, loaded from each checkpoint independently."""
+    """CoLoRA checkpoints as training leaves them (the effective partners hold the
+    previous step's update, offsets of inner width r, where a fresh model has none):
+    the tool's numbers equal svdvals of the differences of the merged (plain)
+    pointwise weights, loaded from each checkpoint independently."""
     model = build('colora')
     gen = torch.Generator().manual_seed(0)
     paths = []
@@ -69,6 +71,11 @@ def test_colora_series_against_merged_weights(tmp_path):
             for name, p in model.named_parameters():
                 if is_adapter_name(name):
                     p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+            model.train()
+            model(torch.randn(1, 3, 64, 64, generator=gen))   # the partners move
+            model.eval()
+        offsets = [v for k, v in model.state_dict().items() if k.endswith('partner_l1')]
+        assert offsets and all(v.shape[1] > 0 for v in offsets)
         paths.append(save(model, tmp_path / f'iter_{step * 100}.pth', step * 100))
 
     merged = []

@@ -460,8 +460,10 @@ def test_a_config_that_says_resume_does_not_resume_by_itself(configs, tmp_path, 
     config = tmp_path / 'saved.py'
     config.write_text(open(configs['seg']).read() + "resume = True\nload_from = 'x.pth'\n")
     cfg = train_cfg(config)
-    assert cfg.resume is False
-    assert 'not resuming' in capsys.readouterr().out
+    assert cfg.resume is False and cfg.load_from is None
+    out = capsys.readouterr().out
+    assert 'not resuming, pass --resume to resume' in out
+    assert "its load_from 'x.pth' (the checkpoint it resumed from) is not loaded" in out
     assert train_cfg(config, '--resume').resume is True
 
 

@@ -279,6 +279,22 @@ def test_settings_differences_compare_only_what_the_methods_read():
         conv, act='gelu')}) == ["backbone.adapter.act: checkpoint 'relu', config 'gelu'"]
 
 
+def test_settings_differences_resolve_the_default_spatial_gamma():
+    """``spatial_gamma=None`` is CoLoRA's spatial rank divisor ``gamma`` (and
+    ``gamma=None`` its default 16): written out or left to the default, the same
+    model has no difference; another spatial divisor is one."""
+    assert settings_differences({'b': dict(method='colora', gamma=8)},
+                                {'b': dict(method='colora', gamma=8,
+                                           spatial_gamma=8)}) == []
+    assert settings_differences({'b': dict(method='colora')},
+                                {'b': dict(method='colora', gamma=16,
+                                           spatial_gamma=16)}) == []
+    assert settings_differences({'b': dict(method='colora', gamma=8)},
+                                {'b': dict(method='colora', gamma=8,
+                                           spatial_gamma=16)}) == [
+        'b.adapter.spatial_gamma: checkpoint 8, config 16']
+
+
 def test_test_and_merge_accept_settings_the_method_ignores(data, tmp_path, capsys):
     ckpt = save_checkpoint(data['lora'], tmp_path / 'iter_2.pth', cfg_text=True)
     options = {'model.backbone.adapter.use_filter': False,
@@ -361,6 +377,22 @@ def test_train_checks_device_pretrained_and_data_before_work(data, tmp_path, cap
     assert train.main([pretrained, '--work-dir', str(work)]) == 2
     line = error_line(capsys)
     assert f"model.backbone.init_cfg.checkpoint='{missing}' does not exist" in line
+    # damaged files are refused before work too (size, first bytes, zip end record)
+    whole = tmp_path / 'whole.pth'
+    torch.save({'state_dict': {'w': torch.zeros(1000)}}, whole)
+    damaged = {'empty.pth': b'', 'truncated.pth': whole.read_bytes()[:-200],
+               'text.pth': b'<html>404 Not Found</html>'}
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        assert train.main([pretrained, '--work-dir', str(work), '--cfg-options',
+                           f'model.backbone.init_cfg.checkpoint={tmp_path / name}']) == 2
+        line = error_line(capsys)
+        assert f"model.backbone.init_cfg.checkpoint='{tmp_path / name}': the file is" in line
+        assert 'download the checkpoint again' in line
+    assert train.unreadable_checkpoint(str(whole)) is None
+    legacy = tmp_path / 'legacy.pth'
+    torch.save({'w': torch.zeros(3)}, legacy, _use_new_zipfile_serialization=False)
+    assert train.unreadable_checkpoint(str(legacy)) is None
     empty = tmp_path / 'empty_root'
     empty.mkdir()
     assert train.main([data['colora'], '--work-dir', str(work), '--cfg-options',
@@ -373,6 +405,20 @@ def test_train_checks_device_pretrained_and_data_before_work(data, tmp_path, cap
                        f'train_dataloader.dataset.data_root={empty}']) == 2
     assert 'is empty' in error_line(capsys)
     assert not work.exists()
+
+
+def test_pretrained_url_that_cannot_be_fetched_is_one_error_line(data, tmp_path, capsys):
+    """A pretrained URL is fetched when the model initialises: offline, the run ends
+    there with the loader's one line (backbone, source, fix) and exit status 2, not a
+    traceback."""
+    url = 'http://127.0.0.1:9/colora_mm_unreachable_convnext.pth'
+    config = write_tiny_config(COLORA, str(tmp_path / 'url.py'), data_root=data['ade'],
+                               extra=dict(model=dict(backbone=dict(init_cfg=dict(
+                                   type='Pretrained', checkpoint=url)))))
+    assert train.main([config, '--work-dir', str(tmp_path / 'wd')]) == 2
+    line = error_line(capsys)
+    assert f'cannot read the pretrained checkpoint {url}' in line, line
+    assert 'could not be downloaded' in line and 'LOCAL_PATH' in line
 
 
 def test_test_and_merge_check_the_adapter_before_work(data, tmp_path, capsys):

@@ -18,7 +18,8 @@ when every check passed:
   ``tools/infer.py`` label predictions with). When everything folded its keys are the
   upstream backbone's (mmpretrain ConvNeXt, mmseg/mmdet ResNet or SwinTransformer): it
   loads into the plain upstream model, without colora_mm.
-* OUT with the suffix ``.py``: the config to evaluate OUT with (``tools/test.py``):
+* OUT with its extension replaced by ``.py`` (``merged.pth`` -> ``merged.py``): the
+  config to evaluate OUT with (``tools/test.py``):
   the upstream backbone type when everything folded; otherwise CONFIG with
   ``model.backbone.adapter.merged=True``: the backbone then builds the merged
   structure itself (plain folded layers, the branches that cannot fold), so any
@@ -61,8 +62,8 @@ def parse_args(argv=None):
         'checkpoint and its config')
     parser.add_argument('config', help='the config the checkpoint was trained with')
     parser.add_argument('checkpoint', help='trained checkpoint (with adapter tensors)')
-    parser.add_argument('out', help='merged checkpoint to write (its config goes to '
-                        'the same path with .py)')
+    parser.add_argument('out', help='merged checkpoint to write (its config goes beside '
+                        'it, the extension replaced by .py: merged.pth -> merged.py)')
     parser.add_argument(
         '--shape',
         type=int,

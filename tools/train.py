@@ -9,7 +9,9 @@ Before the runner (or a work dir) exists, the settings are checked, and a wrong 
 ends the run with one ``error:`` line naming the key, the value and the fix (exit
 status 2): the backbone's adapter spec (every key and its type, and the rank of every
 adapted layer: the backbone is built on the meta device), ``--amp`` against the devices
-present, local pretrained checkpoints, the data roots and their sub-folders, and for
+present, local pretrained checkpoints (they exist and look whole; a pretrained URL that
+cannot be fetched ends the run with one ``error:`` line when the model initialises),
+the data roots and their sub-folders, and for
 ``--resume`` the checkpoint (the newest one that loads, when none is named) and the
 adapter settings it was trained with (``--allow-mismatch`` overrides), and a local
 ``load_from`` checkpoint likewise (one trained without adapter tensors, e.g. full
@@ -354,14 +356,41 @@ def _pretrained_paths(node, key=''):
             yield from _pretrained_paths(v, f'{key}.{i}')
 
 
+def unreadable_checkpoint(path):
+    """Why the file ``path`` cannot be a whole ``torch.save`` checkpoint, judged from
+    its size, its first bytes and its zip archive's end record (nothing is loaded), or
+    None when it may be one."""
+    import zipfile
+    if osp.getsize(path) == 0:
+        return 'the file is empty'
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if head == b'PK':
+        if not zipfile.is_zipfile(path):
+            return ('the file is truncated or corrupt (its zip archive has no end '
+                    'record): not a whole torch.save file')
+        return None
+    if head[:1] == b'\x80':       # a pickle: torch.save's legacy format
+        return None
+    return 'the file is not a PyTorch checkpoint (neither a zip archive nor a pickle)'
+
+
 def check_pretrained(cfg):
-    """Every local pretrained checkpoint the model names exists (URLs are fetched by
-    mmengine and not checked here)."""
+    """Every local pretrained checkpoint the model names exists and looks whole (URLs
+    are fetched by mmengine when the model initialises: one that cannot be fetched
+    ends the run there, with one error line)."""
     for key, path in _pretrained_paths(model_cfg_of(cfg), 'model'):
-        if '://' in path or osp.isfile(osp.expanduser(path)):
+        if '://' in path:
             continue
-        raise CLIError(f'{key}={path!r} does not exist; download the checkpoint there, '
-                       f'or point the config at it with --cfg-options {key}=PATH')
+        if not osp.isfile(osp.expanduser(path)):
+            raise CLIError(f'{key}={path!r} does not exist; download the checkpoint '
+                           f'there, or point the config at it with --cfg-options '
+                           f'{key}=PATH')
+        why = unreadable_checkpoint(osp.expanduser(path))
+        if why:
+            raise CLIError(f'{key}={path!r}: {why}; download the checkpoint again, or '
+                           f'point the config at another one with --cfg-options '
+                           f'{key}=PATH')
 
 
 def accelerator_available():
@@ -523,21 +552,10 @@ def check_state_dict_matches(model, state, checkpoint, config):
     Raises:
         CLIError: with counts and examples of missing, unexpected and reshaped tensors.
     """
-    from colora_mm.adapters.colora_pair import LEGACY_PARTNER_NAMES, OFFSET_NAMES
-    offsets = tuple(n for pair in OFFSET_NAMES for n in pair)
+    from colora_mm.adapters.colora_pair import state_dict_differences
     own = model.state_dict()
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    # A CoLoRA pair's partner offsets take the checkpoint's inner width; full partner
-    # copies of the earlier layout convert to them on load.
-    legacy = {k for k in unexpected if k.rsplit('.', 1)[-1] in LEGACY_PARTNER_NAMES}
-    prefixes = {k.rsplit('.', 1)[0] for k in legacy}
-    missing = {k for k in missing if not (k.rsplit('.', 1)[-1] in offsets
-                                          and k.rsplit('.', 1)[0] in prefixes)}
-    unexpected -= legacy
-    reshaped = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
-                for k in set(own) & set(state) if state[k].shape != own[k].shape
-                and k.rsplit('.', 1)[-1] not in offsets]
+    missing, unexpected, reshaped = state_dict_differences(own, state)
+    reshaped = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in reshaped]
     if not (missing or unexpected or reshaped):
         return
     parts = []
@@ -583,8 +601,15 @@ def setup_cfg(args):
     if args.resume is None and cfg.get('resume'):
         # as mmseg's tools/train.py: only --resume resumes (a config a run saved with
         # --resume says resume = True, and must not resume another run by itself)
-        print('note: the config says resume = True; not resuming (pass --resume to)')
+        # its load_from is the checkpoint that run resumed from, not weights to start
+        # a new run with
+        dropped = cfg.get('load_from')
+        print('note: the config says resume = True (a config saved by a resumed run); '
+              'not resuming, pass --resume to resume'
+              + (f"; its load_from {dropped!r} (the checkpoint it resumed from) is not "
+                 'loaded either' if dropped else ''))
         cfg.resume = False
+        cfg.load_from = None
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
@@ -660,9 +685,16 @@ def main(argv=None):
         runner = Runner.from_cfg(cfg)
     else:
         runner = RUNNERS.build(cfg)
-    with process_group_closed():
-        runner.train()
-        del runner   # its model wrapper holds the process group: see close_process_group
+    from colora_mm.models.pretrained import PretrainedCheckpointError
+    try:
+        with process_group_closed():
+            runner.train()
+            del runner   # its model wrapper holds the process group: see close_process_group
+    except PretrainedCheckpointError as err:
+        # a pretrained URL that could not be fetched (offline) or a file damaged on the
+        # way: the message names the backbone, the source and the fix
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     return 0
 
 

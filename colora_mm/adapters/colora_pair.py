@@ -55,6 +55,27 @@ OFFSET_NAMES = (('partner_l1', 'partner_r1'), ('partner_l2', 'partner_r2'))
 LEGACY_PARTNER_NAMES = ('partner_w1', 'partner_w2')
 
 
+def state_dict_differences(own: dict, state: dict) -> tuple:
+    """``(missing, unexpected, reshaped)`` between a model's state dict (``own``)
+    and a checkpoint's, up to what loading adapts: a CoLoRA pair's partner offsets
+    take the checkpoint's inner width (a model built fresh has none, a trained one
+    has ``r``), and the full partner copies of the earlier layout convert to offsets.
+    ``missing`` and ``unexpected`` are sets of names, ``reshaped`` the names both have
+    with other shapes."""
+    offsets = tuple(n for pair in OFFSET_NAMES for n in pair)
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    legacy = {k for k in unexpected if k.rsplit('.', 1)[-1] in LEGACY_PARTNER_NAMES}
+    prefixes = {k.rsplit('.', 1)[0] for k in legacy}
+    missing = {k for k in missing if not (k.rsplit('.', 1)[-1] in offsets
+                                          and k.rsplit('.', 1)[0] in prefixes)}
+    unexpected -= legacy
+    reshaped = sorted(k for k in set(own) & set(state)
+                      if tuple(state[k].shape) != tuple(own[k].shape)
+                      and k.rsplit('.', 1)[-1] not in offsets)
+    return missing, unexpected, reshaped
+
+
 def pair_ranks(n: int, gamma: int, share_ratio: float, where: str = '') -> tuple:
     """``(r, rs, rl)`` for a block of width ``n``; raises on an empty adapter."""
     if isinstance(share_ratio, bool) or not isinstance(share_ratio, (int, float)) \

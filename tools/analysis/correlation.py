@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from colora_mm.adapters import AdaptedLayer
+from colora_mm.adapters.colora_pair import state_dict_differences
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from param_flops import (BACKBONES, CLIError, _registry,  # noqa: E402
@@ -150,16 +151,17 @@ def load_into(model: nn.Module, path: str) -> str:
     own = model.state_dict()
     if not any(k in own for k in state) and any(k.startswith('backbone.') for k in state):
         state = {k[9:]: v for k, v in state.items() if k.startswith('backbone.')}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    # up to what loading adapts (the partner offsets of a trained CoLoRA pair)
+    missing, unexpected, reshaped = state_dict_differences(own, state)
+    missing, unexpected = sorted(missing), sorted(unexpected)
     if missing or unexpected:
         raise CLIError(
             f'{path} does not match the model ({type(model).__name__}): missing '
             f'{missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected '
             f'{unexpected[:5]}{"..." if len(unexpected) > 5 else ""}. Build the model '
             'the checkpoint was trained with (--config, or --backbone/--method/--gamma).')
-    reshaped = [f'{k} {tuple(state[k].shape)} (model {tuple(v.shape)})'
-                for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
+    reshaped = [f'{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})'
+                for k in reshaped]
     if reshaped:
         raise CLIError(
             f'{path} does not match the model ({type(model).__name__}): other shapes, '
