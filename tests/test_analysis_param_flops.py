@@ -170,7 +170,8 @@ def test_grid_covers_every_convnext_colora_figure():
     (_, fixed), = param_flops.default_variants(['resnet50'], ['colora'], None, None,
                                                True, spatial_gamma=8)
     assert fixed['spatial_gamma'] == 8
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="spatial_gamma: 'half'; expected a positive "
+                       "integer, 'gamma' or 'paper'"):
         param_flops.spatial_gamma_for('convnext_s', 16, 'half')
 
 

@@ -134,6 +134,13 @@ def test_report_hook_logs_a_table():
         assert part in out
     assert runner.message_hub.get_info('colora/trainable_params') == \
         sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # the logged FLOPs are the report's own: branches per image, updates per step
+    flops = hook.report['flops']
+    assert flops['branches'] > 0 and flops['weight_updates'] > 0
+    assert flops['branches'] != flops['weight_updates']
+    assert runner.message_hub.get_info('colora/adapter_branch_flops') == flops['branches']
+    assert runner.message_hub.get_info('colora/adapter_update_flops') == \
+        flops['weight_updates']
 
 
 def test_report_hook_logs_the_training_path_of_each_stage(caplog):

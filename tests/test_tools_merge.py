@@ -182,6 +182,7 @@ def test_refuses_a_checkpoint_of_another_config(tmp_path, capsys):
                 name='b.py')
     ckpt = tmp_path / 'colora.pth'
     trained_checkpoint(colora, ckpt)
+    capsys.readouterr()            # what building and initialising the model logged
     before = set(os.listdir(tmp_path))
     assert run_merge(lora, ckpt, tmp_path / 'out.pth') == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -244,6 +245,55 @@ def test_refuses_to_overwrite_its_input(tmp_path, capsys):
     assert run_merge(config, ckpt, osp.splitext(config)[0] + '.pth') == 2
     assert 'would overwrite the config' in capsys.readouterr().err
     assert (ckpt.stat().st_mtime_ns, ckpt.read_bytes()) == stamp
+    _nothing_written(tmp_path, before)
+
+
+def _merge_off_by(monkeypatch, where, delta=1e-2):
+    """Make ``merge_adapters`` (as the tool imports it) fold and then put the first
+    output channel of the backbone's first conv ``delta`` off (one channel: a shift of
+    all channels alike would vanish in the LayerNorm after it): in the merged model
+    itself (``where='model'``), or only in the state dict it hands out, which the
+    written config's model loads (``'state_dict'``)."""
+    import colora_mm.adapters as adapters
+    fold = adapters.merge_adapters
+
+    def merge_off(model, *args, **kwargs):
+        unfolded = fold(model, *args, **kwargs)
+        name, weight = next((n, p) for n, p in model.named_parameters()
+                            if n.startswith('backbone.') and n.endswith('.weight')
+                            and p.dim() == 4)
+        if where == 'model':
+            with torch.no_grad():
+                weight[0].add_(delta)
+        else:
+            def off(module, state, prefix, local_metadata):
+                state[prefix + name] = state[prefix + name].clone()
+                state[prefix + name][0] += delta
+            model._register_state_dict_hook(off)
+        return unfolded
+
+    monkeypatch.setattr(adapters, 'merge_adapters', merge_off)
+
+
+@pytest.mark.parametrize('where,fragment', [
+    ('model', 'the merged model differs from the unmerged one'),
+    ('state_dict', 'the model of the written config, with OUT loaded, differs from '
+                   'the merged model')], ids=['merged-vs-unmerged', 'written-config'])
+def test_refuses_a_merge_that_changes_the_outputs(tmp_path, capsys, monkeypatch, where,
+                                                  fragment):
+    """A fold that moves the features beyond the tolerance (one weight off by 1e-2),
+    or a written checkpoint that does not reproduce the merged model in the written
+    config's model: exit status 2, one error line, nothing written."""
+    config = tiny(tmp_path, f'{ADE}/upernet_lora_convnext_s_4xb4-160k_ade20k-512x512.py')
+    ckpt = tmp_path / 'iter_1.pth'
+    trained_checkpoint(config, ckpt)
+    capsys.readouterr()            # what building and initialising the model logged
+    before = set(os.listdir(tmp_path))
+    _merge_off_by(monkeypatch, where)
+    assert run_merge(config, ckpt, tmp_path / 'merged.pth') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: '), err
+    assert fragment in err[0] and err[0].endswith('; nothing written'), err[0]
     _nothing_written(tmp_path, before)
 
 

@@ -1,12 +1,14 @@
-"""LoRA, PiSSA and Conv-Adapter against their defining formulas."""
+"""LoRA, PiSSA, HiRA and Conv-Adapter against their defining formulas."""
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from colora_mm.adapters import (AdapterSpec, adapter_state_dict, inject_adapters,
-                                merge_adapters, reset_adapters_from_weights)
+                                mark_trainable, merge_adapters,
+                                reset_adapters_from_weights)
 
 from adapter_nets import (Bottleneck, ConvNeXtBlock, ConvPairNet, LinearPairNet,
                           max_abs_diff, net_input, randomize_adapters)
@@ -103,13 +105,78 @@ def test_pissa_merge_gives_back_the_trained_weight():
         assert max_abs_diff(model(x), want) < 1e-5
 
 
+# -------------------------------------------------------------------- HiRA
+@pytest.mark.parametrize('cls', [LinearPairNet, ConvPairNet])
+def test_hira_output_and_factor_gradients_equal_the_written_out_update(cls):
+    """In float64, a training step's output and the gradients of ``(out * v).sum()``
+    with respect to ``A`` and ``B`` equal autograd's through ``W0 + s W0 (.) (B A)``,
+    ``s = 1 / (sqrt(r) sigma_A)``, ``sigma_A = (1 / sqrt(in)) / sqrt(3)``, applied
+    with plain ``F.linear`` / ``F.conv2d`` (relative 1e-6)."""
+    torch.manual_seed(0)
+    model = cls(12, 20, 8)
+    layers = inject_adapters(model, AdapterSpec(method='hira', gamma=2), pairs=model.pairs)
+    model.double()
+    mark_trainable(model, 'hira')
+    randomize_adapters(model, std=0.3)
+    model.train()
+    x = net_input(model).double()
+    out = model(x)
+    v = torch.randn(out.shape, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2))
+    (out * v).sum().backward()
+    assert {layer.last_path for layer in layers.values()} == {'weight'}
+
+    refs = {}
+    for name, layer in layers.items():
+        a = layer.adapter_branch
+        A = a.A.detach().clone().requires_grad_()
+        B = a.B.detach().clone().requires_grad_()
+        r, fan_in = A.shape
+        s = 1.0 / (math.sqrt(r) * (1.0 / math.sqrt(fan_in)) / math.sqrt(3.0))
+        W0 = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        W = (W0 + s * W0 * (B @ A)).reshape(layer.weight.shape)
+        refs[name] = (A, B, W, layer.bias.detach() if layer.bias is not None else None)
+
+    def apply(name, h):
+        _, _, W, bias = refs[name]
+        return F.conv2d(h, W, bias) if W.dim() == 4 else F.linear(h, W, bias)
+
+    first, second = cls.pairs[0]
+    want = apply(second, model.act(apply(first, x)))
+    (want * v).sum().backward()
+    assert max_abs_diff(out, want) <= 1e-10 * want.abs().max().item()
+    for name, layer in layers.items():
+        a = layer.adapter_branch
+        A, B, _, _ = refs[name]
+        for got, ref in ((a.A.grad, A.grad), (a.B.grad, B.grad)):
+            assert ref.abs().max() > 0
+            assert max_abs_diff(got, ref) <= 1e-6 * ref.abs().max().item(), name
+        assert layer.weight.grad is None                 # W0 stays frozen
+
+
 # ------------------------------------------------------------- Conv-Adapter
-@pytest.mark.parametrize('net,act', [('convnext', 'gelu'), ('bottleneck', 'relu')])
+class DilatedConvNet(torch.nn.Module):
+    """One dilated 3x3 conv (padding 2, dilation 2: the output keeps the input's size),
+    as in a dilated ResNet's later stages."""
+
+    spatial = ['conv']
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize('net,act', [('convnext', 'gelu'), ('bottleneck', 'relu'),
+                                     ('dilated', 'relu')])
 def test_conv_adapter_forward(net, act):
     """out = conv(x) + alpha (.) Up(act(Down(x))), Down = Conv(C_in, w, k, stride,
-    groups=w) with the conv's kernel, stride and padding."""
+    groups=w) with the conv's kernel, stride, padding and dilation."""
     torch.manual_seed(0)
-    model = ConvNeXtBlock(16) if net == 'convnext' else Bottleneck(16, 8)
+    model = {'convnext': lambda: ConvNeXtBlock(16), 'bottleneck': lambda: Bottleneck(16, 8),
+             'dilated': DilatedConvNet}[net]()
     layers = inject_adapters(model, AdapterSpec(method='conv_adapter', act=act),
                              spatial=model.spatial)
     randomize_adapters(model, std=0.3)
@@ -119,6 +186,7 @@ def test_conv_adapter_forward(net, act):
     w = c_in // 4
     assert a.down.groups == w and a.down.weight.shape == (w, c_in // w) + layer.kernel_size
     assert a.down.stride == layer.stride and a.down.padding == layer.padding
+    assert a.down.dilation == layer.dilation == ((2, 2) if net == 'dilated' else (1, 1))
     x = torch.randn(2, c_in, 9, 9, dtype=torch.float64)
     model.double()
     base = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding,

@@ -311,6 +311,32 @@ def test_reset_reseeds_partners_from_current_base_weights(cls):
 
 
 @pytest.mark.parametrize('cls', [LinearPairNet, ConvPairNet])
+def test_reset_drops_the_first_layers_pending_snapshot(cls):
+    """A training-mode forward of the first layer alone leaves its snapshot pending
+    (it waits for the second layer). Loading new weights and resetting drops it: the
+    next training-mode forward of the second layer keeps W1's partner at the first
+    layer's current base weight, not at ``W1 + dW1`` of the old weights."""
+    model, layers = _build(cls, 12, 20, 8, 2, 0.5, policy='effective')
+    first, second = cls.pairs[0]
+    randomize_adapters(model, std=0.3)
+    pair = _pair_of(model, first)
+    model.train()
+    hidden = layers[first](net_input(model))
+    assert pair._pending is not None
+    with torch.no_grad():         # "load a pretrained checkpoint"
+        layers[first].weight.normal_()
+        layers[second].weight.normal_()
+    reset_adapters_from_weights(model)
+    assert pair._pending is None
+    dW1, dW2 = _ref(pair)
+    assert dW1.abs().max() > 1e-3            # W1 + dW1 would show
+    W2 = _paper(layers[second].weight).double()
+    layers[second](hidden.detach())
+    assert torch.equal(pair.partner_w1, _paper(layers[first].weight))
+    assert max_abs_diff(pair.partner_w2, W2 + dW2) < 1e-5
+
+
+@pytest.mark.parametrize('cls', [LinearPairNet, ConvPairNet])
 def test_a_training_forward_without_gradients_then_a_training_step(cls):
     """A training-mode forward under ``torch.inference_mode()`` takes its snapshot as
     one under ``torch.no_grad()`` does, and the next training step still trains."""

@@ -164,6 +164,61 @@ def test_conv_adapter_takes_overrides():
     assert model.stages[2][0].dwconv.adapter_branch.width == 32 // 4
 
 
+def test_partner_policy_train_path_and_filter_lambda_take_overrides():
+    """Settings no tensor shape shows, overridden for stage 2 alone: its pairs keep
+    frozen partners, its layers train through the weight, its filters take lambda 0.5;
+    every other stage keeps the global values."""
+    model, layers = inject(dict(method='colora', gamma=8, overrides=[
+        dict(pattern='stages.2.*', partner_policy='frozen', train_path='weight',
+             filter_lambda=0.5)]))
+    spec = AdapterSpec(method='colora')
+    assert (spec.partner_policy, spec.train_path, spec.filter_lambda) == \
+        ('effective', 'auto', 0.2)
+    seen = set()
+    for name, layer in layers.items():
+        stage2 = name.startswith('stages.2.')
+        seen.add(stage2)
+        branch = layer.adapter_branch
+        if isinstance(branch, SpatialLowRankBranch):
+            assert branch.filter is not None, name
+            assert branch.filter_lambda == (0.5 if stage2 else 0.2), name
+        else:
+            assert isinstance(branch, CoLoRAPairLayer), name
+            assert branch.get_pair().partner_policy == \
+                ('frozen' if stage2 else 'effective'), name
+            assert layer.train_path == ('weight' if stage2 else 'auto'), name
+    assert seen == {True, False}
+    # and the frozen stage's partners stay where a training step found them
+    randomize_adapters(model, std=0.1)
+    pairs = {i: model.stages[i][0].pwconv1.adapter_branch.get_pair() for i in (1, 2)}
+    before = {i: pair.partner_w1.clone() for i, pair in pairs.items()}
+    model.train()(torch.randn(1, 3, 32, 32))
+    assert torch.equal(pairs[2].partner_w1, before[2])
+    assert not torch.equal(pairs[1].partner_w1, before[1])
+    assert model.stages[2][0].pwconv1.last_path == 'weight'
+
+
+@pytest.mark.parametrize('method', ['lora', 'pissa'])
+def test_pointwise_train_path_takes_overrides(method):
+    """LoRA and PiSSA layers of stage 3 train through the weight, the others through
+    the activations, as the global spec says."""
+    _, layers = inject(dict(method=method, gamma=8, train_path='activation', overrides=[
+        dict(pattern='stages.3.*', train_path='weight')]))
+    for name, layer in layers.items():
+        assert layer.train_path == ('weight' if name.startswith('stages.3.')
+                                    else 'activation'), name
+
+
+def test_conv_adapter_act_takes_overrides():
+    """GELU in stage 1's Conv-Adapters, the global ReLU everywhere else."""
+    model, layers = inject(dict(method='conv_adapter', act='relu', overrides=[
+        dict(pattern='stages.1.*', act='gelu')]))
+    assert len(layers) == 6
+    for name, layer in layers.items():
+        act = layer.adapter_branch.act
+        assert type(act) is (nn.GELU if name.startswith('stages.1.') else nn.ReLU), name
+
+
 def test_fresh_injection_with_overrides_is_the_base_model():
     base = Staged()
     model, _ = inject(dict(method='colora', gamma=8, overrides=MIXED))

@@ -125,6 +125,28 @@ def test_auto_takes_the_activation_path_on_few_tokens():
     assert prefer_activation_path(64, 256, 1024, 16)
 
 
+@pytest.mark.parametrize('cls,x_shape', [(LinearPairNet, (8192, 96)),
+                                         (ConvPairNet, (2, 96, 64, 64))],
+                         ids=['linear', 'conv'])
+def test_auto_takes_the_weight_path_on_many_tokens_through_narrow_layers(cls, x_shape):
+    """8192 tokens through a 96 -> 384 -> 96 pair (rank 6): the weight-sized GEMM of
+    the weight path costs less than the thin products' memory traffic, and a
+    training-mode forward under ``train_path='auto'`` takes it on both layers. The
+    linear net's activation is a ReLU: an input that GELU or LayerNorm could recompute
+    takes the activation path whatever the cost model says."""
+    torch.manual_seed(0)
+    model = cls(96, 384, 96)
+    model.act = nn.ReLU()
+    inject_adapters(model, AdapterSpec(method='colora', gamma=16, train_path='auto'),
+                    pairs=model.pairs)
+    mark_trainable(model, 'colora')
+    layers = [layer for _, layer in iter_adapted_layers(model)]
+    assert [layer.train_path for layer in layers] == ['auto', 'auto']
+    assert [layer.adapter_branch.low_rank(layer)[0].shape[1] for layer in layers] == [6, 6]
+    model.train()(torch.randn(x_shape))
+    assert [layer.last_path for layer in layers] == ['weight', 'weight']
+
+
 def _saved_tensors(fn):
     saved = []
 
