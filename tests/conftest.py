@@ -35,6 +35,22 @@ _restore_default_scope_per_module = pytest.fixture(
     autouse=True, scope='module')(_default_scope_restored)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """mmengine's loggers keep the stream they were created with, and one an earlier
+    test captured is closed by now: a message logged to it (the default scope
+    switching, a Runner's info) becomes a "Logging error" traceback on stderr, which
+    the tools' one-error-line checks read. Point them at this test's stdout first."""
+    logging_module = sys.modules.get('mmengine.logging')   # never imported here first
+    if logging_module is not None:
+        import logging
+        for logger in list(logging_module.MMLogger._instance_dict.values()):
+            for handler in logger.handlers:
+                if type(handler) is logging.StreamHandler:
+                    handler.stream = sys.stdout   # (setStream would flush the closed one)
+    yield
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'gpu: needs a CUDA device, skipped without one (tests/test_gpu.py; '

@@ -296,6 +296,9 @@ def test_other_window_size_resizes_the_bias_tables_as_upstream(tmp_path):
     dropped = model.pretrained_report.dropped
     assert set(dropped) == {k for k in ckpt if k.endswith('relative_position_index')}
     assert all('another window size' in why for why in dropped.values())
+    resized = [n for n in model.pretrained_report.notes
+               if 'resized bicubically from window 7 to 4' in n]   # in the report
+    assert len(resized) == sum(k.endswith('relative_position_bias_table') for k in ckpt)
     # upstream cannot load the window-7 index buffers at all (a size mismatch): it gets
     # the checkpoint without them
     path = save({k: v for k, v in ckpt.items() if k not in dropped}, tmp_path / 'up.pth')

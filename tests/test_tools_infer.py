@@ -62,23 +62,7 @@ def det(tmp_path_factory):
     return dict(config=config, ckpt=ckpt, base=base, images=osp.join(coco, 'val2017'))
 
 
-def log_to_this_test():
-    """mmengine's loggers keep the stream they were created with: one a finished
-    test captured is closed. Point them at this test's, so that an upstream warning
-    (the default scope switching between mmseg and mmdet) is printed, not a logging
-    error."""
-    import logging
-    import sys
-
-    from mmengine.logging import MMLogger
-    for logger in list(MMLogger._instance_dict.values()):
-        for handler in logger.handlers:
-            if type(handler) is logging.StreamHandler:
-                handler.stream = sys.stdout     # (setStream flushes the old one)
-
-
 def _run(tool, argv, capsys):
-    log_to_this_test()
     code = tool.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out + captured.err

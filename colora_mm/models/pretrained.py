@@ -412,7 +412,9 @@ def _read_failure_message(owner: str, source: str, exc: BaseException) -> str:
             f'(init_cfg.checkpoint): {what}. Fix: {fix}.')
 
 
-Converter = Callable[[Dict[str, torch.Tensor], str, Dict[str, str]], Tuple[Dict, Dict]]
+#: ``(state_dict, layout, dropped) -> (state_dict, renamed)``, or ``(state_dict,
+#: renamed, notes)`` where the conversion changed tensors (notes go into the report).
+Converter = Callable[[Dict[str, torch.Tensor], str, Dict[str, str]], Tuple]
 
 
 def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: Converter,
@@ -427,7 +429,8 @@ def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: 
         checkpoint (str | dict): A path, URL, ``torchvision://``/``open-mmlab://`` name (anything
             mmengine's ``CheckpointLoader`` accepts), or an already loaded dict.
         converter (callable): ``(state_dict, layout, dropped) -> (state_dict, renamed)``,
-            the backbone's conversion to its own names.
+            the backbone's conversion to its own names, or ``(state_dict, renamed,
+            notes)`` with a note for each tensor it changed (they go into the report).
         prefix (str, optional): Keep only the keys under this prefix (stripped).
             Defaults to None: a ``backbone.`` prefix is detected.
         map_location: Passed to the loader. Defaults to 'cpu'.
@@ -467,7 +470,9 @@ def load_pretrained(module: nn.Module, checkpoint: Union[str, dict], converter: 
     notes: List[str] = []
     sd = select_prefix(unwrap_state_dict(raw), prefix, dropped, notes)
     layout = detect_layout(sd)
-    sd, renamed = converter(sd, layout, dropped)
+    converted = converter(sd, layout, dropped)
+    sd, renamed = converted[:2]
+    notes.extend(converted[2] if len(converted) > 2 else [])
 
     own = module.state_dict()
     mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'

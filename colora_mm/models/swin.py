@@ -266,11 +266,7 @@ class SwinAdapterMixin(AdaptedBackboneMixin):
                 'one of its own window)')
         notes: List[str] = []
         kept = fit_swin_positions(kept, own, notes)
-        if notes:
-            from mmengine.logging import print_log
-            for note in notes:
-                print_log(f'{type(self).__name__}: {note}', logger='current')
-        return kept, renamed
+        return kept, renamed, notes
 
     def expected_missing(self, name: str) -> Optional[str]:
         head = name.split('.', 1)[0]
