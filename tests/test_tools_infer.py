@@ -153,6 +153,19 @@ def test_detection_boxes_are_what_test_writes(det, tmp_path, capsys):
     kept = json.loads((tmp_path / 'thr' / f'{sorted(results)[0][:-4]}_pred.json')
                       .read_text())['detections']
     assert len(kept) == sum(s >= threshold for s in scores) > 0
+    # ... and draws exactly those: at the highest score one box, none above it
+    name = sorted(results)[0][:-4]
+    painted = {}
+    for tag, thr in (('top', scores[-1]), ('none', 1.0)):
+        code, log = _run(infer, [det['config'], det['ckpt'],
+                                 osp.join(det['images'], sorted(results)[0]), '--out-dir',
+                                 tmp_path / tag, '--score-thr', thr], capsys)
+        assert code == 0, log
+        painted[tag] = np.asarray(Image.open(tmp_path / tag / f'{name}_vis.jpg'),
+                                  dtype=np.int64)
+    top = json.loads((tmp_path / 'top' / f'{name}_pred.json').read_text())['detections']
+    assert len(top) == 1
+    assert np.abs(painted['top'] - painted['none']).max() > 100      # the box is drawn
 
 
 def test_refused_inputs_write_nothing(seg, tmp_path, capsys):
@@ -173,9 +186,22 @@ def test_refused_inputs_write_nothing(seg, tmp_path, capsys):
     a_file = tmp_path / 'a_file'
     a_file.write_text('x')
     (tmp_path / 'empty').mkdir()
+    gif = tmp_path / 'gif_named.png'          # a format OpenCV does not decode
+    Image.open(first).convert('P').save(gif, format='GIF')
+    cut = tmp_path / 'cut.jpg'                # a download cut short
+    cut.write_bytes(open(first, 'rb').read()[:-300])
+    few = tmp_path / 'two_classes.pth'        # class names for fewer classes than predicted
+    torch.save({'meta': {'dataset_meta': {'classes': ADE_CLASSES[:2]}},
+                'state_dict': state}, few)
     cases = [
         ([seg['config'], seg['ckpt'], tmp_path / 'none.jpg'], 'none.jpg does not exist'),
-        ([seg['config'], seg['ckpt'], not_image], 'is not an image file that can be read'),
+        ([seg['config'], seg['ckpt'], not_image], 'is not an image file OpenCV can decode'),
+        ([seg['config'], seg['ckpt'], gif], 'is not an image file OpenCV can decode'),
+        ([seg['config'], seg['ckpt'], cut], 'is a JPEG cut short'),
+        ([seg['config'], few, first],
+         f'names 2 classes (meta[\'dataset_meta\']), the model predicts '
+         f'{len(ADE_CLASSES)} (decode_head.num_classes)'),
+        ([seg['ckpt'], seg['config'], first], 'is not a config file'),
         ([seg['config'], seg['ckpt'], tmp_path / 'empty'], 'holds no image file'),
         ([seg['config'], seg['ckpt'], first, twin / osp.basename(first)],
          'have the same name'),
@@ -195,19 +221,38 @@ def test_refused_inputs_write_nothing(seg, tmp_path, capsys):
         assert code == 2, (argv, log)
         assert fragment in single_error(log), (argv, log)
         assert not out.exists(), argv
-    code, log = _run(infer, [seg['config'], seg['ckpt'], first, '--out-dir', a_file],
-                     capsys)
-    assert code == 2 and 'is a file' in single_error(log)
-    # an output that is an input: the image named like a prediction of another one
+    for where, fragment in ((a_file, 'is a file'), (a_file / 'sub', 'which is a file'),
+                            ('', '--out-dir is empty')):
+        code, log = _run(infer, [seg['config'], seg['ckpt'], first, '--out-dir', where],
+                         capsys)
+        assert code == 2 and fragment in single_error(log), (where, log)
+    # an output that is an input: the image named like a prediction of another one, the
+    # checkpoint named like the class list; an input folder as DIR
     clash = tmp_path / 'clash'
     clash.mkdir()
     Image.open(first).save(clash / 'x.png')
     Image.open(first).save(clash / 'x_vis.jpg')
     before = (clash / 'x_vis.jpg').read_bytes()
-    code, log = _run(infer, [seg['config'], seg['ckpt'], clash, '--out-dir', clash],
-                     capsys)
-    assert code == 2 and 'would overwrite an input image' in single_error(log)
+    for argv, fragment in (
+            ([clash / 'x.png', clash / 'x_vis.jpg'], 'would overwrite an input'),
+            ([clash], 'is an input folder')):
+        code, log = _run(infer, [seg['config'], seg['ckpt'], *argv, '--out-dir', clash],
+                         capsys)
+        assert code == 2 and fragment in single_error(log), (argv, log)
     assert (clash / 'x_vis.jpg').read_bytes() == before
+    named = tmp_path / 'named'
+    named.mkdir()
+    torch.save(torch.load(seg['ckpt'], weights_only=False), named / 'classes.json')
+    code, log = _run(infer, [seg['config'], named / 'classes.json', first, '--out-dir',
+                             named, '--force'], capsys)
+    assert code == 2 and 'would overwrite an input' in single_error(log)
+    # a folder where a prediction goes: refused, --force or not
+    blocked = tmp_path / 'blocked'
+    (blocked / f'{osp.basename(first)[:-4]}_vis.jpg').mkdir(parents=True)
+    code, log = _run(infer, [seg['config'], seg['ckpt'], first, '--out-dir', blocked,
+                             '--force'], capsys)
+    assert code == 2 and 'is a folder where a prediction goes' in single_error(log)
+    assert os.listdir(blocked) == [f'{osp.basename(first)[:-4]}_vis.jpg']
     # existing predictions: kept unless --force
     code, log = _run(infer, [seg['config'], seg['ckpt'], first, '--out-dir', out], capsys)
     assert code == 0, log

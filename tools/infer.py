@@ -14,8 +14,9 @@ order. For every image ``NAME.EXT`` it writes into DIR:
 
 * segmentation: ``NAME_pred.png``, the predicted class index of every pixel (8-bit,
   16-bit above 256 classes; index ``i`` is ``classes[i]`` of the checkpoint's dataset,
-  at the image's own size; ADE20K's files on disk count from 1, as ``tools/test.py
-  --out`` writes them, these from 0), and ``NAME_vis.jpg``, the prediction painted
+  at the image's size as decoded: OpenCV applies a JPEG's EXIF orientation, as the
+  test pipeline does; ADE20K's files on disk count from 1, as ``tools/test.py --out``
+  writes them, these from 0), and ``NAME_vis.jpg``, the prediction painted
   over the image (``--opacity``). The images go through the test set's pipeline
   (``test_dataloader.dataset.pipeline``), as in ``tools/test.py``;
 * detection: ``NAME_pred.json``, the boxes (``[x1, y1, x2, y2]`` in the image's
@@ -31,10 +32,14 @@ palette, each class gets a colour drawn from a fixed seed.
 Before the model is built, everything is checked and a wrong input ends with one
 ``error:`` line and exit status 2, nothing written: the config, the adapter spec, the
 checkpoint (same tensors and shapes as the config's model, the same adapter settings
-when it records them; ``--allow-mismatch`` lets other settings through), the device,
-each input (an existing, readable image; two inputs with the same name would write the
-same outputs), and DIR: not a file, no output that is one of the inputs, and no
-existing output unless ``--force``.
+when it records them, ``--allow-mismatch`` lets other settings through; class names for
+as many classes as the model predicts), the device, each input (an existing image that
+OpenCV decodes, not a JPEG cut short; two inputs with the same name would write the
+same outputs), and DIR: a writable folder that is not an input folder, no output that
+is an input (an image, the checkpoint, the config) or a folder, and no existing output
+unless ``--force``. Each file is written whole (a temporary file, then renamed): a run
+stopped part way leaves the predictions of the images it finished, and the same command
+with ``--force`` does them all again.
 """
 import argparse
 import itertools
@@ -114,13 +119,10 @@ def collect_images(inputs):
             images.append(path)
         else:
             raise CLIError(f'input {path} does not exist')
-    from PIL import Image
-    for path in images:   # the header only: cheap for a folder of thousands
-        try:
-            Image.open(path).close()      # identifies the format from the header
-        except Exception:  # noqa: BLE001 - any decoder failure is a bad input
-            raise CLIError(f'input {path} is not an image file that can be read '
-                           '(jpg, png, bmp, tif, webp)')
+    for path in images:
+        why = unreadable_image(path)
+        if why:
+            raise CLIError(f'input {path} {why}')
     seen = {}
     for path in images:
         stem = osp.splitext(osp.basename(path))[0]
@@ -132,24 +134,65 @@ def collect_images(inputs):
     return list(dict.fromkeys(seen.values()))
 
 
+def unreadable_image(path):
+    """Why the test pipeline could not read ``path`` (it decodes with OpenCV, as
+    ``mmcv.imread`` does), or None: not decodable, or a JPEG cut short (OpenCV would
+    fill the missing part with grey and go on)."""
+    import mmcv
+    try:
+        image = mmcv.imread(path, flag='unchanged')
+    except Exception:  # noqa: BLE001 - any decoder failure is a bad input
+        image = None
+    if image is None or image.size == 0:
+        return ('is not an image file OpenCV can decode (jpg, png, bmp, tif, webp; '
+                'not gif), or is damaged')
+    with open(path, 'rb') as f:
+        head = f.read(2)
+        f.seek(max(0, osp.getsize(path) - 2))
+        tail = f.read(2)
+    if head == b'\xff\xd8' and tail != b'\xff\xd9':
+        return 'is a JPEG cut short (no end marker): download or copy it again'
+    return None
+
+
 def output_paths(image, out_dir, scope):
     stem = osp.splitext(osp.basename(image))[0]
     pred = f'{stem}_pred.png' if scope == 'mmseg' else f'{stem}_pred.json'
     return osp.join(out_dir, pred), osp.join(out_dir, f'{stem}_vis.jpg')
 
 
-def check_outputs(images, out_dir, scope, force):
-    """Refuse a DIR that is a file, an output that is an input (or the checkpoint or
-    config), and an existing output unless ``force``."""
+def check_outputs(images, folders, out_dir, scope, force, keep=()):
+    """Refuse a DIR that is empty, a file, under a file, not writable, or one of
+    the input folders (its predictions would be inputs of the next run); an output
+    that is an input image or a file of ``keep`` (the checkpoint, the config), or a
+    folder; and an existing output unless ``force``."""
+    if not out_dir:
+        raise CLIError('--out-dir is empty; name a folder for the predictions')
     if osp.exists(out_dir) and not osp.isdir(out_dir):
         raise CLIError(f'--out-dir {out_dir} is a file; name a folder')
+    parent = osp.abspath(out_dir)
+    while not osp.exists(parent):
+        parent = osp.dirname(parent)
+    if not osp.isdir(parent):
+        raise CLIError(f'--out-dir {out_dir} lies under {parent}, which is a file; name a '
+                       'folder')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f'--out-dir {out_dir}: {parent} is not writable')
+    if any(osp.isdir(out_dir) and osp.samefile(out_dir, f) for f in folders):
+        raise CLIError(f'--out-dir {out_dir} is an input folder: the predictions (images '
+                       'too) would be read as inputs by the next run over it; choose '
+                       'another folder')
     outputs = [p for image in images for p in output_paths(image, out_dir, scope)]
     outputs.append(osp.join(out_dir, 'classes.json'))
-    inputs = {osp.realpath(p) for p in images}
+    inputs = {osp.realpath(p) for p in list(images) + list(keep)}
     clash = [p for p in outputs if osp.realpath(p) in inputs]
     if clash:
-        raise CLIError(f'the prediction {clash[0]} would overwrite an input image; '
-                       'choose another --out-dir')
+        raise CLIError(f'the prediction {clash[0]} would overwrite an input (an image, '
+                       'the checkpoint or the config); choose another --out-dir')
+    folders_in_the_way = [p for p in outputs if osp.isdir(p)]
+    if folders_in_the_way:
+        raise CLIError(f'{folders_in_the_way[0]} is a folder where a prediction goes; '
+                       'choose another --out-dir, or move it away')
     existing = [p for p in outputs if osp.lexists(p)]
     if existing and not force:
         more = f' and {len(existing) - 1} more' if len(existing) > 1 else ''
@@ -188,7 +231,8 @@ def check_checkpoint(cfg, args):
     check_settings_match(checkpoint, args.checkpoint, current, args.config,
                          args.allow_mismatch)
     state = read_state_dict(args.checkpoint, checkpoint)
-    check_state_dict_matches(build_model(cfg.model), state, args.checkpoint, args.config)
+    model = build_model(cfg.model)
+    check_state_dict_matches(model, state, args.checkpoint, args.config)
     meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
     dataset_meta = meta.get('dataset_meta') if isinstance(meta, dict) else None
     if not isinstance(dataset_meta, dict) or not dataset_meta.get('classes'):
@@ -196,7 +240,29 @@ def check_checkpoint(cfg, args):
                        "meta['dataset_meta'], which mmengine's runner saves in every "
                        'checkpoint and tools/merge.py keeps); predict with a checkpoint '
                        'of a training run, or its merged version')
+    where, predicted = predicted_classes(model)
+    named = len(dataset_meta['classes'])
+    if predicted is not None and predicted != named:
+        raise CLIError(f'checkpoint {args.checkpoint} names {named} classes '
+                       f"(meta['dataset_meta']), the model predicts {predicted} "
+                       f'({where}): it was trained with a dataset whose class list does '
+                       "not match the config's num_classes; set num_classes to the "
+                       'dataset\'s and train again')
     return dataset_meta
+
+
+def predicted_classes(model):
+    """``(where, number)`` of the classes the model predicts: the segmentation
+    head's, or the detector's box head's (not the class-agnostic proposals'); ``(None,
+    None)`` when neither is found."""
+    head = getattr(model, 'decode_head', None)
+    if head is not None and hasattr(head, 'num_classes'):
+        return 'decode_head.num_classes', int(head.num_classes)
+    for name, module in model.named_modules():
+        if name.split('.')[-1] == 'bbox_head' and not name.startswith('rpn') \
+                and isinstance(getattr(module, 'num_classes', None), int):
+            return f'{name}.num_classes', module.num_classes
+    return None, None
 
 
 # ---------------------------------------------------------------------- predicting
@@ -295,7 +361,8 @@ def run(args):
         if pipeline:
             cfg.test_pipeline = pipeline
     images = collect_images(args.inputs)
-    check_outputs(images, args.out_dir, scope, args.force)
+    check_outputs(images, [p for p in args.inputs if osp.isdir(p)], args.out_dir, scope,
+                  args.force, keep=(args.checkpoint, args.config))
     device = check_device(args.device)
     dataset_meta = with_palette(check_checkpoint(cfg, args))
 
@@ -322,7 +389,12 @@ def run(args):
                                    detections=rows), f, indent=1)
             write_atomic(pred_path, write_json)
             summary = f'{len(rows)} detections with score >= {args.score_thr}'
-            draw = dict(draw_gt=False, draw_pred=True, pred_score_thr=args.score_thr)
+            # exactly the detections written (the visualizer's own threshold keeps
+            # scores above it, not at it)
+            result = result.cpu()
+            result.pred_instances = result.pred_instances[
+                result.pred_instances.scores >= args.score_thr]
+            draw = dict(draw_gt=False, draw_pred=True, pred_score_thr=-1.0)
         rgb = mmcv.imread(image, channel_order='rgb')
         vis.add_datasample(osp.basename(image), rgb, result.cpu(), show=False, **draw)
         painted = vis.get_image()

@@ -102,6 +102,9 @@ def load_config(path, cfg_options=None):
     """
     if not osp.isfile(path):
         raise CLIError(f'config file {path} does not exist')
+    if not path.lower().endswith(('.py', '.yml', '.yaml', '.json')):
+        raise CLIError(f'{path} is not a config file (.py, .yml, .yaml or .json); the '
+                       'config comes first, e.g. configs/ade20k/colora_convnext_b.py')
     import colora_mm  # noqa: F401  (compat fixes, registries)
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
