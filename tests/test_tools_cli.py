@@ -1,7 +1,6 @@
 """The flags of tools/train.py and tools/test.py, read back from the config they
 prepare (in-process, no training): the same flags for mmseg and mmdet configs, and
 the errors they give instead of starting a run."""
-import importlib.util
 import os.path as osp
 
 import pytest
@@ -13,20 +12,13 @@ import torch  # noqa: E402
 
 from data_gen import (make_ade20k, make_coco,  # noqa: E402
                       write_tiny_config)
+from tools_loader import load_tool  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('fast_config_loading')
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ADE_CFG = osp.join(ROOT, 'configs', 'ade20k', 'colora_convnext_b.py')
 COCO_CFG = osp.join(ROOT, 'configs', 'coco', 'faster-rcnn_lora_r50_fpn_2xb8-1x_coco.py')
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'colora_tools_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train = load_tool('train')

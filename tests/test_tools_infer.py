@@ -2,7 +2,6 @@
 tools/test.py evaluates (segmentation label maps, detection boxes), a merged
 checkpoint (tools/merge.py) predicts what its training checkpoint did through the
 upstream inference APIs, and the inputs it refuses without writing."""
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -20,20 +19,13 @@ from PIL import Image  # noqa: E402
 from data_gen import (ADE_CLASSES, COCO_CATEGORIES, make_ade20k,  # noqa: E402
                       make_coco, single_error, write_tiny_config)
 from helpers_ckpt import trained_checkpoint  # noqa: E402
+from tools_loader import load_tool  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ADE_CFG = osp.join(ROOT, 'configs', 'ade20k', 'colora_convnext_b.py')
 COCO_CFG = osp.join(ROOT, 'configs', 'coco', 'faster-rcnn_colora_r50_fpn_2xb8-1x_coco.py')
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'colora_tools_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 infer = load_tool('infer')

@@ -1,7 +1,6 @@
 """tools/merge.py on tiny versions of the shipped configs: exact folding, the upstream
 checkpoint it writes when everything folds (loaded without colora_mm), the structure
 it keeps when something does not, and the inputs it refuses without writing."""
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -22,6 +21,7 @@ from colora_mm.adapters import is_adapter_name, iter_adapted_layers  # noqa: E40
 from data_gen import (make_ade20k,  # noqa: E402
                       write_tiny_config)
 from helpers_ckpt import trained_checkpoint  # noqa: E402
+from tools_loader import load_tool  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
 
@@ -30,14 +30,6 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 ADE = osp.join(ROOT, 'configs', 'ade20k')
 COCO = osp.join(ROOT, 'configs', 'coco')
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'colora_tools_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 merge_tool = load_tool('merge')

@@ -5,7 +5,6 @@ spec, ``--amp``, pretrained paths and data folders before the runner or a work d
 exists, and refuse a checkpoint trained with other adapter settings; ``--resume``
 skips a damaged newest checkpoint."""
 import glob
-import importlib.util
 import os
 import os.path as osp
 import subprocess
@@ -26,6 +25,7 @@ from colora_mm.engine.adapter_settings import (check_spec_types,  # noqa: E402
                                                settings_differences)
 from data_gen import (make_ade20k,  # noqa: E402
                       single_error, write_tiny_config)
+from tools_loader import load_tool  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('fast_config_loading', 'one_thread')
 
@@ -33,14 +33,6 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ADE = osp.join(ROOT, 'configs', 'ade20k')
 COLORA = osp.join(ADE, 'colora_convnext_b.py')
 LORA = osp.join(ADE, 'upernet_lora_convnext_b_4xb4-160k_ade20k-512x512.py')
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'colora_tools_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train = load_tool('train')

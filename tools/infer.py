@@ -52,7 +52,7 @@ import warnings
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import (CLIError, check_adapter, check_settings_match,  # noqa: E402
                    check_state_dict_matches, load_config, parse_with_clear_errors,
-                   read_checkpoint, read_state_dict)
+                   read_checkpoint, read_state_dict, run_cli)
 
 _CALLS = itertools.count()
 #: What a folder given as input stands for.
@@ -411,13 +411,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except CLIError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == '__main__':

@@ -44,7 +44,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import (CLIError, check_adapter, check_settings_match,  # noqa: E402
                    check_state_dict_matches, load_config, parse_with_clear_errors,
-                   read_checkpoint, read_state_dict)
+                   read_checkpoint, read_state_dict, run_cli)
 
 #: CoLoRA backbone type -> the upstream type it was built on (in the config's scope).
 PLAIN_BACKBONES = {'CoLoRAConvNeXt': 'mmpretrain.ConvNeXt', 'CoLoRAResNet': 'ResNet',
@@ -366,13 +366,7 @@ def _first(names):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        merge(args)
-    except CLIError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(merge, parse_args(argv))
 
 
 if __name__ == '__main__':

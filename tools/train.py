@@ -43,6 +43,17 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2, nothing written."""
 
 
+def run_cli(run, args):
+    """``run(args)``; a :class:`CLIError` becomes one ``error:`` line on stderr and
+    exit status 2 (the tools' ``main``)."""
+    try:
+        run(args)
+    except CLIError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
 def parse_args(argv=None):
     from mmengine.config import DictAction
     parser = argparse.ArgumentParser(
