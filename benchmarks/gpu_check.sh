@@ -12,7 +12,11 @@
 #              filter on CUDA against the CPU, merge on CUDA, CUDA checkpoint -> CPU
 #   bench_train   benchmarks/bench_colora.py --device cuda --amp --only train: UperNet +
 #              ConvNeXt-B at 512x512, 2 images, head channels 512; methods $METHODS
-#   bench_tables  the same script's other tables (filter, spatial, merge, deltas) on CUDA
+#              (a failed memory worker, e.g. out of memory, marks its memory cells failed;
+#              the timings are still printed, and the stage fails)
+#   bench_tables  the same script's other tables (filter, spatial, merge, deltas) on CUDA;
+#              a table that fails is reported and the next one runs (the stage fails);
+#              the benchmark writes its JSON after every table, so what finished is kept
 #   spatial_variants  benchmarks/experiments/spatial_variants.py on CUDA at ConvNeXt-B's
 #              shapes: the up-projection's formulations, Triton-compiled taps included
 #   demo       the demo's synthetic domains; tools/train.py of the demo's pretraining
@@ -33,8 +37,8 @@
 #
 # Environment: PYTHON (the node's interpreter with torch; default python3), COLORA_VENV
 # (default <checkout>/.venv; see tools/setup_offline.sh), METHODS (default
-# "full limit lora peft-lora hira colora": rows of bench_colora.py; others are left out,
-# named), STAGES (default "gpu_tests bench_train bench_tables spatial_variants demo";
+# "full limit lora peft-lora hira colora": rows of bench_colora.py, any that its
+# --list-methods prints, colora-frozen and pissa included; others are left out, named), STAGES (default "gpu_tests bench_train bench_tables spatial_variants demo";
 # "compiled" too where named; the install always runs, so that a rerun after a fix can
 # take only the stages that failed), DEMO_ITERS (default 300), BENCH_ARGS (extra arguments to bench_colora.py),
 # BUDGET_S (default 600: the summary says when the whole run took longer); the install's
@@ -51,7 +55,7 @@ BUNDLE="" OUT="" DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,43p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) fail "unknown option $a (see --help)" ;;
     *) if [ -z "$BUNDLE" ]; then BUNDLE="$a"; elif [ -z "$OUT" ]; then OUT="$a";
        else fail "usage: bash benchmarks/gpu_check.sh BUNDLE_DIR OUT_DIR [--dry-run]"; fi ;;
@@ -120,13 +124,18 @@ else
     "$PY" -m pytest tests/test_gpu.py -m gpu -v -rs -p no:cacheprovider
 
   # 3. the benchmark
-  known=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import bench_colora as b
-print(" ".join(list(b.METHODS) + list(b.BREAKDOWN)))')
+  # the rows the benchmark itself accepts (its --methods check), whatever it adds later
+  known=$("$PY" benchmarks/bench_colora.py --list-methods 2>/dev/null | tail -n1)
   methods=()
-  for m in $METHODS; do
-    if [[ " $known " == *" $m "* ]]; then methods+=("$m"); else
-      say "bench: method '$m' is not one of this colora_mm's ($known); left out"; fi
-  done
+  if [ -z "$known" ]; then
+    say "bench: bench_colora.py --list-methods printed nothing; METHODS passed as given"
+    read -r -a methods <<< "$METHODS"
+  else
+    for m in $METHODS; do
+      if [[ " $known " == *" $m "* ]]; then methods+=("$m"); else
+        say "bench: method '$m' is not one of this colora_mm's ($known); left out"; fi
+    done
+  fi
   # table 1 (training step) on its own, so that its numbers are kept if a later table fails
   if [ "$DRY" = 1 ]; then
     bench=(--device cpu --arch atto --size 64 --batch 2 --head-channels 16 --repeats 1

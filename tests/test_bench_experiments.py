@@ -427,3 +427,224 @@ def test_fixed_heap_layouts_read_the_same_peak_rss_again(monkeypatch):
     assert out['delta'] == 20 and out['deltas'] == [30, 10, 20] and out['heap'] == 2
     assert out['kind'].endswith('median of 3 fixed heap layouts (address randomisation '
                                 'off, PYTHONHASHSEED 0-2)')
+
+
+def _bench():
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import bench_colora as bc
+    return bc
+
+
+def test_memory_columns_count_the_tensors_a_method_adds():
+    """'live' and 'kept' count every tensor a method holds beyond the plain frozen model:
+    CoLoRA's partner offsets (empty when built, r (d + d') floats per pair side after a
+    step), its factors, PiSSA's flags, the optimizer state; the frozen model's own
+    tensors (BN statistics, the frozen weights) are not counted, for any method."""
+    import argparse
+
+    import torch
+    bc = _bench()
+    from colora_mm.adapters.colora_pair import OFFSET_NAMES
+    offset_names = {n for pair in OFFSET_NAMES for n in pair}
+    args = argparse.Namespace(arch='atto', size=64, head_channels=16, batch=2,
+                              device='cpu', amp=False)
+    frozen = bc.plain_tensor_names(args)
+    expected = {}
+    for row in ('limit', 'colora', 'pissa'):
+        model, step, _ = bc.build_trainer(row, args)
+        before = bc.added_memory(bc.tensor_snapshot(model, step.optimizer), frozen)
+        step()
+        added = bc.added_memory(bc.tensor_snapshot(model, step.optimizer), frozen)
+        offsets = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                      if n.rsplit('.', 1)[-1] in offset_names)
+        adapter = sum(t.numel() * t.element_size() for n, t in
+                      list(model.named_parameters()) + list(model.named_buffers())
+                      if n not in frozen)
+        state = sum(t.numel() * t.element_size() for s in step.optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t))
+        assert added['offsets'] == offsets, (row, added, offsets)
+        assert added['adapter'] == adapter and added['optimizer'] == state > 0, (row, added)
+        assert before['offsets'] == 0 and before['optimizer'] == 0
+        expected[row] = offsets
+    assert expected['colora'] > 0 and expected['limit'] == expected['pissa'] == 0
+    # the worker: kept = saved + gradients + optimizer state + the adapter's tensors,
+    # offsets included (after its steps, as in the model above)
+    out = memory_worker_of('colora')
+    assert out['offsets'] == expected['colora']
+    assert out['adapter'] > out['offsets']
+    assert out['kept'] == out['saved'] + out['state'] + out['adapter']
+    assert out['live'] > out['adapter'] + out['optimizer']
+
+
+def memory_worker_of(row, *extra):
+    res = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'), '--memory-worker',
+         row, '--arch', 'atto', '--size', '64', '--head-channels', '16',
+         '--memory-steps', '1', '--threads', '1', *extra],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+    line = [x for x in res.stdout.splitlines() if x.startswith('MEMORY ')][0]
+    return json.loads(line[len('MEMORY '):])
+
+
+def test_merge_table_check_fails_for_a_broken_merge(monkeypatch):
+    """Table 3 builds ConvNeXt with layer scale 1.0 (as the dense-prediction configs
+    do) and checks merged against unmerged relative to the output scale: a merge that
+    drops the spatial branches (1.8e-6 at mmpretrain's default layer scale 1e-6) is
+    refused."""
+    import torch
+
+    import colora_mm.adapters as adapters
+    from colora_mm.adapters.spatial import SpatialLowRankBranch
+    from colora_mm.models import CoLoRAConvNeXt
+    bc = _bench()
+    real = adapters.merge_adapters
+
+    def broken(model, *a, **kw):
+        unfolded = real(model, *a, **kw)
+        if isinstance(model, CoLoRAConvNeXt):
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, SpatialLowRankBranch):
+                        m.up.weight.zero_()
+        return unfolded
+
+    monkeypatch.setattr(adapters, 'merge_adapters', broken)
+    monkeypatch.setattr(bc, 'interleaved', lambda fns, device, repeats: {k: 1.0 for k in fns})
+    import types
+    args = types.SimpleNamespace(device='cpu', amp=False, merge_size=32, merge_batch=1,
+                                 repeats=1)
+    with pytest.raises(AssertionError, match='ConvNeXt-T, filter on: the merged model '
+                                             'differs from the unmerged one'):
+        bc.bench_merge(args, {})
+    assert bc.CONVNEXT_T['layer_scale_init_value'] == 1.0
+
+
+@pytest.mark.parametrize('choice', ['auto', 'conv'])
+def test_spatial_target_reads_the_packages_formulation(monkeypatch, capsys, choice):
+    """Table 2b's verdict is the formulation the package runs here (the C++ kernel on
+    the CPU where it builds and COLORA_MM_UP3X3 is auto; the grouped conv otherwise),
+    not the fastest candidate; the others are printed for information."""
+    import types
+    bc = _bench()
+    from colora_mm.adapters import up3x3
+    monkeypatch.setenv('COLORA_MM_UP3X3', choice)
+    fake = {'grouped conv': 1.0, bc.PACKAGE_KERNEL: 0.45, 'unfold-matmul': 0.3}
+    monkeypatch.setattr(bc, 'interleaved',
+                        lambda fns, device, repeats: {k: fake.get(k, 0.9) for k in fns})
+    args = types.SimpleNamespace(device='cpu', arch='atto', size=32, batch=1, repeats=1)
+    results = {}
+    bc.bench_spatial(args, results)
+    target = results['spatial_targets'][0]
+    kernel = choice == 'auto' and up3x3.load_kernel() is not None
+    if kernel:
+        assert results['spatial_selected'] == bc.PACKAGE_KERNEL
+        assert target['value'] == pytest.approx(0.45) and target['met']
+    else:
+        assert results['spatial_selected'] == 'grouped conv'
+        assert target['value'] == pytest.approx(1.0) and not target['met']
+    out = capsys.readouterr().out
+    assert 'unfold-matmul 0.30' in out and 'fastest: unfold-matmul' in out
+
+
+def test_a_failing_table_is_reported_and_the_others_are_kept(tmp_path):
+    """One table failing: the next still runs, the JSON holds what finished (written
+    after every table), and the run exits non-zero."""
+    out_json = tmp_path / 'bench.json'
+    code = (
+        'import runpy, sys\n'
+        'import colora_mm.adapters as a\n'
+        'a.RangeKernelFilter = None\n'          # table 2 fails
+        f'sys.argv = [{osp.join(ROOT, "benchmarks", "bench_colora.py")!r}, "--only", '
+        f'"filter", "deltas", "--arch", "atto", "--repeats", "1", "--threads", "1", '
+        f'"--json", {str(out_json)!r}]\n'
+        'runpy.run_path(sys.argv[0], run_name="__main__")\n')
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert 'table filter FAILED: TypeError' in res.stdout
+    assert '4. Forming every weight update' in res.stdout
+    import json
+    results = json.loads(out_json.read_text())
+    assert set(results['deltas_s']) == {'lora', 'hira', 'colora'}
+    assert list(results['failed_tables']) == ['filter']
+
+
+def test_a_failed_memory_worker_leaves_the_timing_table(monkeypatch, capsys):
+    """Table 1 with one memory worker failing (e.g. out of memory): the timings and the
+    other rows' memory are printed, the failed row's memory cells say so with the
+    reason, its memory targets read 'not measured', and the table then fails."""
+    import types
+
+    import torch
+    bc = _bench()
+    names = ['full', 'limit', 'lora', 'colora']
+
+    def build_trainer(method, args):
+        step = lambda: None  # noqa: E731
+        step.optimizer = None
+        return torch.nn.Module(), step, 1000
+
+    def measure_memory(method, args):
+        if method == 'colora':
+            raise bc.MemoryWorkerError(method, -9, 'some output\n')
+        v = dict(full=100, limit=40, lora=45)[method] * 2 ** 20
+        return dict(delta=v, live=v, kept=v, kind='peak RSS growth (test)')
+
+    monkeypatch.setattr(bc, 'build_trainer', build_trainer)
+    monkeypatch.setattr(bc, 'measure_memory', measure_memory)
+    monkeypatch.setattr(bc, 'interleaved_times', lambda steps, device, repeats, warmup:
+                        {m: [0.1 * (i + 1)] for i, m in enumerate(steps)})
+    args = types.SimpleNamespace(methods=names, no_breakdown=True, device='cpu', arch='atto',
+                                 size=64, batch=2, head_channels=16, repeats=1, amp=False,
+                                 malloc='retain', memory_mmap_threshold=0)
+    results = {}
+    with pytest.raises(RuntimeError, match='memory workers of colora failed'):
+        bc.bench_train(args, results)
+    out = capsys.readouterr().out
+    row = [ln for ln in out.splitlines() if ln.startswith('| colora |')][0]
+    assert row.count('| failed ') == 7 and '| 400 |' in row     # its step time is there
+    assert '| lora | ' in out and 'colora: killed by SIGKILL (out of memory?)' in out
+    assert 'CoLoRA memory saving / limit saving (kept tensors): not measured' in out
+    assert 'CoLoRA step / LoRA step: 1.333' in out
+    assert results['train_memory_failed'] == {'colora': 'killed by SIGKILL (out of memory?)'}
+    assert set(results['train_step_s']) == set(names)
+
+
+def test_memory_notes_say_what_is_measured(monkeypatch, capsys):
+    """Table 1b says its allocator column is step 1's (one step per process, as the
+    spec asks at that size); the notes name CUDA's measure on CUDA."""
+    import types
+    bc = _bench()
+    cuda = bc.memory_note(types.SimpleNamespace(device='cuda'))
+    assert 'max_memory_allocated' in cuda and 'RSS' not in cuda
+    assert 'peak RSS' in bc.memory_note(types.SimpleNamespace(device='cpu'))
+
+    def measure_memory(method, args):
+        assert args.memory_steps == 1 and args.size == 512
+        v = dict(full=100, limit=40, colora=45)[method] * 2 ** 20
+        return dict(delta=v, live=v, kept=v, kind='peak RSS growth (test)')
+
+    monkeypatch.setattr(bc, 'measure_memory', measure_memory)
+    args = types.SimpleNamespace(methods=['full', 'limit', 'colora'], device='cpu',
+                                 amp=False, memory_mmap_threshold=0)
+    bc.bench_paper(args, {})
+    out = capsys.readouterr().out
+    assert '| method | train mem MiB, step 1 |' in out
+    assert 'train mem is the peak of step 1' in out
+
+
+def test_gpu_check_takes_every_row_the_benchmark_takes():
+    """gpu_check.sh reads the rows from the benchmark (--list-methods) instead of a list
+    of its own: the optional rows (colora-frozen) and the package's methods (pissa)
+    pass."""
+    bc = _bench()
+    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
+                          '--list-methods'], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = res.stdout.strip().splitlines()[-1].split()
+    assert rows == bc.known_rows() and {'colora-frozen', 'pissa', 'peft-lora'} <= set(rows)
+    with open(osp.join(ROOT, 'benchmarks', 'gpu_check.sh')) as f:
+        script = f.read()
+    assert 'bench_colora.py --list-methods' in script and 'b.BREAKDOWN' not in script

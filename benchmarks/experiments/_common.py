@@ -33,14 +33,17 @@ def median_ratio(a: List[float], b: List[float]) -> float:
 
 
 def adapted_convnext(method: str, arch: str, trained_looking: bool = False):
-    """``CoLoRAConvNeXt`` (all four stages out) with table 1's adapter for ``method``,
-    seeded, its adapters reset as after loading weights; ``trained_looking`` fills every
-    adapter parameter with N(0, 0.02), so that ``B != 0``."""
+    """``CoLoRAConvNeXt`` (all four stages out, layer scale 1.0 as the dense-prediction
+    configs and table 1 build it: mmpretrain's default 1e-6 would hide the blocks'
+    branches, and any error in them, from a comparison of outputs) with table 1's
+    adapter for ``method``, seeded, its adapters reset as after loading weights;
+    ``trained_looking`` fills every adapter parameter with N(0, 0.02), so that
+    ``B != 0``."""
     from colora_mm.adapters import reset_adapters_from_weights
     torch.manual_seed(0)
     model = bench_colora.registry().build(dict(
         type='CoLoRAConvNeXt', arch=arch, out_indices=(0, 1, 2, 3),
-        adapter=bench_colora.adapter_of(method)))
+        layer_scale_init_value=1.0, adapter=bench_colora.adapter_of(method)))
     reset_adapters_from_weights(model)
     if trained_looking:
         with torch.no_grad():
