@@ -50,9 +50,8 @@ import sys
 import warnings
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from train import (CLIError, check_adapter, check_settings_match,  # noqa: E402
-                   check_state_dict_matches, load_config, parse_with_clear_errors,
-                   read_checkpoint, read_state_dict, run_cli)
+from train import (CLIError, load_config, parse_with_clear_errors,  # noqa: E402
+                   run_cli)
 
 _CALLS = itertools.count()
 #: What a folder given as input stands for.
@@ -223,16 +222,11 @@ def check_device(device):
 
 
 def check_checkpoint(cfg, args):
-    """The checkpoint is the config's (tensors, shapes, recorded adapter settings) and
-    names its classes; returns its ``dataset_meta``."""
-    from merge import build_model
-    current = check_adapter(cfg, args.config)
-    checkpoint = read_checkpoint(args.checkpoint)
-    check_settings_match(checkpoint, args.checkpoint, current, args.config,
-                         args.allow_mismatch)
-    state = read_state_dict(args.checkpoint, checkpoint)
-    model = build_model(cfg.model)
-    check_state_dict_matches(model, state, args.checkpoint, args.config)
+    """The checkpoint is the config's (as ``tools/test.py`` checks it: tensors, shapes,
+    recorded adapter settings) and names its classes, as many as the model predicts;
+    returns its ``dataset_meta``."""
+    from test import check_checkpoint as check_matches
+    checkpoint, model = check_matches(cfg, args)
     meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
     dataset_meta = meta.get('dataset_meta') if isinstance(meta, dict) else None
     if not isinstance(dataset_meta, dict) or not dataset_meta.get('classes'):
@@ -374,9 +368,9 @@ def run(args):
     os.makedirs(args.out_dir, exist_ok=True)
     for image in images:
         pred_path, vis_path = output_paths(image, args.out_dir, scope)
-        result = predict(model, image, scope)
+        result = predict(model, image, scope).cpu()
         if scope == 'mmseg':
-            labels = result.pred_sem_seg.data[0].cpu().numpy()
+            labels = result.pred_sem_seg.data[0].numpy()
             write_atomic(pred_path, lambda p: write_label_map(p, labels, len(classes)))
             summary = f'{len(set(labels.ravel().tolist()))} classes present'
             draw = dict(draw_gt=False, draw_pred=True)
@@ -391,12 +385,11 @@ def run(args):
             summary = f'{len(rows)} detections with score >= {args.score_thr}'
             # exactly the detections written (the visualizer's own threshold keeps
             # scores above it, not at it)
-            result = result.cpu()
             result.pred_instances = result.pred_instances[
                 result.pred_instances.scores >= args.score_thr]
             draw = dict(draw_gt=False, draw_pred=True, pred_score_thr=-1.0)
         rgb = mmcv.imread(image, channel_order='rgb')
-        vis.add_datasample(osp.basename(image), rgb, result.cpu(), show=False, **draw)
+        vis.add_datasample(osp.basename(image), rgb, result, show=False, **draw)
         painted = vis.get_image()
         write_atomic(vis_path, lambda p: mmcv.imwrite(mmcv.rgb2bgr(painted), p))
         print(f'{image}: {summary} -> {pred_path}, {vis_path}')

@@ -143,7 +143,8 @@ def setup_cfg(args):
 def check_checkpoint(cfg, args):
     """Check the adapter spec (on the meta device), the adapter settings recorded in
     the checkpoint, then build the model once, as the runner will, and compare the
-    checkpoint's tensors with it."""
+    checkpoint's tensors with it. Returns ``(checkpoint, model)``: the loaded
+    checkpoint and the model built (without its weights)."""
     from merge import build_model
     current = check_adapter(cfg, args.config)
     checkpoint = read_checkpoint(args.checkpoint)
@@ -151,7 +152,8 @@ def check_checkpoint(cfg, args):
         check_settings_match(checkpoint, args.checkpoint, current, args.config,
                              args.allow_mismatch)
         state = read_state_dict(args.checkpoint, checkpoint)
-        model_cfg = cfg.model.get('module', cfg.model) if args.tta else cfg.model
+        tta = getattr(args, 'tta', False)
+        model_cfg = cfg.model.get('module', cfg.model) if tta else cfg.model
         model = build_model(model_cfg)
         check_state_dict_matches(model, state, args.checkpoint, args.config)
     except CLIError as err:
@@ -163,6 +165,7 @@ def check_checkpoint(cfg, args):
                            f'with the config written beside it, '
                            f'{config_path_for(args.checkpoint)}')
         raise
+    return checkpoint, model
 
 
 def make_runner(cfg):
