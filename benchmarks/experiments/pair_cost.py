@@ -51,8 +51,8 @@ def patch(mode: list) -> None:
     as_is_node = cp.pair_side_factors
     as_is_applies = cp.CoLoRAPair.one_node_applies
 
-    def pair_side_factors(*args):
-        return as_is_node(*args) if mode[0] == 'pairs' else None
+    def pair_side_factors(*args, **kwargs):
+        return as_is_node(*args, **kwargs) if mode[0] == 'pairs' else None
 
     def one_node_applies(self, index):
         # where the node applies the pairs are not stacked: the pairs stack in one mode

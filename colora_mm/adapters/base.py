@@ -378,14 +378,15 @@ class AdaptedLayer(nn.Module):
                                       rank, training, x.device.type)
 
     def low_rank_forward(self, x: torch.Tensor, left: torch.Tensor,
-                         right: torch.Tensor) -> torch.Tensor:
+                         right: torch.Tensor, rebuild=None) -> torch.Tensor:
         """``(x L) R`` on this layer's input layout: the low-rank update applied to the
         activations. A 1x1 conv keeps its stride and padding (the zero padding gives zero
-        rows, so base and update still add up to ``x (W + L R)``)."""
+        rows, so base and update still add up to ``x (W + L R)``). ``rebuild``
+        (:class:`.lowrank.FactorRebuild`) is taken by the channels-last op only."""
         autocast = autocast_dtype(x.device.type)
         if not self.is_conv:
             # the thin products run in the autocast dtype, else in the input's
-            return low_rank_product(x, left, right, autocast or x.dtype)
+            return low_rank_product(x, left, right, autocast or x.dtype, rebuild=rebuild)
         if autocast is None:
             left, right = left.to(x.dtype), right.to(x.dtype)
         k = left.shape[1]
@@ -423,15 +424,19 @@ class AdaptedLayer(nn.Module):
         adapter = self.adapter_branch
         factors = adapter.low_rank(self)
         if factors is not None and self.use_activation_path(x, factors[0].shape[1]):
+            # factors that can be formed again are not kept by the op (an adapter reads
+            # ``factors.rebuild.taken`` in after_forward)
+            rebuild = getattr(factors, 'rebuild', None)
             if not self.is_conv and not self.weight.requires_grad:
                 # one op: the update accumulates into the base GEMM's output
                 out = linear_low_rank(x, self.weight, self.bias, *factors,
-                                      dtype=autocast or x.dtype)
+                                      dtype=autocast or x.dtype, rebuild=rebuild)
             else:
                 # out of place: F.linear's output can be a view, which an in-place
                 # sum would make autograd copy back in the backward pass
                 out = self.base_forward(x)
-                out = out + self.low_rank_forward(x, *factors).to(out.dtype)
+                out = out + self.low_rank_forward(x, *factors,
+                                                  rebuild=rebuild).to(out.dtype)
             self.last_path = 'activation'
         else:
             if factors is not None:

@@ -29,6 +29,16 @@ forward pass the offset takes the detached factors that pass formed, so the next
 sees ``W + dW`` of this one (``r (d_in + d_out)`` floats per side). Evaluation never
 changes them.
 
+Where a side's factors come from the CPU's C++ node and its layer runs the activation
+path, the low-rank op keeps none of the factors (:class:`.lowrank.FactorRebuild`), and
+neither does the offset until the backward pass: that op forms them again there, bit
+for bit, and the offset takes them (a step never holds two generations of offsets at
+its peak, the ones its forward pass reads and the ones it forms). Reading an offset
+before then (a second forward pass before the backward one), saving the state dict,
+moving or copying the pair, or an ``optimizer.step()`` that updates the pair forms the
+pending ones first (from the parameters that pass read; where they were changed in
+place outside a step, the previous offsets stay, with a warning).
+
 Precision: the factors, the scalings (their stds) and the partner products
 ``Bs W2^T`` / ``W1^T As`` are formed in ``max(float32, parameter dtype)`` with autocast
 off; the products with the activations run in the autocast dtype.
@@ -36,14 +46,17 @@ off; the products with the activations run in the autocast dtype.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .base import (AdaptedLayer, Adapter, compute_dtype, keep_gradient_strides,
                    no_autocast)
-from .lowrank import compiling
+from .lowrank import FactorRebuild, compiling
 from .init import init_a_
 from .scaling import plain_scaled, scaled_columns
 from .up3x3 import pair_side_factors, pair_side_kernel_applies
@@ -53,6 +66,40 @@ PARTNER_POLICIES = ('effective', 'frozen')
 OFFSET_NAMES = (('partner_l1', 'partner_r1'), ('partner_l2', 'partner_r2'))
 #: Full partner copies of an earlier storage layout, converted on load.
 LEGACY_PARTNER_NAMES = ('partner_w1', 'partner_w2')
+
+
+#: Pairs with partner offsets left to a backward pass (:meth:`CoLoRAPair.settle`).
+_UNSETTLED: 'weakref.WeakSet[CoLoRAPair]' = weakref.WeakSet()
+
+
+def _settle_before_step(optimizer, args, kwargs) -> None:
+    """Before an ``optimizer.step()``: form the partner offsets a training forward pass
+    left to a backward pass that did not form them (one that never ran, or did not reach
+    the pair's layers), of the pairs whose parameters the optimizer updates, while the
+    parameters are still the ones that pass used. After a backward pass there are none:
+    the step pays for nothing."""
+    if not len(_UNSETTLED):
+        return
+    updated = {id(p) for group in optimizer.param_groups for p in group['params']}
+    for pair in list(_UNSETTLED):
+        if any(id(p) in updated for p in pair.parameters()):
+            pair.settle()
+
+
+register_optimizer_step_pre_hook(_settle_before_step)
+
+
+def _adopter(pair: 'CoLoRAPair', index: int, rebuild: FactorRebuild):
+    """``callback(L, R)`` for a rebuild's :attr:`~.lowrank.FactorRebuild.on_rebuilt`:
+    the factors a backward pass formed again become side ``index``'s partner offset
+    (weak references: the callback keeps neither the pair nor the rebuild alive)."""
+    pair_ref, rebuild_ref = weakref.ref(pair), weakref.ref(rebuild)
+
+    def adopt(left: torch.Tensor, right: torch.Tensor) -> None:
+        owner, source = pair_ref(), rebuild_ref()
+        if owner is not None and source is not None:
+            owner._adopt(index, source, left, right)
+    return adopt
 
 
 def state_dict_differences(own: dict, state: dict) -> tuple:
@@ -159,7 +206,11 @@ class CoLoRAPair(nn.Module):
         # module tree has no cycle). A pair on its own has zero base weights.
         self._layers: List[Optional[AdaptedLayer]] = [None, None]
         self._layer_names: Tuple[str, str] = ('', '')
-        self._pending: Optional[tuple] = None
+        # The first layer's next offset, held until the second layer has run: the
+        # detached factors, or their rebuild (see the module doc).
+        self._pending: Optional[object] = None
+        # Each side's next offset, left to the backward pass to form (a rebuild).
+        self._deferred: List[Optional[FactorRebuild]] = [None, None]
         # Full partner copies read from an earlier checkpoint layout, converted to
         # offsets once both base weights are loaded (see _load_from_state_dict).
         self._legacy_partners: Optional[List[torch.Tensor]] = None
@@ -171,11 +222,21 @@ class CoLoRAPair(nn.Module):
         self._stacked: List[Optional[tuple]] = [None, None]
         self.reset_parameters()
 
+    def __getstate__(self) -> dict:
+        # a copy (or pickle) holds its offsets, not rebuilds reading this pair's tensors
+        self.settle()
+        return super().__getstate__()
+
+    def _apply(self, fn, recurse=True):
+        self.settle()           # formed on the tensors' device before they move
+        return super()._apply(fn, recurse)
+
     def __setstate__(self, state: dict) -> None:
         # A copy of a model whose second layer comes first reaches this pair through
         # that layer and restores it after its first layer: the first layer could not
         # give these parameters their gradient-stride hooks then, so the pair does.
         super().__setstate__(state)
+        self.__dict__.setdefault('_deferred', [None, None])   # a pickle of an older release
         keep_gradient_strides(self)
 
     def _new_param(self, name: str, shape: tuple, rank: int) -> None:
@@ -216,8 +277,70 @@ class CoLoRAPair(nn.Module):
     def offset(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._legacy_partners is not None:
             self._convert_legacy_partners()
+        if self._deferred[index] is not None:
+            self._form_deferred(index)
         lname, rname = OFFSET_NAMES[index]
         return getattr(self, lname), getattr(self, rname)
+
+    # ------------------------------------------------- offsets left to backward
+    def _stage(self, index: int, staged) -> None:
+        """Make ``staged`` side ``index``'s next offset: detached factors at once, a
+        rebuild when the backward pass forms it (or when first read)."""
+        if isinstance(staged, FactorRebuild):
+            self._deferred[index] = staged
+            _UNSETTLED.add(self)
+        else:
+            self._deferred[index] = None
+            self.set_partner_offset(index, *staged)
+
+    def _adopt(self, index: int, rebuild: FactorRebuild, left: torch.Tensor,
+               right: torch.Tensor) -> None:
+        """The factors a backward pass formed again from ``rebuild``: side ``index``'s
+        offset if that rebuild is still its next one (or the first layer's pending one);
+        from any other (an older pass, a pass before a load) they are dropped."""
+        if index == 0 and self._pending is rebuild:
+            self._pending = (left, right)
+        elif self._deferred[index] is rebuild:
+            self._deferred[index] = None
+            self.set_partner_offset(index, left, right)
+        if self._deferred == [None, None] and not isinstance(self._pending, FactorRebuild):
+            _UNSETTLED.discard(self)
+
+    def _formed(self, rebuild: FactorRebuild) -> Optional[tuple]:
+        """``rebuild``'s factors, or None (with a warning) where a parameter they are
+        formed from changed in place since its forward pass."""
+        if rebuild.stale:
+            warnings.warn(
+                f'{self.where}: its parameters were changed in place after a '
+                'training forward pass whose backward pass did not reach the pair, '
+                'outside optimizer.step(); the partner offsets that pass formed cannot '
+                'be formed again and the previous ones are kept. Run backward() (or '
+                'optimizer.step()) before changing the parameters.', stacklevel=3)
+            return None
+        return rebuild()
+
+    def _form_deferred(self, index: int) -> None:
+        rebuild, self._deferred[index] = self._deferred[index], None
+        formed = self._formed(rebuild)
+        if formed is not None:
+            self.set_partner_offset(index, *formed)
+
+    def settle(self) -> None:
+        """Form the partner offsets left to a backward pass (module doc) now: their
+        values are the same, only when they are formed changes."""
+        if isinstance(self._pending, FactorRebuild):
+            self._pending = self._formed(self._pending)
+        for index in (0, 1):
+            if self._deferred[index] is not None:
+                self._form_deferred(index)
+        _UNSETTLED.discard(self)
+
+    def drop_unsettled(self) -> None:
+        """Forget the offsets a forward pass staged (new weights or offsets replace
+        them: a reset, a load)."""
+        self._pending = None
+        self._deferred = [None, None]
+        _UNSETTLED.discard(self)
 
     def partner_base(self, index: int) -> Optional[torch.Tensor]:
         """The partner layer's base weight in PyTorch layout ``(out, in)`` (W1^T or
@@ -344,7 +467,8 @@ class CoLoRAPair(nn.Module):
         rounding), or None where it does not apply: no gradient needed, a pair with an
         empty part or without layers, another device."""
         args = self._one_node_args(index, dtype)
-        return None if args is None else pair_side_factors(*args)
+        return None if args is None else pair_side_factors(
+            *args, where=f'{self.where}, W{index + 1}')
 
     def _one_node_args(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
         """The arguments of :func:`.up3x3.pair_side_factors` for side ``index``, or None
@@ -388,6 +512,8 @@ class CoLoRAPair(nn.Module):
     # ------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs) -> None:
+        # the loaded offsets replace any a forward pass before the load staged
+        self.drop_unsettled()
         legacy = [prefix + name for name in LEGACY_PARTNER_NAMES]
         if any(k in state_dict for k in legacy):
             if not all(k in state_dict for k in legacy):
@@ -464,6 +590,7 @@ class CoLoRAPair(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         if self._legacy_partners is not None:
             self._convert_legacy_partners()
+        self.settle()
         super()._save_to_state_dict(destination, prefix, keep_vars)
         # An offset taken from factors formed with other pairs (:mod:`.pair_batch`) is a
         # view of their stack: saved on its own, it would carry the whole stack.
@@ -536,28 +663,38 @@ class CoLoRAPairLayer(Adapter):
         pair = self.get_pair()
         if not self.training or pair.partner_policy != 'effective' or factors is None:
             return
-        snapshot = tuple(f.detach() for f in factors)
-        if not compiling() and torch.is_inference_mode_enabled():
-            # a training-mode forward under torch.inference_mode(): the offsets must be
-            # normal tensors, or the next training step could not save them for backward
-            with torch.inference_mode(False):
-                snapshot = tuple(f.clone() for f in snapshot)
+        rebuild = getattr(factors, 'rebuild', None)
+        if rebuild is not None and rebuild.taken:
+            # the layer's op keeps no factors: the backward pass forms them again and
+            # hands them to this side's offset (the module doc)
+            rebuild.on_rebuilt = _adopter(pair, self.index, rebuild)
+            staged = rebuild
+        else:
+            staged = tuple(f.detach() for f in factors)
+            if not compiling() and torch.is_inference_mode_enabled():
+                # a training-mode forward under torch.inference_mode(): the offsets must
+                # be normal tensors, or the next training step could not save them
+                with torch.inference_mode(False):
+                    staged = tuple(f.clone() for f in staged)
         if self.index == 0:
             # Hold W1's offset until the second layer has used this step's partner W1.
-            pair._pending = snapshot
+            pair._pending = staged
+            if isinstance(staged, FactorRebuild):
+                _UNSETTLED.add(pair)
         else:
-            pair.set_partner_offset(1, *snapshot)
+            pair._stage(1, staged)
             if pair._pending is not None:
-                pair.set_partner_offset(0, *pair._pending)
+                pair._stage(0, pair._pending)
                 pair._pending = None
 
     @torch.no_grad()
     def reset_from_weights(self, layer: AdaptedLayer) -> None:
         pair = self.get_pair()
         din, dout = pair.side_shapes()[self.index]
+        pair._pending = None
+        pair._deferred[self.index] = None
         left, right = pair.offset(self.index)
         pair.set_partner_offset(self.index, left.new_zeros(din, 0), right.new_zeros(0, dout))
-        pair._pending = None
 
     @torch.no_grad()
     def fold_independent_(self, layer: AdaptedLayer) -> list:

@@ -28,6 +28,13 @@ is recomputed and the layer widens (``d_in <= d_out``: the LayerNorm-fed first
 pointwise layer of a ConvNeXt block) ``z^T`` is not kept either: the backward forms
 it again from each recomputed piece of ``x`` (:func:`recomputes_z`). The pieces, a few
 MiB each, are the CPU's (:func:`piece_bytes`); a GPU recomputes ``x`` whole.
+
+The factors themselves are kept for the backward pass, except where they come as
+:class:`Factors` with a :class:`FactorRebuild`: then the op keeps the rebuild (which
+holds what the factors are formed from) and forms ``L`` and ``R`` again, bit for bit,
+in its backward pass. CoLoRA's pairs on the CPU form their factors that way
+(:func:`.up3x3.pair_side_factors`): of a side's ``r (d_in + d_out)`` floats only the
+partner product's ``rs x d`` live from forward to backward.
 """
 from __future__ import annotations
 
@@ -40,6 +47,64 @@ import torch
 import torch.nn.functional as F
 
 Recipe = Tuple[str, tuple, object]
+
+
+class FactorRebuild:
+    """Forms a low-rank update's factors ``(L, R)`` again, bit for bit and without a
+    gradient: ``fn(*args)``, ``args`` being what the factors were formed from (tensors
+    that live on anyway: the parameters, and e.g. CoLoRA's partner product). A low-rank
+    op given one keeps it instead of ``L`` and ``R`` (and sets :attr:`taken`); its
+    backward pass forms them with :meth:`factors`, which hands them to
+    :attr:`on_rebuilt` (``callback(L, R)``), where set, before casting them."""
+
+    __slots__ = ('_fn', '_args', '_versions', 'where', 'taken', 'on_rebuilt',
+                 '__weakref__')
+
+    def __init__(self, fn, args: tuple, where: str = '') -> None:
+        self._fn, self._args = fn, tuple(args)
+        self._versions = self._tensor_versions()
+        self.where = where
+        self.taken = False
+        self.on_rebuilt = None
+
+    def _tensor_versions(self) -> tuple:
+        return tuple(t._version for t in self._args if torch.is_tensor(t))
+
+    @property
+    def stale(self) -> bool:
+        """Whether a tensor the factors are formed from changed in place since they
+        were formed: they cannot be formed again."""
+        return self._tensor_versions() != self._versions
+
+    def __call__(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        left, right = self._fn(*self._args)
+        return left, right
+
+    def factors(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(L, R)`` in ``dtype`` for a backward pass (cast as the forward cast them);
+        the uncast ones go to :attr:`on_rebuilt`."""
+        if self.stale:
+            raise RuntimeError(
+                f'{self.where or "low-rank update"}: a tensor its factors were formed '
+                'from (a parameter) was modified in place between the forward and the '
+                'backward pass, so the factors cannot be formed again; modify '
+                'parameters only after backward() (as optimizer.step() does).')
+        left, right = self()
+        if self.on_rebuilt is not None:
+            self.on_rebuilt(left, right)
+        return left.to(dtype), right.to(dtype)
+
+
+class Factors(tuple):
+    """``(L, R)`` of a low-rank update, ``dW = L R``, with an optional :attr:`rebuild`
+    (:class:`FactorRebuild`) that forms them again: a plain pair of tensors
+    otherwise."""
+
+    def __new__(cls, left: torch.Tensor, right: torch.Tensor,
+                rebuild: Optional[FactorRebuild] = None) -> 'Factors':
+        self = super().__new__(cls, (left, right))
+        self.rebuild = rebuild
+        return self
 
 
 def compiling() -> bool:
@@ -207,13 +272,21 @@ def _factor_gradients(ctx, g: torch.Tensor, left: torch.Tensor, right: torch.Ten
 
 
 def _save(ctx, fixed: tuple, zt: torch.Tensor, x: torch.Tensor,
-          recipe: Optional[Recipe]) -> None:
-    """Save ``fixed`` (ending with ``R``, ``k x d_out``) and, for the factor
+          recipe: Optional[Recipe], left: torch.Tensor, right: torch.Tensor,
+          rebuild: Optional[FactorRebuild]) -> None:
+    """Save ``fixed``, then the factors ``left`` and ``right`` (``k x d_out``) unless
+    ``rebuild`` forms them again (kept instead, and marked taken), and, for the factor
     gradients: ``z^T`` and ``x`` (no recipe), ``z^T`` (``x`` recomputed), or neither
     (both recomputed, :func:`recomputes_z`)."""
     ctx.recipe = recipe
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-    ctx.z_kept = not recomputes_z(recipe, x.shape[-1], fixed[-1].shape[1])
+    ctx.z_kept = not recomputes_z(recipe, x.shape[-1], right.shape[1])
+    ctx.rebuild, ctx.factor_dtype = rebuild, right.dtype
+    if rebuild is None:
+        fixed = fixed + (left, right)
+    else:
+        rebuild.taken = True
+    ctx.n_fixed = len(fixed)
     if recipe is None:
         ctx.save_for_backward(*fixed, zt, x)
     elif ctx.z_kept:
@@ -222,41 +295,49 @@ def _save(ctx, fixed: tuple, zt: torch.Tensor, x: torch.Tensor,
         ctx.save_for_backward(*fixed)
 
 
-def _saved(ctx, n_fixed: int) -> tuple:
-    """``(fixed, zt or None, kept)`` from what :func:`_save` saved."""
+def _saved(ctx) -> tuple:
+    """``(fixed, (left, right), zt or None, kept)`` from what :func:`_save` saved, the
+    factors formed again where a rebuild was kept."""
     saved = ctx.saved_tensors
-    fixed, rest = saved[:n_fixed], saved[n_fixed:]
+    fixed, rest = saved[:ctx.n_fixed], saved[ctx.n_fixed:]
+    if ctx.rebuild is None:
+        fixed, factors = fixed[:-2], fixed[-2:]
+    else:
+        factors = ctx.rebuild.factors(ctx.factor_dtype)
     zt = rest[0] if ctx.z_kept else None
-    return fixed, zt, list(rest[1:] if ctx.z_kept else rest)
+    return fixed, factors, zt, list(rest[1:] if ctx.z_kept else rest)
 
 
 class LowRankProduct(torch.autograd.Function):
     """``(x @ left) @ right`` over the last axis of ``x``; see the module doc."""
 
     @staticmethod
-    def forward(ctx, x, left, right, recipe):
+    def forward(ctx, x, left, right, recipe, rebuild):
         x2 = x.reshape(-1, x.shape[-1])
         zt = left.t() @ x2.t()
         out = zt.t() @ right
-        _save(ctx, (left, right), zt, x, recipe)
+        _save(ctx, (), zt, x, recipe, left, right, rebuild)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        (left, right), zt, kept = _saved(ctx, 2)
+        _, (left, right), zt, kept = _saved(ctx)
         g = grad.reshape(-1, grad.shape[-1]).to(right.dtype)
         gzt, grad_left, grad_right = _factor_gradients(
             ctx, g, left, right, zt, kept, *ctx.needs_input_grad[1:3])
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (gzt.t() @ left.t()).reshape(ctx.x_shape)
-        return grad_x, grad_left, grad_right, None
+        return grad_x, grad_left, grad_right, None, None
 
 
 def low_rank_product(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
-                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                     dtype: Optional[torch.dtype] = None,
+                     rebuild: Optional[FactorRebuild] = None) -> torch.Tensor:
     """``(x L) R`` with all three cast to ``dtype`` (default: ``x``'s). The recipe is
-    read from ``x`` before the cast, so a cast copy is not kept either."""
+    read from ``x`` before the cast, so a cast copy is not kept either; ``rebuild``
+    (:class:`FactorRebuild` of ``L`` and ``R``), where given, is kept instead of the
+    factors."""
     dtype = dtype or x.dtype
     grad = torch.is_grad_enabled() and (x.requires_grad or left.requires_grad
                                         or right.requires_grad)
@@ -264,7 +345,7 @@ def low_rank_product(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     x, left, right = x.to(dtype), left.to(dtype), right.to(dtype)
     if not grad or compiling():    # compiled: AOTAutograd derives and fuses the backward
         return (x @ left) @ right
-    return LowRankProduct.apply(x, left, right, recipe)
+    return LowRankProduct.apply(x, left, right, recipe, rebuild)
 
 
 def _linear_low_rank(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -288,16 +369,16 @@ class LinearLowRank(torch.autograd.Function):
     would keep, is one per layer); in ``x2``'s dtype the cast is the weight itself."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, left, right, recipe, x_shape):
+    def forward(ctx, x2, weight, bias, left, right, recipe, x_shape, rebuild):
         out, zt = _linear_low_rank(x2, weight.to(x2.dtype), bias, left, right)
         ctx.has_bias = bias is not None
-        _save(ctx, (weight, left, right), zt, x2, recipe)
+        _save(ctx, (weight,), zt, x2, recipe, left, right, rebuild)
         ctx.x_shape = x_shape
         return out
 
     @staticmethod
     def backward(ctx, g):
-        (weight, left, right), zt, kept = _saved(ctx, 3)
+        (weight,), (left, right), zt, kept = _saved(ctx)
         g = g.to(right.dtype)
         gzt, grad_left, grad_right = _factor_gradients(
             ctx, g, left, right, zt, kept, *ctx.needs_input_grad[3:5])
@@ -307,15 +388,17 @@ class LinearLowRank(torch.autograd.Function):
             grad_x = (g @ weight.to(right.dtype)).addmm_(gzt.t(), left.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_left, grad_right, None, None
+        return grad_x, None, grad_bias, grad_left, grad_right, None, None, None
 
 
 def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     left: torch.Tensor, right: torch.Tensor,
-                    dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                    dtype: Optional[torch.dtype] = None,
+                    rebuild: Optional[FactorRebuild] = None) -> torch.Tensor:
     """``F.linear(x, W, b) + (x L) R`` for a frozen ``W`` (``weight`` must not require a
     gradient), all in ``dtype`` (default: ``x``'s; under autocast pass its dtype: the
-    op runs with autocast off on tensors cast to it)."""
+    op runs with autocast off on tensors cast to it); ``rebuild`` as in
+    :func:`low_rank_product`."""
     if weight.requires_grad:
         raise ValueError('linear_low_rank: the base weight must be frozen '
                          '(requires_grad=False); use F.linear + low_rank_product.')
@@ -333,7 +416,8 @@ def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             out = F.linear(x2, weight.to(dtype), bias) + (x2 @ left) @ right
         elif grad:
             # the frozen weight goes in uncast: the op keeps it, not a cast copy
-            out = LinearLowRank.apply(x2, weight, bias, left, right, recipe, x.shape)
+            out = LinearLowRank.apply(x2, weight, bias, left, right, recipe, x.shape,
+                                      rebuild)
         else:
             out, _ = _linear_low_rank(x2, weight.to(dtype), bias, left, right)
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -37,14 +37,14 @@ import platform
 import sysconfig
 import threading
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .lowrank import autocast_dtype, compiling
+from .lowrank import Factors, FactorRebuild, autocast_dtype, compiling
 
 ENV_CHOICE = 'COLORA_MM_UP3X3'
 ENV_DIR = 'COLORA_MM_EXT_DIR'
@@ -270,18 +270,27 @@ def pair_side_kernel_applies(A: torch.Tensor, B: torch.Tensor, As: torch.Tensor,
 def pair_side_factors(index: int, A: torch.Tensor, B: torch.Tensor, As: torch.Tensor,
                       Bs: torch.Tensor, base: torch.Tensor, left: torch.Tensor,
                       right: torch.Tensor, k_ind: float,
-                      k_sh: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+                      k_sh: float, where: str = '') -> Optional[Factors]:
     """One side of a CoLoRA pair, ``(L, R)`` (:meth:`.colora_pair.CoLoRAPair.factors`),
     as one C++ autograd node (``csrc/pair_factors.cpp``), where it applies: every tensor
     a 2-D CPU tensor of one dtype, float32 or float64; the partner's base weight and
     offset without a gradient; not traced or intercepted; ``COLORA_MM_UP3X3`` not
-    ``conv``. None anywhere else (the caller runs the Python formulation)."""
+    ``conv``. None anywhere else (the caller runs the Python formulation).
+
+    The factors come as :class:`.lowrank.Factors` with a rebuild that forms them again,
+    bit for bit, from the parameters, the partner product ``C`` and the two scalings
+    (the node keeps ``C`` for its own backward pass): a low-rank op then keeps none of
+    ``L`` and ``R`` from forward to backward. ``where`` names the pair in its errors."""
     if not pair_side_kernel_applies(A, B, As, Bs, base, left, right):
         return None
     kernel = load_kernel()
-    left_factor, right_factor = kernel.pair_side_factors(
+    left_factor, right_factor, product, scalings = kernel.pair_side_factors(
         index, A, B, As, Bs, base, left, right, float(k_ind), float(k_sh))
-    return left_factor, right_factor
+    s0, s1 = scalings.tolist()
+    rebuild = FactorRebuild(kernel.pair_side_rebuild,
+                            (index, A.detach(), B.detach(), As.detach(), Bs.detach(),
+                             product, s0, s1), where)
+    return Factors(left_factor, right_factor, rebuild)
 
 
 class GroupedUp3x3(nn.Conv2d):

@@ -171,9 +171,9 @@ def test_no_second_derivative_says_how_to_get_one(kernel):
 
 @pytest.mark.parametrize('index', [0, 1])
 def test_what_the_node_keeps_for_backward(kernel, index):
-    """Beside the parameters and the partner's weight and offset, side 0 keeps only its
-    output R (which the low-rank op keeps anyway; its last rs rows are the partner
-    product C) and side 1 only C (``d' x rs``): no second copy of C."""
+    """Beside the parameters and the partner's weight and offset, each side keeps only
+    its partner product C (side 0 ``rs x d'``, side 1 ``d' x rs``), the tensor it hands
+    out with its scalings for the factors' rebuild: nothing of L or R."""
     model = _model(shapes=(12, 20, 8))
     pair = _pair(model)
     _with_offsets(pair)
@@ -187,10 +187,33 @@ def test_what_the_node_keeps_for_backward(kernel, index):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        left, right = pair.factors(index)
+        factors = pair.factors(index)
+    left, right = factors
     assert 'PairSideFactors' in _node_name(left)
-    if index == 0:
-        assert [tuple(t.shape) for t in saved] == [tuple(right.shape)]
-        assert saved[0].untyped_storage().data_ptr() == right.untyped_storage().data_ptr()
-    else:
-        assert [tuple(t.shape) for t in saved] == [(pair.d_mid, pair.rs)]
+    want = (pair.rs, pair.d_mid) if index == 0 else (pair.d_mid, pair.rs)
+    assert [tuple(t.shape) for t in saved] == [want]
+    product = factors.rebuild._args[5]
+    assert saved[0].untyped_storage().data_ptr() == product.untyped_storage().data_ptr()
+    assert not product.requires_grad
+
+
+@pytest.mark.parametrize('index', [0, 1])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_the_rebuild_forms_the_factors_again_bit_for_bit(kernel, index, dtype):
+    model = _model(dtype=dtype)
+    pair = _pair(model)
+    _with_offsets(pair)
+    factors = pair.factors(index)
+    again = factors.rebuild()
+    for a, b in zip(factors, again):
+        assert a.dtype == b.dtype and not b.requires_grad
+        assert torch.equal(a.detach(), b)
+    got = factors.rebuild.factors(torch.bfloat16)
+    for a, b in zip(factors, got):
+        assert torch.equal(a.detach().to(torch.bfloat16), b)
+    with torch.no_grad():
+        pair.As.mul_(2)                      # a parameter changed in place: refused
+    assert factors.rebuild.stale
+    with pytest.raises(RuntimeError, match=r'W%d: a tensor its factors were formed from '
+                       r'\(a parameter\) was modified in place' % (index + 1)):
+        factors.rebuild.factors(dtype)

@@ -14,10 +14,14 @@
 // the backward is the closed form (std's (T - mean T) / ((N - 1) std), zero where
 // std = 0 or where the clamp binds), with the scalars on the host. One node replaces
 // the dozen or so autograd nodes and the Python backward of the formulation it mirrors.
-// For backward it keeps its inputs and C, which on side 0 is R's last rs rows: there it
-// keeps R (its output, which the low-rank op keeps too) and no second copy of C. Side
-// 1's C is kept on its own: L holds it scaled, and forming it again in backward would
-// cost a GEMM with the partner's weight per pair.
+//
+// For backward the node keeps its inputs and C, nothing of L or R: both are formed
+// again, bit for bit, from the parameters, C and the two scalings (pair_side_rebuild,
+// the same code as the forward's). The node also returns C and the scalings (no
+// gradient), so that the low-rank op that multiplies the activations by L and R can
+// form them again in its own backward instead of keeping them
+// (colora_mm/adapters/lowrank.py): of a side's r (d + d') floats only C's lives from
+// forward to backward.
 #include <torch/extension.h>
 #include <algorithm>
 #include <array>
@@ -67,6 +71,21 @@ std::array<Tensor, 4> terms(int64_t index, const Tensor& A, const Tensor& B,
   return {A, B, C, Bs};
 }
 
+// L = [s_0 A | s_1 X] and R = [B ; Y] with (X, Y) = (As, C) on side 0, (C, Bs) on
+// side 1: the forward's factors, and pair_side_rebuild's.
+std::array<Tensor, 2> form_factors(int64_t index, const Tensor& A, const Tensor& B,
+                                   const Tensor& As, const Tensor& Bs, const Tensor& C,
+                                   double s0, double s1) {
+  const auto t = terms(index, A, B, As, Bs, C);
+  const int64_t rl = A.size(1), rs = t[2].size(1);
+  Tensor L = at::empty({A.size(0), rl + rs}, A.options());
+  Tensor L0 = L.narrow(1, 0, rl), L1 = L.narrow(1, rl, rs);
+  at::mul_out(L0, A, s0);
+  at::mul_out(L1, t[2], s1);
+  Tensor R = at::cat({B, t[3]}, 0);
+  return {L, R};
+}
+
 class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
  public:
   static variable_list forward(AutogradContext* ctx, int64_t index, Tensor A, Tensor B,
@@ -83,19 +102,16 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
       den[j] = ds[0];
       s[j] = ds[1];
     }
-    const int64_t rl = A.size(1), rs = t[2].size(1);
-    Tensor L = at::empty({A.size(0), rl + rs}, A.options());
-    Tensor L0 = L.narrow(1, 0, rl), L1 = L.narrow(1, rl, rs);
-    at::mul_out(L0, A, s[0]);
-    at::mul_out(L1, t[2], s[1]);
-    Tensor R = at::cat({B, t[3]}, 0);
-    ctx->save_for_backward({A, B, As, Bs, base, left, right, index == 0 ? R : C});
+    const auto LR = form_factors(index, A, B, As, Bs, C, s[0], s[1]);
+    Tensor scalings = at::tensor(s, at::TensorOptions().dtype(at::kDouble));
+    ctx->save_for_backward({A, B, As, Bs, base, left, right, C});
+    ctx->mark_non_differentiable({C, scalings});
     ctx->saved_data["index"] = index;
     ctx->saved_data["k"] = std::vector<double>{k_ind, k_sh};
     ctx->saved_data["sig"] = sig;
     ctx->saved_data["den"] = den;
     ctx->saved_data["s"] = s;
-    return {L, R};
+    return {LR[0], LR[1], C, scalings};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -106,7 +122,7 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
     const Tensor &A = saved[0], &B = saved[1], &As = saved[2], &Bs = saved[3],
                  &base = saved[4], &left = saved[5], &right = saved[6];
     const int64_t index = ctx->saved_data["index"].toInt();
-    const Tensor C = index == 0 ? saved[7].narrow(0, B.size(0), Bs.size(0)) : saved[7];
+    const Tensor& C = saved[7];
     const auto k = ctx->saved_data["k"].toDoubleVector();
     const auto sig = ctx->saved_data["sig"].toDoubleVector();
     const auto den = ctx->saved_data["den"].toDoubleVector();
@@ -167,4 +183,13 @@ std::vector<Tensor> pair_side_factors(int64_t index, Tensor A, Tensor B, Tensor 
                 "colora_mm pair factors: every tensor must be a 2-D float32 or float64 CPU "
                 "tensor of one dtype, got ", p->sizes(), " ", p->scalar_type());
   return PairSideFactors::apply(index, A, B, As, Bs, base, left, right, k_ind, k_sh);
+}
+
+std::vector<Tensor> pair_side_rebuild(int64_t index, Tensor A, Tensor B, Tensor As,
+                                      Tensor Bs, Tensor C, double s0, double s1) {
+  TORCH_CHECK(index == 0 || index == 1, "colora_mm pair factors: index must be 0 or 1");
+  at::NoGradGuard no_grad;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto LR = form_factors(index, A, B, As, Bs, C, s0, s1);
+  return {LR[0], LR[1]};
 }
