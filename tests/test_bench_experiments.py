@@ -172,13 +172,19 @@ def test_heap_layout_reports_what_the_first_step_leaves_in_the_heap():
         assert 0.4 < grads / float(held[method, 'as run'][3]) < 0.6, (method, grads)
 
 
+def _refused(capsys, *argv) -> str:
+    """bench_colora's ``main`` on ``argv``, in this process: the usage error's message
+    (argparse's exit status 2) before any table runs."""
+    bc = _bench()
+    with pytest.raises(SystemExit) as exc:
+        bc.main(list(argv))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize('flag', ['--size', '--merge-size'])
-def test_bench_colora_refuses_an_input_smaller_than_the_backbone_stride(flag):
-    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
-                          '--only', 'spatial', flag, '16'], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 2
-    assert f'{flag} 16: at least 32' in res.stderr
+def test_bench_colora_refuses_an_input_smaller_than_the_backbone_stride(capsys, flag):
+    assert f'{flag} 16: at least 32' in _refused(capsys, '--only', 'spatial', flag, '16')
 
 
 def test_table_1_prints_its_targets_and_the_round_by_round_spread(tmp_path):
@@ -285,12 +291,8 @@ def test_amp_on_the_cpu_trains_under_bf16_autocast():
 @pytest.mark.parametrize('value, message', [
     ('-1', '--memory-mmap-threshold -1: between 0'),
     ('67108864', '--memory-mmap-threshold 67108864: between 0')])
-def test_bench_colora_refuses_an_mmap_threshold_glibc_cannot_take(value, message):
-    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
-                          '--only', 'spatial', '--memory-mmap-threshold', value],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2
-    assert message in res.stderr
+def test_bench_colora_refuses_an_mmap_threshold_glibc_cannot_take(capsys, value, message):
+    assert message in _refused(capsys, '--only', 'spatial', '--memory-mmap-threshold', value)
 
 
 def test_merge_table_runs_each_forward_in_its_own_autocast_region(monkeypatch):
@@ -635,15 +637,13 @@ def test_memory_notes_say_what_is_measured(monkeypatch, capsys):
     assert 'train mem is the peak of step 1' in out
 
 
-def test_gpu_check_takes_every_row_the_benchmark_takes():
+def test_gpu_check_takes_every_row_the_benchmark_takes(capsys):
     """gpu_check.sh reads the rows from the benchmark (--list-methods) instead of a list
     of its own: the optional rows (colora-frozen) and the package's methods (pissa)
     pass."""
     bc = _bench()
-    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
-                          '--list-methods'], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = res.stdout.strip().splitlines()[-1].split()
+    assert bc.main(['--list-methods']) == {}
+    rows = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert rows == bc.known_rows() and {'colora-frozen', 'pissa', 'peft-lora'} <= set(rows)
     with open(osp.join(ROOT, 'benchmarks', 'gpu_check.sh')) as f:
         script = f.read()
