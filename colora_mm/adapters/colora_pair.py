@@ -34,8 +34,9 @@ path, the low-rank op keeps none of the factors (:class:`.lowrank.FactorRebuild`
 neither does the offset until the backward pass: that op forms them again there, bit
 for bit, and the offset takes them (a step never holds two generations of offsets at
 its peak, the ones its forward pass reads and the ones it forms). Reading an offset
-before then (a second forward pass before the backward one), saving the state dict,
-moving or copying the pair, or an ``optimizer.step()`` that updates the pair forms the
+before then (a second forward pass before the backward one), saving or loading the
+state dict, moving, copying or folding the pair, or an ``optimizer.step()`` that
+updates the pair forms the
 pending ones first (from the parameters that pass read; where they were changed in
 place outside a step, the previous offsets stay, with a warning).
 
@@ -46,6 +47,7 @@ off; the products with the activations run in the autocast dtype.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 import weakref
 from typing import List, Optional, Tuple
@@ -68,8 +70,18 @@ OFFSET_NAMES = (('partner_l1', 'partner_r1'), ('partner_l2', 'partner_r2'))
 LEGACY_PARTNER_NAMES = ('partner_w1', 'partner_w2')
 
 
-#: Pairs with partner offsets left to a backward pass (:meth:`CoLoRAPair.settle`).
+#: Pairs with partner offsets left to a backward pass (:meth:`CoLoRAPair.settle`), and
+#: the lock of that set (models may train in several threads).
 _UNSETTLED: 'weakref.WeakSet[CoLoRAPair]' = weakref.WeakSet()
+_UNSETTLED_LOCK = threading.Lock()
+
+
+def _unsettled(pair: 'CoLoRAPair', add: bool) -> None:
+    with _UNSETTLED_LOCK:
+        if add:
+            _UNSETTLED.add(pair)
+        else:
+            _UNSETTLED.discard(pair)
 
 
 def _settle_before_step(optimizer, args, kwargs) -> None:
@@ -80,8 +92,10 @@ def _settle_before_step(optimizer, args, kwargs) -> None:
     the step pays for nothing."""
     if not len(_UNSETTLED):
         return
+    with _UNSETTLED_LOCK:
+        pairs = list(_UNSETTLED)
     updated = {id(p) for group in optimizer.param_groups for p in group['params']}
-    for pair in list(_UNSETTLED):
+    for pair in pairs:
         if any(id(p) in updated for p in pair.parameters()):
             pair.settle()
 
@@ -288,7 +302,7 @@ class CoLoRAPair(nn.Module):
         rebuild when the backward pass forms it (or when first read)."""
         if isinstance(staged, FactorRebuild):
             self._deferred[index] = staged
-            _UNSETTLED.add(self)
+            _unsettled(self, True)
         else:
             self._deferred[index] = None
             self.set_partner_offset(index, *staged)
@@ -304,7 +318,7 @@ class CoLoRAPair(nn.Module):
             self._deferred[index] = None
             self.set_partner_offset(index, left, right)
         if self._deferred == [None, None] and not isinstance(self._pending, FactorRebuild):
-            _UNSETTLED.discard(self)
+            _unsettled(self, False)
 
     def _formed(self, rebuild: FactorRebuild) -> Optional[tuple]:
         """``rebuild``'s factors, or None (with a warning) where a parameter they are
@@ -333,14 +347,7 @@ class CoLoRAPair(nn.Module):
         for index in (0, 1):
             if self._deferred[index] is not None:
                 self._form_deferred(index)
-        _UNSETTLED.discard(self)
-
-    def drop_unsettled(self) -> None:
-        """Forget the offsets a forward pass staged (new weights or offsets replace
-        them: a reset, a load)."""
-        self._pending = None
-        self._deferred = [None, None]
-        _UNSETTLED.discard(self)
+        _unsettled(self, False)
 
     def partner_base(self, index: int) -> Optional[torch.Tensor]:
         """The partner layer's base weight in PyTorch layout ``(out, in)`` (W1^T or
@@ -512,8 +519,9 @@ class CoLoRAPair(nn.Module):
     # ------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs) -> None:
-        # the loaded offsets replace any a forward pass before the load staged
-        self.drop_unsettled()
+        # formed before the load changes what they are formed from; the checkpoint's
+        # offsets, where it has them, then replace them
+        self.settle()
         legacy = [prefix + name for name in LEGACY_PARTNER_NAMES]
         if any(k in state_dict for k in legacy):
             if not all(k in state_dict for k in legacy):
@@ -680,7 +688,7 @@ class CoLoRAPairLayer(Adapter):
             # Hold W1's offset until the second layer has used this step's partner W1.
             pair._pending = staged
             if isinstance(staged, FactorRebuild):
-                _UNSETTLED.add(pair)
+                _unsettled(pair, True)
         else:
             pair._stage(1, staged)
             if pair._pending is not None:
@@ -701,6 +709,7 @@ class CoLoRAPairLayer(Adapter):
         """Add ``s_i A_i B_i`` to the base weight, record ``-s_i A_i B_i`` in this side's
         partner offset (the partner does not move), re-initialise ``A_i, B_i``."""
         pair = self.get_pair()
+        pair.settle()             # before the parameters they are formed from change
         part = pair._independent(self.index)
         if part is None:
             return []

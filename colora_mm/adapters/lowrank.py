@@ -50,48 +50,72 @@ Recipe = Tuple[str, tuple, object]
 
 
 class FactorRebuild:
-    """Forms a low-rank update's factors ``(L, R)`` again, bit for bit and without a
-    gradient: ``fn(*args)``, ``args`` being what the factors were formed from (tensors
-    that live on anyway: the parameters, and e.g. CoLoRA's partner product). A low-rank
-    op given one keeps it instead of ``L`` and ``R`` (and sets :attr:`taken`); its
-    backward pass forms them with :meth:`factors`, which hands them to
-    :attr:`on_rebuilt` (``callback(L, R)``), where set, before casting them."""
+    """Forms a low-rank update's factors ``(L, R)`` again, bit for bit, from
+    ``tensors`` (what they were formed from and what lives on anyway: the parameters,
+    e.g. CoLoRA's partner product): ``form(*tensors)`` without a gradient,
+    ``form_graph(*tensors)`` (where given) as the forward pass formed them, with their
+    autograd history. ``checked`` (indices, default all) are the tensors whose in-place
+    change makes the factors impossible to form again (:attr:`stale`).
 
-    __slots__ = ('_fn', '_args', '_versions', 'where', 'taken', 'on_rebuilt',
-                 '__weakref__')
+    A low-rank op given one keeps it and its tensors (``save_for_backward``) instead of
+    ``L`` and ``R`` (and sets :attr:`taken`); its backward pass forms them with
+    :meth:`backward_factors` (with their history where that pass records a graph,
+    ``create_graph=True``), hands them to :attr:`on_rebuilt` (``callback(L, R)``),
+    where set, and drops the rebuild's own references to the tensors: after the
+    backward pass a graph kept alive keeps none of them."""
 
-    def __init__(self, fn, args: tuple, where: str = '') -> None:
-        self._fn, self._args = fn, tuple(args)
+    __slots__ = ('_form', '_form_graph', '_tensors', '_checked', '_versions', 'where',
+                 'taken', 'on_rebuilt', '__weakref__')
+
+    def __init__(self, form, tensors: tuple, form_graph=None, checked=None,
+                 where: str = '') -> None:
+        self._form, self._form_graph = form, form_graph
+        self._tensors: Optional[tuple] = tuple(tensors)
+        self._checked = tuple(range(len(self._tensors)) if checked is None else checked)
         self._versions = self._tensor_versions()
         self.where = where
         self.taken = False
         self.on_rebuilt = None
 
     def _tensor_versions(self) -> tuple:
-        return tuple(t._version for t in self._args if torch.is_tensor(t))
+        return tuple(self._tensors[i]._version for i in self._checked)
+
+    @property
+    def tensors(self) -> tuple:
+        """The tensors the factors are formed from (empty once a backward pass formed
+        them)."""
+        return self._tensors or ()
 
     @property
     def stale(self) -> bool:
-        """Whether a tensor the factors are formed from changed in place since they
-        were formed: they cannot be formed again."""
-        return self._tensor_versions() != self._versions
+        """Whether the factors can no longer be formed here: a tensor they are formed
+        from changed in place since, or a backward pass formed them already."""
+        return self._tensors is None or self._tensor_versions() != self._versions
 
     def __call__(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        left, right = self._fn(*self._args)
-        return left, right
-
-    def factors(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(L, R)`` in ``dtype`` for a backward pass (cast as the forward cast them);
-        the uncast ones go to :attr:`on_rebuilt`."""
+        """``(L, R)`` without a gradient, from the rebuild's own tensors."""
         if self.stale:
             raise RuntimeError(
                 f'{self.where or "low-rank update"}: a tensor its factors were formed '
-                'from (a parameter) was modified in place between the forward and the '
-                'backward pass, so the factors cannot be formed again; modify '
-                'parameters only after backward() (as optimizer.step() does).')
-        left, right = self()
+                'from (a parameter) was modified in place since they were formed, or a '
+                'backward pass formed them already, so they cannot be formed again.')
+        with torch.no_grad():
+            left, right = self._form(*self._tensors)
+        return left, right
+
+    def backward_factors(self, tensors: tuple,
+                         dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(L, R)`` in ``dtype`` (cast as the forward cast them) in an op's backward
+        pass, from the op's saved ``tensors`` (autograd checked their versions); the
+        uncast ones, detached, go to :attr:`on_rebuilt`."""
+        if torch.is_grad_enabled() and self._form_graph is not None:
+            left, right = self._form_graph(*tensors)
+        else:
+            with torch.no_grad():
+                left, right = self._form(*tensors)
         if self.on_rebuilt is not None:
-            self.on_rebuilt(left, right)
+            self.on_rebuilt(left.detach(), right.detach())
+        self._tensors = None
         return left.to(dtype), right.to(dtype)
 
 
@@ -275,7 +299,8 @@ def _save(ctx, fixed: tuple, zt: torch.Tensor, x: torch.Tensor,
           recipe: Optional[Recipe], left: torch.Tensor, right: torch.Tensor,
           rebuild: Optional[FactorRebuild]) -> None:
     """Save ``fixed``, then the factors ``left`` and ``right`` (``k x d_out``) unless
-    ``rebuild`` forms them again (kept instead, and marked taken), and, for the factor
+    ``rebuild`` forms them again (its tensors saved instead, the rebuild marked taken),
+    and, for the factor
     gradients: ``z^T`` and ``x`` (no recipe), ``z^T`` (``x`` recomputed), or neither
     (both recomputed, :func:`recomputes_z`)."""
     ctx.recipe = recipe
@@ -284,8 +309,11 @@ def _save(ctx, fixed: tuple, zt: torch.Tensor, x: torch.Tensor,
     ctx.rebuild, ctx.factor_dtype = rebuild, right.dtype
     if rebuild is None:
         fixed = fixed + (left, right)
+        ctx.n_rebuild = 0
     else:
         rebuild.taken = True
+        ctx.n_rebuild = len(rebuild.tensors)
+        fixed = fixed + rebuild.tensors
     ctx.n_fixed = len(fixed)
     if recipe is None:
         ctx.save_for_backward(*fixed, zt, x)
@@ -303,7 +331,9 @@ def _saved(ctx) -> tuple:
     if ctx.rebuild is None:
         fixed, factors = fixed[:-2], fixed[-2:]
     else:
-        factors = ctx.rebuild.factors(ctx.factor_dtype)
+        cut = len(fixed) - ctx.n_rebuild
+        fixed, factors = fixed[:cut], ctx.rebuild.backward_factors(fixed[cut:],
+                                                                   ctx.factor_dtype)
     zt = rest[0] if ctx.z_kept else None
     return fixed, factors, zt, list(rest[1:] if ctx.z_kept else rest)
 

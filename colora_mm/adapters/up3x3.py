@@ -284,12 +284,23 @@ def pair_side_factors(index: int, A: torch.Tensor, B: torch.Tensor, As: torch.Te
     if not pair_side_kernel_applies(A, B, As, Bs, base, left, right):
         return None
     kernel = load_kernel()
+    k_ind, k_sh = float(k_ind), float(k_sh)
     left_factor, right_factor, product, scalings = kernel.pair_side_factors(
-        index, A, B, As, Bs, base, left, right, float(k_ind), float(k_sh))
+        index, A, B, As, Bs, base, left, right, k_ind, k_sh)
     s0, s1 = scalings.tolist()
-    rebuild = FactorRebuild(kernel.pair_side_rebuild,
-                            (index, A.detach(), B.detach(), As.detach(), Bs.detach(),
-                             product, s0, s1), where)
+
+    def form(A, B, As, Bs, base, left, right, C):
+        L, R = kernel.pair_side_rebuild(index, A, B, As, Bs, C, s0, s1)
+        return L, R
+
+    def form_graph(A, B, As, Bs, base, left, right, C):
+        L, R, _, _ = kernel.pair_side_factors(index, A, B, As, Bs, base, left, right,
+                                              k_ind, k_sh)
+        return L, R
+
+    # the no-gradient form reads A, B, As, Bs and C: only their change makes it stale
+    rebuild = FactorRebuild(form, (A, B, As, Bs, base, left, right, product), form_graph,
+                            checked=(0, 1, 2, 3, 7), where=where)
     return Factors(left_factor, right_factor, rebuild)
 
 

@@ -183,23 +183,64 @@ def test_state_dict_copy_and_move_between_forward_and_backward(kernel, monkeypat
         _assert_equal(deferred[i * n:(i + 1) * n], deferred[:n])
 
 
-def test_offsets_loaded_after_a_forward_pass_without_backward_win(kernel):
-    """The offsets a forward pass left to its backward pass are dropped by a load: the
-    next pass reads the loaded ones. (Between forward and backward a load is autograd's
-    error: the offsets the pass read are saved for backward.)"""
+def test_a_load_after_a_forward_pass_without_backward(kernel, monkeypatch):
+    """The offsets a forward pass left to its backward pass are formed before a load
+    changes anything: a checkpoint's offsets replace them, one without offsets (the base
+    weights only) leaves them. (Between forward and backward a load is autograd's
+    error: the tensors the pass read are saved for backward.)"""
+    def run(model):
+        x = net_input(model)
+        model(x).square().mean().backward()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        offsets = {k: v for k, v in state.items() if 'partner' in k}
+        weights = {k: v for k, v in state.items() if k in ('fc1.weight', 'fc2.weight')}
+        model(x).square().mean().backward()
+        model(x * 0.5)                                    # no backward
+        assert not model.load_state_dict(offsets, strict=False).unexpected_keys
+        assert _pair(model)._deferred == [None, None]
+        _assert_equal(_offsets(model), list(offsets.values()))
+        pair = _pair(model)
+        _assert_equal([*pair.offset(0), *pair.offset(1)], list(offsets.values()))
+        model(x * 0.5)                                    # no backward
+        model.load_state_dict(weights, strict=False)
+        return _offsets(model)
+
+    deferred, kept = _both(monkeypatch, run)
+    _assert_equal(deferred, kept)
+
+
+def test_an_input_gradient_penalty_differentiates_through_the_factors(kernel,
+                                                                      monkeypatch):
+    """A backward pass that records a graph (``create_graph=True``, e.g. a penalty on
+    the input gradient) forms the factors with their autograd history: the penalty's
+    gradients of the pair's parameters are those of the factors the forward formed."""
+    def run(model):
+        x = net_input(model).requires_grad_()
+        (gx,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        return [gx.detach()] + [p.grad for p in _pair(model).parameters()] + _offsets(model)
+
+    deferred, kept = _both(monkeypatch, run)
+    assert all(g is not None and g.abs().max() > 0 for g in deferred[1:7])
+    _assert_equal(deferred[:1] + deferred[7:], kept[:1] + kept[7:])
+    # the gradients reach the parameters through a second node instance (the same
+    # values), so they are summed in another order: equal up to rounding
+    for a, b in zip(deferred[1:7], kept[1:7]):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max(), (a - b).abs().max()
+
+
+def test_a_kept_graph_keeps_none_of_the_rebuilds_tensors(kernel):
+    """After the backward pass a graph still referenced (a loss kept for logging) holds
+    no partner product: the op's saved tensors are freed and the rebuild drops its own."""
+    import weakref
     model = _model()
-    x = net_input(model)
-    model(x).square().mean().backward()
-    offsets = {k: v.clone() for k, v in model.state_dict().items() if 'partner' in k}
-    model(x).square().mean().backward()
-    model(x * 0.5)                                    # no backward
-    assert _pair(model)._deferred != [None, None]
-    result = model.load_state_dict(offsets, strict=False)
-    assert not result.unexpected_keys
-    assert _pair(model)._deferred == [None, None]
-    _assert_equal(_offsets(model), list(offsets.values()))
-    pair = _pair(model)
-    _assert_equal([*pair.offset(0), *pair.offset(1)], list(offsets.values()))
+    losses, products = [], []
+    for _ in range(3):
+        loss = model(net_input(model)).square().mean()
+        products += [weakref.ref(r.tensors[-1]) for r in _pair(model)._deferred]
+        loss.backward()
+        losses.append(loss)
+    assert len(products) == 6 and all(ref() is None for ref in products)
 
 
 def test_parameters_changed_in_place_without_backward_keep_the_previous_offsets(kernel):

@@ -192,7 +192,7 @@ def test_what_the_node_keeps_for_backward(kernel, index):
     assert 'PairSideFactors' in _node_name(left)
     want = (pair.rs, pair.d_mid) if index == 0 else (pair.d_mid, pair.rs)
     assert [tuple(t.shape) for t in saved] == [want]
-    product = factors.rebuild._args[5]
+    product = factors.rebuild.tensors[7]
     assert saved[0].untyped_storage().data_ptr() == product.untyped_storage().data_ptr()
     assert not product.requires_grad
 
@@ -208,12 +208,19 @@ def test_the_rebuild_forms_the_factors_again_bit_for_bit(kernel, index, dtype):
     for a, b in zip(factors, again):
         assert a.dtype == b.dtype and not b.requires_grad
         assert torch.equal(a.detach(), b)
-    got = factors.rebuild.factors(torch.bfloat16)
-    for a, b in zip(factors, got):
+    with torch.enable_grad():                # as a backward pass that records a graph
+        graph = factors.rebuild.backward_factors(factors.rebuild.tensors, dtype)
+    assert 'PairSideFactors' in _node_name(graph[0])
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(factors, graph))
+    assert factors.rebuild.tensors == () and factors.rebuild.stale   # released
+    fresh = pair.factors(index)
+    got = fresh.rebuild.backward_factors(fresh.rebuild.tensors, torch.bfloat16)
+    for a, b in zip(fresh, got):
         assert torch.equal(a.detach().to(torch.bfloat16), b)
+    fresh = pair.factors(index)
     with torch.no_grad():
         pair.As.mul_(2)                      # a parameter changed in place: refused
-    assert factors.rebuild.stale
+    assert fresh.rebuild.stale
     with pytest.raises(RuntimeError, match=r'W%d: a tensor its factors were formed from '
                        r'\(a parameter\) was modified in place' % (index + 1)):
-        factors.rebuild.factors(dtype)
+        fresh.rebuild()
