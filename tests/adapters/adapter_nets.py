@@ -305,3 +305,21 @@ def assert_records_close(got: list, want: list, rel: float = 1e-5) -> None:
         for a, b in zip(got_step, want_step):
             assert a.shape == b.shape
             assert (a - b).abs().max() <= rel * max(b.abs().max().item(), 1e-3)
+
+
+def saved_beyond_state(model: nn.Module, fn):
+    """``(fn(), saved)``: what ``fn`` returns and the tensors autograd saved for
+    backward while it ran, except those sharing storage with ``model``'s parameters and
+    buffers."""
+    fixed = {t.untyped_storage().data_ptr() for t in
+             list(model.parameters()) + list(model.buffers())}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in fixed:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved

@@ -14,7 +14,8 @@ from colora_mm.adapters import (AdapterSpec, inject_adapters, mark_trainable,
                                 reset_adapters_from_weights)
 from colora_mm.adapters import up3x3 as U
 
-from adapter_nets import LinearPairNet, net_input, randomize_adapters, sgd_records
+from adapter_nets import (LinearPairNet, net_input, randomize_adapters,
+                          saved_beyond_state, sgd_records)
 
 SHAPES = (12, 20, 8)          # gamma 2: r = 4, rs = rl = 2; 5 tokens
 
@@ -86,18 +87,7 @@ def test_training_steps_are_bit_for_bit_those_that_keep_the_factors(kernel, monk
 
 
 def _saved_during_forward(model):
-    fixed = {t.untyped_storage().data_ptr() for t in
-             list(model.parameters()) + list(model.buffers())}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in fixed:
-            saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(net_input(model))
-    return out, saved
+    return saved_beyond_state(model, lambda: model(net_input(model)))
 
 
 def test_a_step_keeps_none_of_the_factors_from_forward_to_backward(kernel, monkeypatch):

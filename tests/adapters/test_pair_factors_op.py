@@ -10,7 +10,7 @@ from colora_mm.adapters import (AdapterSpec, inject_adapters, mark_trainable,
 from colora_mm.adapters import up3x3 as U
 
 from adapter_nets import (ConvPairNet, LinearPairNet, assert_records_close,
-                          randomize_adapters, sgd_records)
+                          randomize_adapters, saved_beyond_state, sgd_records)
 
 
 def _model(cls=LinearPairNet, share=0.5, dtype=torch.float32, shapes=(12, 20, 8), seed=0):
@@ -177,17 +177,7 @@ def test_what_the_node_keeps_for_backward(kernel, index):
     model = _model(shapes=(12, 20, 8))
     pair = _pair(model)
     _with_offsets(pair)
-    fixed = {t.untyped_storage().data_ptr() for t in
-             list(model.parameters()) + list(model.buffers())}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in fixed:
-            saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        factors = pair.factors(index)
+    factors, saved = saved_beyond_state(model, lambda: pair.factors(index))
     left, right = factors
     assert 'PairSideFactors' in _node_name(left)
     want = (pair.rs, pair.d_mid) if index == 0 else (pair.d_mid, pair.rs)
