@@ -36,9 +36,9 @@ for bit, and the offset takes them (a step never holds two generations of offset
 its peak, the ones its forward pass reads and the ones it forms). Reading an offset
 before then (a second forward pass before the backward one), saving or loading the
 state dict, moving, copying or folding the pair, or an ``optimizer.step()`` that
-updates the pair forms the
-pending ones first (from the parameters that pass read; where they were changed in
-place outside a step, the previous offsets stay, with a warning).
+updates the pair forms the pending ones first (from the parameters that pass read;
+where they were changed in place outside a step, the previous offsets stay, with a
+warning).
 
 Precision: the factors, the scalings (their stds) and the partner products
 ``Bs W2^T`` / ``W1^T As`` are formed in ``max(float32, parameter dtype)`` with autocast
