@@ -256,3 +256,32 @@ def test_refused_inputs_write_nothing(seg, tmp_path, capsys):
                              '--force'], capsys)
     assert code == 0, log
     assert sorted(os.listdir(out)) == sorted(written)
+
+
+def test_images_too_narrow_for_the_model_are_refused_first(seg, tmp_path, capsys):
+    """The tiny config resizes to fit 64x64 and its ConvNeXt takes 32 pixels a side or
+    more: a 32x64 image predicts, a 31x64 one is refused with its sizes, and a 4x600
+    one (resized below one pixel) too, before anything is written."""
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for h, w in ((32, 64), (31, 64), (4, 600)):
+        Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            folder / f'im_{h}x{w}.png')
+    ok, narrow, thin = (folder / f'im_{s}.png' for s in ('32x64', '31x64', '4x600'))
+    out = tmp_path / 'out'
+    for argv, fragment in (
+            ([ok, narrow], f'input {narrow} (31x64 pixels) reaches the model as 31x64 '
+                           'after the test pipeline, and CoLoRAConvNeXt takes at least 32 '
+                           'pixels on each side'),
+            ([ok, thin], f'input {thin} (4x600 pixels) does not go through the test '
+                         'pipeline')):
+        code, log = _run(infer, [seg['config'], seg['ckpt'], *argv, '--out-dir', out,
+                                 '--device', 'cpu'], capsys)
+        assert code == 2, log
+        assert fragment in single_error(log), log
+        assert not out.exists()
+    code, log = _run(infer, [seg['config'], seg['ckpt'], ok, '--out-dir', out,
+                             '--device', 'cpu'], capsys)
+    assert code == 0, log
+    assert np.array(Image.open(out / 'im_32x64_pred.png')).shape == (32, 64)

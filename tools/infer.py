@@ -37,9 +37,12 @@ as many classes as the model predicts), the device, each input (an existing imag
 OpenCV decodes, not a JPEG cut short; two inputs with the same name would write the
 same outputs), and DIR: a writable folder that is not an input folder, no output that
 is an input (an image, the checkpoint, the config) or a folder, and no existing output
-unless ``--force``. Each file is written whole (a temporary file, then renamed): a run
-stopped part way leaves the predictions of the images it finished, and the same command
-with ``--force`` does them all again.
+unless ``--force``. Then, with the model built and still nothing written, each image's
+size: one the test pipeline cannot resize (a side below one pixel), or whose network
+input has a side below the smallest the backbone takes (32 pixels for ConvNeXt), is
+refused the same way, naming its size. Each file is written whole (a temporary file,
+then renamed): a run stopped part way leaves the predictions of the images it finished,
+and the same command with ``--force`` does them all again.
 """
 import argparse
 import itertools
@@ -272,6 +275,85 @@ def init_model(cfg, checkpoint, device):
         return init_detector(cfg, osp.abspath(checkpoint), device=device)
 
 
+def network_shape(model, image, scope):
+    """``(h, w)`` of the tensor the model gets for ``image``: the test pipeline the
+    upstream API runs, then the model's data preprocessor (its padding included).
+
+    Raises:
+        CLIError: the pipeline cannot take the image (e.g. a side resized to 0 pixels).
+    """
+    import mmcv
+    import torch
+    from mmengine.dataset import Compose
+    if scope == 'mmseg':
+        steps = [t for t in model.cfg.test_pipeline if t.get('type') != 'LoadAnnotations']
+        sample = dict(img_path=image)
+    else:
+        from mmdet.utils import get_test_pipeline_cfg
+        steps = get_test_pipeline_cfg(model.cfg.copy())
+        sample = dict(img_path=image, img_id=0)
+    try:
+        data = Compose(steps)(sample)
+    except Exception as err:  # noqa: BLE001 - any transform's failure is this input's
+        height, width = mmcv.imread(image, flag='unchanged').shape[:2]
+        why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CLIError(f'input {image} ({height}x{width} pixels) does not go through the '
+                       f'test pipeline ({why}); a very narrow image is resized below one '
+                       'pixel on its short side: crop it into pieces of a more usual '
+                       'aspect ratio, or leave it out') from None
+    with torch.no_grad():
+        batch = model.data_preprocessor(
+            dict(inputs=[data['inputs']], data_samples=[data['data_samples']]), False)
+    return tuple(batch['inputs'].shape[-2:])
+
+
+def smallest_input_side(model, largest=256):
+    """The smallest side (pixels) of a square input the model's feature extractor
+    (backbone and neck) takes, found by trying zero images; None where even
+    ``largest`` fails (the real inference then reports why)."""
+    import torch
+
+    def takes(side):
+        try:
+            with torch.no_grad():
+                model.extract_feat(torch.zeros(1, 3, side, side, device=device))
+        except RuntimeError:
+            return False
+        return True
+
+    device = next(model.parameters()).device
+    if not takes(largest):
+        return None
+    low, high = 0, 1               # low fails (or is 0), high is the candidate
+    while high < largest and not takes(high):
+        low, high = high, min(2 * high, largest)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if takes(mid) else (mid, high)
+    return high
+
+
+def check_image_sizes(model, images, scope):
+    """Refuse, before anything is written, an image the model cannot take: one the test
+    pipeline cannot resize, or one whose network input has a side below the smallest
+    the backbone downsamples to a feature map (e.g. 32 pixels for ConvNeXt)."""
+    smallest = None
+    for image in images:
+        height, width = network_shape(model, image, scope)
+        if min(height, width) >= 256:
+            continue
+        if smallest is None:
+            smallest = smallest_input_side(model) or 0
+        if min(height, width) < smallest:
+            import mmcv
+            h0, w0 = mmcv.imread(image, flag='unchanged').shape[:2]
+            raise CLIError(
+                f'input {image} ({h0}x{w0} pixels) reaches the model as {height}x{width} '
+                f'after the test pipeline, and {type(model.backbone).__name__} takes at '
+                f'least {smallest} pixels on each side: crop it into pieces of a more '
+                'usual aspect ratio (or pad it), or leave it out')
+
+
 def predict(model, image, scope):
     if scope == 'mmseg':
         from mmseg.apis import inference_model
@@ -363,6 +445,7 @@ def run(args):
     import mmcv
     model = init_model(cfg, args.checkpoint, device)
     model.dataset_meta = dataset_meta
+    check_image_sizes(model, images, scope)
     classes = list(dataset_meta['classes'])
     vis = visualizer(scope, dataset_meta, args.opacity)
     os.makedirs(args.out_dir, exist_ok=True)
