@@ -493,3 +493,29 @@ def test_a_work_dirs_own_config_is_never_overwritten(configs, tmp_path, tool, ca
     cfg = train_cfg(other, '--work-dir', work)
     train.keep_input_config(cfg, str(other))
     assert osp.basename(cfg.filename) == 'elsewhere.py'
+
+
+def test_activation_checkpointing_of_moving_partners_is_refused(configs, tmp_path, capsys):
+    """mmengine's ``activation_checkpointing`` on a part of the backbone that holds
+    CoLoRA pairs with effective partners is refused before the work dir exists (as the
+    backbones refuse ``with_cp=True``); elsewhere, or with frozen partners, it passes."""
+    config = tmp_path / 'checkpointed.py'
+    config.write_text(f"_base_ = [{configs['seg']!r}]\n"
+                      "activation_checkpointing = ['backbone.stages.1']\n")
+    work_dir = tmp_path / 'work'
+    assert train.main([str(config), '--work-dir', str(work_dir)]) == 2
+    message = _error(capsys)
+    assert "activation_checkpointing names 'backbone.stages.1', which holds CoLoRA " \
+           "pairs with partner_policy='effective'" in message, message
+    assert "partner_policy='frozen'" in message
+    assert not work_dir.exists()
+    missing = tmp_path / 'missing.py'
+    missing.write_text(f"_base_ = [{str(config)!r}]\n"
+                       "activation_checkpointing = ['backbone.stagez']\n")
+    assert train.main([str(missing), '--work-dir', str(work_dir)]) == 2
+    assert "names 'backbone.stagez', which the backbone does not have" in _error(capsys)
+    for argv in ([str(config), '--cfg-options',
+                  'model.backbone.adapter.partner_policy=frozen'],
+                 [str(config), '--cfg-options', "activation_checkpointing=['decode_head']"]):
+        args = train.parse_args(argv)
+        train.check_before_work(train.setup_cfg(args), args)

@@ -298,7 +298,44 @@ def check_adapter_and_hooks(cfg, config):
     from colora_mm.engine.adapter_settings import adapter_settings
     backbone = checked_backbone(cfg, config)
     check_hooks(cfg, config, backbone)
+    check_activation_checkpointing(cfg, config, backbone)
     return {} if backbone is None else adapter_settings(backbone, prefix='backbone')
+
+
+def check_activation_checkpointing(cfg, config, backbone):
+    """Refuse mmengine's ``activation_checkpointing`` on modules that hold CoLoRA pairs
+    with ``partner_policy='effective'``: it recomputes their forward pass in backward,
+    after the partners moved on (the backbones refuse ``with_cp=True`` for the same
+    reason; the pairs also refuse such a pass when it runs).
+
+    Raises:
+        CLIError: naming the module and the fix.
+    """
+    names = cfg.get('activation_checkpointing')
+    spec = getattr(backbone, 'adapter_spec', None)
+    if not names or spec is None or spec.method != 'colora' \
+            or spec.partner_policy != 'effective':
+        return
+    from colora_mm.adapters.colora_pair import CoLoRAPairLayer
+    for name in [names] if isinstance(names, str) else list(names):
+        if name != 'backbone' and not str(name).startswith('backbone.'):
+            continue
+        module = backbone
+        try:
+            for part in str(name).split('.')[1:]:
+                module = getattr(module, part)
+        except AttributeError:
+            raise CLIError(f'{config}: activation_checkpointing names {name!r}, which the '
+                           'backbone does not have; name one of its modules '
+                           '(e.g. backbone.stages.0)') from None
+        if any(isinstance(m, CoLoRAPairLayer) for m in module.modules()):
+            raise CLIError(
+                f'{config}: activation_checkpointing names {name!r}, which holds CoLoRA '
+                "pairs with partner_policy='effective': checkpointing recomputes their "
+                'forward pass during backward, after the effective partner weights have '
+                'moved on, so the gradients would belong to another function; leave it '
+                "out of activation_checkpointing, or set model.backbone.adapter."
+                "partner_policy='frozen'")
 
 
 def check_hooks(cfg, config, backbone):

@@ -27,7 +27,8 @@ the independent part into the base, :meth:`CoLoRAPairLayer.fold_independent_`, r
 its negative so the partner does not move). ``'effective'``: after every training-mode
 forward pass the offset takes the detached factors that pass formed, so the next pass
 sees ``W + dW`` of this one (``r (d_in + d_out)`` floats per side). Evaluation never
-changes them.
+changes them. A training pass that runs inside a backward pass (activation
+checkpointing recomputing it, after the partners moved on) is refused.
 
 Where a side's factors come from the CPU's C++ node and its layer runs the activation
 path, the low-rank op keeps none of the factors (:class:`.lowrank.FactorRebuild`), and
@@ -82,6 +83,12 @@ def _unsettled(pair: 'CoLoRAPair', add: bool) -> None:
             _UNSETTLED.add(pair)
         else:
             _UNSETTLED.discard(pair)
+
+
+def _in_backward() -> bool:
+    """Whether this thread is running an autograd backward pass (a graph task)."""
+    graph_task = getattr(torch._C, '_current_graph_task_id', None)
+    return graph_task is not None and graph_task() != -1
 
 
 def _settle_before_step(optimizer, args, kwargs) -> None:
@@ -665,7 +672,20 @@ class CoLoRAPairLayer(Adapter):
         return self.get_pair().rl > 0
 
     def low_rank(self, layer: AdaptedLayer) -> tuple:
-        return self.get_pair().factors(self.index)
+        pair = self.get_pair()
+        if pair.partner_policy == 'effective' and self.training and \
+                torch.is_grad_enabled() and not compiling() and _in_backward():
+            # activation checkpointing (torch.utils.checkpoint, mmengine's
+            # `activation_checkpointing`) runs the forward pass again inside backward
+            raise RuntimeError(
+                f'{layer.describe()}: a training forward pass of a CoLoRA pair with '
+                "partner_policy='effective' runs inside a backward pass: activation "
+                'checkpointing recomputes the forward there, after the effective partner '
+                'weights have moved on, so the gradients would belong to another '
+                'function. Leave the blocks with CoLoRA pairs out of activation '
+                "checkpointing (with_cp, `activation_checkpointing`), or use adapter "
+                "partner_policy='frozen'.")
+        return pair.factors(self.index)
 
     def after_forward(self, layer: AdaptedLayer, factors: Optional[tuple]) -> None:
         pair = self.get_pair()

@@ -256,3 +256,50 @@ def test_parameters_changed_between_forward_and_backward_are_refused(kernel):
         _pair(model).Bs.add_(1)
     with pytest.raises(RuntimeError, match=r'modified (by an inplace operation|in place)'):
         out.square().mean().backward()
+
+
+@pytest.mark.parametrize('reentrant', [False, True])
+def test_activation_checkpointing_is_refused_with_moving_partners(reentrant):
+    """torch.utils.checkpoint (what mmengine's ``activation_checkpointing`` wraps
+    modules in) runs the forward pass again in backward, after the effective partners
+    moved on: the pair refuses that pass with one clear error. With frozen partners
+    checkpointing trains as without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    from adapter_nets import ConvNeXtBlock, assert_records_close
+
+    def block(policy):
+        torch.manual_seed(0)
+        model = ConvNeXtBlock()
+        inject_adapters(model, AdapterSpec(method='colora', gamma=2, share_ratio=0.5,
+                                           partner_policy=policy),
+                        pairs=model.pairs, spatial=model.spatial)
+        reset_adapters_from_weights(model)
+        randomize_adapters(model, std=0.3)
+        mark_trainable(model, 'colora')
+        return model.train()
+
+    def train(model, checkpointed, steps=2):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        x = net_input(model).requires_grad_(reentrant)
+        records = []
+        for _ in range(steps):
+            out = (checkpoint(model, x, use_reentrant=reentrant) if checkpointed
+                   else model(x))
+            out.square().mean().backward()
+            records += [out.detach()] + [p.grad.clone() for p in model.parameters()
+                                         if p.requires_grad]
+            opt.step()
+            opt.zero_grad()
+        return records
+
+    with pytest.raises(RuntimeError, match=r"pwconv1 .*partner_policy='effective' runs "
+                       r"inside a backward pass: activation checkpointing"):
+        train(block('effective'), checkpointed=True)
+    got, want = (train(block('frozen'), checkpointed=c) for c in (True, False))
+    if reentrant:
+        # its first forward pass runs without gradients: the CPU's inference kernels
+        # (the filter's C++ call), equal to rounding
+        assert_records_close([got], [want], rel=1e-5)
+    else:
+        _assert_equal(got, want)
