@@ -317,7 +317,7 @@ def smallest_input_side(model, largest=256):
         try:
             with torch.no_grad():
                 model.extract_feat(torch.zeros(1, 3, side, side, device=device))
-        except RuntimeError:
+        except Exception:  # noqa: BLE001 - what a too small input raises varies by module
             return False
         return True
 
