@@ -204,10 +204,67 @@ def test_refuses_a_checkpoint_without_adapters(tmp_path, capsys):
     assert run_merge(config, ckpt, tmp_path / 'merged.pth') == 0
     capsys.readouterr()
     before = set(os.listdir(tmp_path))
-    # A merged (plain) checkpoint given back to merge: nothing to merge.
+    # A merged (plain) checkpoint given back to merge: nothing to merge; merge.py's
+    # record names where it came from and the config written beside it.
     assert run_merge(config, tmp_path / 'merged.pth', tmp_path / 'again.pth') == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'holds no adapter tensors' in err[0]
+    assert len(err) == 1, err
+    assert (f'was written by tools/merge.py from {ckpt} (its config: '
+            f'{tmp_path / "merged.py"}): it is merged already') in err[0], err
+    _nothing_written(tmp_path, before)
+    # the same tensors without merge.py's record: no adapter tensors
+    bare = tmp_path / 'bare.pth'
+    torch.save({'state_dict': torch.load(tmp_path / 'merged.pth',
+                                         weights_only=True)['state_dict']}, bare)
+    before = set(os.listdir(tmp_path))
+    assert run_merge(config, bare, tmp_path / 'again.pth') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'holds no adapter tensors' in err[-1], err
+    _nothing_written(tmp_path, before)
+
+
+def test_a_checkpoint_without_a_settings_record_merges_with_a_warning(tmp_path, capsys):
+    """A bare state dict records no adapter settings: the settings that change no
+    tensor (here LoRA's scaling) cannot be compared, and merge says so on stderr
+    (exit 0); a runner's checkpoint records them and gets no such line. A partially
+    merged checkpoint given back is refused as merged already."""
+    from colora_mm.engine.adapter_settings import META_KEY, config_adapter_settings
+    config = tiny(tmp_path, f'{ADE}/upernet_lora_convnext_s_4xb4-160k_ade20k-512x512.py')
+    ckpt = tmp_path / 'iter_1.pth'
+    trained_checkpoint(config, ckpt)
+    # the record AtomicCheckpointHook writes into a run's checkpoints
+    recorded = torch.load(ckpt, weights_only=False)
+    recorded['meta'][META_KEY] = config_adapter_settings(Config.fromfile(config))
+    torch.save(recorded, ckpt)
+    capsys.readouterr()
+    assert run_merge(config, ckpt, tmp_path / 'a.pth') == 0
+    assert 'records no adapter settings' not in capsys.readouterr().err
+    bare = tmp_path / 'bare.pth'
+    torch.save({'state_dict': torch.load(ckpt, weights_only=False)['state_dict']}, bare)
+    assert run_merge(config, bare, tmp_path / 'b.pth') == 0
+    err = capsys.readouterr().err
+    assert f'warning: checkpoint {bare} records no adapter settings' in err, err
+    assert 'scaling, filter_lambda' in err and osp.isfile(tmp_path / 'b.pth')
+
+
+def test_refuses_a_partially_merged_checkpoint(tmp_path, capsys):
+    config = tiny(tmp_path, f'{ADE}/colora_convnext_b.py')
+    ckpt = tmp_path / 'iter_1.pth'
+    trained_checkpoint(config, ckpt)
+    assert run_merge(config, ckpt, tmp_path / 'merged.pth') == 0
+    capsys.readouterr()
+    before = set(os.listdir(tmp_path))
+    assert run_merge(config, tmp_path / 'merged.pth', tmp_path / 'again.pth') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'it is merged already' in err[0], err
+    _nothing_written(tmp_path, before)
+    cut = tmp_path / 'cut.pth'                    # a copy cut short
+    cut.write_bytes(ckpt.read_bytes()[:4096])
+    before = set(os.listdir(tmp_path))
+    assert run_merge(config, cut, tmp_path / 'again.pth') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'cannot read checkpoint {cut}: the file is truncated or ' \
+        'corrupt' in err[0] and 'copy or download it again' in err[0], err
     _nothing_written(tmp_path, before)
 
 

@@ -40,6 +40,7 @@ import copy
 import os
 import os.path as osp
 import sys
+import warnings
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import (CLIError, check_adapter, check_settings_match,  # noqa: E402
@@ -188,7 +189,11 @@ def build_model(model_cfg):
         from mmseg.registry import MODELS as registry
     elif scope == 'mmdet':
         from mmdet.registry import MODELS as registry
-    model = registry.build(_without_pretrained(model_cfg))
+    with warnings.catch_warnings():
+        # the upstream heads' notes on their own defaults (build_loss, avg_non_ignore)
+        # would stand before an error line about the checkpoint
+        warnings.simplefilter('ignore', UserWarning)
+        model = registry.build(_without_pretrained(model_cfg))
     return model.eval()
 
 
@@ -273,11 +278,19 @@ def merge(args):
     height, width = check_shape(args.shape, cfg.model.backbone)
     current = check_adapter(cfg, args.config)
     source = read_checkpoint(args.checkpoint)
-    check_settings_match(source, args.checkpoint, current, args.config,
-                         args.allow_mismatch)
+    source_meta = source.get('meta') if isinstance(source, dict) else None
+    if isinstance(source_meta, dict) and source_meta.get('merged_from'):
+        written = config_path_for(args.checkpoint)
+        beside = f' (its config: {written})' if osp.isfile(written) else ''
+        raise CLIError(f'checkpoint {args.checkpoint} was written by tools/merge.py from '
+                       f'{source_meta["merged_from"]}{beside}: it is merged already; '
+                       'nothing to merge (tools/test.py and tools/infer.py take it with '
+                       'the config written beside it)')
+    note = check_settings_match(source, args.checkpoint, current, args.config,
+                                args.allow_mismatch)
     model = build_model(cfg.model)
     if not any(True for _ in iter_adapted_layers(model)):
-        raise CLIError(f'{args.config} has no adapters (full fine-tuning?): its '
+        raise CLIError(f'{args.config} has no adapters (full fine-tuning or bitfit?): its '
                        'checkpoints are already plain; nothing to merge')
     state = read_state_dict(args.checkpoint, source)
     if not any(is_adapter_name(k) for k in state):
@@ -334,6 +347,8 @@ def merge(args):
         raise CLIError(f'the model of the written config, with OUT loaded, differs from '
                        f'the merged model by {again:.3e}; nothing written')
 
+    if note:          # every check passed: the settings left unchecked, said once
+        print(note, file=sys.stderr)
     meta = dict(merged_from=osp.abspath(args.checkpoint),
                 config=osp.abspath(args.config),
                 max_abs_difference=diff,

@@ -149,8 +149,8 @@ def check_checkpoint(cfg, args):
     current = check_adapter(cfg, args.config)
     checkpoint = read_checkpoint(args.checkpoint)
     try:
-        check_settings_match(checkpoint, args.checkpoint, current, args.config,
-                             args.allow_mismatch)
+        note = check_settings_match(checkpoint, args.checkpoint, current, args.config,
+                                    args.allow_mismatch)
         state = read_state_dict(args.checkpoint, checkpoint)
         tta = getattr(args, 'tta', False)
         model_cfg = cfg.model.get('module', cfg.model) if tta else cfg.model
@@ -165,6 +165,8 @@ def check_checkpoint(cfg, args):
                            f'with the config written beside it, '
                            f'{config_path_for(args.checkpoint)}')
         raise
+    if note:
+        print(note, file=sys.stderr)
     return checkpoint, model
 
 

@@ -478,19 +478,36 @@ def read_checkpoint(path):
     try:
         return load_from_local_trusted(path, map_location='cpu')
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a user error
-        raise CLIError(f'cannot read checkpoint {path}: {type(err).__name__}: '
-                       f'{str(err).splitlines()[0] if str(err) else ""}')
+        why = unreadable_checkpoint(path)
+        detail = f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}'
+        raise CLIError(f'cannot read checkpoint {path}: '
+                       + (f'{why} ({detail}); copy or download it again' if why
+                          else detail))
 
 
 def check_settings_match(checkpoint, path, current, config, allow_mismatch,
                          flag='--allow-mismatch'):
     """Refuse a checkpoint trained with other adapter settings than ``config``'s
-    (``current``: the config's record), listing every differing key."""
+    (``current``: the config's record), listing every differing key. Returns a warning
+    line where the checkpoint records no settings (a bare state dict) and the config
+    has unmerged adapters: the settings that change no tensor cannot be compared. The
+    caller prints it once its own checks have passed, so that a refusal stays one
+    line."""
     from colora_mm.engine.adapter_settings import (recorded_adapter_settings,
                                                    settings_differences)
     recorded = recorded_adapter_settings(checkpoint)
     if recorded is None:
-        return
+        meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+        written_by_merge = isinstance(meta, dict) and 'merged_from' in meta
+        if not written_by_merge and any(
+                s.get('method') not in ADAPTER_FREE_METHODS and not s.get('merged')
+                for s in current.values()):
+            return (f'warning: checkpoint {path} records no adapter settings (no '
+                    "meta['adapter_settings'], no meta['cfg']): the settings of config "
+                    f'{config} that change no tensor (e.g. scaling, filter_lambda, '
+                    'use_filter, partner_policy) are taken as they are, unchecked; use '
+                    'the config the checkpoint was trained with')
+        return None
     diffs = settings_differences(recorded, current)
     if not diffs:
         return
@@ -533,7 +550,10 @@ def resolve_resume(cfg, args, current):
             checkpoint = read_resumable(path)
         except ValueError as err:
             raise CLIError(f'--resume: checkpoint {path} {err}; name another checkpoint')
-    check_settings_match(checkpoint, path, current, args.config, args.allow_mismatch)
+    note = check_settings_match(checkpoint, path, current, args.config,
+                                args.allow_mismatch)
+    if note:
+        print(note, file=sys.stderr)
 
 
 # Methods whose checkpoints hold no adapter tensors: their weights initialise any config.
@@ -558,8 +578,10 @@ def check_load_from(cfg, args, current):
     from colora_mm.engine.adapter_settings import recorded_adapter_settings
     recorded = recorded_adapter_settings(checkpoint) or {}
     if any(s.get('method') not in ADAPTER_FREE_METHODS for s in recorded.values()):
-        check_settings_match(checkpoint, f'{path} (load_from)', current, args.config,
-                             args.allow_mismatch)
+        note = check_settings_match(checkpoint, f'{path} (load_from)', current,
+                                    args.config, args.allow_mismatch)
+        if note:
+            print(note, file=sys.stderr)
 
 
 def check_before_work(cfg, args):
