@@ -291,8 +291,16 @@ README = osp.join(REPO_DIR, 'README.md')
     (['--backbone', 'resnet50', '--method', 'lora', '--gamma', '0', '--params-only'],
      'resnet50 lora'),
     (['--backbone', 'resnet50', '--method', 'lora', '--params-only', '--json',
-      '/nonexistent_dir/rows.json'], '--json /nonexistent_dir/rows.json: its folder')])
-def test_user_errors_are_one_line(capsys, argv, message):
+      '/nonexistent_dir/rows.json'], '--json /nonexistent_dir/rows.json: its folder'),
+    (['--backbone', 'resnet50', '--method', 'lora', '--params-only', '--json', REPO_DIR],
+     f'--json {REPO_DIR} is a folder; name a file'),
+    (['BAD_ADAPTER', '--params-only'], 'BAD_ADAPTER: model.backbone (')])
+def test_user_errors_are_one_line(capsys, tmp_path, argv, message):
+    bad = tmp_path / 'bad_adapter.py'    # a config whose adapter cannot be built
+    bad.write_text(f"_base_ = [{DEMO_CONFIGS[0]!r}]\n"
+                   "model = dict(backbone=dict(adapter=dict(gamma=0)))\n")
+    argv = [str(bad) if a == 'BAD_ADAPTER' else a for a in argv]
+    message = message.replace('BAD_ADAPTER', str(bad))
     argv = [DEMO_CONFIGS[0] if a == 'CONFIG' else a for a in argv]
     assert param_flops.cli(argv) == 2
     captured = capsys.readouterr()

@@ -38,7 +38,11 @@ def test_unreadable_label_maps_and_annotations_are_problems(tmp_path, capsys):
     coco = make_coco(str(tmp_path / 'coco'), num_train=2, num_val=1)
     ann = osp.join(coco, 'annotations', 'instances_val2017.json')
     for text, message in (('not json', 'cannot be read as JSON'),
-                          ('[]', 'holds a list, not a COCO dict')):
+                          ('[]', 'holds a list, not a COCO dict'),
+                          ('{"images": [], "annotations": [], "categories": []}',
+                           'lists no images'),
+                          ('{"images": [{"id": 1}], "annotations": [], "categories": []}',
+                           'has image entries without a file_name (1, e.g. entry 0)')):
         with open(ann, 'w') as f:
             f.write(text)
         assert check.main(['coco', coco]) == 1
@@ -76,8 +80,21 @@ def test_prepare_ade20k_resumes_an_interrupted_unpack(tmp_path):
                            text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     unpacked = data / 'ade' / 'ADEChallengeData2016'
-    shutil.rmtree(unpacked / 'images')              # an unpack that was interrupted
+    marker = data / 'ade' / '.ADEChallengeData2016.unpacked'
+    assert marker.is_file()
+    # an unpack that was interrupted: no marker, a folder missing, a file cut short
+    marker.unlink()
+    shutil.rmtree(unpacked / 'annotations' / 'training')
+    image = sorted((unpacked / 'images' / 'training').iterdir())[0]
+    whole = image.read_bytes()
+    image.write_bytes(whole[:len(whole) // 2])
     again = subprocess.run(['bash', script, str(data)], env=env, capture_output=True,
                            text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert (unpacked / 'images' / 'training').is_dir()
+    assert 'unpacking' in again.stdout
+    assert (unpacked / 'annotations' / 'training').is_dir()
+    assert image.read_bytes() == whole and marker.is_file()
+    # a completed unpack is not repeated
+    third = subprocess.run(['bash', script, str(data)], env=env, capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert third.returncode == 0 and 'unpacking' not in third.stdout, third.stdout

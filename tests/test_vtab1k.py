@@ -716,6 +716,14 @@ def test_a_damaged_result_is_named(benchmark, vtab, tmp_path, capsys, summary_on
     assert f'{path} is damaged (JSONDecodeError' in error, error
     assert f'remove {path.parent} to run that task and seed again' in error, error
     assert sorted(os.listdir(dest)) == ['kitti']
+    # edited by hand: a number written as a string
+    path.write_text('{"task": "kitti", "seed": 0, "top1": "50"}')
+    code = tool.main([config, '--tasks', 'kitti', '--seeds', '0', '--work-dir', str(dest),
+                      *(['--summary-only'] if summary_only else [])])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = single_error(captured.out + captured.err)
+    assert f"{path} is damaged (ValueError: top1 is '50', not a number)" in error, error
 
 
 def test_a_stopped_run_of_another_model_is_refused(vtab, tmp_path, capsys):

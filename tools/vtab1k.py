@@ -402,7 +402,9 @@ def read_result(path):
             result = json.load(f)
         if not isinstance(result, dict) or not {'seed', 'top1'} <= set(result):
             raise ValueError('no seed and top1 in it')
-        int(result['seed'])
+        for key, kind in (('seed', int), ('top1', (int, float))):
+            if isinstance(result[key], bool) or not isinstance(result[key], kind):
+                raise ValueError(f'{key} is {result[key]!r}, not a number')
         if not math.isfinite(float(result['top1'])):
             raise ValueError(f'top1 is {result["top1"]}')
     except (OSError, ValueError, TypeError) as err:   # JSONDecodeError is a ValueError

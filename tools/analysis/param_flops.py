@@ -473,7 +473,12 @@ def backbone_from_config(path: str) -> Tuple[nn.Module, dict, str]:
     if norm and norm.get('type') == 'SyncBN':      # a CPU build cannot run SyncBN
         backbone_cfg['norm_cfg'] = dict(norm, type='BN')
     scope = cfg.get('default_scope', 'mmseg')
-    model = _registry(scope).build(backbone_cfg)
+    try:
+        model = _registry(scope).build(backbone_cfg)
+    except (ValueError, TypeError, KeyError, AssertionError, IndexError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f'{path}: model.backbone ({backbone_cfg.get("type")}) does not '
+                       f'build: {text}; fix the config') from None
     return model, dict(backbone_cfg.get('adapter') or dict(method='full')), kind_of(
         backbone_cfg)
 
@@ -641,6 +646,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         if not osp.isfile(path):
             raise CLIError(f'config file {path} ' + ('is a folder; give a config file'
                            if osp.isdir(path) else 'does not exist'))
+    if args.json and osp.isdir(args.json):
+        raise CLIError(f'--json {args.json} is a folder; name a file (e.g. '
+                       f'{osp.join(args.json, "param_flops.json")})')
     if args.json and not osp.isdir(osp.dirname(osp.abspath(args.json))):
         raise CLIError(f'--json {args.json}: its folder does not exist')
     check_input_size(input_size)

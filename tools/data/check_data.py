@@ -104,7 +104,17 @@ def check_coco(root, quick=False):
         for key in ('images', 'annotations', 'categories'):
             if key not in coco:
                 problems.append(f'{ann} has no {key!r}')
-        names = [im['file_name'] for im in coco.get('images', [])]
+        images = coco.get('images', [])
+        if not isinstance(images, list) or not images:
+            problems.append(f'{ann} lists no images')
+            continue
+        unnamed = [i for i, im in enumerate(images)
+                   if not isinstance(im, dict) or not isinstance(im.get('file_name'), str)]
+        if unnamed:
+            problems.append(f'{ann} has image entries without a file_name '
+                            f'({len(unnamed)}, e.g. entry {unnamed[0]})')
+            continue
+        names = [im['file_name'] for im in images]
         counts[split] = len(names)
         present = set(os.listdir(img_dir))
         absent = [n for n in names if n not in present]
