@@ -88,6 +88,11 @@ def test_checkpointing_with_moving_partners_is_refused():
     with pytest.raises(ValueError, match="with_cp=True.*partner_policy='frozen'"):
         build(with_cp=True)
     build(with_cp=True, adapter=dict(method='colora', partner_policy='frozen'))
+    # an override that moves the partners of one stage
+    with pytest.raises(ValueError, match="with_cp=True.*partner_policy='frozen'"):
+        build(with_cp=True, adapter=dict(method='colora', partner_policy='frozen',
+                                         overrides=[dict(pattern='stages.3.*',
+                                                         partner_policy='effective')]))
 
 
 @pytest.mark.parametrize('share_ratio', [0.0, 1.0])

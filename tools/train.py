@@ -312,9 +312,7 @@ def check_activation_checkpointing(cfg, config, backbone):
         CLIError: naming the module and the fix.
     """
     names = cfg.get('activation_checkpointing')
-    spec = getattr(backbone, 'adapter_spec', None)
-    if not names or spec is None or spec.method != 'colora' \
-            or spec.partner_policy != 'effective':
+    if not names or backbone is None:
         return
     from colora_mm.adapters.colora_pair import CoLoRAPairLayer
     for name in [names] if isinstance(names, str) else list(names):
@@ -328,7 +326,8 @@ def check_activation_checkpointing(cfg, config, backbone):
             raise CLIError(f'{config}: activation_checkpointing names {name!r}, which the '
                            'backbone does not have; name one of its modules '
                            '(e.g. backbone.stages.0)') from None
-        if any(isinstance(m, CoLoRAPairLayer) for m in module.modules()):
+        if any(isinstance(m, CoLoRAPairLayer) and m.get_pair().partner_policy ==
+               'effective' for m in module.modules()):
             raise CLIError(
                 f'{config}: activation_checkpointing names {name!r}, which holds CoLoRA '
                 "pairs with partner_policy='effective': checkpointing recomputes their "

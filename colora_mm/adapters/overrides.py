@@ -29,7 +29,11 @@ Semantics:
 * Every override must take effect: a pattern that matches no adapted layer (a typo, or a
   module that carries no adapter, such as a norm or a downsampling layer) is an error
   naming the pattern and real adapted names; so is an override that earlier ones
-  shadow completely.
+  shadow completely, and a key that none of the targets an override takes reads (a
+  CoLoRA pair reads ``gamma``, ``share_ratio``, ``partner_policy``, ``train_path``; its
+  spatial branch ``spatial``, ``spatial_gamma``, ``use_filter``, ``filter_lambda`` and
+  ``gamma`` while ``spatial_gamma`` is None; LoRA and PiSSA ``gamma``, ``scaling``,
+  ``train_path``; HiRA ``gamma``; Conv-Adapter ``gamma``, ``act``).
 * A setting that leaves a narrow layer rank 0 is an error naming the layers, their
   width, where the setting comes from and the fix; and an error anywhere in
   ``inject_adapters`` restores the model as it was (:func:`all_or_nothing`): nothing is
@@ -141,7 +145,11 @@ class LayerSpecs:
                       else dataclasses.replace(spec, overrides=(), **s)
                       for _, s in self.rules]
         self.hits = [0] * len(self.rules)
-        self.shadowed: List[List[str]] = [[] for _ in self.rules]
+        # (first name of the target, index of the rule that took it)
+        self.shadowed: List[List[Tuple[str, int]]] = [[] for _ in self.rules]
+        # the keys the targets a rule took read, and what kind of targets they are
+        self.read: List[set] = [set() for _ in self.rules]
+        self.kinds: List[List[str]] = [[] for _ in self.rules]
         self.targets: List[str] = []
 
     # ------------------------------------------------------------ lookups
@@ -154,15 +162,23 @@ class LayerSpecs:
                     winner = i
                     self.hits[i] += 1
                 else:
-                    self.shadowed[i].append(names[0])
+                    self.shadowed[i].append((names[0], winner))
         return winner
 
     def _resolve(self, names: Sequence[str], what: str, formula: str,
-                 width: Optional[int], divisor: Callable):
+                 width: Optional[int], divisor: Callable, kind: str = '',
+                 reads: Optional[Callable] = None):
         """The spec of one target; raises when its rank would be 0. ``divisor(spec)``
-        gives ``(key, value)`` of the rank divisor, or None when nothing is built."""
+        gives ``(key, value)`` of the rank divisor, or None when nothing is built;
+        ``reads(spec)`` the spec keys a target of this ``kind`` reads (None: any)."""
         index = self._match(names)
         spec = self.spec if index is None else self.specs[index]
+        if index is not None:
+            if kind and kind not in self.kinds[index]:
+                self.kinds[index].append(kind)
+            self.read[index] |= ({'method'} if spec is None else
+                                 set(self.rules[index][1]) if reads is None
+                                 else {'method'} | set(reads(spec)))
         if spec is None:
             return None
         key_value = divisor(spec)
@@ -185,13 +201,23 @@ class LayerSpecs:
         return self._resolve(
             (n1, n2), f'CoLoRA pair ({n1}, {n2}: {" -> ".join(map(str, widths))}), '
             f'block width n={n}', 'rank r = n // gamma', n,
-            lambda s: ('gamma', s.rank_divisor))
+            lambda s: ('gamma', s.rank_divisor), 'CoLoRA pairs',
+            lambda s: ('gamma', 'share_ratio', 'partner_policy', 'train_path'))
 
     def spatial(self, name: str):
         """Spec of the spatial conv ``name`` (CoLoRA's branch or Conv-Adapter)."""
         module = self.model.get_submodule(name)
         if not isinstance(module, nn.Conv2d):    # the adapter itself refuses it
             return self._resolve((name,), name, '', None, lambda s: None)
+
+        def reads(s):
+            if s.method != 'colora':
+                return ('gamma', 'act')
+            if not s.spatial:
+                return ('spatial',)
+            # the branch's rank: spatial_gamma, or gamma while that is None
+            return ('spatial', 'spatial_gamma', 'use_filter', 'filter_lambda') + (
+                ('gamma',) if s.spatial_gamma is None else ())
 
         def divisor(s):
             if s.method != 'colora':
@@ -203,8 +229,10 @@ class LayerSpecs:
         c_in, c_out = module.in_channels, module.out_channels
         formula = ('Conv-Adapter width w = C_in // gamma' if self.spec.method ==
                    'conv_adapter' else 'spatial rank r = C_in // gamma')
+        kind = ('Conv-Adapter layers' if self.spec.method == 'conv_adapter'
+                else 'spatial branches')
         return self._resolve((name,), f'{name} ({c_in}->{c_out})', formula, c_in,
-                             divisor)
+                             divisor, kind, reads)
 
     def pointwise(self, name: str):
         """Spec of the pointwise layer ``name`` (LoRA, PiSSA, HiRA)."""
@@ -217,21 +245,36 @@ class LayerSpecs:
             return self._resolve((name,), name, '', None, lambda s: None)
         return self._resolve((name,), f'{name} ({c_in}->{c_out})',
                              'rank r = min(in, out) // gamma', min(c_in, c_out),
-                             lambda s: ('gamma', s.rank_divisor))
+                             lambda s: ('gamma', s.rank_divisor), 'pointwise layers',
+                             lambda s: ('gamma',) if s.method == 'hira'
+                             else ('gamma', 'scaling', 'train_path'))
 
     # ------------------------------------------------------------ the end
     def finish(self, injected: Dict) -> Dict:
         """Check that every override took effect; return ``injected``."""
         for i, (pattern, _) in enumerate(self.rules):
-            if self.hits[i]:
-                continue
             where = f'AdapterSpec.overrides[{i}] (pattern {pattern!r})'
+            if self.hits[i]:
+                unread = sorted(set(self.rules[i][1]) - self.read[i])
+                if unread:
+                    kinds = ' and '.join(self.kinds[i]) or 'layers'
+                    hint = (' (a spatial branch takes its rank from spatial_gamma '
+                            'where that is set, globally or here)'
+                            if 'gamma' in unread and 'spatial branches' in self.kinds[i]
+                            else '')
+                    raise ValueError(
+                        f'{where} sets {", ".join(unread)}, which the {kinds} it applies '
+                        f'to do not read{hint}: it would change nothing. They read '
+                        f'{", ".join(sorted(self.read[i] - {"method"})) or "nothing"}; '
+                        'aim the pattern at the layers that read the setting, or drop '
+                        'it.')
+                continue
             if self.shadowed[i]:
-                first = next(j for j, (p, _) in enumerate(self.rules[:i]) if any(
-                    fnmatchcase(n, p) for n in self.shadowed[i][:1]))
+                first = self.shadowed[i][0][1]
                 raise ValueError(
                     f'{where} never applies: every layer it matches ('
-                    f'{_sample(self.shadowed[i])}) is matched first by overrides[{first}] '
+                    f'{_sample([n for n, _ in self.shadowed[i]])}) is matched first by '
+                    f'overrides[{first}] '
                     f'(pattern {self.rules[first][0]!r}); the first match wins, so put '
                     'the more specific pattern first.')
             raise ValueError(self._no_match(where, pattern))

@@ -85,7 +85,12 @@ class AdaptedBackboneMixin:
     def _setup_adapters(self, adapter: Optional[dict]) -> None:
         self.adapter_spec = AdapterSpec.from_dict(adapter)
         spec = self.adapter_spec
-        if spec.method == 'colora' and spec.partner_policy == 'effective' and any(
+        # an override may set the policy of some layers (the runtime check in the
+        # pairs would catch it only at the first backward pass)
+        policies = {spec.partner_policy} | {o['partner_policy'] for o in spec.overrides
+                                            if 'partner_policy' in o
+                                            and o.get('method') != 'none'}
+        if spec.method == 'colora' and 'effective' in policies and any(
                 getattr(m, 'with_cp', False) for m in self.modules()):
             raise ValueError(
                 f"{type(self).__name__}: with_cp=True recomputes each block's forward "

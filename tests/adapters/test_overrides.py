@@ -143,8 +143,9 @@ def test_spatial_branch_per_stage():
 
 @pytest.mark.parametrize('method,cls', [('lora', LoRA), ('hira', HiRA)])
 def test_pointwise_methods_take_overrides(method, cls):
+    extra = dict(scaling=0.5) if method == 'lora' else {}    # HiRA has no scaling
     model, layers = inject(dict(method=method, gamma=8, overrides=[
-        dict(pattern='stages.3.0.pwconv1', gamma=2, scaling=0.5),
+        dict(pattern='stages.3.0.pwconv1', gamma=2, **extra),
         dict(pattern='stages.0.*', method='none')]))
     assert not any(n.startswith('stages.0.') for n in layers)
     a = model.stages[3][0].pwconv1.adapter_branch
@@ -233,7 +234,9 @@ def test_fresh_injection_with_overrides_is_the_base_model():
     (dict(method='colora', gamma=8, use_filter=False, overrides=[
         dict(pattern='stages.3.*', spatial=False), dict(pattern='stages.0.*', gamma=2)]),
      [f'stages.{i}.{j}.dwconv' for i in (0, 1, 2) for j in range(Staged.depths[i])]),
-    (dict(method='lora', gamma=8, overrides=MIXED), []),
+    (dict(method='lora', gamma=8, overrides=[
+        dict(pattern='stages.3.*', gamma=4, scaling=1.0),
+        dict(pattern='stages.0.*', method='none')]), []),
 ])
 def test_merge_equals_unmerged_with_mixed_settings(spec, unfolded):
     model, _ = inject(spec)
@@ -405,3 +408,42 @@ def test_override_values_from_numpy_are_kept_as_python_values():
     assert spec.overrides == (dict(pattern='stages.3.*', gamma=8, share_ratio=0.75,
                                    use_filter=False),)
     assert type(spec.overrides[0]['gamma']) is int
+
+
+@pytest.mark.parametrize('spec,fragments', [
+    # the spatial rank comes from spatial_gamma where that is set
+    (dict(method='colora', gamma=8, spatial_gamma=4, overrides=[
+        dict(pattern='*.dwconv', gamma=2)]),
+     ["overrides[0] (pattern '*.dwconv') sets gamma, which the spatial branches it "
+      'applies to do not read (a spatial branch takes its rank from spatial_gamma',
+      'They read filter_lambda, spatial, spatial_gamma, use_filter']),
+    (dict(method='colora', gamma=8, overrides=[dict(pattern='*.dwconv', share_ratio=1.0)]),
+     ['sets share_ratio, which the spatial branches']),
+    (dict(method='colora', gamma=8, overrides=[dict(pattern='*.pwconv1', use_filter=False,
+                                                    spatial_gamma=4)]),
+     ['sets spatial_gamma, use_filter, which the CoLoRA pairs it applies to do not read',
+      'They read gamma, partner_policy, share_ratio, train_path']),
+    (dict(method='hira', gamma=8, overrides=[dict(pattern='stages.3.*', scaling=0.5)]),
+     ['sets scaling, which the pointwise layers']),
+    (dict(method='colora', gamma=8, overrides=[
+        dict(pattern='stages.0.*', method='none', gamma=2)]),
+     ['sets gamma', 'They read nothing']),
+])
+def test_an_override_its_layers_do_not_read_is_refused(spec, fragments):
+    """Every override must change something: a key no layer it applies to reads is
+    an error naming the key, the kind of layers and what they read."""
+    with pytest.raises(ValueError) as err:
+        inject(spec)
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+
+
+def test_a_pair_override_shadowed_by_the_other_layer_of_the_pair_is_named():
+    """A pair is one target: a rule matching its second layer takes it before a later
+    rule matching its first."""
+    with pytest.raises(ValueError) as err:
+        inject(dict(method='colora', gamma=8, overrides=[
+            dict(pattern='*.pwconv2', gamma=2), dict(pattern='*.pwconv1', gamma=4)]))
+    message = str(err.value)
+    assert "overrides[1] (pattern '*.pwconv1') never applies" in message, message
+    assert "matched first by overrides[0] (pattern '*.pwconv2')" in message, message
