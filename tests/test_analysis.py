@@ -253,3 +253,17 @@ def test_a_model_of_other_settings_is_one_line(tmp_path, capsys):
         assert correlation.cli(argv) == 2, argv
         line, = capsys.readouterr().err.strip().splitlines()
         assert line.startswith('error: ') and message in line, (argv, line)
+
+
+def test_correlation_summary_needs_three_intervals_and_takes_the_true_median():
+    def blocks(*curves):
+        return {f'b{i}': {'interval': list(range(len(w1))), 'W1': w1, 'W2': w2}
+                for i, (w1, w2) in enumerate(curves)}
+    short = correlation.correlation_summary(blocks(([1.0, 2.0], [2.0, 1.0])))
+    assert short.startswith('2 interval(s) per block: too few') and 'four or more' in short
+    up, down = [1.0, 2.0, 3.0], [3.0, 2.0, 1.0]
+    line = correlation.correlation_summary(blocks(
+        (up, up), (up, down), (up, [1.0, 3.0, 2.0]), (up, [2.0, 3.0, 1.0])))
+    # r = 1, -1, 0.5, -0.5: the median of four is the mean of the middle two
+    assert line == ('Pearson r of the W1 and W2 curves over 4 blocks: median 0.000, '
+                    'min -1.000, max 1.000'), line

@@ -24,7 +24,8 @@ order. A missing file, fewer than two checkpoints, a checkpoint of another model
 ``--out-dir`` that is a file ends the run with one ``error:`` line, exit status 2,
 before anything is written. Writes ``mean_singular_values.csv`` (one row per interval and block) and
 ``mean_singular_values.png`` (one small subplot per block, curves W1 and W2), and prints
-the median over blocks of the Pearson correlation of the two curves.
+the median over blocks of the Pearson correlation of the two curves (from four
+checkpoints on: three intervals; with fewer the curves are too short for it).
 """
 from __future__ import annotations
 
@@ -330,15 +331,29 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     write_csv(rows, csv_path)
     plot_grid(rows, png_path)
     blocks = per_block(rows)
-    corr = [pearson(d['W1'], d['W2']) for d in blocks.values()]
-    corr = [c for c in corr if not math.isnan(c)]
     print(f'{len(checkpoints)} checkpoints, {len(blocks)} blocks: wrote {csv_path} and '
           f'{png_path}')
-    if corr:
-        corr.sort()
-        print(f'Pearson r of the W1 and W2 curves over blocks: median '
-              f'{corr[len(corr) // 2]:.3f}, min {corr[0]:.3f}, max {corr[-1]:.3f}')
+    print(correlation_summary(blocks))
     return rows
+
+
+def correlation_summary(blocks: Dict[str, Dict[str, List]]) -> str:
+    """The line on the Pearson r of each block's W1 and W2 curves: their median (the
+    mean of the middle two for an even count), min and max; a curve needs three points
+    (three intervals, four checkpoints) for r to say anything, two points always giving
+    +-1."""
+    import statistics
+    intervals = max((len(d['W1']) for d in blocks.values()), default=0)
+    if intervals < 3:
+        return (f'{intervals} interval(s) per block: too few for a correlation of the '
+                'W1 and W2 curves (two points always give r = +-1); give four or more '
+                'checkpoints for Pearson r')
+    corr = sorted(c for c in (pearson(d['W1'], d['W2']) for d in blocks.values())
+                  if not math.isnan(c))
+    if not corr:
+        return 'Pearson r of the W1 and W2 curves: undefined (a curve is constant)'
+    return (f'Pearson r of the W1 and W2 curves over {len(corr)} blocks: median '
+            f'{statistics.median(corr):.3f}, min {corr[0]:.3f}, max {corr[-1]:.3f}')
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
