@@ -50,6 +50,18 @@ def test_unreadable_label_maps_and_annotations_are_problems(tmp_path, capsys):
         assert f'{ann} {message}' in err and 'Traceback' not in err
 
 
+def test_a_split_file_with_a_byte_order_mark_reads_as_without():
+    from colora_mm.datasets.vtab1k_layout import read_split
+    import tempfile
+    with tempfile.NamedTemporaryFile('wb', suffix='.txt', delete=False) as f:
+        f.write('\ufeffimages/train/0001.jpg 1\nimages/train/0002.jpg 0\n'.encode())
+    try:
+        assert read_split(f.name, 4) == [('images/train/0001.jpg', 1),
+                                          ('images/train/0002.jpg', 0)]
+    finally:
+        os.remove(f.name)
+
+
 def test_a_split_file_that_is_not_text_is_named():
     from colora_mm.datasets import VTABLayoutError
     from colora_mm.datasets.vtab1k_layout import read_split

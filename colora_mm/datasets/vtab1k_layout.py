@@ -136,11 +136,15 @@ def read_split(path: str, num_classes: int) -> List[Tuple[str, int]]:
                               f'needs {names} (docs/data.md)')
     samples = []
     try:
-        with open(path, encoding='utf-8') as f:
+        # utf-8-sig: a byte-order mark some editors write is not part of the first path
+        with open(path, encoding='utf-8-sig') as f:
             lines = f.readlines()
     except UnicodeDecodeError as err:
         raise VTABLayoutError(f'{path} is not UTF-8 text ({err.reason} at byte '
                               f'{err.start}); write the split file as "path label" lines')
+    except OSError as err:
+        raise VTABLayoutError(f'cannot read split file {path} ({err.strerror or err}); '
+                              'check its permissions') from None
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
