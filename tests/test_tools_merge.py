@@ -197,37 +197,38 @@ def test_refuses_other_shapes(tmp_path, capsys):
     _nothing_written(tmp_path, before)
 
 
+def _refused(tmp_path, capsys, config, ckpt, fragment):
+    """merge.py refuses ``ckpt`` with one error line holding ``fragment`` and writes
+    nothing."""
+    capsys.readouterr()
+    before = set(os.listdir(tmp_path))
+    assert run_merge(config, ckpt, tmp_path / 'again.pth') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    _nothing_written(tmp_path, before)
+
+
 def test_refuses_a_checkpoint_without_adapters(tmp_path, capsys):
     config = tiny(tmp_path, f'{ADE}/upernet_lora_convnext_s_4xb4-160k_ade20k-512x512.py')
     ckpt = tmp_path / 'iter_1.pth'
     trained_checkpoint(config, ckpt)
     assert run_merge(config, ckpt, tmp_path / 'merged.pth') == 0
-    capsys.readouterr()
-    before = set(os.listdir(tmp_path))
     # A merged (plain) checkpoint given back to merge: nothing to merge; merge.py's
     # record names where it came from and the config written beside it.
-    assert run_merge(config, tmp_path / 'merged.pth', tmp_path / 'again.pth') == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert (f'was written by tools/merge.py from {ckpt} (its config: '
-            f'{tmp_path / "merged.py"}): it is merged already') in err[0], err
-    _nothing_written(tmp_path, before)
+    _refused(tmp_path, capsys, config, tmp_path / 'merged.pth',
+             f'was written by tools/merge.py from {ckpt} (its config: '
+             f'{tmp_path / "merged.py"}): it is merged already')
     # the same tensors without merge.py's record: no adapter tensors
     bare = tmp_path / 'bare.pth'
     torch.save({'state_dict': torch.load(tmp_path / 'merged.pth',
                                          weights_only=True)['state_dict']}, bare)
-    before = set(os.listdir(tmp_path))
-    assert run_merge(config, bare, tmp_path / 'again.pth') == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'holds no adapter tensors' in err[-1], err
-    _nothing_written(tmp_path, before)
+    _refused(tmp_path, capsys, config, bare, 'holds no adapter tensors')
 
 
 def test_a_checkpoint_without_a_settings_record_merges_with_a_warning(tmp_path, capsys):
     """A bare state dict records no adapter settings: the settings that change no
     tensor (here LoRA's scaling) cannot be compared, and merge says so on stderr
-    (exit 0); a runner's checkpoint records them and gets no such line. A partially
-    merged checkpoint given back is refused as merged already."""
+    (exit 0); a runner's checkpoint records them and gets no such line."""
     from colora_mm.engine.adapter_settings import META_KEY, config_adapter_settings
     config = tiny(tmp_path, f'{ADE}/upernet_lora_convnext_s_4xb4-160k_ade20k-512x512.py')
     ckpt = tmp_path / 'iter_1.pth'
@@ -252,20 +253,11 @@ def test_refuses_a_partially_merged_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / 'iter_1.pth'
     trained_checkpoint(config, ckpt)
     assert run_merge(config, ckpt, tmp_path / 'merged.pth') == 0
-    capsys.readouterr()
-    before = set(os.listdir(tmp_path))
-    assert run_merge(config, tmp_path / 'merged.pth', tmp_path / 'again.pth') == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'it is merged already' in err[0], err
-    _nothing_written(tmp_path, before)
+    _refused(tmp_path, capsys, config, tmp_path / 'merged.pth', 'it is merged already')
     cut = tmp_path / 'cut.pth'                    # a copy cut short
     cut.write_bytes(ckpt.read_bytes()[:4096])
-    before = set(os.listdir(tmp_path))
-    assert run_merge(config, cut, tmp_path / 'again.pth') == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f'cannot read checkpoint {cut}: the file is truncated or ' \
-        'corrupt' in err[0] and 'copy or download it again' in err[0], err
-    _nothing_written(tmp_path, before)
+    _refused(tmp_path, capsys, config, cut, f'cannot read checkpoint {cut}: the file is '
+             'truncated or corrupt')
 
 
 def test_refuses_a_full_finetuning_config(tmp_path, capsys):
