@@ -307,7 +307,12 @@ def network_shape(model, image, scope):
     return tuple(batch['inputs'].shape[-2:])
 
 
-def smallest_input_side(model, largest=256):
+#: Network inputs with both sides this large or larger are not checked against the
+#: backbone's smallest input (every backbone here takes 32 pixels).
+CHECKED_BELOW = 256
+
+
+def smallest_input_side(model, largest=CHECKED_BELOW):
     """The smallest side (pixels) of a square input the model's feature extractor
     (backbone and neck) takes, found by trying zero images; None where even
     ``largest`` fails (the real inference then reports why)."""
@@ -340,7 +345,7 @@ def check_image_sizes(model, images, scope):
     smallest = None
     for image in images:
         height, width = network_shape(model, image, scope)
-        if min(height, width) >= 256:
+        if min(height, width) >= CHECKED_BELOW:
             continue
         if smallest is None:
             smallest = smallest_input_side(model) or 0

@@ -577,10 +577,9 @@ def check_load_from(cfg, args, current):
     from colora_mm.engine.adapter_settings import recorded_adapter_settings
     recorded = recorded_adapter_settings(checkpoint) or {}
     if any(s.get('method') not in ADAPTER_FREE_METHODS for s in recorded.values()):
-        note = check_settings_match(checkpoint, f'{path} (load_from)', current,
-                                    args.config, args.allow_mismatch)
-        if note:
-            print(note, file=sys.stderr)
+        # it records settings: nothing goes unchecked, no note
+        check_settings_match(checkpoint, f'{path} (load_from)', current, args.config,
+                             args.allow_mismatch)
 
 
 def check_before_work(cfg, args):

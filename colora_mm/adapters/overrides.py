@@ -212,7 +212,7 @@ class LayerSpecs:
 
         def reads(s):
             if s.method != 'colora':
-                return ('gamma', 'act')
+                return _method_keys(s.method)
             if not s.spatial:
                 return ('spatial',)
             # the branch's rank: spatial_gamma, or gamma while that is None
@@ -246,8 +246,7 @@ class LayerSpecs:
         return self._resolve((name,), f'{name} ({c_in}->{c_out})',
                              'rank r = min(in, out) // gamma', min(c_in, c_out),
                              lambda s: ('gamma', s.rank_divisor), 'pointwise layers',
-                             lambda s: ('gamma',) if s.method == 'hira'
-                             else ('gamma', 'scaling', 'train_path'))
+                             lambda s: _method_keys(s.method))
 
     # ------------------------------------------------------------ the end
     def finish(self, injected: Dict) -> Dict:
@@ -292,6 +291,14 @@ class LayerSpecs:
         return (f"{msg}. Patterns are globs over the adapted layers' names, such as "
                 f'{_sample(_spread(self.targets), 6)}; '
                 f'{stage_glob(self.targets[0])!r} selects a whole stage.')
+
+
+def _method_keys(method: str) -> Tuple[str, ...]:
+    """The spec keys every target of a one-kind method (LoRA, PiSSA, HiRA,
+    Conv-Adapter) reads: what :func:`.inject.spec_keys_used` lists, less the keys that
+    are not per-target settings."""
+    from .inject import spec_keys_used          # inject imports this module
+    return tuple(k for k in spec_keys_used(method) if k not in NOT_OVERRIDABLE)
 
 
 def _spread(names: Sequence[str]) -> List[str]:

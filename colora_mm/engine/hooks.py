@@ -223,10 +223,11 @@ def sync_from_rank0(model: nn.Module, params: Sequence[nn.Parameter]) -> None:
 @HOOKS.register_module()
 class MergeReinitHook(Hook):
     """Every ``interval`` training iterations, fold the adapters' independent low-rank
-    parts into the base weights, re-initialise them as when they were built (B = 0; PiSSA
-    from the SVD of the new weight, its principal part taken out of the weight again),
-    so the model's output does not change, and reset their optimizer state. Under distributed training the result
-    is broadcast from rank 0, so that every replica stays identical.
+    parts into the base weights, re-initialise them as when they were built (B = 0;
+    PiSSA from the SVD of the new weight, its principal part taken out of the weight
+    again), so the model's output does not change, and reset their optimizer state.
+    Under distributed training the result is broadcast from rank 0, so that every
+    replica stays identical.
 
     It needs adapters with a layer-independent low-rank part (CoLoRA with
     ``share_ratio < 1``, LoRA, PiSSA, HiRA): on any other model (full fine-tuning,
