@@ -122,6 +122,10 @@ class Adapter(nn.Module):
             return None
         return layer.weight + delta.to(layer.weight.dtype)
 
+    def before_load(self) -> None:
+        """Called before a state dict loads into the layer (its base weight among the
+        first): finish whatever reads the tensors the load replaces in place."""
+
     def branch(self, layer: 'AdaptedLayer', x: torch.Tensor,
                into: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """A parallel branch's output, added to the layer's, or None. ``into`` (the
@@ -297,6 +301,7 @@ class AdaptedLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs) -> None:
+        self.adapter_branch.before_load()
         key = prefix + self.MERGED_DELTA
         delta = state_dict.get(key)
         if delta is not None and tuple(delta.shape) != tuple(self.weight.shape):

@@ -687,6 +687,12 @@ class CoLoRAPairLayer(Adapter):
                 "partner_policy='frozen'.")
         return pair.factors(self.index)
 
+    def before_load(self) -> None:
+        # the offsets left to a backward pass are formed from this layer's base weight,
+        # which the load overwrites in place: form them first (their values are the
+        # same), as the pair does before its own tensors load
+        self.get_pair().settle()
+
     def after_forward(self, layer: AdaptedLayer, factors: Optional[tuple]) -> None:
         pair = self.get_pair()
         if not self.training or pair.partner_policy != 'effective' or factors is None:

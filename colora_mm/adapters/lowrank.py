@@ -33,8 +33,8 @@ The factors themselves are kept for the backward pass, except where they come as
 :class:`Factors` with a :class:`FactorRebuild`: then the op keeps the rebuild (which
 holds what the factors are formed from) and forms ``L`` and ``R`` again, bit for bit,
 in its backward pass. CoLoRA's pairs on the CPU form their factors that way
-(:func:`.up3x3.pair_side_factors`): of a side's ``r (d_in + d_out)`` floats only the
-partner product's ``rs x d`` live from forward to backward.
+(:func:`.up3x3.pair_side_factors`): none of a side's ``r (d_in + d_out)`` floats
+lives from forward to backward.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ Recipe = Tuple[str, tuple, object]
 class FactorRebuild:
     """Forms a low-rank update's factors ``(L, R)`` again, bit for bit, from
     ``tensors`` (what they were formed from and what lives on anyway: the parameters,
-    e.g. CoLoRA's partner product): ``form(*tensors)`` without a gradient,
+    e.g. CoLoRA's partner weights): ``form(*tensors)`` without a gradient,
     ``form_graph(*tensors)`` (where given) as the forward pass formed them, with their
     autograd history. ``checked`` (indices, default all) are the tensors whose in-place
     change makes the factors impossible to form again (:attr:`stale`).

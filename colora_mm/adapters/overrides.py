@@ -185,9 +185,15 @@ class LayerSpecs:
         if width is None or key_value is None or width // key_value[1]:
             return spec
         key, value = key_value
-        origin = (f"the spec's {key}={value}" if index is None else
-                  f'{key}={value} from overrides[{index}] (pattern '
-                  f'{self.rules[index][0]!r})')
+        if index is None:
+            origin = f"the spec's {key}={value}"
+        elif key in self.rules[index][1]:
+            origin = (f'{key}={value} from overrides[{index}] (pattern '
+                      f'{self.rules[index][0]!r})')
+        else:   # the override that matched leaves the key as the spec sets it
+            origin = (f"the spec's {key}={value}; overrides[{index}] (pattern "
+                      f'{self.rules[index][0]!r}), which takes these layers, does not '
+                      f'set {key}')
         raise ValueError(
             f'{what}: {formula} = {width} // {value} = 0 ({origin}); change {key}: '
             f'use {key} <= {width} for these layers, e.g. with an override first in '

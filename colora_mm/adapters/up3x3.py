@@ -278,29 +278,32 @@ def pair_side_factors(index: int, A: torch.Tensor, B: torch.Tensor, As: torch.Te
     ``conv``. None anywhere else (the caller runs the Python formulation).
 
     The factors come as :class:`.lowrank.Factors` with a rebuild that forms them again,
-    bit for bit, from the parameters, the partner product ``C`` and the two scalings
-    (the node keeps ``C`` for its own backward pass): a low-rank op then keeps none of
-    ``L`` and ``R`` from forward to backward. ``where`` names the pair in its errors."""
+    bit for bit, from the node's inputs (the parameters, the partner's base weight and
+    offset: alive anyway) and the two scalings: a low-rank op then keeps none of ``L``,
+    ``R`` and the partner product ``C`` from forward to backward, and the node keeps
+    only its inputs. The rebuild, run in that op's backward pass, leaves the ``C`` it
+    formed for the node's backward pass, which runs next, so that ``C`` is formed once
+    more per step, not twice. ``where`` names the pair in its errors."""
     if not pair_side_kernel_applies(A, B, As, Bs, base, left, right):
         return None
     kernel = load_kernel()
     k_ind, k_sh = float(k_ind), float(k_sh)
-    left_factor, right_factor, product, scalings = kernel.pair_side_factors(
+    left_factor, right_factor, slot, scalings = kernel.pair_side_factors(
         index, A, B, As, Bs, base, left, right, k_ind, k_sh)
     s0, s1 = scalings.tolist()
 
-    def form(A, B, As, Bs, base, left, right, C):
-        L, R = kernel.pair_side_rebuild(index, A, B, As, Bs, C, s0, s1)
+    def form(A, B, As, Bs, base, left, right):
+        L, R = kernel.pair_side_rebuild(index, A, B, As, Bs, base, left, right, s0, s1,
+                                        slot)
         return L, R
 
-    def form_graph(A, B, As, Bs, base, left, right, C):
+    def form_graph(A, B, As, Bs, base, left, right):
         L, R, _, _ = kernel.pair_side_factors(index, A, B, As, Bs, base, left, right,
                                               k_ind, k_sh)
         return L, R
 
-    # the no-gradient form reads A, B, As, Bs and C: only their change makes it stale
-    rebuild = FactorRebuild(form, (A, B, As, Bs, base, left, right, product), form_graph,
-                            checked=(0, 1, 2, 3, 7), where=where)
+    rebuild = FactorRebuild(form, (A, B, As, Bs, base, left, right), form_graph,
+                            where=where)
     return Factors(left_factor, right_factor, rebuild)
 
 

@@ -86,3 +86,47 @@ def test_no_grad_path_equals_the_training_path(shape, dtype):
     assert trained.grad_fn is not None
     tol = 2e-6 if dtype == torch.float32 else 1e-13
     assert (trained.detach() - evaluated).abs().max() <= tol * evaluated.abs().max()
+
+
+def _saved_storages(fn):
+    """``(fn(), storages)``: what ``fn`` returns and the distinct storages (data
+    pointer -> bytes) autograd saved for backward while it ran."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 20, 17), (1, 2, 20, 300)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_training_path_keeps_only_its_input_and_gives_the_op_by_op_gradient(
+        monkeypatch, shape, dtype):
+    """With a gradient, the separable path keeps only ``z`` for backward (not the two
+    range weights and the normaliser, three more maps of ``z``'s size) and gives the
+    op-by-op path's output and gradient bit for bit, also in a backward pass that
+    records a graph (its gradient is linear in the output gradient)."""
+    f = RangeKernelFilter()
+    z = _z(shape, seed=4, dtype=dtype).requires_grad_()
+    g = _z(shape, seed=5, dtype=dtype)
+
+    def run():
+        out, saved = _saved_storages(lambda: f(z))
+        (gz,) = torch.autograd.grad(out, z, g)
+        gg = g.clone().requires_grad_()
+        (gz2,) = torch.autograd.grad(f(z), z, gg, create_graph=True)
+        (ggg,) = torch.autograd.grad((gz2 * g).sum(), gg)
+        return out.detach(), gz, gz2.detach(), ggg, saved
+
+    out, gz, gz2, ggg, saved = run()
+    assert list(saved.values()) == [z.untyped_storage().nbytes()]
+    monkeypatch.setattr(filt, 'compiling', lambda: True)    # autograd op by op
+    ref_out, ref_gz, ref_gz2, ref_ggg, ref_saved = run()
+    assert sum(ref_saved.values()) >= 3 * z.untyped_storage().nbytes()
+    assert torch.equal(out, ref_out) and torch.equal(gz, ref_gz)
+    assert torch.equal(gz2, ref_gz2) and torch.equal(ggg, ref_ggg)
+    assert torch.equal(gz, gz2)

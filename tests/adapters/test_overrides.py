@@ -358,6 +358,16 @@ def test_gamma_too_large_for_a_narrow_stage_builds_nothing():
         dict(pattern='stages.1.*', spatial_gamma=32)]), model),
         'stages.1.0.dwconv (16->16)', 'spatial rank r = C_in // gamma = 16 // 32 = 0',
         "spatial_gamma=32 from overrides[0]", 'spatial_gamma <= 16')
+    # the spec's own spatial_gamma on layers an override takes for another key
+    _raises(lambda: inject(dict(method='colora', gamma=4, spatial_gamma=32, overrides=[
+        dict(pattern='stages.1.*', use_filter=False)]), model),
+        'stages.0.0.dwconv (8->8)', "the spec's spatial_gamma=32",
+        'spatial_gamma <= 8')
+    _raises(lambda: inject(dict(method='colora', gamma=4, spatial_gamma=16, overrides=[
+        dict(pattern='stages.0.*', use_filter=False)]), model),
+        'stages.0.0.dwconv (8->8)', "the spec's spatial_gamma=16; overrides[0] (pattern "
+        "'stages.0.*'), which takes these layers, does not set spatial_gamma",
+        'spatial_gamma <= 8')
     assert msg
     assert _structure(model) == before
     for key, value in model.state_dict().items():

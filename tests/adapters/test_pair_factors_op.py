@@ -171,20 +171,64 @@ def test_no_second_derivative_says_how_to_get_one(kernel):
 
 @pytest.mark.parametrize('index', [0, 1])
 def test_what_the_node_keeps_for_backward(kernel, index):
-    """Beside the parameters and the partner's weight and offset, each side keeps only
-    its partner product C (side 0 ``rs x d'``, side 1 ``d' x rs``), the tensor it hands
-    out with its scalings for the factors' rebuild: nothing of L or R."""
+    """Beside the parameters and the partner's weight and offset (alive anyway), each
+    side keeps nothing for its backward pass: not its partner product C, nothing of L
+    or R."""
     model = _model(shapes=(12, 20, 8))
     pair = _pair(model)
     _with_offsets(pair)
     factors, saved = saved_beyond_state(model, lambda: pair.factors(index))
+    assert 'PairSideFactors' in _node_name(factors[0])
+    assert saved == []
+
+
+def _grads_of(factors, params, seed=7):
     left, right = factors
-    assert 'PairSideFactors' in _node_name(left)
-    want = (pair.rs, pair.d_mid) if index == 0 else (pair.d_mid, pair.rs)
-    assert [tuple(t.shape) for t in saved] == [want]
-    product = factors.rebuild.tensors[7]
-    assert saved[0].untyped_storage().data_ptr() == product.untyped_storage().data_ptr()
-    assert not product.requires_grad
+    g = torch.Generator().manual_seed(seed)
+    gl = torch.randn(left.shape, generator=g, dtype=left.dtype)
+    gr = torch.randn(right.shape, generator=g, dtype=right.dtype)
+    return torch.autograd.grad((left * gl).sum() + (right * gr).sum(), params)
+
+
+@pytest.mark.parametrize('index', [0, 1])
+def test_the_node_takes_the_product_the_rebuild_formed(kernel, index):
+    """The node's backward pass uses the partner product C that the rebuild formed just
+    before it (in a low-rank op's backward pass), and forms C itself where no rebuild
+    ran: the same gradients bit for bit. Fed another C, it would use that one."""
+    model = _model()
+    pair = _pair(model)
+    _with_offsets(pair)
+    params = [pair.A1, pair.B1, pair.As, pair.Bs] if index == 0 else \
+        [pair.A2, pair.B2, pair.As, pair.Bs]
+    alone = _grads_of(pair.factors(index), params)
+    factors = pair.factors(index)
+    again = factors.rebuild()                # leaves C for the node's backward pass
+    assert all(torch.equal(a.detach(), b) for a, b in zip(factors, again))
+    assert all(torch.equal(a, b) for a, b in zip(_grads_of(factors, params), alone))
+    factors = pair.factors(index)
+    A, B, As, Bs, base, left, right = factors.rebuild.tensors
+    factors.rebuild._form(A, B, As, Bs, base * 2, left, right)     # another C
+    other = _grads_of(factors, params)
+    assert not all(torch.equal(a, b) for a, b in zip(other, alone))
+    # the slot was emptied by the backward pass that took it: the next one forms C
+    assert all(torch.equal(a, b) for a, b in zip(_grads_of(pair.factors(index), params),
+                                                alone))
+
+
+@pytest.mark.parametrize('what', ['base', 'offset'])
+def test_the_rebuild_is_stale_once_the_partner_changed_in_place(kernel, what):
+    """The rebuild forms C from the partner's base weight and offset: an in-place
+    change of either since the forward pass makes it refuse, naming the layer."""
+    model = _model()
+    pair = _pair(model)
+    _with_offsets(pair)
+    factors = pair.factors(0)
+    A, B, As, Bs, base, left, right = factors.rebuild.tensors
+    with torch.no_grad():
+        (base if what == 'base' else right).add_(1)
+    assert factors.rebuild.stale
+    with pytest.raises(RuntimeError, match=r'W1: a tensor its factors were formed from'):
+        factors.rebuild()
 
 
 @pytest.mark.parametrize('index', [0, 1])

@@ -15,13 +15,16 @@
 // std = 0 or where the clamp binds), with the scalars on the host. One node replaces
 // the dozen or so autograd nodes and the Python backward of the formulation it mirrors.
 //
-// For backward the node keeps its inputs and C, nothing of L or R: both are formed
-// again, bit for bit, from the parameters, C and the two scalings (pair_side_rebuild,
-// the same code as the forward's). The node also returns C and the scalings (no
+// For backward the node keeps its inputs (parameters and buffers, alive anyway) and
+// nothing it formed: C, L and R are formed again, bit for bit, by the same code as the
+// forward's (partner_product, form_factors). The node returns the scalings (no
 // gradient), so that the low-rank op that multiplies the activations by L and R can
 // form them again in its own backward instead of keeping them
-// (colora_mm/adapters/lowrank.py): of a side's r (d + d') floats only C's lives from
-// forward to backward.
+// (colora_mm/adapters/lowrank.py, pair_side_rebuild), and an empty `slot` tensor (no
+// gradient) that pair_side_rebuild points at the C it formed: that op's backward runs
+// just before the node's, which then takes C from the slot (and empties it) instead of
+// forming it a third time. Of a side's r (d + d') floats none lives from forward to
+// backward.
 #include <torch/extension.h>
 #include <algorithm>
 #include <array>
@@ -104,14 +107,16 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
     }
     const auto LR = form_factors(index, A, B, As, Bs, C, s[0], s[1]);
     Tensor scalings = at::tensor(s, at::TensorOptions().dtype(at::kDouble));
-    ctx->save_for_backward({A, B, As, Bs, base, left, right, C});
-    ctx->mark_non_differentiable({C, scalings});
+    Tensor slot = at::empty({0}, C.options());
+    ctx->save_for_backward({A, B, As, Bs, base, left, right});
+    ctx->mark_non_differentiable({slot, scalings});
+    ctx->saved_data["slot"] = slot;
     ctx->saved_data["index"] = index;
     ctx->saved_data["k"] = std::vector<double>{k_ind, k_sh};
     ctx->saved_data["sig"] = sig;
     ctx->saved_data["den"] = den;
     ctx->saved_data["s"] = s;
-    return {LR[0], LR[1], C, scalings};
+    return {LR[0], LR[1], slot, scalings};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -122,7 +127,16 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
     const Tensor &A = saved[0], &B = saved[1], &As = saved[2], &Bs = saved[3],
                  &base = saved[4], &left = saved[5], &right = saved[6];
     const int64_t index = ctx->saved_data["index"].toInt();
-    const Tensor& C = saved[7];
+    // C as pair_side_rebuild formed it in the low-rank op's backward, else formed here
+    Tensor slot = ctx->saved_data["slot"].toTensor();
+    Tensor C;
+    if (slot.numel()) {
+      C = at::empty({0}, slot.options()).set_(slot);
+      slot.set_();
+    } else {
+      at::NoGradGuard no_grad;
+      C = partner_product(index, As, Bs, base, left, right);
+    }
     const auto k = ctx->saved_data["k"].toDoubleVector();
     const auto sig = ctx->saved_data["sig"].toDoubleVector();
     const auto den = ctx->saved_data["den"].toDoubleVector();
@@ -185,11 +199,17 @@ std::vector<Tensor> pair_side_factors(int64_t index, Tensor A, Tensor B, Tensor 
   return PairSideFactors::apply(index, A, B, As, Bs, base, left, right, k_ind, k_sh);
 }
 
+// (L, R) of a side again, bit for bit: C formed as the forward formed it, then the
+// factors from it and the forward's scalings; `slot` (the forward's, or undefined)
+// is pointed at C for the node's backward.
 std::vector<Tensor> pair_side_rebuild(int64_t index, Tensor A, Tensor B, Tensor As,
-                                      Tensor Bs, Tensor C, double s0, double s1) {
+                                      Tensor Bs, Tensor base, Tensor left, Tensor right,
+                                      double s0, double s1, c10::optional<Tensor> slot) {
   TORCH_CHECK(index == 0 || index == 1, "colora_mm pair factors: index must be 0 or 1");
   at::NoGradGuard no_grad;
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const Tensor C = partner_product(index, As, Bs, base, left, right);
   const auto LR = form_factors(index, A, B, As, Bs, C, s0, s1);
+  if (slot.has_value() && slot->defined()) slot->set_(C);
   return {LR[0], LR[1]};
 }

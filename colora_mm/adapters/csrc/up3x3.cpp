@@ -408,7 +408,9 @@ std::vector<torch::Tensor> pair_side_factors(int64_t index, torch::Tensor A, tor
                                              torch::Tensor right, double k_ind, double k_sh);
 std::vector<torch::Tensor> pair_side_rebuild(int64_t index, torch::Tensor A, torch::Tensor B,
                                              torch::Tensor As, torch::Tensor Bs,
-                                             torch::Tensor C, double s0, double s1);
+                                             torch::Tensor base, torch::Tensor left,
+                                             torch::Tensor right, double s0, double s1,
+                                             c10::optional<torch::Tensor> slot);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("up3x3", &up3x3, "conv2d(z, weight, padding=1, groups=r) with its backward");
@@ -416,8 +418,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("up3x3_add_", &up3x3_add_, "out += conv2d(z, weight, padding=1, groups=r), "
           "in place, as one autograd node");
   mod.def("pair_side_factors", &pair_side_factors, "one side of a CoLoRA pair: the "
-          "factors (L, R) of its update as one autograd node, with its partner product C "
-          "and its two scalings (no gradient)");
+          "factors (L, R) of its update as one autograd node, with an empty slot for "
+          "its partner product C and its two scalings (no gradient)");
   mod.def("pair_side_rebuild", &pair_side_rebuild, "the factors (L, R) of a side again, "
-          "bit for bit, from its parameters, C and scalings (no autograd)");
+          "bit for bit, from its inputs and scalings (no autograd), the partner product "
+          "C left in the node's slot");
 }
