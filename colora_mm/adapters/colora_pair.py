@@ -36,10 +36,11 @@ neither does the offset until the backward pass: that op forms them again there,
 for bit, and the offset takes them (a step never holds two generations of offsets at
 its peak, the ones its forward pass reads and the ones it forms). Reading an offset
 before then (a second forward pass before the backward one), saving or loading the
-state dict, moving, copying or folding the pair, or an ``optimizer.step()`` that
-updates the pair forms the pending ones first (from the parameters that pass read;
-where they were changed in place outside a step, the previous offsets stay, with a
-warning).
+state dict (into the pair or into either of its layers, whose base weights the pending
+offsets are formed from), moving, copying or folding the pair, or an
+``optimizer.step()`` that updates the pair forms the pending ones first (from the
+tensors that pass read; where they were changed in place outside a step, the previous
+offsets stay, with a warning).
 
 Precision: the factors, the scalings (their stds) and the partner products
 ``Bs W2^T`` / ``W1^T As`` are formed in ``max(float32, parameter dtype)`` with autocast
