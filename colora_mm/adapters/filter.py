@@ -288,7 +288,8 @@ class _SeparableFilter(torch.autograd.Function):
     same ops on the same input: the same values bit for bit) and differentiates the
     numerator's ops as autograd would, so the gradient is the op-by-op path's bit for
     bit, at the cost of the weights, the normaliser and the numerator's blur once more
-    (about 4 ms of a UperNet + ConvNeXt-T 256 training step). Gradients reach ``z``
+    (the filter's forward pass again, a few ms of a UperNet + ConvNeXt-T 256 training
+    step). Gradients reach ``z``
     through the numerator only, as in every path here; a backward pass that records a
     graph (``create_graph=True``) records the input gradient's, which is linear in the
     output gradient."""
