@@ -229,7 +229,7 @@ class RangeKernelFilter(nn.Module):
                 blurred = self.gaussian(maps).view((2, 2) + z.shape)
                 den, num = (blurred * weights).sum(1)     # cos G(cos) + sin G(sin), ...
                 return num.div_(den.add_(self.eps))
-        if compiling():        # AOTAutograd derives the backward and chooses what to keep
+        if _graph_transform():
             weights, den = self._weights_and_normaliser(z)
             return self._numerator(z, weights) / den
         return _SeparableFilter.apply(z, self)
@@ -279,6 +279,18 @@ class RangeKernelFilter(nn.Module):
                 f'separable={self.separable}')
 
 
+def _graph_transform() -> bool:
+    """Whether the training path must run op by op, not as :class:`_SeparableFilter`:
+    under ``torch.compile`` (AOTAutograd derives the backward and chooses what to keep),
+    TorchScript tracing (which would record the op as one Python call: no export, no
+    FLOPs counted) and ``torch.func`` transforms (which the op's recomputing backward
+    does not serve)."""
+    if compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    active = getattr(torch._C, '_are_functorch_transforms_active', None)
+    return bool(active is not None and active())
+
+
 class _SeparableFilter(torch.autograd.Function):
     """Eq. 11's separable path with a gradient, keeping only ``z`` for backward.
 
@@ -292,7 +304,7 @@ class _SeparableFilter(torch.autograd.Function):
     step). Gradients reach ``z``
     through the numerator only, as in every path here; a backward pass that records a
     graph (``create_graph=True``) records the input gradient's, which is linear in the
-    output gradient."""
+    output gradient. Where :func:`_graph_transform` says so, the ops run as they are."""
 
     @staticmethod
     def forward(ctx, z, module):

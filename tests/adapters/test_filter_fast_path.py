@@ -130,3 +130,23 @@ def test_training_path_keeps_only_its_input_and_gives_the_op_by_op_gradient(
     assert torch.equal(out, ref_out) and torch.equal(gz, ref_gz)
     assert torch.equal(gz2, ref_gz2) and torch.equal(ggg, ref_ggg)
     assert torch.equal(gz, gz2)
+
+
+def test_traced_and_func_transformed_training_paths_run_op_by_op(tmp_path):
+    """TorchScript tracing with gradients on records the filter's ops (which export and
+    which FLOP counters read), not one Python call; ``torch.func.grad`` gives autograd's
+    gradient."""
+    f = RangeKernelFilter()
+    conv = torch.nn.Conv2d(4, 3, 1)
+    x = _z((1, 4, 20, 24), seed=6, dtype=torch.float32)
+    net = torch.nn.Sequential(conv, f)
+    net(x)                                   # the axis operators built and cached
+    traced = torch.jit.trace(net, x, check_trace=False)
+    assert 'aten::cos' in str(traced.inlined_graph)
+    assert 'PythonOp' not in str(traced.inlined_graph)
+    torch.jit.save(traced, str(tmp_path / 'f.pt'))
+    z = _z((2, 3, 20, 17), seed=7)
+    g = _z((2, 3, 20, 17), seed=8)
+    got = torch.func.grad(lambda t: (f(t) * g).sum())(z)
+    (want,) = torch.autograd.grad((f(z.requires_grad_()) * g).sum(), z)
+    assert torch.equal(got, want)
