@@ -104,7 +104,9 @@ def test_saved_tensors_by_shape():
               '--autocast', 'none', '--methods', 'limit', 'colora', '--shapes')
     assert "limit: the package's places by shape" not in out
     rows = saved_rows(out)
-    assert 0 < rows['limit'] < rows['colora']      # float32: the adapters keep more
+    # float32: the adapters keep their thin products and their branches' inputs, at
+    # this size within the table's 0.1 MiB of the frozen model's own
+    assert 0 < rows['limit'] <= rows['colora'] <= 1.1 * rows['limit']
     head, _, table = out.partition("colora: the package's places by shape")
     assert table
     rows = [[c.strip() for c in line.split('|')[1:-1]] for line in table.splitlines()
