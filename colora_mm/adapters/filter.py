@@ -318,10 +318,13 @@ class _SeparableFilter(torch.autograd.Function):
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
         module = ctx.module
-        weights, den = module._weights_and_normaliser(z)
-        with torch.enable_grad():
-            leaf = z.detach().requires_grad_()
-            out = module._numerator(leaf, weights) / den
-        (grad_z,) = torch.autograd.grad(out, leaf, grad,
-                                        create_graph=torch.is_grad_enabled())
+        # in z's precision as the forward pass ran, also where backward() is called
+        # inside an autocast region
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            weights, den = module._weights_and_normaliser(z)
+            with torch.enable_grad():
+                leaf = z.detach().requires_grad_()
+                out = module._numerator(leaf, weights) / den
+            (grad_z,) = torch.autograd.grad(out, leaf, grad.to(out.dtype),
+                                            create_graph=torch.is_grad_enabled())
         return grad_z, None

@@ -150,3 +150,17 @@ def test_traced_and_func_transformed_training_paths_run_op_by_op(tmp_path):
     got = torch.func.grad(lambda t: (f(t) * g).sum())(z)
     (want,) = torch.autograd.grad((f(z.requires_grad_()) * g).sum(), z)
     assert torch.equal(got, want)
+
+
+def test_training_path_backward_inside_an_autocast_region_keeps_its_precision():
+    """A backward pass called inside a bfloat16 autocast region (a training loop that
+    wraps the whole step) differentiates the filter in ``z``'s float32, as the forward
+    pass ran: the same gradient as outside it."""
+    f = RangeKernelFilter()
+    z = _z((2, 3, 20, 17), seed=9, dtype=torch.float32).requires_grad_()
+    g = _z((2, 3, 20, 17), seed=10, dtype=torch.float32)
+    (want,) = torch.autograd.grad((f(z) * g).sum(), z)
+    out = f(z)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        (got,) = torch.autograd.grad((out * g).sum(), z)
+    assert torch.equal(got, want)
