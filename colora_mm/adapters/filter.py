@@ -301,10 +301,10 @@ class _SeparableFilter(torch.autograd.Function):
     numerator's ops as autograd would, so the gradient is the op-by-op path's bit for
     bit, at the cost of the weights, the normaliser and the numerator's blur once more
     (the filter's forward pass again, a few ms of a UperNet + ConvNeXt-T 256 training
-    step). Gradients reach ``z``
-    through the numerator only, as in every path here; a backward pass that records a
-    graph (``create_graph=True``) records the input gradient's, which is linear in the
-    output gradient. Where :func:`_graph_transform` says so, the ops run as they are."""
+    step). Gradients reach ``z`` through the numerator only, as in every path here; a
+    backward pass that records a graph (``create_graph=True``) records the input
+    gradient's, which is linear in the output gradient. Where :func:`_graph_transform`
+    says so, the ops run as they are."""
 
     @staticmethod
     def forward(ctx, z, module):
