@@ -3,6 +3,7 @@ computes (the scripts assert it before timing), and they print their tables; ben
 refuses an input size its tables cannot run at, with a clear message."""
 import os.path as osp
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -183,6 +184,31 @@ def _refused(capsys, *argv) -> str:
         bc.main(list(argv))
     assert exc.value.code == 2
     return capsys.readouterr().err
+
+
+@pytest.mark.skipif(platform.system() != 'Linux' or not (shutil.which('cc')
+                                                        or shutil.which('gcc')),
+                    reason='preloads a recorder into glibc\'s allocator; needs a C compiler')
+def test_heap_replay_is_faithful_and_names_where_blocks_are_made():
+    """The replay places every block where the recorded worker placed it (the script
+    stops otherwise); a what-if row reads for every method, and the limit's 'extras
+    left out' is its recorded peak; CoLoRA's small kept blocks include its C++ nodes',
+    the limit's none. (Two of the six what-ifs, for the suite's time.)"""
+    out = run('heap_replay.py', '--arch', 'atto', '--size', '64', '--head-channels', '32',
+              '--repeats', '1', '--steps', '1', '--methods', 'limit', 'colora',
+              '--origins', '--variants', 'small kept left out', 'extras left out')
+    assert out.count('(every block placed as recorded)') == 2
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split('|')[1:-1]]
+        if cells:
+            rows.setdefault(cells[0], []).append(cells[1:])
+    assert 'both' not in rows
+    for variant in ('as recorded', 'small kept left out', 'extras left out'):
+        assert variant in rows and all(float(c) > 0 for c in rows[variant][0][:2])
+    assert rows['extras left out'][0][0] == rows['as recorded'][0][0]
+    ext = rows["the package's C++ extension"][0]      # small kept blocks, then transients
+    assert int(ext[0]) == 0 and int(ext[1]) > 0
 
 
 @pytest.mark.parametrize('flag', ['--size', '--merge-size'])
