@@ -36,9 +36,12 @@ freed before the backward pass starts, *kept* when it lives on into it):
 
 ``--origins`` records the call stacks of the blocks made in the steps too (slower) and
 counts each method's small kept blocks and transients by where they are made: in the
-package's C++ extension (its autograd nodes), else by the module of the first frame
-outside the allocator (libpython: Python objects; libtorch_python: torch's Python
-bindings, Python autograd Functions included; libtorch_cpu: ATen and autograd).
+package's C++ extension (its autograd nodes and kernels), else by the module of the
+first frame outside the allocator (libpython: Python objects; libtorch_python: torch's
+Python bindings, Python autograd Functions included; libtorch_cpu: ATen and autograd).
+It adds three what-ifs on the extension's blocks alone: ``extension: transients
+mapped``, ``extension: small kept left out`` and ``extension: both`` (a method without
+the extension reads as recorded there).
 
 Needs Linux, glibc and a C compiler (``cc``, or ``$CC``); the traces take about 150 MB
 a worker (``--work-dir``, deleted after each worker's replays unless ``--keep``).
@@ -66,6 +69,10 @@ MARK_TRIM, MARK_START, MARK_END = 99, 1, 2
 MARK_STEP, MARK_BACKWARD, MARK_BACKWARD_END = 10, 20, 30
 VARIANTS = ('as recorded', '>= 32 KiB mapped', 'transients mapped', 'small kept left out',
             'both', 'extras left out')
+EXTENSION = "the package's C++ extension"
+#: what-ifs on the blocks the package's C++ extension makes (``--origins``)
+ORIGIN_VARIANTS = ('extension: transients mapped', 'extension: small kept left out',
+                   'extension: both')
 
 
 # ---------------------------------------------------------------------------- build
@@ -232,7 +239,8 @@ class Trace:
             back |= self.allocs & (self.index >= b0) & (self.index < b1)
         return dict(kept=kept, temp=temp, backward=back)
 
-    def actions(self, variant: str, limit: 'Trace' = None, seed: int = 0):
+    def actions(self, variant: str, limit: 'Trace' = None, seed: int = 0,
+                where: dict = None):
         np = self.np
         cls = self.classes()
         large = self.size >= SMALL
@@ -270,6 +278,13 @@ class Trace:
                 extra = len(small) - int((lsmall & in_theirs).sum())
                 if extra > 0:
                     act[rng.choice(small, extra, replace=False)] = 2
+        elif variant in ORIGIN_VARIANTS:
+            ext = np.zeros(self.n, bool)
+            ext[[i for i, w in (where or {}).items() if w == EXTENSION]] = True
+            if variant != 'extension: small kept left out':
+                act[transient & ext] = 1
+            if variant != 'extension: transients mapped':
+                act[small_kept & ext] = 2
         elif variant != 'as recorded':
             raise ValueError(variant)
         return act
@@ -311,9 +326,9 @@ def replay(binary: str, trace: str, actions=None, placed: str = None) -> dict:
 
 # -------------------------------------------------------------------------- origins
 
-def origins(trace: Trace, stacks_path: str, maps_path: str) -> dict:
-    """Counts of the last step's small kept blocks and transients (the first step
-    also builds AdamW's state) by where they are made."""
+def origins(trace: Trace, stacks_path: str, maps_path: str) -> tuple:
+    """Where the steps' small kept blocks and transients are made (record index ->
+    origin), and the counts of the last step's (the first also builds AdamW's state)."""
     np = trace.np
     maps = []
     with open(maps_path) as f:
@@ -329,9 +344,9 @@ def origins(trace: Trace, stacks_path: str, maps_path: str) -> dict:
     cls = trace.classes()
     f0, _, b1 = trace.steps()[-1]
     in_step = (trace.index >= f0) & (trace.index < b1)
-    wanted = {'small kept': cls['kept'] & (trace.size < SMALL) & in_step,
+    wanted = {'small kept': cls['kept'] & (trace.size < SMALL),
               'transients >= 32 KiB': (cls['temp'] | cls['backward'])
-              & (trace.size >= SMALL) & in_step}
+              & (trace.size >= SMALL)}
     need = wanted['small kept'] | wanted['transients >= 32 KiB']
     stacks = np.fromfile(stacks_path, dtype=np.uint64).reshape(-1, 27)
     # the stacks come in the order their blocks were made
@@ -358,8 +373,10 @@ def origins(trace: Trace, stacks_path: str, maps_path: str) -> dict:
                 where[made[j]] = next((f for f in frames if not f.startswith(allocator)),
                                       '?')
         j += 1
-    return {name: collections.Counter(where.get(int(i), '?') for i in np.where(mask)[0])
-            for name, mask in wanted.items()}
+    counts = {name: collections.Counter(where.get(int(i), '?')
+                                        for i in np.where(mask & in_step)[0])
+              for name, mask in wanted.items()}
+    return where, counts
 
 
 # ----------------------------------------------------------------------------- main
@@ -386,8 +403,10 @@ def main(argv=None):
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--head-channels', type=int, default=128)
     parser.add_argument('--steps', type=int, default=2)
-    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
-                        help="what-ifs to replay ('as recorded' always runs)")
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS + ORIGIN_VARIANTS),
+                        choices=VARIANTS + ORIGIN_VARIANTS,
+                        help="what-ifs to replay ('as recorded' always runs; the "
+                        "'extension:' ones with --origins only)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--origins', action='store_true',
                         help='record call stacks and count blocks by where they are made')
@@ -406,8 +425,10 @@ def main(argv=None):
     recorder, binary = build(args.build_dir)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix='heap_replay_')
     os.makedirs(work_dir, exist_ok=True)
-    variants = [v for v in VARIANTS if (v in args.variants or v == 'as recorded')
-                and (v != 'extras left out' or 'limit' in args.methods)]
+    variants = [v for v in VARIANTS + ORIGIN_VARIANTS
+                if (v in args.variants or v == 'as recorded')
+                and (v != 'extras left out' or 'limit' in args.methods)
+                and (v not in ORIGIN_VARIANTS or args.origins)]
     peaks = collections.defaultdict(list)      # (variant, method) -> [MiB]
     recorded = collections.defaultdict(list)
     heap = collections.defaultdict(list)       # method -> [(top, free at top)]
@@ -419,8 +440,13 @@ def main(argv=None):
         order = (['limit'] if 'limit' in args.methods else []) + [
             m for m in args.methods if m != 'limit']
         for method in order:
-            rec = record(method, args, recorder, work_dir, args.origins and rep == 0)
+            rec = record(method, args, recorder, work_dir, args.origins)
             trace = Trace(rec['trace'])
+            where = {}
+            if args.origins:
+                where, counts = origins(trace, rec['stacks'], rec['maps'])
+                if rep == 0:
+                    found[method] = counts
             placed = rec['trace'] + '.placed'
             first = replay(binary, rec['trace'], placed=placed)
             moved = trace.placed_as_recorded(placed)
@@ -438,11 +464,12 @@ def main(argv=None):
                         peaks[(v, method)].append(first['peak_mib'])
                         continue
                     act = trace.actions(v, traces['limit'], seed=args.seed + rep)
+                elif v in ORIGIN_VARIANTS and not any(w == EXTENSION for w in where.values()):
+                    peaks[(v, method)].append(first['peak_mib'])
+                    continue
                 else:
-                    act = trace.actions(v)
+                    act = trace.actions(v, where=where)
                 peaks[(v, method)].append(replay(binary, rec['trace'], act)['peak_mib'])
-            if args.origins and rep == 0:
-                found[method] = origins(trace, rec['stacks'], rec['maps'])
             print(f'  repeat {rep + 1}, {method}: worker {rec["peak_mib"]:.1f} MiB, '
                   f'replay {first["peak_mib"]:.1f} MiB (every block placed as recorded)',
                   flush=True)

@@ -38,6 +38,12 @@ using torch::autograd::variable_list;
 
 constexpr double kDenMin = 1e-12;
 
+// saved_data keys of the node's scalars (short: stored inline in the key strings)
+const char* const kKey[2] = {"k0", "k1"};
+const char* const kDen[2] = {"den0", "den1"};
+const char* const kS[2] = {"s0", "s1"};
+const char* const kSig[4] = {"sig0", "sig1", "sig2", "sig3"};
+
 // den = k (std X + std Y) and s = 1 / max(den, 1e-12) in the arithmetic of T, as the
 // tensor ops compute them in that dtype.
 template <typename T>
@@ -110,12 +116,18 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
     Tensor slot = at::empty({0}, C.options());
     ctx->save_for_backward({A, B, As, Bs, base, left, right});
     ctx->mark_non_differentiable({slot, scalings});
-    ctx->saved_data["slot"] = slot;
-    ctx->saved_data["index"] = index;
-    ctx->saved_data["k"] = std::vector<double>{k_ind, k_sh};
-    ctx->saved_data["sig"] = sig;
-    ctx->saved_data["den"] = den;
-    ctx->saved_data["s"] = s;
+    // the scalars as plain doubles (stored inline) rather than lists (two heap blocks
+    // each): a node's small blocks live from forward to backward
+    auto& data = ctx->saved_data;
+    data.reserve(12);
+    data["slot"] = slot;
+    data["index"] = index;
+    for (int i = 0; i < 2; ++i) {
+      data[kKey[i]] = k[i];
+      data[kDen[i]] = den[i];
+      data[kS[i]] = s[i];
+    }
+    for (int i = 0; i < 4; ++i) data[kSig[i]] = sig[i];
     return {LR[0], LR[1], slot, scalings};
   }
 
@@ -137,10 +149,14 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
       at::NoGradGuard no_grad;
       C = partner_product(index, As, Bs, base, left, right);
     }
-    const auto k = ctx->saved_data["k"].toDoubleVector();
-    const auto sig = ctx->saved_data["sig"].toDoubleVector();
-    const auto den = ctx->saved_data["den"].toDoubleVector();
-    const auto s = ctx->saved_data["s"].toDoubleVector();
+    auto& data = ctx->saved_data;
+    double k[2], den[2], s[2], sig[4];
+    for (int i = 0; i < 2; ++i) {
+      k[i] = data[kKey[i]].toDouble();
+      den[i] = data[kDen[i]].toDouble();
+      s[i] = data[kS[i]].toDouble();
+    }
+    for (int i = 0; i < 4; ++i) sig[i] = data[kSig[i]].toDouble();
     const auto t = terms(index, A, B, As, Bs, C);
     const Tensor &gL = grads[0], &gR = grads[1];
     const int64_t width[2] = {A.size(1), t[2].size(1)};

@@ -334,14 +334,16 @@ torch::Tensor range_filter(torch::Tensor z, torch::Tensor g, double eps) {
 namespace {
 
 // What the two autograd nodes below share: the inputs they save, and the backward of
-// the up-projection (z's and the weight's gradients) from the output's gradient.
+// the up-projection (z's and the weight's gradients) from the output's gradient. They
+// save z and the weight as they come where both are contiguous (the parameter and the
+// branch's map, as a block hands them in): no view and no shape record lives from
+// forward to backward, each of which would be one more small heap block per call.
 std::vector<torch::Tensor> save_inputs(torch::autograd::AutogradContext* ctx,
                                        const torch::Tensor& z, const torch::Tensor& weight) {
   auto zc = z.contiguous();
-  auto w9 = weight.reshape({weight.size(0), 9}).contiguous();
-  ctx->save_for_backward({zc, w9});
-  ctx->saved_data["shape"] = weight.sizes().vec();
-  return {zc, w9};
+  auto wc = weight.contiguous();
+  ctx->save_for_backward({zc, wc});
+  return {zc, wc.view({wc.size(0), 9})};
 }
 
 std::vector<torch::Tensor> saved_backward(torch::autograd::AutogradContext* ctx,
@@ -349,8 +351,9 @@ std::vector<torch::Tensor> saved_backward(torch::autograd::AutogradContext* ctx,
   TORCH_CHECK(!torch::GradMode::is_enabled(), "colora_mm up3x3: the CPU kernel has no "
               "second derivative; set COLORA_MM_UP3X3=conv for create_graph=True");
   auto saved = ctx->get_saved_variables();
-  auto res = up_backward(grad.contiguous(), saved[0], saved[1]);
-  return {res[0], res[1].view(ctx->saved_data["shape"].toIntVector())};
+  const torch::Tensor& w = saved[1];
+  auto res = up_backward(grad.contiguous(), saved[0], w.view({w.size(0), 9}));
+  return {res[0], res[1].view(w.sizes())};
 }
 
 }  // namespace
