@@ -11,7 +11,7 @@ over the steps as the worker reads it. The replay is checked first: it must plac
 every block at the address (relative to the heap's start) where the worker placed it;
 then the heap is the worker's, block for block, and the replayed peak is the worker's
 less what lies outside the heap (the code pages a step touches first, Python's object
-arenas: 20-30 MiB, about the same for every method).
+arenas: 20-40 MiB, about the same for every method).
 
 On a trace the replay can then ask what-ifs that no process could be made to run, one
 class of blocks at a time, and read the peak RSS they would give with nothing else
