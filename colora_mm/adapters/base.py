@@ -45,8 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lowrank import (autocast_dtype, compiling, linear_low_rank, low_rank_product,
-                      producer_recipe)
+from .lowrank import (autocast_dtype, compiling, fused_inputs, linear_low_rank,
+                      low_rank_product, producer_recipe)
 from .paths import TRAIN_PATHS, prefer_activation_path
 
 ADAPTER_PREFIX = 'adapter_'
@@ -108,6 +108,13 @@ class Adapter(nn.Module):
     def low_rank(self, layer: 'AdaptedLayer') -> Optional[tuple]:
         """``(L, R)`` with ``dW = L R`` in paper orientation, or None."""
         return None
+
+    def forward_factors(self, layer: 'AdaptedLayer') -> Optional[tuple]:
+        """:meth:`low_rank` for the layer's forward pass, which may take them *fused*:
+        without autograd history, with a rebuild whose ``grad_inputs`` its low-rank op
+        takes instead (:mod:`.lowrank`); the layer asks the rebuild for the factors
+        with their history (``rebuild.tracked()``) wherever it uses them otherwise."""
+        return self.low_rank(layer)
 
     def delta_weight(self, layer: 'AdaptedLayer') -> Optional[torch.Tensor]:
         factors = self.low_rank(layer)
@@ -427,8 +434,13 @@ class AdaptedLayer(nn.Module):
             # on its own, and each would save its own low-precision copy for backward.
             x = x.to(autocast)
         adapter = self.adapter_branch
-        factors = adapter.low_rank(self)
-        if factors is not None and self.use_activation_path(x, factors[0].shape[1]):
+        factors = adapter.forward_factors(self)
+        activation = factors is not None and self.use_activation_path(x, factors[0].shape[1])
+        if fused_inputs(getattr(factors, 'rebuild', None)) and (not activation
+                                                                or self.is_conv):
+            # only the channels-last ops take fused factors
+            factors = factors.rebuild.tracked()
+        if activation:
             # factors that can be formed again are not kept by the op (an adapter reads
             # ``factors.rebuild.taken`` in after_forward)
             rebuild = getattr(factors, 'rebuild', None)

@@ -452,14 +452,16 @@ class CoLoRAPair(nn.Module):
             C = C + right.t() @ (left.t() @ As)
         return C
 
-    def factors(self, index: int) -> tuple:
+    def factors(self, index: int, fused: bool = False) -> tuple:
         """``(L, R)`` with ``dW_index = L R`` (paper orientation, inner width ``r``):
         both terms of Eq. 14 (or 15) as one product, ``[s1 A1 | s As] @ [B1 ; Bs W2^T]``.
         In ``max(float32, parameter dtype)``, autocast off; in a training step on the
         CPU the whole side is one C++ autograd node (:meth:`_one_node_factors`), else
         the scalings run as one autograd op (:mod:`.scaling`), in an adapted backbone's
         training forward pass for all its pairs of this shape at once (formed when the
-        pass begins, taken here once: :mod:`.pair_batch`)."""
+        pass begins, taken here once: :mod:`.pair_batch`). ``fused``: where the C++
+        node applies, the factors come without it, for a low-rank op that takes the
+        parameters itself (:class:`.up3x3.PairSideRebuild`)."""
         with no_autocast(self.partner_l1.device):
             ready = self._stacked[index]
             if ready is not None:
@@ -467,23 +469,24 @@ class CoLoRAPair(nn.Module):
                 self._stacked[index] = None
                 return ready
             dtype = self._compute_dtype()
-            fused = self._one_node_factors(index, dtype)
-            if fused is not None:
-                return fused
+            one = self._one_node_factors(index, dtype, fused)
+            if one is not None:
+                return one
             terms = self._terms(index, dtype)
             left = scaled_columns(terms, self._scaling_cache[index])
             if len(terms) == 1:
                 return left, terms[0][1]
             return left, torch.cat([y for _, y, _ in terms], dim=0)
 
-    def _one_node_factors(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
+    def _one_node_factors(self, index: int, dtype: torch.dtype,
+                          fused: bool = False) -> Optional[tuple]:
         """``(L, R)`` of a training step as one C++ autograd node on the CPU
         (:func:`.up3x3.pair_side_factors`: the same values, the same gradients up to
         rounding), or None where it does not apply: no gradient needed, a pair with an
         empty part or without layers, another device."""
         args = self._one_node_args(index, dtype)
         return None if args is None else pair_side_factors(
-            *args, where=f'{self.where}, W{index + 1}')
+            *args, where=f'{self.where}, W{index + 1}', fused=fused)
 
     def _one_node_args(self, index: int, dtype: torch.dtype) -> Optional[tuple]:
         """The arguments of :func:`.up3x3.pair_side_factors` for side ``index``, or None
@@ -672,7 +675,7 @@ class CoLoRAPairLayer(Adapter):
         """The pair has an independent part (``rl > 0``, i.e. ``share_ratio < 1``)."""
         return self.get_pair().rl > 0
 
-    def low_rank(self, layer: AdaptedLayer) -> tuple:
+    def low_rank(self, layer: AdaptedLayer, fused: bool = False) -> tuple:
         pair = self.get_pair()
         if pair.partner_policy == 'effective' and self.training and \
                 torch.is_grad_enabled() and not compiling() and _in_backward():
@@ -686,7 +689,11 @@ class CoLoRAPairLayer(Adapter):
                 'function. Leave the blocks with CoLoRA pairs out of activation '
                 "checkpointing (with_cp, `activation_checkpointing`), or use adapter "
                 "partner_policy='frozen'.")
-        return pair.factors(self.index)
+        return pair.factors(self.index, fused=fused)
+
+    def forward_factors(self, layer: AdaptedLayer) -> tuple:
+        # the layer's own low-rank op takes the side's parameters (one autograd node)
+        return self.low_rank(layer, fused=True)
 
     def before_load(self) -> None:
         # the offsets left to a backward pass are formed from this layer's base weight,

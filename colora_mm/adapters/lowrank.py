@@ -34,7 +34,11 @@ The factors themselves are kept for the backward pass, except where they come as
 holds what the factors are formed from) and forms ``L`` and ``R`` again, bit for bit,
 in its backward pass. CoLoRA's pairs on the CPU form their factors that way
 (:func:`.up3x3.pair_side_factors`): none of a side's ``r (d_in + d_out)`` floats
-lives from forward to backward.
+lives from forward to backward. A rebuild with :attr:`grad_inputs` (a *fused* one,
+:class:`.up3x3.PairSideRebuild`) comes with factors that have no autograd history:
+the op takes those tensors (the pair's parameters) as inputs of its own and turns the
+factors' gradients into theirs in its backward pass (``rebuild.input_grads``), so the
+side's factors and the layer are one autograd node, not two.
 """
 from __future__ import annotations
 
@@ -295,6 +299,46 @@ def _factor_gradients(ctx, g: torch.Tensor, left: torch.Tensor, right: torch.Ten
     return gzt, None if grad_left_t is None else grad_left_t.t(), grad_right
 
 
+def fused_inputs(rebuild: Optional[FactorRebuild]) -> tuple:
+    """The tensors a fused rebuild's factors are differentiated by (the op's extra
+    inputs), or ``()``."""
+    return tuple(getattr(rebuild, 'grad_inputs', ())) if rebuild is not None else ()
+
+
+def _fused_grads(ctx, grad_left: Optional[torch.Tensor],
+                 grad_right: Optional[torch.Tensor], first: int) -> tuple:
+    """The gradients of a fused rebuild's inputs (the op's inputs from ``first`` on)
+    from those of the factors; ``()`` without one."""
+    n = ctx.n_fused
+    if not n:
+        return ()
+    needs = ctx.needs_input_grad[first:first + n]
+    rebuild = ctx.rebuild
+    if torch.is_grad_enabled():
+        # a backward pass that records a graph (create_graph=True) formed the factors
+        # with their history; the parameters' gradients would need the pair node's
+        # second derivative, which it does not have
+        if any(needs) and _engine_runs(ctx, n):
+            raise RuntimeError('colora_mm pair factors: the CPU op has no second '
+                               'derivative; set COLORA_MM_UP3X3=conv for '
+                               'create_graph=True')
+        return (None,) * n
+    if not any(needs):
+        rebuild.input_grads(None, None)
+        return (None,) * n
+    grads = rebuild.input_grads(grad_left, grad_right)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _engine_runs(ctx, n: int) -> bool:
+    """Whether this backward pass goes on past the op's last ``n`` inputs (a pass
+    asked only for other gradients, ``torch.autograd.grad(..., inputs)``, does not)."""
+    will_run = getattr(torch._C, '_will_engine_execute_node', None)
+    if will_run is None:
+        return True
+    return any(fn is not None and will_run(fn) for fn, _ in ctx.next_functions[-n:])
+
+
 def _save(ctx, fixed: tuple, zt: torch.Tensor, x: torch.Tensor,
           recipe: Optional[Recipe], left: torch.Tensor, right: torch.Tensor,
           rebuild: Optional[FactorRebuild]) -> None:
@@ -307,6 +351,7 @@ def _save(ctx, fixed: tuple, zt: torch.Tensor, x: torch.Tensor,
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
     ctx.z_kept = not recomputes_z(recipe, x.shape[-1], right.shape[1])
     ctx.rebuild, ctx.factor_dtype = rebuild, right.dtype
+    ctx.n_fused = len(fused_inputs(rebuild))
     if rebuild is None:
         fixed = fixed + (left, right)
         ctx.n_rebuild = 0
@@ -342,7 +387,7 @@ class LowRankProduct(torch.autograd.Function):
     """``(x @ left) @ right`` over the last axis of ``x``; see the module doc."""
 
     @staticmethod
-    def forward(ctx, x, left, right, recipe, rebuild):
+    def forward(ctx, x, left, right, recipe, rebuild, *grad_inputs):
         x2 = x.reshape(-1, x.shape[-1])
         zt = left.t() @ x2.t()
         out = zt.t() @ right
@@ -353,12 +398,33 @@ class LowRankProduct(torch.autograd.Function):
     def backward(ctx, grad):
         _, (left, right), zt, kept = _saved(ctx)
         g = grad.reshape(-1, grad.shape[-1]).to(right.dtype)
-        gzt, grad_left, grad_right = _factor_gradients(
-            ctx, g, left, right, zt, kept, *ctx.needs_input_grad[1:3])
+        need = _need_factor_grads(ctx, 1, 5)
+        gzt, grad_left, grad_right = _factor_gradients(ctx, g, left, right, zt, kept, *need)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (gzt.t() @ left.t()).reshape(ctx.x_shape)
-        return grad_x, grad_left, grad_right, None, None
+        fused = _fused_grads(ctx, grad_left, grad_right, 5)
+        if fused:
+            grad_left = grad_right = None
+        return (grad_x, grad_left, grad_right, None, None) + fused
+
+
+def _need_factor_grads(ctx, first: int, fused_first: int) -> Tuple[bool, bool]:
+    """Whether the backward pass needs ``(dL, dR)``: for the factors themselves
+    (inputs ``first``, ``first + 1``) or for a fused rebuild's inputs (from
+    ``fused_first`` on, which need both)."""
+    if ctx.n_fused and any(ctx.needs_input_grad[fused_first:fused_first + ctx.n_fused]):
+        return True, True
+    return ctx.needs_input_grad[first], ctx.needs_input_grad[first + 1]
+
+
+def _unfused_if_compiling(left, right, rebuild):
+    """Under ``torch.compile`` (no custom op): a fused rebuild's factors with their
+    history instead."""
+    if fused_inputs(rebuild) and compiling():
+        left, right = rebuild.tracked()
+        return left, right, None
+    return left, right, rebuild
 
 
 def low_rank_product(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
@@ -369,13 +435,16 @@ def low_rank_product(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     (:class:`FactorRebuild` of ``L`` and ``R``), where given, is kept instead of the
     factors."""
     dtype = dtype or x.dtype
-    grad = torch.is_grad_enabled() and (x.requires_grad or left.requires_grad
+    left, right, rebuild = _unfused_if_compiling(left, right, rebuild)
+    extra = fused_inputs(rebuild)
+    factor_grad = left.requires_grad or any(t.requires_grad for t in extra)
+    grad = torch.is_grad_enabled() and (x.requires_grad or factor_grad
                                         or right.requires_grad)
-    recipe = producer_recipe(x) if grad and left.requires_grad else None
+    recipe = producer_recipe(x) if grad and factor_grad else None
     x, left, right = x.to(dtype), left.to(dtype), right.to(dtype)
     if not grad or compiling():    # compiled: AOTAutograd derives and fuses the backward
         return (x @ left) @ right
-    return LowRankProduct.apply(x, left, right, recipe, rebuild)
+    return LowRankProduct.apply(x, left, right, recipe, rebuild, *extra)
 
 
 def _linear_low_rank(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -399,7 +468,7 @@ class LinearLowRank(torch.autograd.Function):
     would keep, is one per layer); in ``x2``'s dtype the cast is the weight itself."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, left, right, recipe, x_shape, rebuild):
+    def forward(ctx, x2, weight, bias, left, right, recipe, x_shape, rebuild, *grad_inputs):
         out, zt = _linear_low_rank(x2, weight.to(x2.dtype), bias, left, right)
         ctx.has_bias = bias is not None
         _save(ctx, (weight,), zt, x2, recipe, left, right, rebuild)
@@ -410,15 +479,18 @@ class LinearLowRank(torch.autograd.Function):
     def backward(ctx, g):
         (weight,), (left, right), zt, kept = _saved(ctx)
         g = g.to(right.dtype)
-        gzt, grad_left, grad_right = _factor_gradients(
-            ctx, g, left, right, zt, kept, *ctx.needs_input_grad[3:5])
+        need = _need_factor_grads(ctx, 3, 8)
+        gzt, grad_left, grad_right = _factor_gradients(ctx, g, left, right, zt, kept, *need)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             # cast as forward cast it: the same values it multiplied with
             grad_x = (g @ weight.to(right.dtype)).addmm_(gzt.t(), left.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_left, grad_right, None, None, None
+        fused = _fused_grads(ctx, grad_left, grad_right, 8)
+        if fused:
+            grad_left = grad_right = None
+        return (grad_x, None, grad_bias, grad_left, grad_right, None, None, None) + fused
 
 
 def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -433,9 +505,12 @@ def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         raise ValueError('linear_low_rank: the base weight must be frozen '
                          '(requires_grad=False); use F.linear + low_rank_product.')
     dtype = dtype or x.dtype
+    left, right, rebuild = _unfused_if_compiling(left, right, rebuild)
+    extra = fused_inputs(rebuild)
     grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, bias, left, right))
-    recipe = producer_recipe(x) if grad and left.requires_grad else None
+        t is not None and t.requires_grad for t in (x, bias, left, right, *extra))
+    factor_grad = left.requires_grad or any(t.requires_grad for t in extra)
+    recipe = producer_recipe(x) if grad and factor_grad else None
     autocast = autocast_dtype(x.device.type) is not None
     ctx = torch.autocast(x.device.type, enabled=False) if autocast else nullcontext()
     with ctx:
@@ -447,7 +522,7 @@ def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         elif grad:
             # the frozen weight goes in uncast: the op keeps it, not a cast copy
             out = LinearLowRank.apply(x2, weight, bias, left, right, recipe, x.shape,
-                                      rebuild)
+                                      rebuild, *extra)
         else:
             out, _ = _linear_low_rank(x2, weight.to(dtype), bias, left, right)
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -37,7 +37,7 @@ import platform
 import sysconfig
 import threading
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -267,10 +267,82 @@ def pair_side_kernel_applies(A: torch.Tensor, B: torch.Tensor, As: torch.Tensor,
     return load_kernel() is not None
 
 
+class PairSideRebuild(FactorRebuild):
+    """The rebuild of one side's factors formed without an autograd node
+    (:func:`pair_side_factors` with ``fused=True``): a low-rank op that takes it
+    (:mod:`.lowrank`) takes the side's parameters :attr:`grad_inputs` (``A, B, As,
+    Bs``) as its own inputs, forms the factors again in its backward pass
+    (:meth:`backward_factors`, which keeps the partner product ``C`` it formed) and
+    turns their gradients into the parameters' with :meth:`input_grads` (the C++
+    node's closed form). :meth:`tracked` gives the factors as the C++ node instead, for
+    any other use."""
+
+    __slots__ = ('_kernel', 'index', 'scalars', 'k', '_formed_from', '_product')
+
+    def __init__(self, kernel, index: int, tensors: tuple, scalars: list, k: tuple,
+                 where: str = '') -> None:
+        s0, s1 = scalars[4], scalars[5]
+
+        def form(*args):
+            return kernel.pair_side_rebuild(index, *args, s0, s1, None)[:2]
+
+        def form_graph(*args):
+            return kernel.pair_side_factors(index, *args, *k)[:2]
+
+        super().__init__(form, tensors, form_graph, where=where)
+        self._kernel, self.index, self.scalars, self.k = kernel, index, scalars, k
+        self._formed_from = self._product = None
+
+    @property
+    def grad_inputs(self) -> tuple:
+        """The side's parameters (``A, B, As, Bs``), the op's inputs with a gradient."""
+        return self.tensors[:4]
+
+    def tracked(self) -> Factors:
+        """The factors as the C++ autograd node forms them (a low-rank op of another
+        kind, the weight path): the same values, with their autograd history."""
+        return pair_side_factors(self.index, *self.tensors, *self.k, where=self.where)
+
+    def backward_factors(self, tensors: tuple,
+                         dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled():        # a backward pass that records a graph
+            return super().backward_factors(tensors, dtype)
+        left, right, product = self._kernel.pair_side_rebuild(
+            self.index, *tensors, self.scalars[4], self.scalars[5], None)
+        self._formed_from, self._product = tensors, product
+        if self.on_rebuilt is not None:
+            self.on_rebuilt(left, right)
+        self._tensors = None
+        return left.to(dtype), right.to(dtype)
+
+    def input_grads(self, grad_left: Optional[torch.Tensor],
+                    grad_right: Optional[torch.Tensor]) -> tuple:
+        """The gradients of :attr:`grad_inputs` from those of ``(L, R)``, after
+        :meth:`backward_factors` in the same backward pass; it then drops what it kept."""
+        tensors, product = self._formed_from, self._product
+        self._formed_from = self._product = None
+        if grad_left is None and grad_right is None:
+            return (None,) * 4
+        if tensors is None:
+            raise RuntimeError(f'{self.where or "CoLoRA pair"}: the gradients of a fused '
+                               'pair side need its factors formed in the same backward '
+                               'pass first.')
+        dtype = tensors[0].dtype
+        grad_left = None if grad_left is None else grad_left.to(dtype)
+        grad_right = None if grad_right is None else grad_right.to(dtype)
+        return tuple(self._kernel.pair_side_grads(self.index, *tensors, product, grad_left,
+                                                  grad_right, self.scalars))
+
+
+#: Whether :func:`pair_side_factors` forms a side without its autograd node where the
+#: caller asks for it (``fused=True``); False gives the node everywhere.
+FUSE_PAIR_SIDES = True
+
+
 def pair_side_factors(index: int, A: torch.Tensor, B: torch.Tensor, As: torch.Tensor,
                       Bs: torch.Tensor, base: torch.Tensor, left: torch.Tensor,
                       right: torch.Tensor, k_ind: float,
-                      k_sh: float, where: str = '') -> Optional[Factors]:
+                      k_sh: float, where: str = '', fused: bool = False) -> Optional[Factors]:
     """One side of a CoLoRA pair, ``(L, R)`` (:meth:`.colora_pair.CoLoRAPair.factors`),
     as one C++ autograd node (``csrc/pair_factors.cpp``), where it applies: every tensor
     a 2-D CPU tensor of one dtype, float32 or float64; the partner's base weight and
@@ -283,18 +355,29 @@ def pair_side_factors(index: int, A: torch.Tensor, B: torch.Tensor, As: torch.Te
     ``R`` and the partner product ``C`` from forward to backward, and the node keeps
     only its inputs. The rebuild, run in that op's backward pass, leaves the ``C`` it
     formed for the node's backward pass, which runs next, so that ``C`` is formed once
-    more per step, not twice. ``where`` names the pair in its errors."""
+    more per step, not twice. ``where`` names the pair in its errors.
+
+    ``fused=True`` (for a layer whose low-rank op takes it): the factors come without
+    autograd history, with a :class:`PairSideRebuild`: the op takes the parameters as
+    its inputs and the side is one autograd node with the layer, not two."""
     if not pair_side_kernel_applies(A, B, As, Bs, base, left, right):
         return None
     kernel = load_kernel()
     k_ind, k_sh = float(k_ind), float(k_sh)
+    if fused and FUSE_PAIR_SIDES:
+        tensors = (A, B, As, Bs, base, left, right)
+        left_factor, right_factor, scalars = kernel.pair_side_forward(index, *tensors,
+                                                                      k_ind, k_sh)
+        return Factors(left_factor, right_factor,
+                       PairSideRebuild(kernel, index, tensors, scalars, (k_ind, k_sh),
+                                       where=where))
     left_factor, right_factor, slot, scalings = kernel.pair_side_factors(
         index, A, B, As, Bs, base, left, right, k_ind, k_sh)
     s0, s1 = scalings.tolist()
 
     def form(A, B, As, Bs, base, left, right):
-        L, R = kernel.pair_side_rebuild(index, A, B, As, Bs, base, left, right, s0, s1,
-                                        slot)
+        L, R, _ = kernel.pair_side_rebuild(index, A, B, As, Bs, base, left, right, s0,
+                                           s1, slot)
         return L, R
 
     def form_graph(A, B, As, Bs, base, left, right):

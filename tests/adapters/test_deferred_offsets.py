@@ -41,7 +41,9 @@ def _offsets(model):
 
 def _keep_factors(monkeypatch):
     """The node's factors without their rebuild: the ops keep them, the offsets take
-    them after the forward pass (the formulation this one must equal)."""
+    them after the forward pass (the formulation this one must equal): the node's
+    factors with their history, never fused into the layer's op."""
+    monkeypatch.setattr(U, 'FUSE_PAIR_SIDES', False)
     monkeypatch.setattr(U, 'Factors', lambda left, right, rebuild=None: (left, right))
 
 

@@ -188,9 +188,9 @@ def test_stacks_are_taken_once_and_dropped_with_the_context(python_pairs):
     for pair in _pairs(net):
         original = pair.factors
 
-        def factors(index, pair=pair, original=original):
+        def factors(index, *args, pair=pair, original=original, **kwargs):
             taken[pair._stacked[index] is not None] += 1
-            return original(index)
+            return original(index, *args, **kwargs)
         pair.factors = factors
     with pair_factors_stacked(net):
         net(x)

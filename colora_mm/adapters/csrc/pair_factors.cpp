@@ -25,9 +25,19 @@
 // just before the node's, which then takes C from the slot (and empties it) instead of
 // forming it a third time. Of a side's r (d + d') floats none lives from forward to
 // backward.
+//
+// Where the layer's own low-rank op takes the side's parameters as its inputs
+// (colora_mm/adapters/lowrank.py: a fused rebuild), no node is made here at all: that
+// op's forward forms the factors with pair_side_forward (the node's forward, without
+// autograd, its scalars returned), its backward forms them again with
+// pair_side_rebuild and turns their gradients into the parameters' with
+// pair_side_grads (the node's backward). One autograd node per adapted layer then
+// carries the whole side, and none of the node's own records (the node, its edges,
+// one record per input and output, the slot) lives from forward to backward.
 #include <torch/extension.h>
 #include <algorithm>
 #include <array>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -95,25 +105,104 @@ std::array<Tensor, 2> form_factors(int64_t index, const Tensor& A, const Tensor&
   return {L, R};
 }
 
+// A side's scalars: k (2), den (2), s (2), sig (4), in the order pair_side_forward
+// returns them and pair_side_grads takes them.
+struct Scalars {
+  double k[2], den[2], s[2], sig[4];
+  std::vector<double> list() const {
+    return {k[0], k[1], den[0], den[1], s[0], s[1], sig[0], sig[1], sig[2], sig[3]};
+  }
+  static Scalars from(const std::vector<double>& v) {
+    TORCH_CHECK(v.size() == 10, "colora_mm pair factors: expected the 10 scalars "
+                "pair_side_forward returned, got ", v.size());
+    Scalars c;
+    for (int i = 0; i < 2; ++i) {
+      c.k[i] = v[i];
+      c.den[i] = v[2 + i];
+      c.s[i] = v[4 + i];
+    }
+    for (int i = 0; i < 4; ++i) c.sig[i] = v[6 + i];
+    return c;
+  }
+};
+
+// The forward: (L, R) and the scalars, from C formed here.
+std::array<Tensor, 2> side_forward(int64_t index, const Tensor& A, const Tensor& B,
+                                   const Tensor& As, const Tensor& Bs, const Tensor& base,
+                                   const Tensor& left, const Tensor& right, double k_ind,
+                                   double k_sh, Scalars& c) {
+  const Tensor C = partner_product(index, As, Bs, base, left, right);
+  const auto t = terms(index, A, B, As, Bs, C);
+  for (int i = 0; i < 4; ++i) c.sig[i] = at::std(t[i]).item<double>();
+  c.k[0] = k_ind;
+  c.k[1] = k_sh;
+  for (int j = 0; j < 2; ++j) {
+    const auto ds = scaling_in(A, c.sig[2 * j], c.sig[2 * j + 1], c.k[j]);
+    c.den[j] = ds[0];
+    c.s[j] = ds[1];
+  }
+  return form_factors(index, A, B, As, Bs, C, c.s[0], c.s[1]);
+}
+
+// The backward: the gradients of (A, B, As, Bs) from those of (L, R) (either may be
+// undefined), C the partner product the forward formed (formed again by the caller).
+std::array<Tensor, 4> side_grads(int64_t index, const Tensor& A, const Tensor& B,
+                                 const Tensor& As, const Tensor& Bs, const Tensor& base,
+                                 const Tensor& left, const Tensor& right, const Tensor& C,
+                                 const Tensor& gL, const Tensor& gR, const Scalars& c) {
+  const auto t = terms(index, A, B, As, Bs, C);
+  const int64_t width[2] = {A.size(1), t[2].size(1)};
+  std::array<Tensor, 4> g;
+  int64_t col = 0;
+  for (int j = 0; j < 2; ++j) {
+    const Tensor &X = t[2 * j], &Y = t[2 * j + 1];
+    Tensor gLj = gL.defined() ? gL.narrow(1, col, width[j]) : Tensor();
+    Tensor gRj = gR.defined() ? gR.narrow(0, col, width[j]) : Tensor();
+    col += width[j];
+    // d loss / d std X_j = d loss / d std Y_j = -<dL_j, s_j X_j> s_j k_j, zero where
+    // the clamp binds; std's backward: (T - mean T) / ((N - 1) std), zero at std = 0
+    double dstd = 0;
+    if (gLj.defined() && c.den[j] >= kDenMin)
+      dstd = -c.s[j] * at::sum(gLj * X).item<double>() * c.s[j] * c.k[j];
+    const double dofx = c.sig[2 * j] * static_cast<double>(X.numel() - 1);
+    const double dofy = c.sig[2 * j + 1] * static_cast<double>(Y.numel() - 1);
+    Tensor gX = gLj.defined() ? gLj * c.s[j] : at::zeros_like(X);
+    if (dstd != 0 && dofx != 0) gX.add_(X - X.mean(), dstd / dofx);
+    Tensor gY = gRj.defined() ? gRj.clone(at::MemoryFormat::Contiguous)
+                              : at::zeros_like(Y);
+    if (dstd != 0 && dofy != 0) gY.add_(Y - Y.mean(), dstd / dofy);
+    g[2 * j] = gX;
+    g[2 * j + 1] = gY;
+  }
+  Tensor gAs, gBs;
+  if (index == 0) {
+    // C = Bs base + (Bs right^T) left^T
+    gAs = g[2];
+    const Tensor& gC = g[3];
+    gBs = at::mm(gC, base.t());
+    if (left.size(1)) gBs.addmm_(at::mm(gC, left), right);
+  } else {
+    // C = base As + right^T (left^T As); as rs-row products, transposed once
+    gBs = g[3];
+    const Tensor gCt = g[2].t();
+    Tensor gAst = at::mm(gCt, base);
+    if (left.size(1)) gAst.addmm_(at::mm(gCt, right.t()), left.t());
+    gAs = gAst.t().contiguous();
+  }
+  return {g[0], g[1], gAs, gBs};
+}
+
 class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
  public:
   static variable_list forward(AutogradContext* ctx, int64_t index, Tensor A, Tensor B,
                                Tensor As, Tensor Bs, Tensor base, Tensor left,
                                Tensor right, double k_ind, double k_sh) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const Tensor C = partner_product(index, As, Bs, base, left, right);
-    const auto t = terms(index, A, B, As, Bs, C);
-    std::vector<double> sig(4), den(2), s(2);
-    for (int i = 0; i < 4; ++i) sig[i] = at::std(t[i]).item<double>();
-    const double k[2] = {k_ind, k_sh};
-    for (int j = 0; j < 2; ++j) {
-      const auto ds = scaling_in(A, sig[2 * j], sig[2 * j + 1], k[j]);
-      den[j] = ds[0];
-      s[j] = ds[1];
-    }
-    const auto LR = form_factors(index, A, B, As, Bs, C, s[0], s[1]);
-    Tensor scalings = at::tensor(s, at::TensorOptions().dtype(at::kDouble));
-    Tensor slot = at::empty({0}, C.options());
+    Scalars c;
+    const auto LR = side_forward(index, A, B, As, Bs, base, left, right, k_ind, k_sh, c);
+    Tensor scalings = at::tensor(std::vector<double>{c.s[0], c.s[1]},
+                                 at::TensorOptions().dtype(at::kDouble));
+    Tensor slot = at::empty({0}, A.options());
     ctx->save_for_backward({A, B, As, Bs, base, left, right});
     ctx->mark_non_differentiable({slot, scalings});
     // the scalars as plain doubles (stored inline) rather than lists (two heap blocks
@@ -123,11 +212,11 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
     data["slot"] = slot;
     data["index"] = index;
     for (int i = 0; i < 2; ++i) {
-      data[kKey[i]] = k[i];
-      data[kDen[i]] = den[i];
-      data[kS[i]] = s[i];
+      data[kKey[i]] = c.k[i];
+      data[kDen[i]] = c.den[i];
+      data[kS[i]] = c.s[i];
     }
-    for (int i = 0; i < 4; ++i) data[kSig[i]] = sig[i];
+    for (int i = 0; i < 4; ++i) data[kSig[i]] = c.sig[i];
     return {LR[0], LR[1], slot, scalings};
   }
 
@@ -150,82 +239,95 @@ class PairSideFactors : public torch::autograd::Function<PairSideFactors> {
       C = partner_product(index, As, Bs, base, left, right);
     }
     auto& data = ctx->saved_data;
-    double k[2], den[2], s[2], sig[4];
+    Scalars c;
     for (int i = 0; i < 2; ++i) {
-      k[i] = data[kKey[i]].toDouble();
-      den[i] = data[kDen[i]].toDouble();
-      s[i] = data[kS[i]].toDouble();
+      c.k[i] = data[kKey[i]].toDouble();
+      c.den[i] = data[kDen[i]].toDouble();
+      c.s[i] = data[kS[i]].toDouble();
     }
-    for (int i = 0; i < 4; ++i) sig[i] = data[kSig[i]].toDouble();
-    const auto t = terms(index, A, B, As, Bs, C);
-    const Tensor &gL = grads[0], &gR = grads[1];
-    const int64_t width[2] = {A.size(1), t[2].size(1)};
-    std::array<Tensor, 4> g;
-    int64_t col = 0;
-    for (int j = 0; j < 2; ++j) {
-      const Tensor &X = t[2 * j], &Y = t[2 * j + 1];
-      Tensor gLj = gL.defined() ? gL.narrow(1, col, width[j]) : Tensor();
-      Tensor gRj = gR.defined() ? gR.narrow(0, col, width[j]) : Tensor();
-      col += width[j];
-      // d loss / d std X_j = d loss / d std Y_j = -<dL_j, s_j X_j> s_j k_j, zero where
-      // the clamp binds; std's backward: (T - mean T) / ((N - 1) std), zero at std = 0
-      double dstd = 0;
-      if (gLj.defined() && den[j] >= kDenMin)
-        dstd = -s[j] * at::sum(gLj * X).item<double>() * s[j] * k[j];
-      const double dofx = sig[2 * j] * static_cast<double>(X.numel() - 1);
-      const double dofy = sig[2 * j + 1] * static_cast<double>(Y.numel() - 1);
-      Tensor gX = gLj.defined() ? gLj * s[j] : at::zeros_like(X);
-      if (dstd != 0 && dofx != 0) gX.add_(X - X.mean(), dstd / dofx);
-      Tensor gY = gRj.defined() ? gRj.clone(at::MemoryFormat::Contiguous)
-                                : at::zeros_like(Y);
-      if (dstd != 0 && dofy != 0) gY.add_(Y - Y.mean(), dstd / dofy);
-      g[2 * j] = gX;
-      g[2 * j + 1] = gY;
-    }
-    Tensor gAs, gBs;
-    if (index == 0) {
-      // C = Bs base + (Bs right^T) left^T
-      gAs = g[2];
-      const Tensor& gC = g[3];
-      gBs = at::mm(gC, base.t());
-      if (left.size(1)) gBs.addmm_(at::mm(gC, left), right);
-    } else {
-      // C = base As + right^T (left^T As); as rs-row products, transposed once
-      gBs = g[3];
-      const Tensor gCt = g[2].t();
-      Tensor gAst = at::mm(gCt, base);
-      if (left.size(1)) gAst.addmm_(at::mm(gCt, right.t()), left.t());
-      gAs = gAst.t().contiguous();
-    }
-    return {Tensor(), g[0], g[1], gAs, gBs, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    for (int i = 0; i < 4; ++i) c.sig[i] = data[kSig[i]].toDouble();
+    const auto g = side_grads(index, A, B, As, Bs, base, left, right, C, grads[0], grads[1],
+                              c);
+    return {Tensor(), g[0], g[1], g[2], g[3], Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor()};
   }
 };
 
 }  // namespace
 
-std::vector<Tensor> pair_side_factors(int64_t index, Tensor A, Tensor B, Tensor As,
-                                      Tensor Bs, Tensor base, Tensor left, Tensor right,
-                                      double k_ind, double k_sh) {
+namespace {
+
+void check_inputs(int64_t index, const Tensor& A, const Tensor& B, const Tensor& As,
+                  const Tensor& Bs, const Tensor& base, const Tensor& left,
+                  const Tensor& right) {
   TORCH_CHECK(index == 0 || index == 1, "colora_mm pair factors: index must be 0 or 1");
   for (const Tensor* p : {&A, &B, &As, &Bs, &base, &left, &right})
     TORCH_CHECK(p->device().is_cpu() && p->dim() == 2 && p->scalar_type() == A.scalar_type()
                 && (A.scalar_type() == torch::kFloat32 || A.scalar_type() == torch::kFloat64),
                 "colora_mm pair factors: every tensor must be a 2-D float32 or float64 CPU "
                 "tensor of one dtype, got ", p->sizes(), " ", p->scalar_type());
+}
+
+}  // namespace
+
+std::vector<Tensor> pair_side_factors(int64_t index, Tensor A, Tensor B, Tensor As,
+                                      Tensor Bs, Tensor base, Tensor left, Tensor right,
+                                      double k_ind, double k_sh) {
+  check_inputs(index, A, B, As, Bs, base, left, right);
   return PairSideFactors::apply(index, A, B, As, Bs, base, left, right, k_ind, k_sh);
 }
 
-// (L, R) of a side again, bit for bit: C formed as the forward formed it, then the
-// factors from it and the forward's scalings; `slot` (the forward's, or undefined)
-// is pointed at C for the node's backward.
+// The node's forward without the node: (L, R) without autograd history and the ten
+// scalars (k, den, s, sig in pairs, then the four stds) pair_side_grads takes.
+std::tuple<Tensor, Tensor, std::vector<double>> pair_side_forward(
+    int64_t index, Tensor A, Tensor B, Tensor As, Tensor Bs, Tensor base, Tensor left,
+    Tensor right, double k_ind, double k_sh) {
+  check_inputs(index, A, B, As, Bs, base, left, right);
+  at::NoGradGuard no_grad;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  Scalars c;
+  const auto LR = side_forward(index, A, B, As, Bs, base, left, right, k_ind, k_sh, c);
+  return {LR[0], LR[1], c.list()};
+}
+
+// The node's backward without the node: the gradients of (A, B, As, Bs) from those of
+// (L, R) (either may be None), with C as pair_side_rebuild formed it (or None: formed
+// here) and the scalars pair_side_forward returned.
+std::vector<Tensor> pair_side_grads(int64_t index, Tensor A, Tensor B, Tensor As,
+                                    Tensor Bs, Tensor base, Tensor left, Tensor right,
+                                    c10::optional<Tensor> C, c10::optional<Tensor> gL,
+                                    c10::optional<Tensor> gR, std::vector<double> scalars) {
+  check_inputs(index, A, B, As, Bs, base, left, right);
+  const Scalars c = Scalars::from(scalars);
+  at::NoGradGuard no_grad;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t width = A.size(1) + (index == 0 ? As.size(1) : Bs.size(0));
+  const Tensor gl = gL.has_value() ? *gL : Tensor(), gr = gR.has_value() ? *gR : Tensor();
+  TORCH_CHECK(!gl.defined() || (gl.dim() == 2 && gl.size(0) == A.size(0)
+                                && gl.size(1) == width && gl.scalar_type() == A.scalar_type()),
+              "colora_mm pair factors: the gradient of L must be (", A.size(0), " x ", width,
+              ") of the factors' dtype, got ", gl.sizes(), " ", gl.scalar_type());
+  TORCH_CHECK(!gr.defined() || (gr.dim() == 2 && gr.size(0) == width
+                                && gr.size(1) == B.size(1) && gr.scalar_type() == A.scalar_type()),
+              "colora_mm pair factors: the gradient of R must be (", width, " x ", B.size(1),
+              ") of the factors' dtype, got ", gr.sizes(), " ", gr.scalar_type());
+  const Tensor product = C.has_value() && C->defined()
+                             ? *C : partner_product(index, As, Bs, base, left, right);
+  const auto g = side_grads(index, A, B, As, Bs, base, left, right, product, gl, gr, c);
+  return {g[0], g[1], g[2], g[3]};
+}
+
+// (L, R) of a side again, bit for bit, and the partner product C: C formed as the
+// forward formed it, then the factors from it and the forward's scalings; `slot` (the
+// node's, or undefined) is pointed at C for the node's backward.
 std::vector<Tensor> pair_side_rebuild(int64_t index, Tensor A, Tensor B, Tensor As,
                                       Tensor Bs, Tensor base, Tensor left, Tensor right,
                                       double s0, double s1, c10::optional<Tensor> slot) {
-  TORCH_CHECK(index == 0 || index == 1, "colora_mm pair factors: index must be 0 or 1");
+  check_inputs(index, A, B, As, Bs, base, left, right);
   at::NoGradGuard no_grad;
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Tensor C = partner_product(index, As, Bs, base, left, right);
   const auto LR = form_factors(index, A, B, As, Bs, C, s0, s1);
   if (slot.has_value() && slot->defined()) slot->set_(C);
-  return {LR[0], LR[1]};
+  return {LR[0], LR[1], C};
 }

@@ -414,6 +414,16 @@ std::vector<torch::Tensor> pair_side_rebuild(int64_t index, torch::Tensor A, tor
                                              torch::Tensor base, torch::Tensor left,
                                              torch::Tensor right, double s0, double s1,
                                              c10::optional<torch::Tensor> slot);
+std::tuple<torch::Tensor, torch::Tensor, std::vector<double>> pair_side_forward(
+    int64_t index, torch::Tensor A, torch::Tensor B, torch::Tensor As, torch::Tensor Bs,
+    torch::Tensor base, torch::Tensor left, torch::Tensor right, double k_ind, double k_sh);
+std::vector<torch::Tensor> pair_side_grads(int64_t index, torch::Tensor A, torch::Tensor B,
+                                           torch::Tensor As, torch::Tensor Bs,
+                                           torch::Tensor base, torch::Tensor left,
+                                           torch::Tensor right, c10::optional<torch::Tensor> C,
+                                           c10::optional<torch::Tensor> gL,
+                                           c10::optional<torch::Tensor> gR,
+                                           std::vector<double> scalars);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("up3x3", &up3x3, "conv2d(z, weight, padding=1, groups=r) with its backward");
@@ -424,6 +434,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "factors (L, R) of its update as one autograd node, with an empty slot for "
           "its partner product C and its two scalings (no gradient)");
   mod.def("pair_side_rebuild", &pair_side_rebuild, "the factors (L, R) of a side again, "
-          "bit for bit, from its inputs and scalings (no autograd), the partner product "
-          "C left in the node's slot");
+          "bit for bit, from its inputs and scalings (no autograd), and its partner "
+          "product C (also left in the node's slot, where one is given)");
+  mod.def("pair_side_forward", &pair_side_forward, "the node's forward without autograd: "
+          "(L, R) and the side's ten scalars");
+  mod.def("pair_side_grads", &pair_side_grads, "the node's backward without autograd: the "
+          "gradients of (A, B, As, Bs) from those of (L, R)");
 }
