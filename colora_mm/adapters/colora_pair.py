@@ -31,7 +31,11 @@ changes them. A training pass that runs inside a backward pass (activation
 checkpointing recomputing it, after the partners moved on) is refused.
 
 Where a side's factors come from the CPU's C++ node and its layer runs the activation
-path, the low-rank op keeps none of the factors (:class:`.lowrank.FactorRebuild`), and
+path on channels-last features (``nn.Linear``: ConvNeXt's pointwise layers), the side
+is formed without a node of its own and the layer's low-rank op takes the pair's
+parameters as its inputs (:class:`.up3x3.PairSideRebuild`): one autograd node per
+adapted layer, the same values and gradients bit for bit. The low-rank op keeps none
+of the factors (:class:`.lowrank.FactorRebuild`), and
 neither does the offset until the backward pass: that op forms them again there, bit
 for bit, and the offset takes them (a step never holds two generations of offsets at
 its peak, the ones its forward pass reads and the ones it forms). Reading an offset

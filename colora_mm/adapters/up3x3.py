@@ -12,7 +12,9 @@ stride 1, padding 1), with a formulation chosen per device.
   The extension also holds the range filter's inference kernel (:func:`range_filter`,
   one call per feature map instead of about fifteen PyTorch ops) and one side of a
   CoLoRA pair's factors as one autograd node (:func:`pair_side_factors`,
-  ``csrc/pair_factors.cpp``; :mod:`.colora_pair`).
+  ``csrc/pair_factors.cpp``; :mod:`.colora_pair`), or as the node's forward and
+  backward without a node, for a layer's low-rank op to run as part of its own
+  (:class:`PairSideRebuild`).
 * Anything else (CUDA, other dtypes, autocast, TorchScript tracing, torch.compile,
   fake or meta tensors, an active ``TorchDispatchMode`` such as an operator counter):
   ``torch.nn.functional.conv2d`` with ``groups=r``, as ``nn.Conv2d`` runs it.
