@@ -418,15 +418,6 @@ def _need_factor_grads(ctx, first: int, fused_first: int) -> Tuple[bool, bool]:
     return ctx.needs_input_grad[first], ctx.needs_input_grad[first + 1]
 
 
-def _unfused_if_compiling(left, right, rebuild):
-    """Under ``torch.compile`` (no custom op): a fused rebuild's factors with their
-    history instead."""
-    if fused_inputs(rebuild) and compiling():
-        left, right = rebuild.tracked()
-        return left, right, None
-    return left, right, rebuild
-
-
 def low_rank_product(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
                      dtype: Optional[torch.dtype] = None,
                      rebuild: Optional[FactorRebuild] = None) -> torch.Tensor:
@@ -435,7 +426,6 @@ def low_rank_product(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     (:class:`FactorRebuild` of ``L`` and ``R``), where given, is kept instead of the
     factors."""
     dtype = dtype or x.dtype
-    left, right, rebuild = _unfused_if_compiling(left, right, rebuild)
     extra = fused_inputs(rebuild)
     factor_grad = left.requires_grad or any(t.requires_grad for t in extra)
     grad = torch.is_grad_enabled() and (x.requires_grad or factor_grad
@@ -505,7 +495,6 @@ def linear_low_rank(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         raise ValueError('linear_low_rank: the base weight must be frozen '
                          '(requires_grad=False); use F.linear + low_rank_product.')
     dtype = dtype or x.dtype
-    left, right, rebuild = _unfused_if_compiling(left, right, rebuild)
     extra = fused_inputs(rebuild)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, bias, left, right, *extra))
