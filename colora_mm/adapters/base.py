@@ -434,11 +434,14 @@ class AdaptedLayer(nn.Module):
             # on its own, and each would save its own low-precision copy for backward.
             x = x.to(autocast)
         adapter = self.adapter_branch
-        factors = adapter.forward_factors(self)
+        # fused factors only where a channels-last op may take them (a 1x1 conv and
+        # the weight path need the factors with their history)
+        fusable = not self.is_conv and self.train_path != 'weight'
+        factors = adapter.forward_factors(self) if fusable else adapter.low_rank(self)
         activation = factors is not None and self.use_activation_path(x, factors[0].shape[1])
-        if fused_inputs(getattr(factors, 'rebuild', None)) and (not activation
-                                                                or self.is_conv):
-            # only the channels-last ops take fused factors
+        if not activation and fused_inputs(getattr(factors, 'rebuild', None)):
+            # 'auto' chose the weight path after all (a linear layer whose input no
+            # producer recomputes, on many tokens): the factors with their history
             factors = factors.rebuild.tracked()
         if activation:
             # factors that can be formed again are not kept by the op (an adapter reads

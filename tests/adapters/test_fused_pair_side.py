@@ -11,8 +11,8 @@ from colora_mm.adapters import (AdapterSpec, inject_adapters, mark_trainable,
                                 reset_adapters_from_weights)
 from colora_mm.adapters import up3x3 as U
 
-from adapter_nets import (ConvNeXtBlock, LinearPairNet, MixedPairNet, net_input,
-                          randomize_adapters, sgd_records)
+from adapter_nets import (ConvNeXtBlock, ConvPairNet, LinearPairNet, MixedPairNet,
+                          net_input, randomize_adapters, sgd_records)
 
 
 def _model(cls=LinearPairNet, train_path='auto', seed=0):
@@ -146,3 +146,25 @@ def test_frozen_parameters_get_no_gradient(kernel, monkeypatch):
     assert fused[0] is None and fused[5] is None
     for a, b in zip(fused, node):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+@pytest.mark.parametrize('cls, train_path, fused', [
+    (LinearPairNet, 'auto', 2), (ConvNeXtBlock, 'activation', 2),
+    (MixedPairNet, 'activation', 1), (ConvPairNet, 'auto', 0),
+    (LinearPairNet, 'weight', 0)])
+def test_each_side_is_formed_once_per_forward(kernel, monkeypatch, cls, train_path, fused):
+    """A side is formed fused only where its layer's op takes it: a 1x1 conv and the
+    weight path ask for the node's factors directly, not fused and then again."""
+    made = []
+    original = U.PairSideRebuild.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(self)
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(U.PairSideRebuild, '__init__', counting)
+    tracked = []
+    monkeypatch.setattr(U.PairSideRebuild, 'tracked',
+                        lambda self: tracked.append(self) or pytest.fail('formed twice'))
+    model = _model(cls, train_path)
+    model(net_input(model)).square().mean().backward()
+    assert len(made) == fused and not tracked
