@@ -198,11 +198,18 @@ else
   pip_q install --quiet --no-deps --no-build-isolation -e "$ROOT"
 fi
 
-# 6. the whole stack imports
-step "6/6 checking that the stack imports"
+# 6. the whole stack imports; the package's CPU kernels are built (or found built) in
+# ~/.cache/colora_mm/extensions (COLORA_MM_EXT_DIR), so that the first training run
+# does not stop for the compiler; where they cannot be built the package warns and runs
+# PyTorch ops instead, and so does the set-up
+step "6/6 checking that the stack imports; building colora_mm's CPU kernels (about 30-70 s once)"
 "$PY" - <<'PYEOF'
 import torch, mmcv, mmcv.ops, mmengine, mmseg, mmdet, mmpretrain, colora_mm
 import mmseg.models, mmdet.models, mmpretrain.models  # noqa: E401
+from colora_mm.adapters import up3x3
+kernels = ('built' if up3x3.load_kernel() is not None
+           else 'not built, PyTorch ops run instead (see the warning above)')
+print(f'[setup] colora_mm CPU kernels: {kernels} ({up3x3.build_dir()})')
 print(f'[setup] ready: colora_mm {colora_mm.__version__} | torch {torch.__version__} '
       f'(CUDA available: {torch.cuda.is_available()}) | mmcv {mmcv.__version__} | '
       f'mmengine {mmengine.__version__} | mmseg {mmseg.__version__} | '
