@@ -20,8 +20,9 @@ stride 1, padding 1), with a formulation chosen per device.
   ``torch.nn.functional.conv2d`` with ``groups=r``, as ``nn.Conv2d`` runs it.
 
 Both compute the same sums in another order (float32 rounding apart: about 1e-7
-relative). The kernel is compiled with ``torch.utils.cpp_extension`` on first use (about
-30 s, a C++ compiler and ``ninja`` needed; cached per source, torch version and CPU in
+relative). The kernel is compiled with ``torch.utils.cpp_extension`` by
+``tools/setup_env.sh`` or else on first use (30-70 s, a C++ compiler and ``ninja``
+needed; cached per source, torch version and CPU in
 ``$COLORA_MM_EXT_DIR``, default ``~/.cache/colora_mm/extensions``). Where it cannot be
 built, the grouped convolution runs, with one warning naming the reason.
 
