@@ -435,7 +435,7 @@ def test_preloaded_allocator_names_itself_in_the_worker(monkeypatch):
     assert bc.heap_state() == {}
 
 
-def test_frozen_partner_row_keeps_no_partner_offsets():
+def test_frozen_partner_row_keeps_no_partner_offsets(capsys):
     """``--methods colora-frozen`` (an optional row): CoLoRA as the paper-reproduction
     configs set it but with ``partner_policy='frozen'``; after a training step its pairs
     hold no partner offsets, where the ``colora`` row's hold the step's rank-r snapshot.
@@ -460,14 +460,11 @@ def test_frozen_partner_row_keeps_no_partner_offsets():
     assert all(w[1] == w[2] == 0 for w in widths['colora-frozen'])
     assert {w[0] for w in widths['colora']} == {'effective'}
     assert all(w[1] > 0 and w[2] > 0 for w in widths['colora'])
-    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
-                          '--only', 'train', '--methods', 'full', 'limit', 'lorra'],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2
-    assert "unknown rows ['lorra']" in res.stderr and 'colora-frozen' in res.stderr
+    err = _refused(capsys, '--only', 'train', '--methods', 'full', 'limit', 'lorra')
+    assert "unknown rows ['lorra']" in err and 'colora-frozen' in err
 
 
-def test_fixed_heap_layouts_read_the_same_peak_rss_again(monkeypatch):
+def test_fixed_heap_layouts_read_the_same_peak_rss_again(monkeypatch, capsys):
     """``--memory-layouts N``: each memory worker starts with address randomisation off
     and ``PYTHONHASHSEED`` fixed, so a process with the same seed places the heap's
     blocks the same way and reads the same peak RSS (fresh processes otherwise differ
@@ -477,11 +474,8 @@ def test_fixed_heap_layouts_read_the_same_peak_rss_again(monkeypatch):
 
     sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
     import bench_colora as bc
-    res = subprocess.run([sys.executable, osp.join(ROOT, 'benchmarks', 'bench_colora.py'),
-                          '--only', 'spatial', '--memory-layouts', '-1'],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert '--memory-layouts -1: 0 (one fresh process per row) or more' in res.stderr
+    err = _refused(capsys, '--only', 'spatial', '--memory-layouts', '-1')
+    assert '--memory-layouts -1: 0 (one fresh process per row) or more' in err
     if platform.libc_ver()[0] != 'glibc' or not bc.layout_off_prefix():
         pytest.skip('needs glibc and `setarch -R` (address randomisation off)')
     args = argparse.Namespace(device='cpu', arch='atto', size=64, batch=2,
