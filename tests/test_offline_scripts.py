@@ -7,6 +7,8 @@ import os.path as osp
 import subprocess
 import sys
 
+import pytest
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
@@ -145,3 +147,32 @@ def test_setup_stops_before_torch_when_the_disk_is_full(tmp_path):
     assert 'needs about 7 GiB free' in out and '488 MiB are free' in out, out
     assert str(venv) in out and 'COLORA_VENV' in out
     assert 'installing torch==' not in out                  # pip never started
+
+
+def setup_step_6():
+    """The Python that tools/setup_env.sh runs in its last step (its heredoc)."""
+    with open(osp.join(ROOT, 'tools', 'setup_env.sh')) as f:
+        text = f.read()
+    step = text[text.index('step "6/6'):]
+    return step[step.index("<<'PYEOF'\n") + len("<<'PYEOF'\n"):step.index('\nPYEOF')]
+
+
+def test_setup_builds_the_cpu_kernels_or_says_why_not(tmp_path):
+    """The set-up's last step compiles the package's CPU kernels (here found in the
+    cache the suite already uses); where they cannot be built (a build folder that is a
+    file) it says so, the package's warning names the reason, and the set-up goes on."""
+    pytest.importorskip('mmseg')
+    code = setup_step_6()
+    ok = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        cwd=ROOT, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert '[setup] colora_mm CPU kernels: built (' in ok.stdout, ok.stdout
+    assert '[setup] ready: colora_mm' in ok.stdout
+    blocked = tmp_path / 'not_a_folder'
+    blocked.write_text('')
+    bad = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600,
+                         env=dict(os.environ, COLORA_MM_EXT_DIR=str(blocked)))
+    assert bad.returncode == 0, bad.stderr[-3000:]
+    assert 'CPU kernels: not built, PyTorch ops run instead' in bad.stdout, bad.stdout
+    assert 'could not be built' in bad.stderr and '[setup] ready: colora_mm' in bad.stdout
